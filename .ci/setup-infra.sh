@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs and starts what the test suite needs on a fresh Debian bookworm
+# machine: a Docker engine (vfs storage, no bridge, no iptables), docker
+# compose v2 (from trixie, pinned low), busybox-static for the stand-in image,
+# and Prometheus. Idempotent: safe to run twice.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+need_apt=0
+for bin in dockerd busybox prometheus; do
+  command -v "$bin" >/dev/null 2>&1 || need_apt=1
+done
+[ -x /bin/busybox ] || need_apt=1
+docker compose version >/dev/null 2>&1 || need_apt=1
+
+if [ "$need_apt" = 1 ]; then
+  if [ ! -f /etc/apt/sources.list.d/trixie.sources ]; then
+    cat >/etc/apt/sources.list.d/trixie.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    cat >/etc/apt/preferences.d/trixie-low <<'PIN'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+PIN
+  fi
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends docker.io busybox-static prometheus iproute2 procps >/dev/null
+  apt-get install -y -qq --no-install-recommends -t trixie docker-compose >/dev/null
+fi
+
+if ! docker info >/dev/null 2>&1; then
+  mkdir -p /var/log
+  nohup dockerd --storage-driver vfs --iptables=false --ip6tables=false --bridge=none \
+    >/var/log/vramctl-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/vramctl-dockerd.log" >&2; tail -20 /var/log/vramctl-dockerd.log >&2; exit 1; }
+fi
+docker compose version

@@ -1,0 +1,3 @@
+from vramctl.cli import main
+
+raise SystemExit(main())

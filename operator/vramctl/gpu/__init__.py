@@ -1,0 +1,1 @@
+"""The GPU port: how much memory is used, and by whom."""

@@ -1,0 +1,86 @@
+"""What the world looks like right now: plain, frozen values.
+
+Runtimes and GPU probes produce these; the planner consumes them. Nothing
+here performs I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class WorkloadState(StrEnum):
+    ABSENT = "absent"  # no container / process at all
+    CREATED = "created"  # exists, never started (or compose-created)
+    RUNNING = "running"
+    PAUSED = "paused"  # docker-paused: holds no new GPU memory, cannot allocate
+    RESTARTING = "restarting"
+    EXITED = "exited"
+
+    @property
+    def live(self) -> bool:
+        """Could hold, or be about to take, GPU memory."""
+        return self in (WorkloadState.RUNNING, WorkloadState.PAUSED, WorkloadState.RESTARTING)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model's container or process as observed."""
+
+    model: str
+    state: WorkloadState
+    ref: str = ""  # container id or pid, for logs and messages
+    drifted: bool = False  # spec hash differs from the current spec: recreate
+    ready: bool = False  # health check passed (filled in by the supervisor)
+    exit_code: int | None = None
+    heavy: bool = True  # from the vramctl.io/class label, for workloads no longer in the spec
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    total_mib: int
+    used_mib: int
+    reserved_mib: int = 0
+
+    @property
+    def free_mib(self) -> int:
+        return self.total_mib - self.used_mib - self.reserved_mib
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process holding GPU memory; ``model`` is set when it is one of ours."""
+
+    pid: int
+    used_mib: int | None
+    model: str | None = None
+    container: str | None = None
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    memory: GpuMemory
+    processes: tuple[GpuProcess, ...] | None = None  # None: the probe cannot tell per process
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Which heavy model should hold the GPU, and which light ones sit beside it."""
+
+    active: str | None
+    companions: tuple[str, ...] = ()
+    generation: int = 0
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return ((self.active,) if self.active else ()) + self.companions
+
+
+@dataclass(frozen=True)
+class Observed:
+    workloads: dict[str, Workload] = field(default_factory=dict)
+
+    def state(self, model: str) -> WorkloadState:
+        w = self.workloads.get(model)
+        return w.state if w else WorkloadState.ABSENT

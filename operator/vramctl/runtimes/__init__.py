@@ -1,0 +1,1 @@
+"""Actuators: where model workloads actually run (docker containers, local processes)."""

@@ -1,0 +1,103 @@
+"""The runtime port: what the supervisor asks of a place that runs models.
+
+Contract for every adapter:
+- Idempotent: stopping something already stopped or absent, starting something
+  already running, are successes.
+- Only workloads that carry vramctl's ownership marks (docker labels
+  ``app.kubernetes.io/managed-by=vramctl`` + ``vramctl.io/instance``; the
+  process runtime's own pid records) are ever observed, stopped or started.
+- ``stop`` returns only once the workload has exited (signal, grace period,
+  then SIGKILL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from vramctl.observed import Workload
+from vramctl.spec import DeploymentSpec
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "vramctl"
+LABEL_INSTANCE = "vramctl.io/instance"
+LABEL_MODEL = "vramctl.io/model"
+LABEL_GPU = "vramctl.io/gpu"
+LABEL_CLASS = "vramctl.io/class"
+LABEL_SPEC_HASH = "vramctl.io/spec-hash"
+LABEL_DEPLOYMENT = "vramctl.io/deployment"
+
+
+class RuntimeError_(Exception):
+    """A runtime operation failed in a way worth reporting (not 'already done')."""
+
+
+class StartError(RuntimeError_):
+    pass
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    model: str
+    was_running: bool
+    killed: bool  # SIGKILL was needed after the grace period
+    seconds: float
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class StartEvent:
+    """A managed heavy workload started (docker 'start' event), possibly behind our back."""
+
+    model: str
+    gpu: int
+    ref: str
+    heavy: bool
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    kind: str  # "docker" | "process"
+
+    def observe(self, deployment: DeploymentSpec) -> dict[str, Workload]:
+        """All of vramctl's workloads of this deployment's GPU, by model name
+        (also ones whose model is no longer in the spec). ``ready`` is left False."""
+        ...
+
+    def start(self, deployment: DeploymentSpec, model: str) -> str:
+        """Create (or recreate on spec-hash drift) and start the model, or unpause
+        it when paused. Returns the workload ref. Raises StartError with a reason."""
+        ...
+
+    def stop(self, deployment: DeploymentSpec, model: str) -> StopOutcome:
+        """Stop signal, wait the model's grace period, then SIGKILL; return once exited."""
+        ...
+
+    def pause(self, deployment: DeploymentSpec, model: str) -> None:
+        """Freeze a running workload at once (docker pause / SIGSTOP)."""
+        ...
+
+    def check_health(self, deployment: DeploymentSpec, model: str) -> bool:
+        """One readiness probe: HTTP health path, docker health status, or 'running'."""
+        ...
+
+    def logs_tail(self, deployment: DeploymentSpec, model: str, lines: int = 20) -> list[str]:
+        ...
+
+    def remove(self, deployment: DeploymentSpec, model: str) -> None:
+        """Stop and delete the workload entirely (finalizers, cleanup). Idempotent."""
+        ...
+
+    def validate(self, deployment: DeploymentSpec) -> list[tuple[str, str]]:
+        """Problems that make this deployment unrunnable on this runtime, as
+        (field path, message); e.g. a model with neither image nor command."""
+        ...
+
+    def watch_starts(self, on_start: Callable[[StartEvent], None], stop: Callable[[], bool]) -> None:
+        """Blocking: call ``on_start`` for each managed workload start until ``stop()``.
+        Runtimes that cannot be started behind vramctl's back return at once."""
+        ...
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,353 @@
+"""Declared state: the pydantic models for a GPU's models and the config file.
+
+The same ``DeploymentSpec`` is read from the compose-mode YAML file and from a
+``ModelDeployment`` custom resource's ``.spec``; the CRD schema is generated
+from it. Validation errors name the field path and say how to fix it, because
+the person reading them is editing YAML, not Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import signal as _signal
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Default safety margin kept free when no explicit vramBudgetMiB is given.
+DEFAULT_MARGIN_MIB = 512
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class HealthSpec(_Model):
+    """How vramctl decides a started model is ready to serve.
+
+    ``path`` + ``port``: an HTTP GET on 127.0.0.1 answering 2xx.
+    ``dockerHealthcheck: true``: the image's own HEALTHCHECK reports healthy.
+    """
+
+    path: str | None = Field(default=None, description="HTTP path that answers 2xx when the model is ready, e.g. /health.")
+    port: int | None = Field(default=None, ge=1, le=65535, description="Port of the health path on 127.0.0.1.")
+    host: str = Field(default="127.0.0.1", description="Host of the health path.")
+    docker_healthcheck: bool = Field(default=False, description="Use the container's own HEALTHCHECK status instead of HTTP.")
+    interval_seconds: float = Field(default=0.1, gt=0, le=30, description="How often the health path is polled while starting.")
+
+    @model_validator(mode="after")
+    def _path_needs_port(self) -> HealthSpec:
+        if self.path is not None and self.port is None:
+            raise ValueError("health.path needs health.port: add `port: <number>` next to `path`")
+        if self.path is not None and not self.path.startswith("/"):
+            raise ValueError(f"health.path must start with '/': write `path: /{self.path}`")
+        if self.docker_healthcheck and self.path is not None:
+            raise ValueError("choose one of health.path or health.dockerHealthcheck, not both")
+        return self
+
+
+def _signal_number(name: str) -> int:
+    return int(getattr(_signal, name))
+
+
+class StopSpec(_Model):
+    signal: str = Field(default="SIGTERM", description="Signal sent first, e.g. SIGTERM or SIGINT.")
+    grace_period_seconds: float = Field(default=10.0, ge=0, le=3600, description="Seconds to wait after the signal before SIGKILL.")
+
+    @field_validator("signal")
+    @classmethod
+    def _known_signal(cls, v: str) -> str:
+        name = v.upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        if not hasattr(_signal, name) or name in {"SIGKILL", "SIGSTOP"}:
+            raise ValueError(f"unknown or uncatchable signal {v!r}: use SIGTERM, SIGINT, SIGQUIT or SIGHUP")
+        return name
+
+    @property
+    def signum(self) -> int:
+        return _signal_number(self.signal)
+
+
+class ModelSpec(_Model):
+    """One model server: how to run it, how to know it is ready, what it costs."""
+
+    model_class: Literal["heavy", "light"] = Field(
+        default="heavy",
+        alias="class",
+        description="heavy: at most one per GPU at a time. light: may run beside the heavy one when it fits.",
+    )
+    image: str | None = Field(default=None, description="Container image (docker runtime).")
+    compose_service: str | None = Field(default=None, description="Service of the docker compose project that creates this container.")
+    command: list[str] | None = Field(default=None, description="Local command (process runtime): executable and its arguments.")
+    args: list[str] = Field(default_factory=list, description="Arguments: the container's command, or appended to `command`.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment, merged over the GPU's `env`.")
+    ports: list[str] = Field(default_factory=list, description="Published ports as HOST:CONTAINER (ignored with network mode host).")
+    volumes: list[str] = Field(default_factory=list, description="Bind mounts as SRC:DST[:ro].")
+    network_mode: str = Field(default="host", description="Docker network mode of the container.")
+    health: HealthSpec | None = Field(default=None, description="Readiness check; without it, running counts as ready.")
+    stop: StopSpec = Field(default_factory=StopSpec)
+    start_timeout_seconds: float = Field(default=300.0, gt=0, le=7200, description="Seconds a start may take to become healthy.")
+    vram_mib: int | None = Field(default=None, ge=0, description="VRAM the model holds when loaded, in MiB.")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_env(v)
+
+    @field_validator("ports")
+    @classmethod
+    def _port_syntax(cls, v: list[str]) -> list[str]:
+        for p in v:
+            parts = str(p).split(":")
+            if len(parts) != 2 or not all(x.isdigit() and 0 < int(x) < 65536 for x in parts):
+                raise ValueError(f"port {p!r} is not HOST:CONTAINER with numbers 1-65535, e.g. \"8000:8000\"")
+        return v
+
+    @field_validator("volumes")
+    @classmethod
+    def _volume_syntax(cls, v: list[str]) -> list[str]:
+        for vol in v:
+            parts = vol.split(":")
+            if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/"):
+                raise ValueError(f"volume {vol!r} is not SRC:/abs/dst[:ro]")
+            if len(parts) == 3 and parts[2] not in ("ro", "rw"):
+                raise ValueError(f"volume {vol!r}: the mode must be ro or rw")
+        return v
+
+    @model_validator(mode="after")
+    def _has_a_way_to_run(self) -> ModelSpec:
+        if self.image is None and self.compose_service is None and not self.command:
+            raise ValueError("set one of image, composeService or command: vramctl needs to know how to run this model")
+        if self.image is not None and self.compose_service is not None:
+            raise ValueError("set image or composeService, not both: compose creates the container of a composeService")
+        return self
+
+    @property
+    def heavy(self) -> bool:
+        return self.model_class == "heavy"
+
+
+def _check_env(v: Mapping[str, str]) -> dict[str, str]:
+    for k in v:
+        if not ENV_NAME_RE.match(k):
+            raise ValueError(f"environment variable name {k!r} is invalid: use letters, digits and _")
+    return dict(v)
+
+
+class DeploymentSpec(_Model):
+    """Everything vramctl needs to know about one GPU (a ModelDeployment's spec)."""
+
+    name: str | None = Field(default=None, description="Name in compose mode; a ModelDeployment uses metadata.name.")
+    node_name: str | None = Field(default=None, description="Kubernetes node whose vramctl instance acts on this GPU.")
+    gpu: int = Field(default=0, ge=0, le=63, description="GPU index on the node.")
+    active_model: str | None = Field(default=None, description="Heavy model that should hold the GPU; empty frees it.")
+    companions: list[str] = Field(default_factory=list, description="Light models to run beside the active one.")
+    vram_budget_mib: int | None = Field(default=None, ge=1, description="VRAM vramctl may plan with, in MiB. Default: total minus a 512 MiB margin.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment injected into every model; a model's env overrides it.")
+    models: dict[str, ModelSpec] = Field(min_length=1, description="The model servers that may run on this GPU, by name.")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_env(v)
+
+    @field_validator("active_model")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, v: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        for name in v:
+            if not MODEL_NAME_RE.match(name):
+                raise ValueError(
+                    f"model name {name!r} is invalid: use 1-40 lowercase letters, digits and '-', starting and ending with a letter or digit"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> DeploymentSpec:
+        check_desired(self, self.active_model, self.companions)
+        return self
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"gpu{self.gpu}"
+
+    def merged_env(self, model: str) -> dict[str, str]:
+        """Global env first, then the model's own (the model wins)."""
+        return {**self.env, **self.models[model].env}
+
+    def spec_hash(self, model: str) -> str:
+        """Hash of everything that shapes a model's container; a change means recreate."""
+        m = self.models[model]
+        payload = m.model_dump(mode="json", by_alias=True, exclude={"health", "start_timeout_seconds", "vram_mib", "model_class"})
+        payload["env"] = self.merged_env(model)
+        payload["gpu"] = self.gpu
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class DesiredStateError(ValueError):
+    """A requested active model or companion set that the spec cannot honour."""
+
+
+def check_desired(spec: DeploymentSpec, active: str | None, companions: Iterable[str], total_mib: int | None = None) -> None:
+    """Raise DesiredStateError when ``active`` + ``companions`` is not a valid choice.
+
+    The budget arithmetic is spelled out in the message so the user can see
+    which number to change.
+    """
+    companions = list(companions)
+    names = sorted(spec.models)
+    if active is not None:
+        if active not in spec.models:
+            raise DesiredStateError(f"activeModel {active!r} is not one of the models: {', '.join(names)}")
+        if not spec.models[active].heavy:
+            raise DesiredStateError(f"activeModel {active!r} is class light: put it in companions, or set its class to heavy")
+    for c in companions:
+        if c not in spec.models:
+            raise DesiredStateError(f"companion {c!r} is not one of the models: {', '.join(names)}")
+        if spec.models[c].heavy:
+            raise DesiredStateError(f"companion {c!r} is class heavy: only light models can run beside the active one")
+        if c == active:
+            raise DesiredStateError(f"companion {c!r} is also the activeModel")
+    if len(set(companions)) != len(companions):
+        raise DesiredStateError("companions lists a model twice")
+    budget = spec.vram_budget_mib
+    if budget is None and total_mib is not None:
+        budget = total_mib - DEFAULT_MARGIN_MIB
+    if budget is not None and companions:
+        members = ([active] if active else []) + companions
+        costs = [(m, spec.models[m].vram_mib or 0) for m in members]
+        total = sum(c for _, c in costs)
+        if total > budget:
+            arithmetic = " + ".join(f"{m} {c}" for m, c in costs)
+            raise DesiredStateError(
+                f"companions do not fit: {arithmetic} = {total} MiB > vramBudgetMiB {budget} MiB; "
+                f"drop a companion, lower a model's vramMiB, or raise vramBudgetMiB"
+            )
+
+
+class GpuProbeConfig(_Model):
+    kind: Literal["auto", "nvml", "simulated"] = Field(default="auto", description="auto: NVML when it loads, else simulated.")
+    total_mib: int = Field(default=16303, ge=1, description="Simulated GPU: total memory in MiB.")
+    baseline_mib: int = Field(default=0, ge=0, description="Simulated GPU: memory used with no model loaded.")
+    release_delay_seconds: float = Field(default=0.3, ge=0, le=60, description="Simulated GPU: memory is freed this long after a workload exits.")
+    poll_interval_seconds: float = Field(default=0.05, gt=0, le=5, description="How often memory is polled while waiting for it.")
+    margin_mib: int = Field(default=256, ge=0, description="Used memory may exceed the baseline by this much and count as free.")
+    memory_timeout_seconds: float = Field(default=60.0, gt=0, le=3600, description="How long to wait for memory before the phase becomes Blocked.")
+
+
+class ComposeConfig(_Model):
+    project: str = Field(description="docker compose project name (COMPOSE_PROJECT_NAME).")
+    files: list[str] = Field(default_factory=list, description="Compose files, used to create a service's container when it does not exist yet.")
+    project_directory: str | None = Field(default=None, description="Compose project directory.")
+
+
+class Config(_Model):
+    """The compose-mode / standalone config file."""
+
+    runtime: Literal["auto", "docker", "process"] = Field(default="auto", description="auto: docker when an engine answers, else process.")
+    compose: ComposeConfig | None = Field(default=None, description="Adopt the containers of this docker compose project.")
+    gpu_probe: GpuProbeConfig = Field(default_factory=GpuProbeConfig)
+    backoff_initial_seconds: float = Field(default=2.0, gt=0, le=600, description="Wait after a failed start before retrying; doubles each time.")
+    backoff_max_seconds: float = Field(default=300.0, gt=0, le=86400, description="Upper bound of the retry wait.")
+    resync_seconds: float = Field(default=5.0, gt=0, le=3600, description="A worker re-observes at least this often.")
+    gpus: Annotated[list[DeploymentSpec], Field(min_length=1, description="One entry per GPU.")]
+
+    @model_validator(mode="after")
+    def _unique_gpus(self) -> Config:
+        seen: set[int] = set()
+        for d in self.gpus:
+            if d.gpu in seen:
+                raise ValueError(f"gpu {d.gpu} appears twice in gpus: one entry per GPU")
+            seen.add(d.gpu)
+        return self
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` are (field path, message) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} problem(s)"]
+        lines += [f"  {path}: {msg}" for path, msg in self.problems]
+        return "\n".join(lines)
+
+
+def _camel_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + (part if part == "class" else to_camel(part) if "_" in part else part)
+    return out or "(top level)"
+
+
+def problems_from(err: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field: check its spelling (fields are camelCase, e.g. vramMiB, activeModel)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        out.append((_camel_path(loc), msg))
+    return out
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate a loaded YAML document. A single GPU's spec may be given bare."""
+    if isinstance(data, dict) and "models" in data and "gpus" not in data:
+        data = {"gpus": [data]}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source, problems_from(err)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(str(p), [("(file)", f"cannot read: {err.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        raise ConfigError(str(p), [(where, f"not valid YAML: {getattr(err, 'problem', err)}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), [("(top level)", "expected a mapping with `gpus:` (or a single GPU's `models:`)")])
+    return parse_config(data, str(p))
