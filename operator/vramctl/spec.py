@@ -34,9 +34,27 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_MARGIN_MIB = 512
 
 
+def _alias(name: str) -> str:
+    """camelCase, with the unit spelled as in the docs: vram_mib -> vramMiB."""
+    camel = to_camel(name)
+    return camel[:-3] + "MiB" if camel.endswith("Mib") else camel
+
+
+class FieldProblem(ValueError):
+    """A validation message about one field below the validated object.
+
+    ``field`` (camelCase, relative to the object) is appended to the error's
+    path, so the user sees e.g. ``gpus[0].activeModel`` rather than ``gpus[0]``.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
-        alias_generator=to_camel,
+        alias_generator=_alias,
         populate_by_name=True,
         extra="forbid",
         frozen=True,
@@ -59,11 +77,11 @@ class HealthSpec(_Model):
     @model_validator(mode="after")
     def _path_needs_port(self) -> HealthSpec:
         if self.path is not None and self.port is None:
-            raise ValueError("health.path needs health.port: add `port: <number>` next to `path`")
+            raise FieldProblem("health.path needs health.port: add `port: <number>` next to `path`", "port")
         if self.path is not None and not self.path.startswith("/"):
-            raise ValueError(f"health.path must start with '/': write `path: /{self.path}`")
+            raise FieldProblem(f"health.path must start with '/': write `path: /{self.path}`", "path")
         if self.docker_healthcheck and self.path is not None:
-            raise ValueError("choose one of health.path or health.dockerHealthcheck, not both")
+            raise FieldProblem("choose one of health.path or health.dockerHealthcheck, not both", "dockerHealthcheck")
         return self
 
 
@@ -211,7 +229,7 @@ class DeploymentSpec(_Model):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class DesiredStateError(ValueError):
+class DesiredStateError(FieldProblem):
     """A requested active model or companion set that the spec cannot honour."""
 
 
@@ -225,18 +243,18 @@ def check_desired(spec: DeploymentSpec, active: str | None, companions: Iterable
     names = sorted(spec.models)
     if active is not None:
         if active not in spec.models:
-            raise DesiredStateError(f"activeModel {active!r} is not one of the models: {', '.join(names)}")
+            raise DesiredStateError(f"activeModel {active!r} is not one of the models: {', '.join(names)}", "activeModel")
         if not spec.models[active].heavy:
-            raise DesiredStateError(f"activeModel {active!r} is class light: put it in companions, or set its class to heavy")
-    for c in companions:
+            raise DesiredStateError(f"activeModel {active!r} is class light: put it in companions, or set its class to heavy", "activeModel")
+    for i, c in enumerate(companions):
         if c not in spec.models:
-            raise DesiredStateError(f"companion {c!r} is not one of the models: {', '.join(names)}")
+            raise DesiredStateError(f"companion {c!r} is not one of the models: {', '.join(names)}", f"companions[{i}]")
         if spec.models[c].heavy:
-            raise DesiredStateError(f"companion {c!r} is class heavy: only light models can run beside the active one")
+            raise DesiredStateError(f"companion {c!r} is class heavy: only light models can run beside the active one", f"companions[{i}]")
         if c == active:
-            raise DesiredStateError(f"companion {c!r} is also the activeModel")
+            raise DesiredStateError(f"companion {c!r} is also the activeModel", f"companions[{i}]")
     if len(set(companions)) != len(companions):
-        raise DesiredStateError("companions lists a model twice")
+        raise DesiredStateError("companions lists a model twice: list each companion once", "companions")
     budget = spec.vram_budget_mib
     if budget is None and total_mib is not None:
         budget = total_mib - DEFAULT_MARGIN_MIB
@@ -248,7 +266,8 @@ def check_desired(spec: DeploymentSpec, active: str | None, companions: Iterable
             arithmetic = " + ".join(f"{m} {c}" for m, c in costs)
             raise DesiredStateError(
                 f"companions do not fit: {arithmetic} = {total} MiB > vramBudgetMiB {budget} MiB; "
-                f"drop a companion, lower a model's vramMiB, or raise vramBudgetMiB"
+                f"drop a companion, lower a model's vramMiB, or raise vramBudgetMiB",
+                "companions",
             )
 
 
@@ -282,9 +301,9 @@ class Config(_Model):
     @model_validator(mode="after")
     def _unique_gpus(self) -> Config:
         seen: set[int] = set()
-        for d in self.gpus:
+        for i, d in enumerate(self.gpus):
             if d.gpu in seen:
-                raise ValueError(f"gpu {d.gpu} appears twice in gpus: one entry per GPU")
+                raise FieldProblem(f"gpu {d.gpu} appears twice in gpus: one entry per GPU", f"gpus[{i}].gpu")
             seen.add(d.gpu)
         return self
 
@@ -309,8 +328,16 @@ def _camel_path(loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + (part if part == "class" else to_camel(part) if "_" in part else part)
+            out += ("." if out else "") + (part if part == "class" else _alias(part) if "_" in part else part)
     return out or "(top level)"
+
+
+def _join_path(path: str, field: str | None) -> str:
+    if not field:
+        return path
+    if path == "(top level)":
+        return field
+    return path + ("" if field.startswith("[") else ".") + field
 
 
 def problems_from(err: ValidationError) -> list[tuple[str, str]]:
@@ -318,11 +345,14 @@ def problems_from(err: ValidationError) -> list[tuple[str, str]]:
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
         msg = e["msg"].removeprefix("Value error, ")
+        field = getattr((e.get("ctx") or {}).get("error"), "field", None)
         if e["type"] == "extra_forbidden":
             msg = "unknown field: check its spelling (fields are camelCase, e.g. vramMiB, activeModel)"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        out.append((_camel_path(loc), msg))
+        elif e["type"] == "too_short":
+            msg = f"{msg}: it must not be empty, add at least one entry"
+        out.append((_join_path(_camel_path(loc), field), msg))
     return out
 
 

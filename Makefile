@@ -1,0 +1,32 @@
+# vramctl: `make help` lists the targets.
+PY ?= python3
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help setup infra image up test lint bench
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+setup: ## install vramctl and its test tools into the current Python
+	$(PY) -m pip install -q -e '.[test]'
+
+infra: ## install and start a Docker engine and compose v2 (Debian, needs root)
+	bash .ci/setup-infra.sh
+
+image: ## build the stand-in model server image (no pull)
+	bash images/standin/build.sh
+
+up: setup ## run the supervisor on the embedded demo stack (docker if it answers, else processes)
+	@if docker info >/dev/null 2>&1; then bash images/standin/build.sh; fi
+	$(PY) -m vramctl up
+
+test: setup infra image ## run every test against a real Docker engine
+	$(PY) -m pytest -q
+
+lint: setup ## ruff, mypy --strict, import-linter contracts
+	$(PY) -m ruff check operator tests benchmarks
+	$(PY) -m mypy
+	lint-imports
+
+bench: setup infra image ## switch benchmark: vramctl vs docker compose stop/up scripts
+	$(PY) benchmarks/switch_bench.py

@@ -1,0 +1,132 @@
+"""Composition root: turn a Config into a running Supervisor.
+
+Chooses the runtime (docker when an engine answers and has the images, else
+local processes) and the GPU probe (NVML when it loads, else simulated), and
+says which it chose and why: a user must never wonder whether the memory
+figures are real.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vramctl.gpu.base import GpuProbe
+from vramctl.gpu.simulated import SimulatedGpu
+from vramctl.observed import Desired
+from vramctl.runtimes.base import Runtime
+from vramctl.sources.statefile import StateFile
+from vramctl.spec import Config, ConfigError, DeploymentSpec, DesiredStateError, check_desired
+from vramctl.supervisor import GpuWorker, Metrics, Supervisor, WorkerSettings, holders_from
+
+log = logging.getLogger("vramctl")
+
+
+@dataclass
+class Built:
+    supervisor: Supervisor
+    state: StateFile
+
+
+def default_state_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "vramctl" / "state.json"
+
+
+def _images(config: Config) -> list[str]:
+    return sorted({m.image for d in config.gpus for m in d.models.values() if m.image})
+
+
+def build_runtime(config: Config, state_dir: Path, instance: str, notes: list[str]) -> Runtime:
+    want = config.runtime
+    has_commands = all(m.command for d in config.gpus for m in d.models.values())
+    if want in ("auto", "docker"):
+        try:
+            from vramctl.runtimes.docker import DockerRuntime, docker_problem
+
+            problem = docker_problem(_images(config) if want == "auto" and has_commands else [])
+        except ImportError as err:
+            problem = f"the docker SDK is not installed ({err})"
+        if problem is None:
+            notes.append("runtime: docker")
+            return DockerRuntime(instance=instance, compose=config.compose)
+        if want == "docker" or not has_commands:
+            raise ConfigError(
+                "runtime", [("runtime", f"the docker runtime is needed but {problem}; start the Docker engine, or give every model a `command` and set runtime: process")]
+            )
+        notes.append(f"runtime: process (docker not used: {problem})")
+    else:
+        notes.append("runtime: process")
+    from vramctl.runtimes.process import ProcessRuntime
+
+    return ProcessRuntime(state_dir=state_dir, instance=instance)
+
+
+class _SpecRef:
+    """The worker's current spec, read late so spec updates reach the probe too."""
+
+    def __init__(self, spec: DeploymentSpec) -> None:
+        self.spec = spec
+        self.worker: GpuWorker | None = None
+
+    def __call__(self) -> DeploymentSpec:
+        return self.worker.spec if self.worker is not None else self.spec
+
+
+def build_probe(config: Config, spec_of: _SpecRef, runtime: Runtime, notes: list[str]) -> GpuProbe:
+    p = config.gpu_probe
+    gpu = spec_of().gpu
+    if p.kind == "nvml":
+        raise ConfigError("gpuProbe", [("gpuProbe.kind", "nvml was asked for but this build has no NVML probe; set kind: simulated or auto")])
+    why = "no NVML probe in this build" if p.kind == "auto" else "gpuProbe.kind: simulated"
+    notes.append(f"gpu {gpu}: SIMULATED GPU memory ({why}); figures follow the models' declared vramMiB, not real VRAM")
+    return SimulatedGpu(
+        index=gpu,
+        total_mib=p.total_mib,
+        baseline_mib=p.baseline_mib,
+        release_delay_seconds=p.release_delay_seconds,
+        holders=holders_from(runtime, spec_of),
+    )
+
+
+def build(config: Config, state_path: Path, instance: str = "default") -> Built:
+    state = StateFile(state_path)
+    notes: list[str] = []
+    runtime = build_runtime(config, state_path.parent, instance, notes)
+    problems: list[tuple[str, str]] = []
+    for i, d in enumerate(config.gpus):
+        problems += [(f"gpus[{i}].{path}", msg) for path, msg in runtime.validate(d)]
+    if problems:
+        runtime.close()
+        raise ConfigError("config", problems)
+    metrics = Metrics()
+    settings = WorkerSettings.from_config(config)
+    workers = []
+    for d in config.gpus:
+        ref = _SpecRef(d)
+        probe = build_probe(config, ref, runtime, notes)
+        w = GpuWorker(d, runtime, probe, settings, initial=initial_desired(state, d), status_sink=state, desired_sink=state, metrics=metrics)
+        ref.worker = w
+        workers.append(w)
+    for n in notes:
+        log.info("%s", n)
+    return Built(Supervisor(workers, runtime, metrics, notes), state)
+
+
+def initial_desired(state: StateFile, d: DeploymentSpec) -> Desired:
+    """The state file's desired state wins, unless the config's own default
+    changed since it was recorded (the user edited activeModel in the file)."""
+    config_default = {"activeModel": d.active_model, "companions": list(d.companions)}
+    recorded = state.desired(d.gpu)
+    if recorded is not None and state.config_default(d.gpu) == config_default:
+        try:
+            check_desired(d, recorded.active, recorded.companions)
+            return recorded
+        except DesiredStateError as err:
+            log.warning("gpu %d: recorded desired state no longer fits the config (%s); using the config's", d.gpu, err)
+    gen = (recorded.generation + 1) if recorded else 1
+    desired = Desired(d.active_model, tuple(d.companions), gen)
+    state.write_desired(d.gpu, desired, "config", config_default)
+    return desired

@@ -1,0 +1,258 @@
+"""The ``vramctl`` command line.
+
+``vramctl up``      run the supervisor in the foreground (embedded demo by default)
+``vramctl switch``  ask it for another model, following the switch step by step
+``vramctl status``  what holds each GPU
+``vramctl validate`` check a config file; exit 2 with every problem named
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from vramctl import __version__
+from vramctl.spec import Config, ConfigError, load_config
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+DEFAULT_LISTEN = "127.0.0.1:9400"
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--listen must be HOST:PORT, e.g. {DEFAULT_LISTEN}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _base_url(args: argparse.Namespace) -> str:
+    url: str = args.url or os.environ.get("VRAMCTL_URL") or f"http://{DEFAULT_LISTEN}"
+    return url.rstrip("/")
+
+
+def _request(url: str, method: str = "GET", body: Any = None, token: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        try:
+            return err.code, json.loads(err.read() or b"null")
+        except ValueError:
+            return err.code, {"error": err.reason}
+
+
+# ----------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as err:
+        print(err.render(), file=sys.stderr)
+        return EXIT_USAGE
+    for d in config.gpus:
+        members = ", ".join(f"{n} ({m.model_class}, {m.vram_mib if m.vram_mib is not None else '?'} MiB)" for n, m in d.models.items())
+        print(f"{args.file}: gpu {d.gpu} ({d.display_name}): active {d.active_model or '(none)'}; models: {members}")
+    print("ok")
+    return EXIT_OK
+
+
+def _load(args: argparse.Namespace) -> Config:
+    if args.config:
+        return load_config(args.config)
+    from vramctl.demo.config import demo_config
+
+    print("vramctl: no --config given: running the embedded demo stack (stand-in model servers)", file=sys.stderr)
+    return demo_config()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from vramctl.api import ApiServer
+    from vramctl.app import build, default_state_path
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = _load(args)
+        state_path = Path(args.state) if args.state else default_state_path()
+        built = build(config, state_path, instance=args.instance)
+    except ConfigError as err:
+        print(err.render(), file=sys.stderr)
+        return EXIT_USAGE
+    host, port = args.listen
+    token = args.token or os.environ.get("VRAMCTL_TOKEN") or None
+    try:
+        api = ApiServer(built.supervisor, host, port, token)
+    except (ValueError, OSError) as err:
+        print(f"vramctl: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+        built.supervisor.runtime.close()
+        return EXIT_USAGE
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    built.state.write_supervisor({"pid": os.getpid(), "url": f"http://{api.host}:{api.port}", "startedAt": time.time()})
+    api.start()
+    built.supervisor.start()
+    for note in built.supervisor.notes:
+        print(f"vramctl: {note}", file=sys.stderr)
+    print(f"vramctl: listening on http://{api.host}:{api.port} (status: /status, metrics: /metrics)", file=sys.stderr, flush=True)
+    if args.once:
+        for w in built.supervisor.workers.values():
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and w.status()["observedGeneration"] < w.desired.generation:
+                time.sleep(0.1)
+        done.set()
+    done.wait()
+    print("vramctl: shutting down (models keep running; `vramctl switch ''` frees the GPU)", file=sys.stderr)
+    api.stop()
+    built.supervisor.stop()
+    built.state.write_supervisor(None)
+    return EXIT_OK
+
+
+def _print_progress(p: dict[str, Any]) -> None:
+    stamp = time.strftime("%H:%M:%S", time.localtime(p["time"])) + f".{int(p['time'] * 1000) % 1000:03d}"
+    print(f"{stamp}  gpu{p['gpu']}  {p['step']:<15} {p['message']}", flush=True)
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    base = _base_url(args)
+    token = args.token or os.environ.get("VRAMCTL_TOKEN") or None
+    body: dict[str, Any] = {"model": args.model or None}
+    if args.companions is not None:
+        body["companions"] = [c for c in args.companions.split(",") if c]
+    if args.gpu is not None:
+        body["gpu"] = args.gpu
+    try:
+        status, reply = _request(base + "/switch", "POST", body, token)
+    except (urllib.error.URLError, OSError) as err:
+        print(f"vramctl: no supervisor answers at {base} ({err}); start one with `vramctl up`", file=sys.stderr)
+        return EXIT_FAIL
+    if status != 202:
+        field = f" [{reply.get('field')}]" if isinstance(reply, dict) and reply.get("field") else ""
+        print(f"vramctl: switch refused{field}: {reply.get('error') if isinstance(reply, dict) else reply}", file=sys.stderr)
+        return EXIT_USAGE if status in (400, 404, 422) else EXIT_FAIL
+    gpu, gen, seq = reply["gpu"], reply["generation"], reply["progressSeq"]
+    target = reply["activeModel"] or "(no model)"
+    if not args.wait:
+        print(f"switch to {target} requested on gpu {gpu} (generation {gen})")
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            _, st = _request(f"{base}/status?since={seq}")
+        except (urllib.error.URLError, OSError) as err:
+            print(f"vramctl: lost the supervisor at {base}: {err}", file=sys.stderr)
+            return EXIT_FAIL
+        for p in st.get("progress", []):
+            if p["gpu"] == gpu:
+                _print_progress(p)
+                seq = max(seq, p["seq"])
+        g = st["gpus"][str(gpu)]
+        if g["desiredGeneration"] != gen:
+            print(f"vramctl: superseded by a newer request (generation {g['desiredGeneration']})", file=sys.stderr)
+            return EXIT_FAIL
+        if g["observedGeneration"] >= gen and g["phase"] != "Switching":
+            phase = g["phase"]
+            if phase in ("Ready", "Idle"):
+                last = g.get("lastSwitch") or {}
+                took = f" in {last['durationSeconds']:.2f}s" if last.get("generation") == gen and last.get("durationSeconds") is not None else ""
+                print(f"{target} holds gpu {gpu}{took}: {phase}")
+                return EXIT_OK
+            print(f"vramctl: switch to {target} ended {phase}: {g['message']}", file=sys.stderr)
+            return EXIT_FAIL
+        if time.monotonic() > deadline:
+            print(f"vramctl: timed out after {args.timeout:.0f}s; phase {g['phase']}: {g['message']}", file=sys.stderr)
+            return EXIT_FAIL
+        time.sleep(0.1)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    base = _base_url(args)
+    try:
+        _, st = _request(base + "/status")
+    except (urllib.error.URLError, OSError) as err:
+        if args.state and Path(args.state).exists():
+            st = {"gpus": {g: v.get("status", {}) for g, v in json.loads(Path(args.state).read_text()).get("gpus", {}).items()}, "stale": True}
+        else:
+            print(f"vramctl: no supervisor answers at {base} ({err})", file=sys.stderr)
+            return EXIT_FAIL
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    if st.get("stale"):
+        print("(supervisor not running: last recorded status)")
+    for note in st.get("notes", []):
+        print(f"note: {note}")
+    for gpu, g in st["gpus"].items():
+        last = g.get("lastSwitch") or {}
+        lasts = f"; last switch {last.get('from') or '-'} -> {last.get('to') or '-'} {last.get('outcome')} in {last.get('durationSeconds')}s" if last else ""
+        print(f"gpu {gpu}: {g.get('phase')}  active={g.get('activeModel') or '-'}  running={','.join(g.get('runningModels', [])) or '-'}{lasts}")
+        if g.get("message"):
+            print(f"  {g['message']}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vramctl", description="Keep exactly one heavy model server on each GPU.")
+    p.add_argument("--version", action="version", version=f"vramctl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the supervisor in the foreground")
+    up.add_argument("--config", help="config file (default: the embedded demo stack)")
+    up.add_argument("--state", help="state file (default: $XDG_STATE_HOME/vramctl/state.json)")
+    up.add_argument("--listen", type=_parse_listen, default=_parse_listen(DEFAULT_LISTEN), help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    up.add_argument("--token", help="bearer token for POST /switch (required off loopback; or VRAMCTL_TOKEN)")
+    up.add_argument("--instance", default="default", help="label value separating several vramctl instances on one engine")
+    up.add_argument("--once", action="store_true", help="converge once, then exit")
+    up.add_argument("-v", "--verbose", action="store_true")
+    up.set_defaults(func=cmd_up)
+
+    sw = sub.add_parser("switch", help="make MODEL hold the GPU ('' frees it)")
+    sw.add_argument("model")
+    sw.add_argument("--companions", help="comma-separated light models to run beside it (default: keep the configured ones)")
+    sw.add_argument("--gpu", type=int)
+    sw.add_argument("--wait", action="store_true", help="follow the switch until it ends")
+    sw.add_argument("--timeout", type=float, default=600.0)
+    sw.add_argument("--url", help=f"supervisor URL (default http://{DEFAULT_LISTEN} or VRAMCTL_URL)")
+    sw.add_argument("--token")
+    sw.set_defaults(func=cmd_switch)
+
+    st = sub.add_parser("status", help="show what holds each GPU")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--url")
+    st.add_argument("--state", help="read this state file when no supervisor answers")
+    st.set_defaults(func=cmd_status)
+
+    va = sub.add_parser("validate", help="check a config file")
+    va.add_argument("file")
+    va.set_defaults(func=cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

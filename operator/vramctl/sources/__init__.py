@@ -1,0 +1,1 @@
+"""Where desired state comes from and status goes to: state file, compose events, Kubernetes."""

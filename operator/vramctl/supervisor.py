@@ -1,0 +1,643 @@
+"""The per-GPU worker: observe, plan, act, report.
+
+One ``GpuWorker`` thread owns every mutation of its GPU (llama-swap's lesson:
+a read that gates a mutation must not race another writer). Each pass
+observes from scratch and asks the pure planner what to do, so a supervisor
+killed at any point and restarted simply converges.
+
+Requests are coalesced: ``request()`` only replaces the desired state and
+pokes the worker. The worker re-reads desired state between actions; a new
+request aborts waits (memory, health) but never a stop in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from vramctl.gpu.base import GpuProbe
+from vramctl.observed import Desired, GpuSnapshot, Observed, Workload, WorkloadState
+from vramctl.planner import Plan, Start, Stop, WaitForMemory, WaitHealthy, plan
+from vramctl.runtimes.base import Runtime, StartError, StartEvent
+from vramctl.spec import Config, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
+
+log = logging.getLogger("vramctl.supervisor")
+
+PHASE_IDLE = "Idle"
+PHASE_SWITCHING = "Switching"
+PHASE_READY = "Ready"
+PHASE_BLOCKED = "Blocked"
+PHASE_FAILED = "Failed"
+
+# How long a start we issued is expected to show up as a docker 'start' event.
+_OWN_START_WINDOW_S = 10.0
+
+
+class StatusSink(Protocol):
+    def write_status(self, gpu: int, status: dict[str, Any]) -> None: ...
+
+
+class DesiredSink(Protocol):
+    def write_desired(self, gpu: int, desired: Desired, source: str, config_default: dict[str, Any] | None = None) -> None: ...
+
+
+@dataclass
+class Condition:
+    """Shaped like metav1.Condition; lastTransitionTime moves only on flips."""
+
+    type: str
+    status: str = "Unknown"
+    reason: str = "Initializing"
+    message: str = ""
+    last_transition_time: float = 0.0
+    observed_generation: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "lastTransitionTime": _iso(self.last_transition_time),
+            "observedGeneration": self.observed_generation,
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""
+
+
+class Metrics:
+    """Switch metrics; the GPU-level collector comes with the NVML probe."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.switches = Counter("vramctl_switches", "Model switches by outcome.", ["gpu", "outcome"], registry=self.registry)
+        self.switch_duration = Histogram(
+            "vramctl_switch_duration_seconds",
+            "Time from a switch's first action to the new holder being healthy.",
+            ["gpu"],
+            buckets=(0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300),
+            registry=self.registry,
+        )
+        self.violations = Counter(
+            "vramctl_exclusivity_violations", "Times two heavy workloads of one GPU were seen live at once.", ["gpu"], registry=self.registry
+        )
+        self.gated = Counter("vramctl_gated_starts", "Heavy starts made behind vramctl's back and paused.", ["gpu"], registry=self.registry)
+        self.active = Gauge("vramctl_active_model", "1 for the model that holds the GPU.", ["gpu", "model"], registry=self.registry)
+        self.phase = Gauge("vramctl_phase", "1 for the worker's current phase.", ["gpu", "phase"], registry=self.registry)
+
+
+@dataclass
+class WorkerSettings:
+    poll_interval_s: float = 0.05
+    margin_mib: int = 256
+    memory_timeout_s: float = 60.0
+    backoff_initial_s: float = 2.0
+    backoff_max_s: float = 300.0
+    resync_s: float = 5.0
+    baseline_mib: int | None = None  # None: learn it from the probe when nothing of ours runs
+
+    @classmethod
+    def from_config(cls, config: Config) -> WorkerSettings:
+        p: GpuProbeConfig = config.gpu_probe
+        return cls(
+            poll_interval_s=p.poll_interval_seconds,
+            margin_mib=p.margin_mib,
+            memory_timeout_s=p.memory_timeout_seconds,
+            backoff_initial_s=config.backoff_initial_seconds,
+            backoff_max_s=config.backoff_max_seconds,
+            resync_s=config.resync_seconds,
+        )
+
+
+class _Interrupted(Exception):
+    """Desired state changed while waiting: abandon the plan and re-plan."""
+
+
+class _Blocked(Exception):
+    pass
+
+
+class _Failed(Exception):
+    def __init__(self, model: str, reason: str, message: str, logs: list[str]) -> None:
+        super().__init__(message)
+        self.model, self.reason, self.logs = model, reason, logs
+
+
+@dataclass
+class _Switch:
+    source: str | None
+    target: str | None
+    started: float
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+class GpuWorker:
+    """Owns one GPU. Thread-safe entry points: request, gate_start, status, poke, stop."""
+
+    def __init__(
+        self,
+        deployment: DeploymentSpec,
+        runtime: Runtime,
+        probe: GpuProbe,
+        settings: WorkerSettings,
+        *,
+        initial: Desired | None = None,
+        status_sink: StatusSink | None = None,
+        desired_sink: DesiredSink | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = deployment
+        self.gpu = deployment.gpu
+        self.runtime = runtime
+        self.probe = probe
+        self.settings = settings
+        self.status_sink = status_sink
+        self.desired_sink = desired_sink
+        self.metrics = metrics or Metrics()
+        self.clock, self.wall = clock, wall
+
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._desired = initial or Desired(deployment.active_model, tuple(deployment.companions), 0)
+        self._own_starts: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._backoff_until: dict[str, float] = {}
+        self._baseline = settings.baseline_mib
+        self._progress: deque[dict[str, Any]] = deque(maxlen=300)
+        self._seq = 0
+        self._passes = 0
+        self._status: dict[str, Any] = {}
+        self._conditions = {t: Condition(t) for t in ("Ready", "Progressing", "Degraded")}
+        self._phase = PHASE_IDLE
+        self._message = ""
+        self._running: list[str] = []
+        self._last_switch: dict[str, Any] | None = None
+        self._observed_generation = -1
+        self._last_written: dict[str, Any] | None = None
+        self._publish()
+
+    # ------------------------------------------------------------------ API
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"vramctl-gpu{self.gpu}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    @property
+    def desired(self) -> Desired:
+        with self._lock:
+            return self._desired
+
+    def request(self, active: str | None, companions: tuple[str, ...] | None = None, source: str = "api") -> Desired:
+        """Replace the desired state (latest wins). Raises DesiredStateError when invalid."""
+        with self._lock:
+            if companions is None:
+                companions = self._desired.companions if active == self._desired.active else tuple(self.spec.companions)
+                companions = tuple(c for c in companions if c != active)
+            total = None
+            with contextlib.suppress(Exception):
+                total = self.probe.info().total_mib
+            check_desired(self.spec, active, companions, total)
+            desired = Desired(active or None, tuple(companions), self._desired.generation + 1)
+            self._desired = desired
+            self._note("requested", active, f"desired: {active or '(none)'}" + (f" + {', '.join(companions)}" if companions else "") + f" ({source})")
+            if self.desired_sink is not None:
+                self.desired_sink.write_desired(self.gpu, desired, source)
+        self._wake.set()
+        return desired
+
+    def update_spec(self, deployment: DeploymentSpec) -> None:
+        with self._lock:
+            self.spec = deployment
+        self._wake.set()
+
+    def gate_start(self, ev: StartEvent) -> None:
+        """A managed workload of this GPU started. Ours: ignore. Someone else's
+        (``docker compose --profile sdxl up -d``): pause it at once, before it
+        can allocate, make it the desired model, and let the plan hand over."""
+        with self._lock:
+            deadline = self._own_starts.get(ev.model)
+            if deadline is not None and deadline >= self.clock():
+                return
+            if ev.model not in self.spec.models:
+                return
+        try:
+            self.runtime.pause(self.spec, ev.model)
+        except Exception as err:  # it may have exited already: the next pass sees it
+            log.warning("gpu%d: could not pause %s: %s", self.gpu, ev.model, err)
+        self.metrics.gated.labels(str(self.gpu)).inc()
+        self._note("gated", ev.model, f"{ev.model} was started outside vramctl: paused until the GPU is free")
+        with self._lock:
+            heavy = self.spec.models[ev.model].heavy
+            d = self._desired
+            try:
+                if heavy:
+                    keep = []
+                    for c in d.companions:
+                        try:
+                            check_desired(self.spec, ev.model, [*keep, c])
+                            keep.append(c)
+                        except DesiredStateError:
+                            pass
+                    self.request(ev.model, tuple(keep), source="docker-start")
+                elif ev.model not in d.companions:
+                    self.request(d.active, (*d.companions, ev.model), source="docker-start")
+            except DesiredStateError as err:
+                self._note("rejected", ev.model, f"{ev.model} cannot run here: {err}; it stays paused and will be stopped")
+        self._wake.set()
+
+    def progress(self, since: int = 0) -> list[dict[str, Any]]:
+        with self._lock:
+            return [p for p in self._progress if p["seq"] > since]
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._status)
+
+    def reconcile_once(self) -> Plan:
+        """One pass, on the caller's thread (tests, ``--once``)."""
+        return self._pass()
+
+    # ------------------------------------------------------------- the loop
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                p = self._pass()
+            except Exception:  # never die: report and retry at the next resync
+                log.exception("gpu%d: reconcile pass failed", self.gpu)
+                self._set_phase(PHASE_FAILED, "ReconcileError", "internal error; see logs")
+                p = Plan(())
+            timeout = self.settings.resync_s
+            if p.deferred:
+                timeout = min(timeout, max(0.05, min(p.deferred.values()) - self.clock()))
+            self._wake.wait(timeout)
+
+    def _observe(self) -> Observed:
+        with self._lock:
+            spec = self.spec
+        raw = self.runtime.observe(spec)
+        out: dict[str, Workload] = {}
+        for name, w in raw.items():
+            if w.state in (WorkloadState.RUNNING, WorkloadState.RESTARTING) and name in spec.models:
+                try:
+                    ready = self.runtime.check_health(spec, name)
+                except Exception:
+                    ready = False
+                w = replace(w, ready=ready)
+            out[name] = w
+        heavy_live = [w.model for w in out.values() if w.state is WorkloadState.RUNNING and w.heavy]
+        if len(heavy_live) > 1:
+            self.metrics.violations.labels(str(self.gpu)).inc()
+            self._note("violation", None, f"two heavy workloads running on gpu {self.gpu}: {', '.join(sorted(heavy_live))}")
+        return Observed(out)
+
+    def _pass(self) -> Plan:
+        self._passes += 1
+        with self._lock:
+            desired, spec = self._desired, self.spec
+        observed = self._observe()
+        self._learn_baseline(observed)
+        now = self.clock()
+        p = plan(spec, desired, observed, now, self._backoff_until, self._baseline or 0, self.settings.margin_mib)
+        self._running = sorted(m for m, w in observed.workloads.items() if w.state is WorkloadState.RUNNING)
+        if p.empty:
+            self._settle(desired, observed, p)
+            return p
+        switch = _Switch(self._holder(observed), desired.active, now) if p.switching else None
+        if switch:
+            self._set_phase(PHASE_SWITCHING, "Switching", f"{switch.source or '(none)'} -> {switch.target or '(none)'}")
+        try:
+            for action in p.actions:
+                self._execute(spec, desired, action)
+        except _Interrupted:
+            self._note("superseded", None, "a newer request arrived; re-planning")
+            self._wake.set()
+            return p
+        except _Blocked as err:
+            self._set_phase(PHASE_BLOCKED, "MemoryNotReleased", str(err))
+            self._finish_switch(switch, "blocked", desired)
+            self._observed_generation = desired.generation
+            self._publish()
+            return p
+        except _Failed as err:
+            self._record_failure(err)
+            self._finish_switch(switch, "failed", desired)
+            self._observed_generation = desired.generation
+            self._publish()
+            return p
+        observed = self._observe()
+        self._running = sorted(m for m, w in observed.workloads.items() if w.state is WorkloadState.RUNNING)
+        self._finish_switch(switch, "success", desired)
+        self._settle(desired, observed, p)
+        return p
+
+    # ------------------------------------------------------------ actions
+
+    def _execute(self, spec: DeploymentSpec, desired: Desired, action: object) -> None:
+        match action:
+            case Stop(model=m, reason=reason):
+                # Never interrupted: a half-stopped model is the worst of both worlds.
+                self._note("stopping", m, f"stopping {m} ({reason})")
+                out = self.runtime.stop(spec, m)
+                how = "killed after its grace period" if out.killed else "stopped"
+                self._note("stopped", m, f"{m} {how} in {out.seconds:.2f}s")
+                self._check_interrupt(desired)
+            case WaitForMemory():
+                self._wait_memory(spec, desired, action)
+            case Start(model=m, reason=reason):
+                self._check_interrupt(desired)
+                self._note("starting", m, f"starting {m} ({reason})")
+                with self._lock:
+                    self._own_starts[m] = self.clock() + _OWN_START_WINDOW_S
+                try:
+                    ref = self.runtime.start(spec, m)
+                except StartError as err:
+                    raise _Failed(m, "StartFailed", f"{m} could not be started: {err}", self._logs(spec, m)) from err
+                self._note("started", m, f"{m} started ({ref[:12]})")
+            case WaitHealthy(model=m, timeout_seconds=timeout):
+                self._wait_healthy(spec, desired, m, timeout)
+
+    def _check_interrupt(self, desired: Desired) -> None:
+        with self._lock:
+            if self._desired != desired or self._stopping.is_set():
+                raise _Interrupted()
+
+    def _wait_memory(self, spec: DeploymentSpec, desired: Desired, w: WaitForMemory) -> None:
+        self._note("waiting-memory", None, f"waiting for GPU memory (need {w.need_free_mib} MiB free)")
+        t0 = self.clock()
+        deadline = t0 + self.settings.memory_timeout_s
+        while True:
+            snap = self.probe.snapshot()
+            problem = self._memory_problem(snap, w)
+            if problem is None:
+                m = snap.memory
+                self._note("memory-free", None, f"GPU memory confirmed free after {self.clock() - t0:.2f}s ({m.used_mib} MiB used, {m.free_mib} MiB free)")
+                return
+            if self.clock() >= deadline:
+                raise _Blocked(f"GPU memory did not come back within {self.settings.memory_timeout_s:.0f}s: {problem}; the next model is not started")
+            self._check_interrupt(desired)
+            self._stopping.wait(self.settings.poll_interval_s)
+
+    def _memory_problem(self, snap: GpuSnapshot, w: WaitForMemory) -> str | None:
+        procs = snap.processes
+        if procs is not None:
+            lingering = [p for p in procs if p.model in w.released]
+            if lingering:
+                return "still held by " + ", ".join(f"{p.model} (pid {p.pid})" for p in lingering)
+        mem = snap.memory
+        if w.max_used_mib is not None and mem.used_mib > w.max_used_mib or mem.free_mib < w.need_free_mib:
+            foreign = [p for p in (procs or ()) if p.model is None]
+            who = ""
+            if foreign:
+                who = "; held by processes that are not vramctl's: " + ", ".join(
+                    f"pid {p.pid}" + (f" (container {p.container})" if p.container else "") + (f" {p.used_mib} MiB" if p.used_mib is not None else "")
+                    for p in foreign
+                )
+            return f"{mem.used_mib} MiB used, {mem.free_mib} MiB free, need {w.need_free_mib} MiB free" + (
+                f" and at most {w.max_used_mib} MiB used" if w.max_used_mib is not None else ""
+            ) + who
+        return None
+
+    def _wait_healthy(self, spec: DeploymentSpec, desired: Desired, model: str, timeout: float) -> None:
+        t0 = self.clock()
+        interval = spec.models[model].health.interval_seconds if spec.models[model].health else 0.1
+        next_observe = t0
+        while True:
+            if self.runtime.check_health(spec, model):
+                with self._lock:
+                    self._failures.pop(model, None)
+                    self._backoff_until.pop(model, None)
+                self._note("healthy", model, f"{model} is healthy after {self.clock() - t0:.2f}s")
+                return
+            now = self.clock()
+            if now >= next_observe:
+                w = self.runtime.observe(spec).get(model)
+                if w is None or not w.state.live:
+                    code = w.exit_code if w else None
+                    raise _Failed(model, "Crashed", f"{model} exited while starting (exit code {code})", self._logs(spec, model))
+                next_observe = now + 0.5
+            if now - t0 >= timeout:
+                logs = self._logs(spec, model)
+                self._note("stopping", model, f"{model} not healthy after {timeout:.0f}s: stopping it")
+                self.runtime.stop(spec, model)
+                raise _Failed(model, "StartTimeout", f"{model} did not become healthy within {timeout:.0f}s", logs)
+            try:
+                self._check_interrupt(desired)
+            except _Interrupted:
+                with self._lock:
+                    still_wanted = model in self._desired.members
+                if not still_wanted:
+                    raise
+            self._stopping.wait(interval)
+
+    def _logs(self, spec: DeploymentSpec, model: str) -> list[str]:
+        try:
+            return self.runtime.logs_tail(spec, model, 15)
+        except Exception:
+            return []
+
+    # ------------------------------------------------------------- status
+
+    def _holder(self, observed: Observed) -> str | None:
+        for w in observed.workloads.values():
+            if w.state.live and w.heavy:
+                return w.model
+        return None
+
+    def _learn_baseline(self, observed: Observed) -> None:
+        if self.settings.baseline_mib is not None:
+            return
+        if any(w.state.live for w in observed.workloads.values()):
+            return
+        try:
+            used = self.probe.snapshot().memory.used_mib
+        except Exception:
+            return
+        # The lowest reading with nothing of ours running is the baseline.
+        self._baseline = used if self._baseline is None else min(self._baseline, used)
+
+    def _record_failure(self, err: _Failed) -> None:
+        with self._lock:
+            n = self._failures.get(err.model, 0) + 1
+            self._failures[err.model] = n
+            delay = min(self.settings.backoff_initial_s * 2 ** (n - 1), self.settings.backoff_max_s)
+            self._backoff_until[err.model] = self.clock() + delay
+        tail = "\n".join(err.logs[-10:])
+        msg = f"{err} (attempt {n}; retrying in {delay:.0f}s)" + (f"\nlast log lines:\n{tail}" if tail else "")
+        self._note("failed", err.model, msg)
+        self._set_phase(PHASE_FAILED, err.reason, msg)
+
+    def _finish_switch(self, switch: _Switch | None, outcome: str, desired: Desired) -> None:
+        if switch is None:
+            return
+        duration = self.clock() - switch.started
+        self._last_switch = {
+            "from": switch.source,
+            "to": switch.target,
+            "durationSeconds": round(duration, 3),
+            "outcome": outcome,
+            "finishedAt": _iso(self.wall()),
+            "generation": desired.generation,
+        }
+        self.metrics.switches.labels(str(self.gpu), outcome).inc()
+        if outcome == "success":
+            self.metrics.switch_duration.labels(str(self.gpu)).observe(duration)
+        self._note("switch-" + outcome, switch.target, f"switch {switch.source or '(none)'} -> {switch.target or '(none)'}: {outcome} in {duration:.2f}s")
+
+    def _settle(self, desired: Desired, observed: Observed, p: Plan) -> None:
+        self._observed_generation = desired.generation
+        if p.deferred:
+            failed = ", ".join(sorted(p.deferred))
+            wait = max(0.0, min(p.deferred.values()) - self.clock())
+            if self._phase != PHASE_FAILED:
+                self._set_phase(PHASE_FAILED, "BackingOff", f"{failed} failed; retrying in {wait:.0f}s")
+        elif desired.active is None and not desired.companions:
+            self._set_phase(PHASE_IDLE, "NoModel", "no model is desired; the GPU is free")
+        else:
+            held = ", ".join(desired.members)
+            self._set_phase(PHASE_READY, "ModelReady", f"{held} ready")
+        self._publish()
+
+    def _set_phase(self, phase: str, reason: str, message: str) -> None:
+        with self._lock:
+            self._phase, self._message = phase, message
+            gen = self._desired.generation
+        self._condition("Ready", phase in (PHASE_READY, PHASE_IDLE), reason, message, gen)
+        self._condition("Progressing", phase == PHASE_SWITCHING, reason, message, gen)
+        self._condition("Degraded", phase in (PHASE_FAILED, PHASE_BLOCKED), reason, message, gen)
+        self._publish()
+
+    def _condition(self, ctype: str, value: bool, reason: str, message: str, generation: int) -> None:
+        c = self._conditions[ctype]
+        status = "True" if value else "False"
+        if c.status != status:
+            c.last_transition_time = self.wall()
+        c.status, c.reason, c.message, c.observed_generation = status, reason, message, generation
+
+    def _note(self, step: str, model: str | None, message: str) -> None:
+        with self._lock:
+            self._seq += 1
+            entry = {"seq": self._seq, "time": self.wall(), "gpu": self.gpu, "step": step, "model": model, "message": message}
+            self._progress.append(entry)
+        level = logging.WARNING if step in ("failed", "violation", "gated", "rejected") else logging.INFO
+        log.log(level, "gpu%d: %s", self.gpu, message)
+
+    def _publish(self) -> None:
+        with self._lock:
+            d = self._desired
+            status = {
+                "gpu": self.gpu,
+                "deployment": self.spec.display_name,
+                "phase": self._phase,
+                "message": self._message,
+                "activeModel": d.active,
+                "companions": list(d.companions),
+                "desiredGeneration": d.generation,
+                "observedGeneration": self._observed_generation,
+                "runningModels": list(self._running),
+                "conditions": [c.as_dict() for c in self._conditions.values()],
+                "lastSwitch": self._last_switch,
+                "runtime": self.runtime.kind,
+                "gpuProbe": self.probe.kind,
+                "backoff": {m: round(max(0.0, t - self.clock()), 1) for m, t in self._backoff_until.items()},
+                "progressSeq": self._seq,
+            }
+            self._status = status
+        for ph in (PHASE_IDLE, PHASE_SWITCHING, PHASE_READY, PHASE_BLOCKED, PHASE_FAILED):
+            self.metrics.phase.labels(str(self.gpu), ph).set(1 if ph == status["phase"] else 0)
+        for m in self.spec.models:
+            self.metrics.active.labels(str(self.gpu), m).set(1 if m == d.active and m in self._running else 0)
+        comparable = {k: v for k, v in status.items() if k not in ("backoff", "progressSeq")}
+        if self.status_sink is not None and comparable != self._last_written:
+            self._last_written = comparable
+            try:
+                self.status_sink.write_status(self.gpu, status)
+            except Exception:
+                log.exception("gpu%d: could not write status", self.gpu)
+
+
+def holders_from(runtime: Runtime, deployment: Callable[[], DeploymentSpec]) -> Callable[[], Mapping[str, int]]:
+    """For the simulated GPU: the models running right now and their vramMiB."""
+
+    def holders() -> Mapping[str, int]:
+        spec = deployment()
+        out = {}
+        for name, w in runtime.observe(spec).items():
+            if w.state is WorkloadState.RUNNING:
+                m = spec.models.get(name)
+                out[name] = (m.vram_mib or 0) if m else 0
+        return out
+
+    return holders
+
+
+class Supervisor:
+    """All workers of this host plus the watcher that gates starts made behind our back."""
+
+    def __init__(self, workers: list[GpuWorker], runtime: Runtime, metrics: Metrics, notes: list[str] | None = None) -> None:
+        self.workers = {w.gpu: w for w in workers}
+        self.runtime = runtime
+        self.metrics = metrics
+        self.notes = notes or []
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._watcher = threading.Thread(target=self._watch, name="vramctl-events", daemon=True)
+        self._watcher.start()
+        for w in self.workers.values():
+            w.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.runtime.watch_starts(self._on_start, self._stop.is_set)
+            except Exception as err:
+                log.warning("event watcher failed (%s); restarting it", err)
+            if self.runtime.kind != "docker":
+                return
+            self._stop.wait(1.0)
+
+    def _on_start(self, ev: StartEvent) -> None:
+        w = self.workers.get(ev.gpu)
+        if w is not None:
+            w.gate_start(ev)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for w in self.workers.values():
+            w.stop()
+        if self._watcher is not None:
+            self._watcher.join(5)
+        self.runtime.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime.kind,
+            "notes": list(self.notes),
+            "gpus": {str(g): w.status() for g, w in sorted(self.workers.items())},
+        }
