@@ -7,9 +7,11 @@ user writes it); ``deployment(...)`` turns such dicts into a validated
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
+from vramctl.planner import Plan, Start, Stop, WaitForMemory, WaitHealthy
 from vramctl.spec import DeploymentSpec
 
 RUNNING = WorkloadState.RUNNING
@@ -66,7 +68,9 @@ def desired(active: str | None = None, *companions: str, generation: int = 0) ->
     return Desired(active, tuple(companions), generation)
 
 
-def wl(name: str, state: WorkloadState | str = RUNNING, *, ready: bool | None = None, drifted: bool = False, heavy: bool = True) -> Workload:
+def wl(
+    name: str, state: WorkloadState | str = RUNNING, *, ready: bool | None = None, drifted: bool = False, heavy: bool = True
+) -> Workload:
     """A workload; ``ready`` defaults to True for a running one."""
     st = WorkloadState(state)
     if ready is None:
@@ -80,3 +84,24 @@ def obs(*workloads: Workload, **states: WorkloadState | str) -> Observed:
     for name, st in states.items():
         out[name] = wl(name, st)
     return Observed(out)
+
+
+def is_heavy(spec: DeploymentSpec, w: Workload) -> bool:
+    """The spec's class wins; the workload's label only for models no longer in the spec."""
+    return spec.models[w.model].heavy if w.model in spec.models else w.heavy
+
+
+def simulate(spec: DeploymentSpec, observed: Observed, p: Plan) -> Observed:
+    """Apply a plan's effects: Stop -> exited, Start -> running and ready (not drifted), WaitHealthy -> ready."""
+    ws: dict[str, Workload] = dict(observed.workloads)
+    for a in p.actions:
+        match a:
+            case Stop(model=m):
+                ws[m] = replace(ws[m], state=EXITED, ready=False)
+            case Start(model=m):
+                ws[m] = Workload(model=m, state=RUNNING, ref=f"new-{m}", ready=True, heavy=spec.models[m].heavy)
+            case WaitHealthy(model=m):
+                ws[m] = replace(ws[m], ready=True)
+            case WaitForMemory():
+                pass
+    return Observed(ws)

@@ -1,0 +1,128 @@
+"""A GPU probe for machines without an NVIDIA GPU: memory follows the models.
+
+The simulated GPU has no memory of its own to measure. It is told which models
+are running (``holders``, which the supervisor wires to the runtime's
+observation) and what each holds (their declared ``vramMiB``), and it adds the
+one behaviour that makes switching interesting: memory is not free the
+moment a model exits, but ``release_delay_seconds`` later, like a real driver
+tearing down a CUDA context.
+
+Timing contract: the probe only learns that a model left when a snapshot is
+taken and the model is missing from ``holders()``. Its memory counts as used
+from that snapshot until ``release_delay_seconds`` later by ``clock``
+(at exactly ``noticed + delay`` it is free). So the delay runs from the first
+snapshot that sees the model gone, never from the model's real exit time,
+which the probe cannot know.
+
+What ``snapshot`` reports:
+
+- used = baseline + the holders' MiB + the still-releasing MiB + foreign MiB.
+  It is not capped at the total: an over-committed config shows up as
+  ``used > total`` (negative free) instead of being hidden.
+- processes: one ``GpuProcess(pid=0, model=name)`` per holder and per
+  still-releasing model (the simulation has no real pids), and one
+  ``GpuProcess(pid, model=None)`` per foreign process (``add_foreign``), which
+  is how tests make memory held by "someone else" appear.
+
+Thread-safe: every method takes one lock. ``holders`` is called with that lock
+held, so that "noticing" a departure and reading the clock happen as one step;
+it must therefore never call back into this probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from vramctl.gpu.base import GpuInfo
+from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Releasing:
+    model: str
+    mib: int
+    since: float  # clock() of the snapshot that first saw the model gone
+
+
+class SimulatedGpu:
+    """GpuProbe whose memory is the declared size of what runs on it."""
+
+    kind = "simulated"
+
+    def __init__(
+        self,
+        index: int,
+        total_mib: int,
+        baseline_mib: int,
+        release_delay_seconds: float,
+        holders: Callable[[], Mapping[str, int]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if total_mib < 1:
+            raise ValueError(f"total_mib must be at least 1, got {total_mib}")
+        if baseline_mib < 0:
+            raise ValueError(f"baseline_mib must not be negative, got {baseline_mib}")
+        if release_delay_seconds < 0:
+            raise ValueError(f"release_delay_seconds must not be negative, got {release_delay_seconds}")
+        self.index = index
+        self.total_mib = total_mib
+        self.baseline_mib = baseline_mib
+        self.release_delay_seconds = release_delay_seconds
+        self._holders = holders
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, int] = {}  # holders seen at the previous snapshot
+        # A list, not a dict by model: a model that leaves, comes back and
+        # leaves again within the delay has two allocations being torn down.
+        self._releasing: list[_Releasing] = []
+        self._foreign: dict[int, int] = {}
+
+    def info(self) -> GpuInfo:
+        return GpuInfo(index=self.index, uuid=f"SIM-GPU-{self.index}", name="Simulated GPU", driver="simulated", total_mib=self.total_mib)
+
+    def snapshot(self) -> GpuSnapshot:
+        """Memory and processes now; also the moment departures are noticed."""
+        with self._lock:
+            current = self._read_holders()
+            now = self._clock()
+            for model, mib in self._last.items():
+                if model not in current and mib > 0:
+                    self._releasing.append(_Releasing(model, mib, now))
+            self._last = current
+            # Strictly less: at exactly since + delay the memory is free.
+            self._releasing = [r for r in self._releasing if now - r.since < self.release_delay_seconds]
+
+            procs = [GpuProcess(pid=0, used_mib=mib, model=model) for model, mib in sorted(current.items())]
+            procs += [GpuProcess(pid=0, used_mib=r.mib, model=r.model) for r in self._releasing]
+            procs += [GpuProcess(pid=pid, used_mib=mib, model=None) for pid, mib in sorted(self._foreign.items())]
+            used = self.baseline_mib + sum(current.values()) + sum(r.mib for r in self._releasing) + sum(self._foreign.values())
+            return GpuSnapshot(memory=GpuMemory(total_mib=self.total_mib, used_mib=used), processes=tuple(procs))
+
+    def add_foreign(self, pid: int, mib: int) -> None:
+        """Pretend process ``pid`` (not vramctl's) holds ``mib`` MiB; replaces an earlier amount."""
+        if mib < 0:
+            raise ValueError(f"mib must not be negative, got {mib}")
+        with self._lock:
+            self._foreign[pid] = mib
+
+    def remove_foreign(self, pid: int) -> None:
+        """Drop a foreign process; its memory is free at once (no release
+        delay: tests use this to unblock a switch at a moment they choose)."""
+        with self._lock:
+            self._foreign.pop(pid, None)
+
+    def _read_holders(self) -> dict[str, int]:
+        try:
+            return {str(m): max(0, int(mib)) for m, mib in self._holders().items()}
+        except Exception as err:
+            # Keep the last known holders: reporting their memory as freed
+            # because the runtime could not be asked would let a heavy model
+            # start beside one that may still be running.
+            log.warning("simulated gpu %d: could not read the running models (%s); keeping the last known ones", self.index, err)
+            return dict(self._last)

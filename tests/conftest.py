@@ -1,0 +1,342 @@
+"""Fixtures shared by the docker and e2e tests.
+
+- ``docker_client``: the local engine; FAILS (never skips) when it does not answer.
+- ``standin_image``: builds vramctl/standin:dev once per session (no pull).
+- ``instance`` / ``make_instance``: unique vramctl instance names; teardown
+  force-removes every container of that instance (vramctl's label, the compose
+  project of the same name, or the test-only ``vramctl-test.owner`` label).
+- ``free_port``: a callable giving a fresh free TCP port on 127.0.0.1.
+- ``exclusivity``: the invariant recorder (``ExclusivityRecorder``). It follows
+  docker events for every vramctl-labelled container and records each time
+  two heavy containers hold one GPU of one instance (or compose project) at
+  once. Every test under tests/docker and tests/e2e is checked by the autouse
+  ``_exclusivity_guard``: a violation during the test fails it at teardown,
+  and one left uncleared fails the session.
+
+Holding = running and not paused. A heavy container that is started and
+paused within ``GATE_WINDOW`` seconds was *gated* (vramctl froze a start made
+behind its back before it could allocate): it holds nothing during that
+window, and the start->pause delay is recorded as a gate latency.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDIN_TAG = "vramctl/standin:dev"
+TEST_OWNER_LABEL = "vramctl-test.owner"  # on helper containers tests create by hand
+MANAGED = "app.kubernetes.io/managed-by=vramctl"
+_GUARDED_DIRS = ("docker", "e2e")
+
+
+@dataclass(frozen=True)
+class Violation:
+    seq: int
+    key: str  # vramctl instance, or compose project when there is no instance label
+    gpu: str
+    first: str  # container names
+    second: str
+    at: float  # unix time the overlap began
+    detail: str
+
+    def __str__(self) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(self.at)) + f".{int(self.at * 1000) % 1000:03d}"
+        return f"[{self.key} gpu{self.gpu}] {self.first} and {self.second} both held the GPU at {when}: {self.detail}"
+
+
+@dataclass
+class _Span:
+    cid: str
+    name: str
+    since: float
+    until: float | None = None  # None: still holding
+
+
+class ExclusivityRecorder:
+    """Follows docker events; records overlapping heavy holders per (key, gpu)."""
+
+    GATE_WINDOW = 1.0
+    EVENT_WINDOW = 0.2
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[tuple[str, str], str, float]] = {}  # cid -> (domain, name, start time)
+        self._spans: dict[tuple[str, str], list[_Span]] = {}  # holding and recently released
+        self._violations: list[Violation] = []
+        self._seen: dict[tuple[str, str, float], float] = {}
+        self._seq = 0
+        self.gate_latencies: list[tuple[str, float]] = []
+        self.errors: list[str] = []
+        self._through = 0.0
+        self._stop = threading.Event()
+        self._since = time.time()
+        self._seed()
+        self._thread = threading.Thread(target=self._run, name="exclusivity-recorder", daemon=True)
+        self._thread.start()
+
+    # -- public -------------------------------------------------------
+
+    @property
+    def violations(self) -> list[Violation]:
+        with self._lock:
+            return list(self._violations)
+
+    @property
+    def max_gate_latency(self) -> float | None:
+        with self._lock:
+            return max((s for _, s in self.gate_latencies), default=None)
+
+    @property
+    def seq(self) -> int:
+        with self._lock:
+            return self._seq
+
+    def violations_for(self, key: str) -> list[Violation]:
+        return [v for v in self.violations if v.key == key]
+
+    def holders(self, key: str, gpu: int | str = 0) -> list[str]:
+        with self._lock:
+            return [s.name for s in self._spans.get((key, str(gpu)), []) if s.until is None]
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every event up to now is processed and no start that
+        happened before now is still inside its gate window."""
+        asked = time.time()
+        deadline = asked + timeout
+        target = asked
+        while time.time() < deadline:
+            with self._lock:
+                target = max([asked] + [t + self.GATE_WINDOW for _, _, t in self._pending.values() if t <= asked])
+                if self._through >= target:
+                    return
+            time.sleep(0.02)
+        raise AssertionError(f"exclusivity recorder lags: events processed until {self._through:.3f}, wanted {target:.3f}; {self.errors}")
+
+    def assert_no_violations(self, key: str | None = None, since_seq: int = 0) -> None:
+        self.settle()
+        found = [v for v in self.violations if (key is None or v.key == key) and v.seq >= since_seq]
+        if found:
+            raise AssertionError("heavy exclusivity violated:\n  " + "\n  ".join(map(str, found)))
+
+    def clear(self, key: str) -> None:
+        """Forget the violations and state of ``key`` (a test that made them on purpose)."""
+        with self._lock:
+            self._violations = [v for v in self._violations if v.key != key]
+            for dom in [d for d in self._spans if d[0] == key]:
+                del self._spans[dom]
+            for cid in [c for c, (dom, _, _) in self._pending.items() if dom[0] == key]:
+                del self._pending[cid]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    # -- event handling -----------------------------------------------
+
+    @staticmethod
+    def _domain(labels: dict[str, str]) -> tuple[str, str] | None:
+        if labels.get("app.kubernetes.io/managed-by") != "vramctl" or labels.get("vramctl.io/class", "heavy") == "light":
+            return None
+        key = labels.get("vramctl.io/instance") or labels.get("com.docker.compose.project")
+        gpu = labels.get("vramctl.io/gpu")
+        return (key, gpu) if key and gpu is not None else None
+
+    def _seed(self) -> None:
+        now = time.time()
+        for c in self._client.containers.list(filters={"label": MANAGED, "status": "running"}, ignore_removed=True):
+            dom = self._domain(c.labels)
+            if dom is not None:
+                self._spans.setdefault(dom, []).append(_Span(c.id, c.name, now))
+
+    def _violate(self, dom: tuple[str, str], a: str, b: str, at: float, detail: str) -> None:
+        self._violations.append(Violation(self._seq, dom[0], dom[1], a, b, at, detail))
+        self._seq += 1
+
+    def _check(self, dom: tuple[str, str], cid: str, name: str, since: float, until: float | None) -> None:
+        """Record a violation for each other span of ``dom`` overlapping [since, until)."""
+        for s in self._spans.get(dom, []):
+            if s.cid == cid:
+                continue
+            if (s.until is None or s.until > since) and (until is None or s.since < until):
+                self._violate(dom, s.name, name, max(s.since, since), f"{name} began holding while {s.name} held since {s.since:.3f}")
+
+    def _hold(self, dom: tuple[str, str], cid: str, name: str, since: float) -> None:
+        self._check(dom, cid, name, since, None)
+        self._spans.setdefault(dom, []).append(_Span(cid, name, since))
+
+    def _release(self, cid: str, at: float) -> None:
+        for spans in self._spans.values():
+            for s in spans:
+                if s.cid == cid and s.until is None:
+                    s.until = at
+
+    def _promote(self, now: float) -> None:
+        for cid, (dom, name, t) in list(self._pending.items()):
+            if t + self.GATE_WINDOW <= now:
+                del self._pending[cid]
+                self._hold(dom, cid, name, t)
+        horizon = now - 10 * self.GATE_WINDOW
+        for k in [k for k, t in self._seen.items() if t < horizon]:
+            del self._seen[k]
+        for dom, spans in self._spans.items():
+            self._spans[dom] = [s for s in spans if s.until is None or s.until > horizon]
+
+    def _handle(self, ev: dict[str, Any]) -> None:
+        actor = ev.get("Actor") or {}
+        attrs = {str(k): str(v) for k, v in (actor.get("Attributes") or {}).items()}
+        dom = self._domain(attrs)
+        if dom is None:
+            return
+        cid = str(actor.get("ID") or ev.get("id"))
+        name = attrs.get("name", cid[:12])
+        action = str(ev.get("Action") or ev.get("status") or "")
+        at = int(ev.get("timeNano") or 0) / 1e9 or time.time()
+        if (cid, action, at) in self._seen:
+            return  # delivered by two adjacent windows
+        self._seen[(cid, action, at)] = at
+        self._promote(at)
+        if action == "start":
+            self._pending[cid] = (dom, name, at)
+        elif action == "pause":
+            pending = self._pending.pop(cid, None)
+            if pending is not None:
+                self.gate_latencies.append((name, at - pending[2]))
+            else:
+                self._release(cid, at)
+        elif action == "unpause":
+            self._hold(dom, cid, name, at)
+        elif action in ("die", "destroy"):
+            pending = self._pending.pop(cid, None)
+            if pending is not None:  # ran (ungated) from start to death
+                self._check(dom, cid, name, pending[2], at)
+                self._spans.setdefault(dom, []).append(_Span(cid, name, pending[2], at))
+            else:
+                self._release(cid, at)
+
+    def _run(self) -> None:
+        filters = {"type": "container", "label": MANAGED, "event": ["start", "pause", "unpause", "die", "kill", "stop", "destroy"]}
+        since = self._since
+        while not self._stop.is_set():
+            until = time.time() + self.EVENT_WINDOW
+            try:
+                for ev in self._client.events(since=f"{since:.9f}", until=f"{until:.9f}", filters=filters, decode=True):
+                    with self._lock:
+                        self._handle(ev)
+            except Exception as err:  # keep recording; report at the check
+                self.errors.append(repr(err))
+                time.sleep(self.EVENT_WINDOW)
+            with self._lock:
+                self._promote(until)
+                self._through = until
+            since = until
+
+
+# -- fixtures ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except Exception as err:
+        pytest.fail(f"the Docker engine does not answer ({err}); run `bash .ci/setup-infra.sh` to install and start it", pytrace=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def standin_image(docker_client: docker.DockerClient) -> str:
+    res = subprocess.run(["bash", str(ROOT / "images/standin/build.sh")], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.fail(f"images/standin/build.sh failed:\n{res.stdout}\n{res.stderr}", pytrace=False)
+    return STANDIN_TAG
+
+
+def _remove_owned_by(client: docker.DockerClient, name: str) -> None:
+    for label in (f"vramctl.io/instance={name}", f"com.docker.compose.project={name}", f"{TEST_OWNER_LABEL}={name}"):
+        for c in client.containers.list(all=True, filters={"label": label}, ignore_removed=True):
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as err:
+                if err.status_code != 409:  # already being removed
+                    raise
+
+
+@pytest.fixture
+def make_instance(docker_client: docker.DockerClient) -> Iterator[Callable[[], str]]:
+    names: list[str] = []
+
+    def make() -> str:
+        names.append(f"t{uuid.uuid4().hex[:8]}")
+        return names[-1]
+
+    yield make
+    for name in names:
+        _remove_owned_by(docker_client, name)
+
+
+@pytest.fixture
+def instance(make_instance: Callable[[], str]) -> str:
+    """A vramctl instance name unique to this test (also usable as a compose project)."""
+    return make_instance()
+
+
+_handed_out: set[int] = set()
+
+
+def _free_port() -> int:
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port found")
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """``free_port()`` -> a TCP port free on 127.0.0.1, never the same twice in a session."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def exclusivity(docker_client: docker.DockerClient) -> Iterator[ExclusivityRecorder]:
+    rec = ExclusivityRecorder(docker.from_env(timeout=30))  # its own connection: it streams
+    yield rec
+    try:
+        rec.assert_no_violations()
+    finally:
+        rec.close()
+
+
+@pytest.fixture(autouse=True)
+def _exclusivity_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under tests/docker and tests/e2e: fail a test during which two heavy
+    containers held one GPU (checked after the test's own teardown)."""
+    parts = Path(str(request.node.path)).resolve().relative_to(ROOT).parts
+    if len(parts) < 2 or parts[0] != "tests" or parts[1] not in _GUARDED_DIRS:
+        yield
+        return
+    rec: ExclusivityRecorder = request.getfixturevalue("exclusivity")
+    start = rec.seq
+    yield
+    rec.assert_no_violations(since_seq=start)

@@ -1,0 +1,40 @@
+"""Fixtures of the docker runtime tests (a real engine, no mocks)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from vramctl.runtimes.docker import DockerRuntime
+from vramctl.spec import ComposeConfig
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.docker)
+
+
+@pytest.fixture
+def make_runtime(docker_client: docker.DockerClient, standin_image: str) -> Iterator[Callable[..., DockerRuntime]]:
+    """``make_runtime(instance, compose=None)`` -> a DockerRuntime on the shared client."""
+    made: list[DockerRuntime] = []
+
+    def make(instance: str, compose: ComposeConfig | None = None) -> DockerRuntime:
+        made.append(DockerRuntime(docker_client, instance=instance, compose=compose))
+        return made[-1]
+
+    yield make
+    for rt in made:
+        rt.close()
+
+
+@pytest.fixture
+def runtime(make_runtime: Callable[..., DockerRuntime], instance: str) -> DockerRuntime:
+    """A DockerRuntime of this test's unique instance."""
+    return make_runtime(instance)

@@ -1,0 +1,147 @@
+"""Config files on disk: good ones load, each bad one fails naming its field.
+
+Every ``bad-*.yaml`` under ``configs/`` carries one mistake and says, in
+``# expect: ...`` comment lines at its top, what the error must mention
+(the first line is the field path, or the YAML position).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vramctl.spec import ConfigError, load_config
+
+CONFIGS = Path(__file__).parent / "configs"
+GOOD = sorted(CONFIGS.glob("good-*.yaml"))
+BAD = sorted(CONFIGS.glob("bad-*.yaml"))
+REPO = Path(__file__).resolve().parents[2]
+
+
+def expectations(path: Path) -> list[str]:
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith("# expect: "):
+            out.append(line.removeprefix("# expect: "))
+    assert out, f"{path.name} must say what it expects in a '# expect: ...' comment"
+    return out
+
+
+def validate_cli(path: Path | str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vramctl", "validate", str(path)], capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_fixture_sets_are_not_empty() -> None:
+    assert [p.name for p in GOOD] == ["good-bare-gpu.yaml", "good-demo.yaml"]
+    assert len(BAD) >= 10
+
+
+@pytest.mark.parametrize("path", GOOD, ids=[p.name for p in GOOD])
+def test_good_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.gpus
+
+
+def test_good_demo_contents() -> None:
+    cfg = load_config(CONFIGS / "good-demo.yaml")
+    (g,) = cfg.gpus
+    assert g.display_name == "demo-gpu0" and g.active_model == "llm" and g.companions == ["tts"]
+    assert {m: s.vram_mib for m, s in g.models.items()} == {"llm": 12000, "sdxl": 11000, "tts": 3500}
+    assert g.models["tts"].health is not None and g.models["tts"].health.docker_healthcheck
+    assert g.merged_env("llm")["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    assert cfg.gpu_probe.kind == "simulated" and cfg.gpu_probe.total_mib == 16303 and cfg.runtime == "process"
+
+
+def test_good_bare_gpu_is_one_entry() -> None:
+    (g,) = load_config(CONFIGS / "good-bare-gpu.yaml").gpus
+    assert g.gpu == 0 and g.active_model == "sdxl" and g.models["llm"].compose_service == "llm"
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.name for p in BAD])
+def test_bad_config_names_the_field(path: Path) -> None:
+    where, *words = expectations(path)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    err = info.value
+    assert err.source == str(path)
+    assert len(err.problems) == 1, err.problems
+    assert err.problems[0][0] == where
+    text = err.render()
+    assert text.startswith(f"{path}: 1 problem(s)")
+    assert f"  {where}: " in text
+    for w in words:
+        assert w in text, (w, text)
+    assert str(err) == text
+
+
+def test_invalid_yaml_reports_line_and_column(tmp_path: Path) -> None:
+    p = tmp_path / "tabs.yaml"
+    p.write_text("gpus:\n  - models:\n\t\tllm: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    ((where, msg),) = info.value.problems
+    assert where == "line 3, column 1"
+    assert msg.startswith("not valid YAML: ")
+
+
+def test_missing_file_says_cannot_read(tmp_path: Path) -> None:
+    p = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert info.value.problems == [("(file)", "cannot read: No such file or directory")]
+    assert str(p) in str(info.value)
+
+
+def test_directory_says_cannot_read(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "", "42\n"], ids=["list", "scalar", "empty", "number"])
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert info.value.problems == [("(top level)", "expected a mapping with `gpus:` (or a single GPU's `models:`)")]
+
+
+def test_mapping_without_gpus_or_models(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("runtime: docker\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert info.value.problems == [("gpus", "required field is missing")]
+
+
+# ------------------------------------------------------------------ the real CLI
+
+
+@pytest.mark.parametrize("path", GOOD, ids=[p.name for p in GOOD])
+def test_cli_validate_good_exits_0(path: Path) -> None:
+    r = validate_cli(path)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.name for p in BAD])
+def test_cli_validate_bad_exits_2_and_names_the_field(path: Path) -> None:
+    where, *words = expectations(path)
+    r = validate_cli(path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert where in out
+    for w in words:
+        assert w in out, (w, out)
+    assert "Traceback" not in out
+
+
+def test_cli_validate_missing_file_fails_cleanly(tmp_path: Path) -> None:
+    r = validate_cli(tmp_path / "nope.yaml")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "cannot read" in out and "Traceback" not in out

@@ -1,0 +1,166 @@
+"""SimulatedGpu: memory = baseline + holders + still-releasing + foreign, with a fake clock."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from vramctl.gpu.base import GpuInfo, GpuProbe
+from vramctl.gpu.simulated import SimulatedGpu
+from vramctl.observed import GpuProcess
+
+
+class FakeClock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(holders: dict[str, int], *, total: int = 16000, baseline: int = 300, delay: float = 0.5) -> tuple[SimulatedGpu, FakeClock]:
+    clock = FakeClock()
+    gpu = SimulatedGpu(index=1, total_mib=total, baseline_mib=baseline, release_delay_seconds=delay, holders=lambda: holders, clock=clock)
+    return gpu, clock
+
+
+def test_is_a_gpu_probe_with_simulated_info() -> None:
+    gpu, _ = make({})
+    assert isinstance(gpu, GpuProbe)
+    assert gpu.kind == "simulated"
+    assert gpu.info() == GpuInfo(index=1, uuid="SIM-GPU-1", name="Simulated GPU", driver="simulated", total_mib=16000)
+
+
+def test_empty_gpu_shows_only_the_baseline() -> None:
+    gpu, _ = make({}, baseline=450)
+    snap = gpu.snapshot()
+    assert (snap.memory.total_mib, snap.memory.used_mib, snap.memory.free_mib) == (16000, 450, 15550)
+    assert snap.processes == ()
+
+
+def test_holders_add_their_memory_and_appear_as_processes() -> None:
+    gpu, _ = make({"llm": 12000, "tts": 3500})
+    snap = gpu.snapshot()
+    assert snap.memory.used_mib == 300 + 12000 + 3500
+    assert snap.processes == (GpuProcess(pid=0, used_mib=12000, model="llm"), GpuProcess(pid=0, used_mib=3500, model="tts"))
+
+
+def test_release_delay_is_honoured_exactly_from_the_first_snapshot_that_sees_the_model_gone() -> None:
+    holders = {"llm": 12000}
+    gpu, clock = make(holders, delay=0.5)
+    assert gpu.snapshot().memory.used_mib == 12300
+
+    del holders["llm"]
+    clock.t = 110.0  # the model left at some point; this snapshot is the first to notice
+    snap = gpu.snapshot()
+    assert snap.memory.used_mib == 12300
+    assert snap.processes == (GpuProcess(pid=0, used_mib=12000, model="llm"),)
+
+    clock.t = 110.499999
+    assert gpu.snapshot().memory.used_mib == 12300
+    clock.t = 110.5  # noticed + delay: free
+    snap = gpu.snapshot()
+    assert snap.memory.used_mib == 300
+    assert snap.processes == ()
+
+
+def test_zero_delay_frees_at_the_snapshot_that_notices() -> None:
+    holders = {"llm": 12000}
+    gpu, _ = make(holders, delay=0.0)
+    gpu.snapshot()
+    holders.clear()
+    assert gpu.snapshot().memory.used_mib == 300
+
+
+def test_a_model_back_within_the_delay_counts_twice_like_two_allocations() -> None:
+    holders = {"llm": 1000}
+    gpu, clock = make(holders, delay=0.5)
+    gpu.snapshot()
+    holders.clear()
+    gpu.snapshot()  # t=100: llm releasing until 100.5
+    holders["llm"] = 1000
+    clock.t = 100.2
+    snap = gpu.snapshot()
+    assert snap.memory.used_mib == 300 + 2000
+    assert [p.model for p in snap.processes or ()] == ["llm", "llm"]
+    clock.t = 100.5
+    assert gpu.snapshot().memory.used_mib == 1300
+
+
+def test_foreign_processes_hold_memory_with_no_model_and_free_it_at_once() -> None:
+    gpu, _ = make({"llm": 1000}, delay=5.0)
+    gpu.add_foreign(4242, 2000)
+    snap = gpu.snapshot()
+    assert snap.memory.used_mib == 300 + 1000 + 2000
+    assert GpuProcess(pid=4242, used_mib=2000, model=None) in (snap.processes or ())
+    gpu.add_foreign(4242, 500)  # replaces, does not add
+    assert gpu.snapshot().memory.used_mib == 1800
+    gpu.remove_foreign(4242)
+    gpu.remove_foreign(4242)  # idempotent
+    snap = gpu.snapshot()
+    assert snap.memory.used_mib == 1300
+    assert all(p.model is not None for p in snap.processes or ())
+
+
+def test_used_is_not_capped_so_overcommit_is_visible() -> None:
+    gpu, _ = make({"a": 10000, "b": 10000}, total=16000, baseline=0)
+    m = gpu.snapshot().memory
+    assert m.used_mib == 20000
+    assert m.free_mib < 0
+
+
+def test_a_failing_holders_callback_keeps_the_last_known_holders() -> None:
+    calls = {"n": 0}
+
+    def holders() -> dict[str, int]:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError("runtime unreachable")
+        return {"llm": 1000}
+
+    gpu = SimulatedGpu(0, 16000, 0, 0.0, holders, clock=FakeClock())
+    assert gpu.snapshot().memory.used_mib == 1000
+    assert gpu.snapshot().memory.used_mib == 1000  # not "freed" by the error
+
+
+@pytest.mark.parametrize(
+    ("total", "baseline", "delay"),
+    [(0, 0, 0.0), (100, -1, 0.0), (100, 0, -0.1)],
+)
+def test_invalid_settings_are_refused(total: int, baseline: int, delay: float) -> None:
+    with pytest.raises(ValueError):
+        SimulatedGpu(0, total, baseline, delay, dict)
+
+
+def test_concurrent_snapshots_stay_consistent() -> None:
+    holders: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def read() -> dict[str, int]:
+        with lock:
+            return dict(holders)
+
+    gpu = SimulatedGpu(0, 16000, 100, 0.0, read)
+    errors: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            for _ in range(300):
+                used = gpu.snapshot().memory.used_mib
+                assert used in (100, 1100)
+        except BaseException as err:  # collected for the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=poll) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(300):
+        with lock:
+            if i % 2:
+                holders["m"] = 1000
+            else:
+                holders.pop("m", None)
+    for t in threads:
+        t.join(timeout=10)
+    assert not errors
