@@ -109,8 +109,10 @@ def plan(
         actions.append(Stop(w.model, reason))
         stopped.append(w.model)
 
-    # Memory expected to remain in use by what keeps running.
-    kept = [w.model for w in live if w.model not in stopped]
+    # Memory expected to remain in use by what keeps running. A paused (gated)
+    # workload is frozen before it could allocate: it is about to be started,
+    # so it counts in need_free_mib, not here.
+    kept = [w.model for w in live if w.model not in stopped and w.state is not WorkloadState.PAUSED]
     kept_sizes = [spec.models[m].vram_mib if m in spec.models else None for m in kept]
     max_used: int | None = None
     if all(s is not None for s in kept_sizes):
@@ -123,11 +125,11 @@ def plan(
     for m in desired.members:
         if m not in spec.models:
             continue
-        w = observed.workloads.get(m)
-        state = w.state if w else WorkloadState.ABSENT
+        current = observed.workloads.get(m)
+        state = current.state if current else WorkloadState.ABSENT
         timeout = spec.models[m].start_timeout_seconds
-        if w is not None and m not in stopped and state in (WorkloadState.RUNNING, WorkloadState.RESTARTING):
-            if not w.ready:
+        if current is not None and m not in stopped and state in (WorkloadState.RUNNING, WorkloadState.RESTARTING):
+            if not current.ready:
                 actions.append(WaitHealthy(m, timeout))
             continue
         until = backoff_until.get(m)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import docker
 import pytest
 
+import docker
 from vramctl.runtimes.docker import DockerRuntime
 from vramctl.spec import ComposeConfig
 

@@ -418,15 +418,15 @@ def test_leftover_group_members_are_killed_after_the_grace_period(env: Env) -> N
         import signal, subprocess, time
         ignore = lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)
         worker = subprocess.Popen(["sleep", "30"], preexec_fn=ignore)
-        print("worker", worker.pid, flush=True)
+        print("WORKER_PID", worker.pid, flush=True)
         time.sleep(30)
         """
     )
     rt = env.runtime()
     d = deployment(srv={"command": [sys.executable, "-c", script], "stop": {"gracePeriodSeconds": 0.3}})
     rt.start(d, "srv")
-    wait_for(lambda: any(line.startswith("worker ") for line in rt.logs_tail(d, "srv")), what="worker start")
-    worker = int(next(line for line in rt.logs_tail(d, "srv") if line.startswith("worker ")).split()[1])
+    wait_for(lambda: any(line.startswith("WORKER_PID ") for line in rt.logs_tail(d, "srv")), what="worker start")
+    worker = int(next(line for line in rt.logs_tail(d, "srv") if line.startswith("WORKER_PID ")).split()[1])
     env.pids.append(worker)
     assert running(worker)
     out = rt.stop(d, "srv")
@@ -441,15 +441,15 @@ def test_a_crashed_leaders_leftover_workers_are_killed_when_observed(env: Env) -
         """
         import os, subprocess
         worker = subprocess.Popen(["sleep", "30"])
-        print("worker", worker.pid, flush=True)
+        print("WORKER_PID", worker.pid, flush=True)
         os._exit(5)
         """
     )
     rt = env.runtime()
     d = deployment(srv={"command": [sys.executable, "-c", script]})
     rt.start(d, "srv")
-    wait_for(lambda: any(line.startswith("worker ") for line in rt.logs_tail(d, "srv")), what="worker start")
-    worker = int(next(line for line in rt.logs_tail(d, "srv") if line.startswith("worker ")).split()[1])
+    wait_for(lambda: any(line.startswith("WORKER_PID ") for line in rt.logs_tail(d, "srv")), what="worker start")
+    worker = int(next(line for line in rt.logs_tail(d, "srv") if line.startswith("WORKER_PID ")).split()[1])
     env.pids.append(worker)
     wait_for(lambda: rt.observe(d)["srv"].state is WorkloadState.EXITED, what="leader exit")
     assert rt.observe(d)["srv"].exit_code == 5

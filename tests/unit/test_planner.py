@@ -84,8 +84,8 @@ CASES = [
         obs(wl("llm", RUNNING), wl("sdxl", PAUSED)),
         [
             Stop("llm", "not desired"),
-            # The paused sdxl is kept (it is wanted), so its size counts as kept memory.
-            WaitForMemory(released=("llm",), need_free_mib=11000, max_used_mib=FLOOR + 11000),
+            # The paused sdxl is frozen before it allocated: it counts in need_free, not as kept memory.
+            WaitForMemory(released=("llm",), need_free_mib=11000, max_used_mib=FLOOR),
             Start("sdxl", "unpause (gated)"),
             WaitHealthy("sdxl", SDXL_T),
         ],

@@ -65,7 +65,7 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
 def test_health_is_503_while_loading_then_200(spawn: Callable[..., subprocess.Popen[str]]) -> None:
     port = free_port()
-    p = spawn(port=str(port), load_seconds="0.4")
+    p = spawn(port=str(port), load_seconds="0.4", stop_seconds="0")
     wait_for(lambda: status(port) is not None)
     t_first = time.monotonic()
     assert status(port) == 503

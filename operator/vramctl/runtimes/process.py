@@ -480,7 +480,9 @@ class ProcessRuntime:
             if log_path.stat().st_size > LOG_ROTATE_BYTES:
                 os.replace(log_path, log_path.with_name(log_path.name + ".1"))
         spec_hash = deployment.spec_hash(model)
-        self._log_line(deployment.gpu, model, f"starting {model} (spec {spec_hash}): {shlex.join(argv)}")
+        # One line per event in the log, even for a `python -c` script argument.
+        shown = shlex.join(argv).replace("\n", "\\n")
+        self._log_line(deployment.gpu, model, f"starting {model} (spec {spec_hash}): {shown}")
         try:
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(
