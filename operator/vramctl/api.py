@@ -50,7 +50,7 @@ class ApiServer:
         handler = _make_handler(self)
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
-        self.host, self.port = self.httpd.server_address[0], self.httpd.server_address[1]
+        self.host, self.port = str(self.httpd.server_address[0]), int(self.httpd.server_address[1])
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:

@@ -254,7 +254,7 @@ class GpuWorker:
             d = self._desired
             try:
                 if heavy:
-                    keep = []
+                    keep: list[str] = []
                     for c in d.companions:
                         try:
                             check_desired(self.spec, ev.model, [*keep, c])
@@ -424,7 +424,8 @@ class GpuWorker:
 
     def _wait_healthy(self, spec: DeploymentSpec, desired: Desired, model: str, timeout: float) -> None:
         t0 = self.clock()
-        interval = spec.models[model].health.interval_seconds if spec.models[model].health else 0.1
+        health = spec.models[model].health
+        interval = health.interval_seconds if health else 0.1
         next_observe = t0
         while True:
             if self.runtime.check_health(spec, model):

@@ -129,7 +129,9 @@ def test_sigkill_exactly_after_the_grace_period(runtime: DockerRuntime, free_por
     assert runtime.observe(d)["stubborn"].state is WorkloadState.EXITED
 
 
-def test_start_stop_remove_are_idempotent(runtime: DockerRuntime, docker_client: docker.DockerClient, free_port: Callable[[], int]) -> None:
+def test_start_stop_remove_are_idempotent(
+    runtime: DockerRuntime, docker_client: docker.DockerClient, free_port: Callable[[], int]
+) -> None:
     d = spec({"llm": standin(free_port(), load=0.1, stop=0.1)})
     out = runtime.stop(d, "llm")
     assert (out.was_running, out.killed) == (False, False)
@@ -150,7 +152,9 @@ def test_start_stop_remove_are_idempotent(runtime: DockerRuntime, docker_client:
         docker_client.containers.get(ref)
 
 
-def test_spec_change_recreates_the_container(runtime: DockerRuntime, docker_client: docker.DockerClient, free_port: Callable[[], int]) -> None:
+def test_spec_change_recreates_the_container(
+    runtime: DockerRuntime, docker_client: docker.DockerClient, free_port: Callable[[], int]
+) -> None:
     port = free_port()
     d1 = spec({"llm": standin(port, load=0.1, stop=0.1)}, env={"MODE": "a"})
     ref1 = runtime.start(d1, "llm")
@@ -281,7 +285,12 @@ def test_ports_and_volumes(runtime: DockerRuntime, tmp_path: Path) -> None:
     d = spec(
         {
             "bridged": {"image": STANDIN_TAG, "networkMode": "bridge", "ports": ["18001:8000"], "volumes": [f"{tmp_path}:/data:ro"]},
-            "hosted": {"image": STANDIN_TAG, "ports": ["18002:8000"], "args": ["--x"], "stop": {"signal": "INT", "gracePeriodSeconds": 2.5}},
+            "hosted": {
+                "image": STANDIN_TAG,
+                "ports": ["18002:8000"],
+                "args": ["--x"],
+                "stop": {"signal": "INT", "gracePeriodSeconds": 2.5},
+            },
         }
     )
     b = runtime.create_kwargs(d, "bridged")  # only inspected: no bridge network is used here
@@ -297,7 +306,11 @@ def test_ports_and_volumes(runtime: DockerRuntime, tmp_path: Path) -> None:
 
 
 def test_foreign_containers_are_never_listed_or_touched(
-    runtime: DockerRuntime, docker_client: docker.DockerClient, make_instance: Callable[[], str], instance: str, free_port: Callable[[], int]
+    runtime: DockerRuntime,
+    docker_client: docker.DockerClient,
+    make_instance: Callable[[], str],
+    instance: str,
+    free_port: Callable[[], int],
 ) -> None:
     other = make_instance()
     env = {"STANDIN_PORT": str(free_port()), "STANDIN_LOAD_SECONDS": "0.1", "STANDIN_STOP_SECONDS": "0.1"}
@@ -385,7 +398,8 @@ def write_compose(tmp_path: Path, big_port: int, rogue_port: int) -> Path:
 
 
 def compose(project: str, file: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", "compose", "-p", project, "-f", str(file), *args], capture_output=True, text=True, check=True, timeout=120)
+    cmd = ["docker", "compose", "-p", project, "-f", str(file), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120)
 
 
 @pytest.fixture
@@ -528,6 +542,7 @@ def test_recorder_counts_a_paused_start_as_gated(
     exclusivity.settle()
     assert exclusivity.violations_for(instance) == []
     assert exclusivity.holders(instance, 7) == [newcomer.name]
-    latency = exclusivity.max_gate_latency
-    assert latency is not None and latency < ExclusivityRecorder.GATE_WINDOW
-    print(f"\ngate latency (test's own pause): {latency:.3f} s")
+    (latency,) = [s for name, s in exclusivity.gate_latencies if name == newcomer.name]
+    assert latency < 0.5
+    assert exclusivity.max_gate_latency is not None and exclusivity.max_gate_latency >= latency
+    print(f"\ngate latency (the test's own pause right after start): {latency:.3f} s")
