@@ -45,7 +45,7 @@ def compose(project: str, env: dict[str, str], *args: str) -> None:
 
 def pctl(xs: list[float], q: float) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 def bench_script(project: str, env: dict[str, str], ports: dict[str, int], n: int) -> list[float]:
@@ -92,7 +92,18 @@ def bench_vramctl(project: str, env: dict[str, str], ports: dict[str, int], n: i
     cfg_path.write_text(json.dumps(cfg))
     api_port = ports["api"]
     sup = subprocess.Popen(
-        [sys.executable, "-m", "vramctl", "up", "--config", str(cfg_path), "--state", str(workdir / "state.json"), "--listen", f"127.0.0.1:{api_port}"],
+        [
+            sys.executable,
+            "-m",
+            "vramctl",
+            "up",
+            "--config",
+            str(cfg_path),
+            "--state",
+            str(workdir / "state.json"),
+            "--listen",
+            f"127.0.0.1:{api_port}",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(workdir / "vramctl.log", "w"),  # noqa: SIM115
@@ -162,7 +173,9 @@ def main() -> int:
     for name, xs in (("script (compose+1s poll)", script), ("vramctl (API, e2e)", vram), ("vramctl (internal)", internal)):
         print(f"{name:24}{statistics.median(xs):9.3f}{pctl(xs, 0.9):9.3f}{min(xs):9.3f}{max(xs):9.3f}")
     print(f"ratio vramctl/script (median): {mv / ms:.3f}   target <= 0.8")
-    print(f"vramctl overhead median: {statistics.median(overhead) * 1000:.0f} ms (p90 {pctl(overhead, 0.9) * 1000:.0f} ms)   target < 150 ms")
+    print(
+        f"vramctl overhead median: {statistics.median(overhead) * 1000:.0f} ms (p90 {pctl(overhead, 0.9) * 1000:.0f} ms)   target < 150 ms"
+    )
     return 0
 
 

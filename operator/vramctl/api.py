@@ -79,12 +79,12 @@ class ApiServer:
 
     def post_switch(self, body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object like {\"model\": \"sdxl\"}")
+            raise ApiError(400, 'the body must be a JSON object like {"model": "sdxl"}')
         unknown = set(body) - {"model", "companions", "gpu"}
         if unknown:
             raise ApiError(400, f"unknown field(s) {sorted(unknown)}: allowed are model, companions, gpu", sorted(unknown)[0])
         if "model" not in body:
-            raise ApiError(400, "field `model` is required (null or \"\" frees the GPU)", "model")
+            raise ApiError(400, 'field `model` is required (null or "" frees the GPU)', "model")
         model = body["model"]
         if model is not None and not isinstance(model, str):
             raise ApiError(400, "field `model` must be a string or null", "model")
@@ -161,7 +161,7 @@ def _make_handler(server: ApiServer) -> type[BaseHTTPRequestHandler]:
                 try:
                     body = json.loads(raw or b"null")
                 except ValueError:
-                    raise ApiError(400, "the body is not valid JSON; send {\"model\": \"sdxl\"}") from None
+                    raise ApiError(400, 'the body is not valid JSON; send {"model": "sdxl"}') from None
                 self._json(202, server.post_switch(body))
             except ApiError as err:
                 self._error(err)

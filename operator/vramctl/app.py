@@ -54,7 +54,13 @@ def build_runtime(config: Config, state_dir: Path, instance: str, notes: list[st
             return DockerRuntime(instance=instance, compose=config.compose)
         if want == "docker" or not has_commands:
             raise ConfigError(
-                "runtime", [("runtime", f"the docker runtime is needed but {problem}; start the Docker engine, or give every model a `command` and set runtime: process")]
+                "runtime",
+                [
+                    (
+                        "runtime",
+                        f"the docker runtime is needed but {problem}; start the Docker engine, or give every model a `command` and set runtime: process",
+                    )
+                ],
             )
         notes.append(f"runtime: process (docker not used: {problem})")
     else:
@@ -79,7 +85,9 @@ def build_probe(config: Config, spec_of: _SpecRef, runtime: Runtime, notes: list
     p = config.gpu_probe
     gpu = spec_of().gpu
     if p.kind == "nvml":
-        raise ConfigError("gpuProbe", [("gpuProbe.kind", "nvml was asked for but this build has no NVML probe; set kind: simulated or auto")])
+        raise ConfigError(
+            "gpuProbe", [("gpuProbe.kind", "nvml was asked for but this build has no NVML probe; set kind: simulated or auto")]
+        )
     why = "no NVML probe in this build" if p.kind == "auto" else "gpuProbe.kind: simulated"
     notes.append(f"gpu {gpu}: SIMULATED GPU memory ({why}); figures follow the models' declared vramMiB, not real VRAM")
     return SimulatedGpu(
@@ -107,7 +115,9 @@ def build(config: Config, state_path: Path, instance: str = "default") -> Built:
     for d in config.gpus:
         ref = _SpecRef(d)
         probe = build_probe(config, ref, runtime, notes)
-        w = GpuWorker(d, runtime, probe, settings, initial=initial_desired(state, d), status_sink=state, desired_sink=state, metrics=metrics)
+        w = GpuWorker(
+            d, runtime, probe, settings, initial=initial_desired(state, d), status_sink=state, desired_sink=state, metrics=metrics
+        )
         ref.worker = w
         workers.append(w)
     for n in notes:

@@ -167,14 +167,18 @@ def cmd_switch(args: argparse.Namespace) -> int:
                 _print_progress(p)
                 seq = max(seq, p["seq"])
         g = st["gpus"][str(gpu)]
-        if g["desiredGeneration"] != gen:
+        if g["desiredGeneration"] > gen:
             print(f"vramctl: superseded by a newer request (generation {g['desiredGeneration']})", file=sys.stderr)
             return EXIT_FAIL
         if g["observedGeneration"] >= gen and g["phase"] != "Switching":
             phase = g["phase"]
             if phase in ("Ready", "Idle"):
                 last = g.get("lastSwitch") or {}
-                took = f" in {last['durationSeconds']:.2f}s" if last.get("generation") == gen and last.get("durationSeconds") is not None else ""
+                took = (
+                    f" in {last['durationSeconds']:.2f}s"
+                    if last.get("generation") == gen and last.get("durationSeconds") is not None
+                    else ""
+                )
                 print(f"{target} holds gpu {gpu}{took}: {phase}")
                 return EXIT_OK
             print(f"vramctl: switch to {target} ended {phase}: {g['message']}", file=sys.stderr)
@@ -191,7 +195,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         _, st = _request(base + "/status")
     except (urllib.error.URLError, OSError) as err:
         if args.state and Path(args.state).exists():
-            st = {"gpus": {g: v.get("status", {}) for g, v in json.loads(Path(args.state).read_text()).get("gpus", {}).items()}, "stale": True}
+            st = {
+                "gpus": {g: v.get("status", {}) for g, v in json.loads(Path(args.state).read_text()).get("gpus", {}).items()},
+                "stale": True,
+            }
         else:
             print(f"vramctl: no supervisor answers at {base} ({err})", file=sys.stderr)
             return EXIT_FAIL
@@ -204,8 +211,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     for gpu, g in st["gpus"].items():
         last = g.get("lastSwitch") or {}
-        lasts = f"; last switch {last.get('from') or '-'} -> {last.get('to') or '-'} {last.get('outcome')} in {last.get('durationSeconds')}s" if last else ""
-        print(f"gpu {gpu}: {g.get('phase')}  active={g.get('activeModel') or '-'}  running={','.join(g.get('runningModels', [])) or '-'}{lasts}")
+        lasts = (
+            f"; last switch {last.get('from') or '-'} -> {last.get('to') or '-'} {last.get('outcome')} in {last.get('durationSeconds')}s"
+            if last
+            else ""
+        )
+        print(
+            f"gpu {gpu}: {g.get('phase')}  active={g.get('activeModel') or '-'}  running={','.join(g.get('runningModels', [])) or '-'}{lasts}"
+        )
         if g.get("message"):
             print(f"  {g['message']}")
     return EXIT_OK

@@ -140,7 +140,7 @@ class ModelSpec(_Model):
         for p in v:
             parts = str(p).split(":")
             if len(parts) != 2 or not all(x.isdigit() and 0 < int(x) < 65536 for x in parts):
-                raise ValueError(f"port {p!r} is not HOST:CONTAINER with numbers 1-65535, e.g. \"8000:8000\"")
+                raise ValueError(f'port {p!r} is not HOST:CONTAINER with numbers 1-65535, e.g. "8000:8000"')
         return v
 
     @field_validator("volumes")
@@ -182,7 +182,9 @@ class DeploymentSpec(_Model):
     gpu: int = Field(default=0, ge=0, le=63, description="GPU index on the node.")
     active_model: str | None = Field(default=None, description="Heavy model that should hold the GPU; empty frees it.")
     companions: list[str] = Field(default_factory=list, description="Light models to run beside the active one.")
-    vram_budget_mib: int | None = Field(default=None, ge=1, description="VRAM vramctl may plan with, in MiB. Default: total minus a 512 MiB margin.")
+    vram_budget_mib: int | None = Field(
+        default=None, ge=1, description="VRAM vramctl may plan with, in MiB. Default: total minus a 512 MiB margin."
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Environment injected into every model; a model's env overrides it.")
     models: dict[str, ModelSpec] = Field(min_length=1, description="The model servers that may run on this GPU, by name.")
 
@@ -245,7 +247,9 @@ def check_desired(spec: DeploymentSpec, active: str | None, companions: Iterable
         if active not in spec.models:
             raise DesiredStateError(f"activeModel {active!r} is not one of the models: {', '.join(names)}", "activeModel")
         if not spec.models[active].heavy:
-            raise DesiredStateError(f"activeModel {active!r} is class light: put it in companions, or set its class to heavy", "activeModel")
+            raise DesiredStateError(
+                f"activeModel {active!r} is class light: put it in companions, or set its class to heavy", "activeModel"
+            )
     for i, c in enumerate(companions):
         if c not in spec.models:
             raise DesiredStateError(f"companion {c!r} is not one of the models: {', '.join(names)}", f"companions[{i}]")
@@ -275,15 +279,21 @@ class GpuProbeConfig(_Model):
     kind: Literal["auto", "nvml", "simulated"] = Field(default="auto", description="auto: NVML when it loads, else simulated.")
     total_mib: int = Field(default=16303, ge=1, description="Simulated GPU: total memory in MiB.")
     baseline_mib: int = Field(default=0, ge=0, description="Simulated GPU: memory used with no model loaded.")
-    release_delay_seconds: float = Field(default=0.3, ge=0, le=60, description="Simulated GPU: memory is freed this long after a workload exits.")
+    release_delay_seconds: float = Field(
+        default=0.3, ge=0, le=60, description="Simulated GPU: memory is freed this long after a workload exits."
+    )
     poll_interval_seconds: float = Field(default=0.05, gt=0, le=5, description="How often memory is polled while waiting for it.")
     margin_mib: int = Field(default=256, ge=0, description="Used memory may exceed the baseline by this much and count as free.")
-    memory_timeout_seconds: float = Field(default=60.0, gt=0, le=3600, description="How long to wait for memory before the phase becomes Blocked.")
+    memory_timeout_seconds: float = Field(
+        default=60.0, gt=0, le=3600, description="How long to wait for memory before the phase becomes Blocked."
+    )
 
 
 class ComposeConfig(_Model):
     project: str = Field(description="docker compose project name (COMPOSE_PROJECT_NAME).")
-    files: list[str] = Field(default_factory=list, description="Compose files, used to create a service's container when it does not exist yet.")
+    files: list[str] = Field(
+        default_factory=list, description="Compose files, used to create a service's container when it does not exist yet."
+    )
     project_directory: str | None = Field(default=None, description="Compose project directory.")
 
 
@@ -293,7 +303,9 @@ class Config(_Model):
     runtime: Literal["auto", "docker", "process"] = Field(default="auto", description="auto: docker when an engine answers, else process.")
     compose: ComposeConfig | None = Field(default=None, description="Adopt the containers of this docker compose project.")
     gpu_probe: GpuProbeConfig = Field(default_factory=GpuProbeConfig)
-    backoff_initial_seconds: float = Field(default=2.0, gt=0, le=600, description="Wait after a failed start before retrying; doubles each time.")
+    backoff_initial_seconds: float = Field(
+        default=2.0, gt=0, le=600, description="Wait after a failed start before retrying; doubles each time."
+    )
     backoff_max_seconds: float = Field(default=300.0, gt=0, le=86400, description="Upper bound of the retry wait.")
     resync_seconds: float = Field(default=5.0, gt=0, le=3600, description="A worker re-observes at least this often.")
     gpus: Annotated[list[DeploymentSpec], Field(min_length=1, description="One entry per GPU.")]

@@ -89,7 +89,10 @@ class Metrics:
             registry=self.registry,
         )
         self.violations = Counter(
-            "vramctl_exclusivity_violations", "Times two heavy workloads of one GPU were seen live at once.", ["gpu"], registry=self.registry
+            "vramctl_exclusivity_violations",
+            "Times two heavy workloads of one GPU were seen live at once.",
+            ["gpu"],
+            registry=self.registry,
         )
         self.gated = Counter("vramctl_gated_starts", "Heavy starts made behind vramctl's back and paused.", ["gpu"], registry=self.registry)
         self.active = Gauge("vramctl_active_model", "1 for the model that holds the GPU.", ["gpu", "model"], registry=self.registry)
@@ -222,9 +225,14 @@ class GpuWorker:
             check_desired(self.spec, active, companions, total)
             desired = Desired(active or None, tuple(companions), self._desired.generation + 1)
             self._desired = desired
-            self._note("requested", active, f"desired: {active or '(none)'}" + (f" + {', '.join(companions)}" if companions else "") + f" ({source})")
+            self._note(
+                "requested",
+                active,
+                f"desired: {active or '(none)'}" + (f" + {', '.join(companions)}" if companions else "") + f" ({source})",
+            )
             if self.desired_sink is not None:
                 self.desired_sink.write_desired(self.gpu, desired, source)
+        self._publish()
         self._wake.set()
         return desired
 
@@ -395,10 +403,16 @@ class GpuWorker:
             problem = self._memory_problem(snap, w)
             if problem is None:
                 m = snap.memory
-                self._note("memory-free", None, f"GPU memory confirmed free after {self.clock() - t0:.2f}s ({m.used_mib} MiB used, {m.free_mib} MiB free)")
+                self._note(
+                    "memory-free",
+                    None,
+                    f"GPU memory confirmed free after {self.clock() - t0:.2f}s ({m.used_mib} MiB used, {m.free_mib} MiB free)",
+                )
                 return
             if self.clock() >= deadline:
-                raise _Blocked(f"GPU memory did not come back within {self.settings.memory_timeout_s:.0f}s: {problem}; the next model is not started")
+                raise _Blocked(
+                    f"GPU memory did not come back within {self.settings.memory_timeout_s:.0f}s: {problem}; the next model is not started"
+                )
             self._check_interrupt(desired)
             self._stopping.wait(self.settings.poll_interval_s)
 
@@ -409,17 +423,21 @@ class GpuWorker:
             if lingering:
                 return "still held by " + ", ".join(f"{p.model} (pid {p.pid})" for p in lingering)
         mem = snap.memory
-        if w.max_used_mib is not None and mem.used_mib > w.max_used_mib or mem.free_mib < w.need_free_mib:
+        if (w.max_used_mib is not None and mem.used_mib > w.max_used_mib) or mem.free_mib < w.need_free_mib:
             foreign = [p for p in (procs or ()) if p.model is None]
             who = ""
             if foreign:
                 who = "; held by processes that are not vramctl's: " + ", ".join(
-                    f"pid {p.pid}" + (f" (container {p.container})" if p.container else "") + (f" {p.used_mib} MiB" if p.used_mib is not None else "")
+                    f"pid {p.pid}"
+                    + (f" (container {p.container})" if p.container else "")
+                    + (f" {p.used_mib} MiB" if p.used_mib is not None else "")
                     for p in foreign
                 )
-            return f"{mem.used_mib} MiB used, {mem.free_mib} MiB free, need {w.need_free_mib} MiB free" + (
-                f" and at most {w.max_used_mib} MiB used" if w.max_used_mib is not None else ""
-            ) + who
+            return (
+                f"{mem.used_mib} MiB used, {mem.free_mib} MiB free, need {w.need_free_mib} MiB free"
+                + (f" and at most {w.max_used_mib} MiB used" if w.max_used_mib is not None else "")
+                + who
+            )
         return None
 
     def _wait_healthy(self, spec: DeploymentSpec, desired: Desired, model: str, timeout: float) -> None:
@@ -507,7 +525,11 @@ class GpuWorker:
         self.metrics.switches.labels(str(self.gpu), outcome).inc()
         if outcome == "success":
             self.metrics.switch_duration.labels(str(self.gpu)).observe(duration)
-        self._note("switch-" + outcome, switch.target, f"switch {switch.source or '(none)'} -> {switch.target or '(none)'}: {outcome} in {duration:.2f}s")
+        self._note(
+            "switch-" + outcome,
+            switch.target,
+            f"switch {switch.source or '(none)'} -> {switch.target or '(none)'}: {outcome} in {duration:.2f}s",
+        )
 
     def _settle(self, desired: Desired, observed: Observed, p: Plan) -> None:
         self._observed_generation = desired.generation

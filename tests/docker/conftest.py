@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# `import docker.errors` also binds `docker`; ruff would sort a bare `import docker`
+# as first-party because of the tests/docker package.
+import docker.errors
 import pytest
 
-import docker
 from vramctl.runtimes.docker import DockerRuntime
 from vramctl.spec import ComposeConfig
 

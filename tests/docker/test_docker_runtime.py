@@ -9,14 +9,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+# `import docker.errors` also binds `docker`; ruff would sort a bare `import docker`
+# as first-party because of the tests/docker package.
 import docker.errors
 import pytest
 import yaml
 
-import docker
 from tests.conftest import STANDIN_TAG, TEST_OWNER_LABEL, ExclusivityRecorder
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import (
@@ -129,9 +131,17 @@ def test_sigkill_exactly_after_the_grace_period(runtime: DockerRuntime, free_por
     assert runtime.observe(d)["stubborn"].state is WorkloadState.EXITED
 
 
-def test_start_stop_remove_are_idempotent(
-    runtime: DockerRuntime, docker_client: docker.DockerClient, free_port: Callable[[], int]
-) -> None:
+def test_stop_sends_the_spec_signal(runtime: DockerRuntime, free_port: Callable[[], int]) -> None:
+    m = standin(free_port(), load=0.1, stop=0.2)
+    d = spec({"llm": {**m, "stop": {"signal": "SIGINT", "gracePeriodSeconds": 2}}})
+    runtime.start(d, "llm")
+    wait_until(lambda: runtime.check_health(d, "llm"), SLACK, "llm healthy")
+    out = runtime.stop(d, "llm")
+    assert out.was_running and not out.killed and out.exit_code == 0
+    assert "standin: got SIGINT, stopping in 0.2 s" in runtime.logs_tail(d, "llm")
+
+
+def test_start_stop_remove_are_idempotent(runtime: DockerRuntime, docker_client: docker.DockerClient, free_port: Callable[[], int]) -> None:
     d = spec({"llm": standin(free_port(), load=0.1, stop=0.1)})
     out = runtime.stop(d, "llm")
     assert (out.was_running, out.killed) == (False, False)
@@ -475,12 +485,22 @@ def test_compose_container_without_vramctl_label_is_refused(
 
 
 def test_watch_starts_reports_a_compose_up(
-    make_runtime: Callable[..., DockerRuntime], instance: str, compose_stack: Path, exclusivity: ExclusivityRecorder
+    make_runtime: Callable[..., DockerRuntime],
+    docker_client: docker.DockerClient,
+    instance: str,
+    compose_stack: Path,
+    exclusivity: ExclusivityRecorder,
 ) -> None:
     rt = make_runtime("watcher", compose=ComposeConfig(project=instance, files=[str(compose_stack)]))
     events: list[StartEvent] = []
+    seen_at: list[float] = []
+
+    def on_start(ev: StartEvent) -> None:
+        seen_at.append(time.time())
+        events.append(ev)
+
     stop = threading.Event()
-    t = threading.Thread(target=rt.watch_starts, args=(events.append, stop.is_set), daemon=True)
+    t = threading.Thread(target=rt.watch_starts, args=(on_start, stop.is_set), daemon=True)
     t.start()
     time.sleep(0.3)
     compose(instance, compose_stack, "up", "-d", "rogue")  # unlabelled: not reported
@@ -491,11 +511,15 @@ def test_watch_starts_reports_a_compose_up(
     assert (ev.model, ev.gpu, ev.heavy) == ("big", 0, True)
     d = compose_spec()
     assert rt.observe(d)["big"].ref == ev.ref
+    started = container(docker_client, ev.ref).attrs["State"]["StartedAt"]  # RFC 3339 with nanoseconds
+    started_at = datetime.fromisoformat(started[:26].rstrip("Z") + "+00:00").timestamp()
+    print(f"\nstart event delivered {seen_at[0] - started_at:.3f} s after the container started")
+    assert seen_at[0] - started_at < 1.0
     t0 = time.monotonic()
     stop.set()
     t.join(3)
     assert not t.is_alive()
-    print(f"\nwatch_starts returned {time.monotonic() - t0:.3f} s after stop()")
+    print(f"watch_starts returned {time.monotonic() - t0:.3f} s after stop()")
     exclusivity.settle()
     assert exclusivity.holders(instance) == [f"{instance}-big-1"]
 

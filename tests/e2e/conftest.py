@@ -20,7 +20,9 @@ import yaml
 STANDIN = "vramctl/standin:dev"
 
 
-def standin_model(port: int, vram: int, cls: str = "heavy", load: float = 0.5, stop: float = 0.2, grace: float = 5, **env: str) -> dict[str, Any]:
+def standin_model(
+    port: int, vram: int, cls: str = "heavy", load: float = 0.5, stop: float = 0.2, grace: float = 5, **env: str
+) -> dict[str, Any]:
     return {
         "class": cls,
         "image": STANDIN,
@@ -48,9 +50,23 @@ class VramctlProc:
         log = self.tmp / f"vramctl-{len(self.logs)}.log"
         self.logs.append(log)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vramctl", "up", "--config", str(self.config_path), "--state", str(self.state_path),
-             "--listen", f"127.0.0.1:{self.api_port}", "--instance", self.instance],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [
+                sys.executable,
+                "-m",
+                "vramctl",
+                "up",
+                "--config",
+                str(self.config_path),
+                "--state",
+                str(self.state_path),
+                "--listen",
+                f"127.0.0.1:{self.api_port}",
+                "--instance",
+                self.instance,
+            ],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         deadline = time.time() + 20
         while time.time() < deadline:
@@ -87,8 +103,13 @@ class VramctlProc:
         raise AssertionError(f"condition not met within {timeout}s; last status: {json.dumps(g, indent=1)}\n{self.log_text()[-3000:]}")
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "vramctl", *args], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "VRAMCTL_URL": self.url})
+        return subprocess.run(
+            [sys.executable, "-m", "vramctl", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "VRAMCTL_URL": self.url},
+        )
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -106,7 +127,9 @@ class VramctlProc:
 
 
 @pytest.fixture
-def vramctl(tmp_path: Path, instance: str, free_port: Callable[[], int], standin_image: str) -> Iterator[Callable[[dict[str, Any]], VramctlProc]]:
+def vramctl(
+    tmp_path: Path, instance: str, free_port: Callable[[], int], standin_image: str
+) -> Iterator[Callable[[dict[str, Any]], VramctlProc]]:
     made: list[VramctlProc] = []
 
     def make(config: dict[str, Any]) -> VramctlProc:

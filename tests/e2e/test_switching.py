@@ -41,8 +41,9 @@ def ports(free_port: Callable[[], int]) -> dict[str, int]:
     return {m: free_port() for m in ("llm", "sdxl", "tts", "big")}
 
 
-def test_llm_sdxl_llm_with_companion(vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int],
-                                     docker_client: docker.DockerClient, instance: str) -> None:
+def test_llm_sdxl_llm_with_companion(
+    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+) -> None:
     v = vramctl(config(ports, companions=["tts"]))
     v.start()
     assert sorted(containers(docker_client, instance)) == ["llm", "tts"]
@@ -85,8 +86,9 @@ def test_companion_that_does_not_fit_is_rejected_and_nothing_starts(
     assert v.gpu()["activeModel"] == "llm"
 
 
-def test_sigterm_ignored_is_killed_after_grace(vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int],
-                                               docker_client: docker.DockerClient, instance: str) -> None:
+def test_sigterm_ignored_is_killed_after_grace(
+    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+) -> None:
     cfg = config(ports)
     cfg["gpus"][0]["models"]["llm"] = standin_model(ports["llm"], 9000, grace=1.0, STANDIN_IGNORE_SIGTERM="1")
     v = vramctl(cfg)
@@ -101,8 +103,9 @@ def test_sigterm_ignored_is_killed_after_grace(vramctl: Callable[[dict[str, Any]
     assert llm.attrs["State"]["ExitCode"] == 137
 
 
-def test_crash_on_start_fails_with_logs_and_backs_off(vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int],
-                                                      docker_client: docker.DockerClient, instance: str) -> None:
+def test_crash_on_start_fails_with_logs_and_backs_off(
+    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+) -> None:
     cfg = config(ports)
     cfg["gpus"][0]["models"]["sdxl"] = standin_model(ports["sdxl"], 10000, load=5, STANDIN_CRASH_AFTER_SECONDS="0.3", STANDIN_EXIT_CODE="3")
     v = vramctl(cfg)
@@ -127,11 +130,19 @@ def test_crash_on_start_fails_with_logs_and_backs_off(vramctl: Callable[[dict[st
     assert containers(docker_client, instance).get("llm") is None  # no thrashing back to llm behind the user's back
 
 
-def test_unlabelled_containers_are_never_touched(vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int],
-                                                 docker_client: docker.DockerClient, instance: str, free_port: Callable[[], int]) -> None:
+def test_unlabelled_containers_are_never_touched(
+    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    ports: dict[str, int],
+    docker_client: docker.DockerClient,
+    instance: str,
+    free_port: Callable[[], int],
+) -> None:
     # Same image, a name that looks like ours, a model label but no managed-by: not vramctl's.
     stranger = docker_client.containers.run(
-        STANDIN, name=f"vramctl-{instance}-gpu0-sdxl-stranger", detach=True, network_mode="host",
+        STANDIN,
+        name=f"vramctl-{instance}-gpu0-sdxl-stranger",
+        detach=True,
+        network_mode="host",
         environment={"STANDIN_PORT": str(free_port()), "STANDIN_LOAD_SECONDS": "0"},
         labels={"vramctl-test.owner": instance, "vramctl.io/model": "llm", "vramctl.io/gpu": "0"},
     )
@@ -149,8 +160,13 @@ def test_unlabelled_containers_are_never_touched(vramctl: Callable[[dict[str, An
         stranger.remove(force=True)
 
 
-def test_supervisor_killed_mid_switch_converges(vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int],
-                                                docker_client: docker.DockerClient, instance: str, exclusivity: Any) -> None:
+def test_supervisor_killed_mid_switch_converges(
+    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    ports: dict[str, int],
+    docker_client: docker.DockerClient,
+    instance: str,
+    exclusivity: Any,
+) -> None:
     cfg = config(ports)
     cfg["gpus"][0]["models"]["llm"] = standin_model(ports["llm"], 9000, stop=1.5)
     cfg["gpus"][0]["models"]["sdxl"] = standin_model(ports["sdxl"], 10000, load=1.5)
@@ -160,10 +176,10 @@ def test_supervisor_killed_mid_switch_converges(vramctl: Callable[[dict[str, Any
         target = "sdxl" if v.gpu()["activeModel"] == "llm" else "llm"
         r = v.cli("switch", target)
         assert r.returncode == 0, r.stderr
-        v.wait(lambda g, k=kill_at: any(True for _ in [0]) and k in _steps(v), timeout=20)  # noqa: B023
+        v.wait(lambda g, k=kill_at: k in _steps(v), timeout=20)
         v.kill9()
         v.start(wait_ready=False)
-        g = v.wait(lambda g, t=target: g["phase"] == "Ready" and g["runningModels"] == [t], timeout=30)  # noqa: B023
+        g = v.wait(lambda g, t=target: g["phase"] == "Ready" and g["runningModels"] == [t], timeout=30)
         assert g["activeModel"] == target
         assert sorted(containers(docker_client, instance)) == [target]
         v.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -144,6 +145,16 @@ def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
     yield e
     e.teardown()
+
+
+def worker_pid(rt: ProcessRuntime, d: DeploymentSpec) -> int | None:
+    """The pid a test server printed as ``WORKER_PID <pid>`` (whole lines only:
+    the log is read while the server writes it)."""
+    for line in rt.logs_tail(d, "srv"):
+        m = re.fullmatch(r"WORKER_PID (\d+)", line)
+        if m:
+            return int(m.group(1))
+    return None
 
 
 def healthy(rt: ProcessRuntime, d: DeploymentSpec, model: str) -> Callable[[], bool]:
@@ -415,18 +426,18 @@ def test_leftover_group_members_are_killed_after_the_grace_period(env: Env) -> N
     # The leader dies on SIGTERM at once; its worker ignores SIGTERM.
     script = textwrap.dedent(
         """
-        import signal, subprocess, time
+        import signal, subprocess, sys, time
         ignore = lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)
         worker = subprocess.Popen(["sleep", "30"], preexec_fn=ignore)
-        print("WORKER_PID", worker.pid, flush=True)
+        sys.stdout.write(f"WORKER_PID {worker.pid}\n"); sys.stdout.flush()
         time.sleep(30)
         """
     )
     rt = env.runtime()
     d = deployment(srv={"command": [sys.executable, "-c", script], "stop": {"gracePeriodSeconds": 0.3}})
     rt.start(d, "srv")
-    wait_for(lambda: any(line.startswith("WORKER_PID ") for line in rt.logs_tail(d, "srv")), what="worker start")
-    worker = int(next(line for line in rt.logs_tail(d, "srv") if line.startswith("WORKER_PID ")).split()[1])
+    wait_for(lambda: worker_pid(rt, d) is not None, what="worker start")
+    worker = worker_pid(rt, d) or 0
     env.pids.append(worker)
     assert running(worker)
     out = rt.stop(d, "srv")
@@ -439,17 +450,17 @@ def test_leftover_group_members_are_killed_after_the_grace_period(env: Env) -> N
 def test_a_crashed_leaders_leftover_workers_are_killed_when_observed(env: Env) -> None:
     script = textwrap.dedent(
         """
-        import os, subprocess
+        import os, subprocess, sys
         worker = subprocess.Popen(["sleep", "30"])
-        print("WORKER_PID", worker.pid, flush=True)
+        sys.stdout.write(f"WORKER_PID {worker.pid}\n"); sys.stdout.flush()
         os._exit(5)
         """
     )
     rt = env.runtime()
     d = deployment(srv={"command": [sys.executable, "-c", script]})
     rt.start(d, "srv")
-    wait_for(lambda: any(line.startswith("WORKER_PID ") for line in rt.logs_tail(d, "srv")), what="worker start")
-    worker = int(next(line for line in rt.logs_tail(d, "srv") if line.startswith("WORKER_PID ")).split()[1])
+    wait_for(lambda: worker_pid(rt, d) is not None, what="worker start")
+    worker = worker_pid(rt, d) or 0
     env.pids.append(worker)
     wait_for(lambda: rt.observe(d)["srv"].state is WorkloadState.EXITED, what="leader exit")
     assert rt.observe(d)["srv"].exit_code == 5

@@ -83,17 +83,17 @@ def test_health_is_503_while_loading_then_200(spawn: Callable[..., subprocess.Po
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_after_stop_seconds_with_exit_0(spawn: Callable[..., subprocess.Popen[str]], sig: signal.Signals) -> None:
     port = free_port()
-    p = spawn(port=str(port), load_seconds="0.05", stop_seconds="0.3")
+    p = spawn(port=str(port), load_seconds="0.05", stop_seconds="0.4")
     wait_for(lambda: status(port) == 200)
     t0 = time.monotonic()
     p.send_signal(sig)
-    # The port closes at once, like the image's httpd.
-    wait_for(lambda: status(port) is None, timeout=0.25)
+    # The port closes at once (well before the stop time), like the image's httpd.
+    wait_for(lambda: status(port) is None, timeout=0.3)
     out, _ = p.communicate(timeout=5)
     elapsed = time.monotonic() - t0
     assert p.returncode == 0
-    assert 0.3 <= elapsed < 0.8
-    assert f"standin: got {sig.name}, stopping in 0.3 s" in out
+    assert 0.4 <= elapsed < 1.2
+    assert f"standin: got {sig.name}, stopping in 0.4 s" in out
     assert out.rstrip().endswith("standin: stopped")
 
 

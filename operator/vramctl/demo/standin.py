@@ -42,7 +42,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType
 
 EXIT_BAD_SETTING = 2
 EXIT_CANNOT_LISTEN = 70
@@ -149,22 +148,19 @@ def run(settings: Settings) -> int:
     server.ready_at = t0 + settings.load_seconds
     port = server.server_address[1]
 
-    # Signal handlers only record the signal and wake the main loop: printing
-    # from a handler could re-enter a print the main thread is in the middle of.
-    wake = threading.Event()
-    received: list[str] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)
-        wake.set()
-
+    # No Python signal handlers: they run only in the main thread, and a
+    # signal the kernel hands to another thread (the HTTP threads) would not
+    # wake a main thread blocked on a lock -- the stop would wait forever.
+    # Instead the stop signals are blocked before any thread exists (threads
+    # inherit the mask) and the main loop takes them with sigtimedwait, which
+    # dequeues a process-wide pending signal whichever thread it was aimed at.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
     if settings.ignore_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in stop_signals:
+            signal.signal(sig, signal.SIG_IGN)
         log("ignoring SIGTERM and SIGINT")
     else:
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
 
     serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="standin-http", daemon=True)
     serving.start()
@@ -172,12 +168,13 @@ def run(settings: Settings) -> int:
 
     ready_logged = False
     stop_at: float | None = None
+    stopped_by: str | None = None
     closer: threading.Thread | None = None
     crash_at = t0 + settings.crash_after_seconds if settings.crash_after_seconds is not None else None
     while True:
         now = time.monotonic()
-        if received and stop_at is None:
-            log(f"got {received[0]}, stopping in {settings.stop_text} s")
+        if stopped_by is not None and stop_at is None:
+            log(f"got {stopped_by}, stopping in {settings.stop_text} s")
             stop_at = now + settings.stop_seconds
             # Close the port right away (the image kills its httpd first), in
             # a thread so a zero stop time is not stretched by the shutdown.
@@ -196,8 +193,13 @@ def run(settings: Settings) -> int:
             ready_logged = True
             log(f"ready on :{port}")
         deadlines = [d for d in (crash_at, stop_at, None if ready_logged else server.ready_at) if d is not None and d > now]
-        wake.wait(min(deadlines) - now if deadlines else None)
-        wake.clear()
+        timeout = min(deadlines) - now if deadlines else 3600.0
+        if settings.ignore_sigterm:
+            time.sleep(timeout)
+        else:
+            info = signal.sigtimedwait(stop_signals, timeout)
+            if info is not None and stopped_by is None:
+                stopped_by = signal.Signals(info.si_signo).name
 
 
 def _close(server: _Server) -> None:

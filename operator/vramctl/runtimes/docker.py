@@ -32,7 +32,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import docker
+# `import docker.errors` also binds `docker`. A bare `import docker` would be
+# sorted as first-party by ruff (pyproject's src includes tests/, which has a
+# tests/docker package).
 import docker.errors
 import docker.types
 import requests.exceptions
@@ -249,7 +251,9 @@ class DockerRuntime:
         if m is None:
             return False  # not in the spec any more: the planner stops it anyway
         if f.compose:
-            return m.compose_service is None  # the spec moved from compose to an image
+            # Never drifted while the spec still names this container's
+            # service: compose owns its configuration, not vramctl.
+            return m.compose_service != _labels(f.container).get(COMPOSE_SERVICE)
         if m.image is None:
             return True  # the spec moved from an image to compose (or to a command)
         return _labels(f.container).get(LABEL_SPEC_HASH) != deployment.spec_hash(f.model)
@@ -537,13 +541,13 @@ class DockerRuntime:
                     c.unpause()  # a frozen process cannot receive signals
                 except docker.errors.APIError as err:
                     log.debug("unpause before stop of %s: %s", _name(c), _explain(err))
+            deadline = time.monotonic() + grace  # the grace period counts from the signal
             try:
                 c.kill(signal=sig)
             except docker.errors.NotFound:
                 return StopOutcome(model, True, False, time.monotonic() - t0)
             except docker.errors.APIError as err:
                 log.debug("%s to %s: %s", sig, _name(c), _explain(err))  # already exited
-            deadline = t0 + grace
             if not self._wait_exit(c, deadline - time.monotonic()):
                 try:
                     c.kill(signal="SIGKILL")
@@ -692,9 +696,7 @@ class DockerRuntime:
             for k in [k for k, t in seen.items() if t < horizon]:
                 del seen[k]
 
-    def _handle_start_event(
-        self, ev: dict[str, Any], seen: dict[tuple[str, int], float], on_start: Callable[[StartEvent], None]
-    ) -> None:
+    def _handle_start_event(self, ev: dict[str, Any], seen: dict[tuple[str, int], float], on_start: Callable[[StartEvent], None]) -> None:
         if ev.get("Type") != "container" or (ev.get("Action") or ev.get("status")) != "start":
             return
         actor = ev.get("Actor") or {}
