@@ -82,6 +82,10 @@ class VramctlProc:
         if wait_ready:
             self.wait(lambda g: g["phase"] in ("Ready", "Idle") and g["observedGeneration"] >= g["desiredGeneration"])
 
+    def status_progress(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(self.url + "/status?since=0", timeout=5) as r:
+            return json.loads(r.read()).get("progress", [])  # type: ignore[no-any-return]
+
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 

@@ -429,7 +429,8 @@ def test_leftover_group_members_are_killed_after_the_grace_period(env: Env) -> N
         import signal, subprocess, sys, time
         ignore = lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)
         worker = subprocess.Popen(["sleep", "30"], preexec_fn=ignore)
-        sys.stdout.write(f"WORKER_PID {worker.pid}\n"); sys.stdout.flush()
+        sys.stdout.write(f"WORKER_PID {worker.pid}\\n")
+        sys.stdout.flush()
         time.sleep(30)
         """
     )
@@ -452,7 +453,8 @@ def test_a_crashed_leaders_leftover_workers_are_killed_when_observed(env: Env) -
         """
         import os, subprocess, sys
         worker = subprocess.Popen(["sleep", "30"])
-        sys.stdout.write(f"WORKER_PID {worker.pid}\n"); sys.stdout.flush()
+        sys.stdout.write(f"WORKER_PID {worker.pid}\\n")
+        sys.stdout.flush()
         os._exit(5)
         """
     )
