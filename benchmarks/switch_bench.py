@@ -67,6 +67,34 @@ def bench_script(project: str, env: dict[str, str], ports: dict[str, int], n: in
     return times
 
 
+def engine_floor(port: int, n: int) -> list[float]:
+    """The Docker engine's own latency for what any switch must do: deliver a
+    signal, notice the exit, start a container (stand-in with zero stop/load)."""
+    import docker
+
+    client = docker.from_env()
+    c = client.containers.run(
+        "vramctl/standin:dev",
+        detach=True,
+        network_mode="host",
+        environment={"STANDIN_PORT": str(port), "STANDIN_LOAD_SECONDS": "0", "STANDIN_STOP_SECONDS": "0"},
+        labels={"vramctl-bench": "floor"},
+    )
+    out = []
+    try:
+        for _ in range(n):
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            c.kill(signal="SIGTERM")
+            c.wait(timeout=10, condition="not-running")
+            c.start()
+            out.append(time.perf_counter() - t0)
+    finally:
+        c.remove(force=True)
+        client.close()
+    return out
+
+
 def bench_vramctl(project: str, env: dict[str, str], ports: dict[str, int], n: int, workdir: Path) -> tuple[list[float], list[float]]:
     cfg = {
         "runtime": "docker",
@@ -116,6 +144,8 @@ def bench_vramctl(project: str, env: dict[str, str], ports: dict[str, int], n: i
                 raise SystemExit(f"vramctl did not bring up llm; see {workdir / 'vramctl.log'}")
             time.sleep(0.1)
         times, internal, cur = [], [], "llm"
+        phases: dict[str, list[float]] = {}
+        seq = _status(base)["progressSeq"]
         for _ in range(n):
             nxt = "sdxl" if cur == "llm" else "llm"
             t0 = time.perf_counter()
@@ -129,12 +159,33 @@ def bench_vramctl(project: str, env: dict[str, str], ports: dict[str, int], n: i
                 time.sleep(0.02)
             times.append(time.perf_counter() - t0)
             internal.append(st["lastSwitch"]["durationSeconds"])
+            _phases(base, seq, phases)
+            seq = st["progressSeq"]
             cur = nxt
+        print("vramctl phase medians (s): " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items()))
         return times, internal
     finally:
         sup.terminate()
         sup.wait(30)
         compose(project, env, "--profile", "vllm", "--profile", "sdxl", "--profile", "sovits", "down", "-t", "2")
+
+
+def _phases(base: str, since: int, into: dict[str, list[float]]) -> None:
+    """Split one switch into its steps, from the supervisor's own progress log."""
+    with urllib.request.urlopen(f"{base}/status?since={since}", timeout=5) as r:
+        prog = json.loads(r.read())["progress"]
+    at = {p["step"]: p["time"] for p in prog}
+    spans = {
+        "request->stopping": ("requested", "stopping"),
+        "stop": ("stopping", "stopped"),
+        "memory": ("stopped", "memory-free"),
+        "start call": ("starting", "started"),
+        "started->healthy": ("started", "healthy"),
+        "healthy->done": ("healthy", "switch-success"),
+    }
+    for name, (a, b) in spans.items():
+        if a in at and b in at:
+            into.setdefault(name, []).append(at[b] - at[a])
 
 
 def _status(base: str) -> dict:  # type: ignore[type-arg]
@@ -165,6 +216,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vramctl-bench-") as tmp:
         script = bench_script(f"bench-script-{tag}", env, ports, args.n)
         vram, internal = bench_vramctl(f"bench-vramctl-{tag}", env, ports, args.n, Path(tmp))
+        engine = engine_floor(ports["sdxl"], args.n)
     floor = LOAD_S + STOP_S
     ms, mv = statistics.median(script), statistics.median(vram)
     overhead = [t - floor for t in vram]
@@ -176,6 +228,10 @@ def main() -> int:
     print(
         f"vramctl overhead median: {statistics.median(overhead) * 1000:.0f} ms (p90 {pctl(overhead, 0.9) * 1000:.0f} ms)   target < 150 ms"
     )
+    eng = statistics.median(engine)
+    print(f"  of which the Docker engine's own signal+exit+start latency (median, same run): {eng * 1000:.0f} ms")
+    print(f"  vramctl's own share: {(statistics.median(overhead) - eng) * 1000:.0f} ms")
+    print(f"best ratio any supervisor that stops before it starts can reach here: floor/script = {floor / ms:.3f}")
     return 0
 
 

@@ -48,7 +48,10 @@ EXIT_CANNOT_LISTEN = 70
 
 
 def log(message: str) -> None:
-    print(f"standin: {message}", flush=True)
+    # One write per line: print() writes the text and the newline separately,
+    # which under PYTHONUNBUFFERED lets a log reader see half a line.
+    sys.stdout.write(f"standin: {message}\n")
+    sys.stdout.flush()
 
 
 @dataclass(frozen=True)
