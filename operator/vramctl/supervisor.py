@@ -217,8 +217,11 @@ class GpuWorker:
         """Replace the desired state (latest wins). Raises DesiredStateError when invalid."""
         with self._lock:
             if companions is None:
-                companions = self._desired.companions if active == self._desired.active else tuple(self.spec.companions)
-                companions = tuple(c for c in companions if c != active)
+                # Default: keep the current companions (the configured ones when
+                # switching), but "no model" frees the whole GPU.
+                # Default: "no model" frees the whole GPU; otherwise keep the
+                # current companions that still fit beside the new model.
+                companions = () if active is None else self._fitting(active, self._desired.companions)
             total = None
             with contextlib.suppress(Exception):
                 total = self.probe.info().total_mib
@@ -235,6 +238,22 @@ class GpuWorker:
         self._publish()
         self._wake.set()
         return desired
+
+    def _fitting(self, active: str, companions: tuple[str, ...]) -> tuple[str, ...]:
+        """The companions, in order, that fit the budget beside ``active``."""
+        total = None
+        with contextlib.suppress(Exception):
+            total = self.probe.info().total_mib
+        keep: list[str] = []
+        for c in companions:
+            if c == active:
+                continue
+            try:
+                check_desired(self.spec, active, [*keep, c], total)
+                keep.append(c)
+            except DesiredStateError:
+                self._note("dropped", c, f"companion {c} does not fit beside {active}: not kept")
+        return tuple(keep)
 
     def update_spec(self, deployment: DeploymentSpec) -> None:
         with self._lock:
@@ -262,14 +281,7 @@ class GpuWorker:
             d = self._desired
             try:
                 if heavy:
-                    keep: list[str] = []
-                    for c in d.companions:
-                        try:
-                            check_desired(self.spec, ev.model, [*keep, c])
-                            keep.append(c)
-                        except DesiredStateError:
-                            pass
-                    self.request(ev.model, tuple(keep), source="docker-start")
+                    self.request(ev.model, self._fitting(ev.model, d.companions), source="docker-start")
                 elif ev.model not in d.companions:
                     self.request(d.active, (*d.companions, ev.model), source="docker-start")
             except DesiredStateError as err:

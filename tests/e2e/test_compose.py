@@ -51,7 +51,10 @@ def test_manual_compose_up_is_gated_and_handed_over(
     }
     v = vramctl(cfg)
     v.start()  # compose has never run: vramctl creates llm and tts through compose, then starts them
-    running = {c.labels["com.docker.compose.service"] for c in docker_client.containers.list(filters={"label": f"com.docker.compose.project={instance}"})}
+    running = {
+        c.labels["com.docker.compose.service"]
+        for c in docker_client.containers.list(filters={"label": f"com.docker.compose.project={instance}"})
+    }
     assert running == {"llm", "tts"}
 
     gated_before = len(exclusivity.gate_latencies)

@@ -217,3 +217,21 @@ def test_conditions_flip_times_only_on_change() -> None:
     clock_wall.t += 3600
     w.reconcile_once()
     assert ready()["lastTransitionTime"] == t1 and ready()["status"] == "True"
+
+
+def test_switch_keeps_companions_that_fit_and_drops_the_rest() -> None:
+    models = {
+        "llm": {"image": "i", "vramMiB": 10000},
+        "sdxl": {"image": "i", "vramMiB": 12000},
+        "tts": {"class": "light", "image": "i", "vramMiB": 3000},
+        "big": {"class": "light", "image": "i", "vramMiB": 2000},
+    }
+    d = spec(models=models, companions=["tts", "big"], vramBudgetMiB=15500)  # 10000 + 3000 + 2000 fits
+    rt = FakeRuntime(states={"llm": RUN, "tts": RUN, "big": RUN})
+    w, _, _ = worker(rt, d)
+    w.reconcile_once()
+    assert w.request("sdxl").companions == ("tts",)  # sdxl 12000 + tts 3000 fits; + big 2000 would not
+    assert any(p["step"] == "dropped" and p["model"] == "big" for p in w.progress())
+    w.reconcile_once()
+    assert rt.states["big"] is WorkloadState.EXITED and rt.states["tts"] is RUN
+    assert w.request(None).companions == ()  # "no model" frees the whole GPU
