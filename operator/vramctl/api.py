@@ -104,7 +104,8 @@ class ApiServer:
         try:
             d = worker.request(model or None, tuple(companions) if companions is not None else None, source="api")
         except DesiredStateError as err:
-            raise ApiError(422, str(err), "companions" if "compan" in str(err) else "model") from None
+            field = (err.field or "model").replace("activeModel", "model")
+            raise ApiError(422, str(err), field.split("[")[0]) from None
         return {"gpu": gpu, "activeModel": d.active, "companions": list(d.companions), "generation": d.generation, "progressSeq": seq}
 
 
