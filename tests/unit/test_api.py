@@ -112,4 +112,4 @@ def test_non_loopback_without_token_refuses_to_start() -> None:
     d = spec()
     w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(baseline_mib=0))
     with pytest.raises(ValueError, match="needs a token"):
-        ApiServer(Supervisor([w], rt, Metrics()), "0.0.0.0", 0, token=None)  # noqa: S104
+        ApiServer(Supervisor([w], rt, Metrics()), "0.0.0.0", 0, token=None)
