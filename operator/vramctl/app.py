@@ -20,6 +20,7 @@ from vramctl.runtimes.base import Runtime
 from vramctl.sources.statefile import StateFile
 from vramctl.spec import Config, ConfigError, DeploymentSpec, DesiredStateError, check_desired
 from vramctl.supervisor import GpuWorker, Metrics, Supervisor, WorkerSettings, holders_from
+from vramctl.telemetry import register as register_collector
 
 log = logging.getLogger("vramctl")
 
@@ -95,7 +96,7 @@ def build_probe(config: Config, spec_of: _SpecRef, runtime: Runtime, notes: list
         total_mib=p.total_mib,
         baseline_mib=p.baseline_mib,
         release_delay_seconds=p.release_delay_seconds,
-        holders=holders_from(runtime, spec_of),
+        holders=holders_from(runtime, spec_of, p.total_mib),
     )
 
 
@@ -122,7 +123,9 @@ def build(config: Config, state_path: Path, instance: str = "default") -> Built:
         workers.append(w)
     for n in notes:
         log.info("%s", n)
-    return Built(Supervisor(workers, runtime, metrics, notes), state)
+    supervisor = Supervisor(workers, runtime, metrics, notes)
+    register_collector(supervisor, dcgm_compat=config.metrics.dcgm_compat)
+    return Built(supervisor, state)
 
 
 def initial_desired(state: StateFile, d: DeploymentSpec) -> Desired:

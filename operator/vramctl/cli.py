@@ -3,7 +3,7 @@
 ``vramctl up``      run the supervisor in the foreground (embedded demo by default)
 ``vramctl switch``  ask it for another model, following the switch step by step
 ``vramctl status``  what holds each GPU
-``vramctl validate`` check a config file; exit 2 with every problem named
+``vramctl validate`` check a config file; exit 2 with every problem named, WARN lines for pitfalls (exit 0)
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from vramctl import __version__
-from vramctl.spec import Config, ConfigError, load_config
+from vramctl.pitfalls import Finding, env_pitfalls
+from vramctl.spec import Config, ConfigError, DeploymentSpec, DesiredStateError, check_desired, load_config
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_LISTEN = "127.0.0.1:9400"
@@ -65,11 +66,35 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(err.render(), file=sys.stderr)
         return EXIT_USAGE
-    for d in config.gpus:
-        members = ", ".join(f"{n} ({m.model_class}, {m.vram_mib if m.vram_mib is not None else '?'} MiB)" for n, m in d.models.items())
+    # The GPU's total is known here only for a simulated GPU (or one the user sized).
+    p = config.gpu_probe
+    total = p.total_mib if p.kind == "simulated" or "total_mib" in p.model_fields_set else None
+    findings: list[tuple[str, Finding]] = []
+    for i, d in enumerate(config.gpus):
+        members = ", ".join(_describe_model(d, n, total) for n in d.models)
         print(f"{args.file}: gpu {d.gpu} ({d.display_name}): active {d.active_model or '(none)'}; models: {members}")
-    print("ok")
+        findings += [(f"gpus[{i}].", f) for f in env_pitfalls(d, total)]
+        if total is not None:
+            # Parsing checked the budget without the total; a vLLM model's reservation needs it.
+            try:
+                check_desired(d, d.active_model, d.companions, total)
+            except DesiredStateError as err:
+                findings.append((f"gpus[{i}].", Finding("error", err.field or "companions", str(err))))
+    for prefix, f in findings:
+        print(f.render(prefix))
+    if any(f.severity == "error" for _, f in findings):
+        return EXIT_USAGE
+    warnings = len(findings)
+    print("ok" + (f" ({warnings} warning{'s' if warnings != 1 else ''})" if warnings else ""))
     return EXIT_OK
+
+
+def _describe_model(d: DeploymentSpec, name: str, total_mib: int | None) -> str:
+    m = d.models[name]
+    r = d.reservation(name, total_mib)
+    engine = "" if m.engine == "container" else f", {m.engine}"
+    size = "? MiB" if r is None else f"{r.mib} MiB" + (f" = {r.formula}" if r.formula else "")
+    return f"{name} ({m.model_class}{engine}, {size})"
 
 
 def _load(args: argparse.Namespace) -> Config:

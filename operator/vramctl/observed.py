@@ -60,8 +60,15 @@ class GpuProcess:
 
 @dataclass(frozen=True)
 class GpuSnapshot:
+    """One reading of a GPU. Every field after ``processes`` is optional
+    telemetry: None means the probe cannot report it (simulated GPU, WSL2,
+    a field NVML does not support on this card), never zero."""
+
     memory: GpuMemory
     processes: tuple[GpuProcess, ...] | None = None  # None: the probe cannot tell per process
+    utilization: float | None = None  # fraction 0..1 of the sample period a kernel ran (NVML utilization.gpu / 100)
+    temperature_celsius: float | None = None  # GPU core temperature
+    power_watts: float | None = None  # board power draw (NVML power usage mW / 1000)
 
 
 @dataclass(frozen=True)

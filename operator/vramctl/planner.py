@@ -89,7 +89,10 @@ def plan(
     backoff_until: Mapping[str, float] | None = None,
     baseline_mib: int = 0,
     margin_mib: int = 256,
+    total_mib: int | None = None,
 ) -> Plan:
+    """``total_mib``: the GPU's total memory when known; a vLLM model's
+    reservation is gpuMemoryUtilization x total (``DeploymentSpec.reservation``)."""
     backoff_until = backoff_until or {}
     wanted = set(desired.members)
     actions: list[Action] = []
@@ -113,7 +116,7 @@ def plan(
     # workload is frozen before it could allocate: it is about to be started,
     # so it counts in need_free_mib, not here.
     kept = [w.model for w in live if w.model not in stopped and w.state is not WorkloadState.PAUSED]
-    kept_sizes = [spec.models[m].vram_mib if m in spec.models else None for m in kept]
+    kept_sizes = [spec.reservation_mib(m, total_mib) if m in spec.models else None for m in kept]
     max_used: int | None = None
     if all(s is not None for s in kept_sizes):
         max_used = baseline_mib + margin_mib + sum(s or 0 for s in kept_sizes)
@@ -136,7 +139,7 @@ def plan(
         if until is not None and until > now:
             deferred[m] = until
             continue
-        need = spec.models[m].vram_mib or 0
+        need = spec.reservation_mib(m, total_mib) or 0
         actions.append(
             WaitForMemory(
                 released=tuple(stopped) if first_wait else (),

@@ -13,6 +13,7 @@ import json
 import re
 import signal as _signal
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,11 +28,36 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from vramctl.engines import (
+    CONTAINER,
+    SOVITS_OWNED_FLAGS,
+    VLLM_OWNED_FLAGS,
+    EngineName,
+    Rendering,
+    SdxlSpec,
+    SovitsSpec,
+    VllmSpec,
+    owned_flag_problems,
+    render_sdxl,
+    render_sovits,
+    render_vllm,
+)
+
 MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Default safety margin kept free when no explicit vramBudgetMiB is given.
 DEFAULT_MARGIN_MIB = 512
+
+# Injected into every model unless envPolicy.sdpaDefaults is false; the GPU's
+# env and a model's env override them. PyTorch SDPA everywhere, never
+# xformers (the users' rule, seeds/000). VLLM_ATTENTION_BACKEND is not among
+# them: current vLLM ignores it (``attentionBackend`` renders the flag).
+SDPA_DEFAULT_ENV: Mapping[str, str] = {
+    "XFORMERS_DISABLED": "1",
+    "VLLM_USE_TRITON_FLASH_ATTN": "0",
+    "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512",
+}
 
 
 def _alias(name: str) -> str:
@@ -116,18 +142,47 @@ class ModelSpec(_Model):
         alias="class",
         description="heavy: at most one per GPU at a time. light: may run beside the heavy one when it fits.",
     )
+    engine: EngineName = Field(
+        default="container",
+        description=(
+            "What the model server is. vllm, sdxl, sovits: vramctl renders the server's arguments, environment and health check "
+            "from the typed fields of the same name. container: image, args and env are used as written."
+        ),
+    )
+    vllm: VllmSpec | None = Field(default=None, description="engine vllm: the vLLM server's settings.")
+    sdxl: SdxlSpec | None = Field(default=None, description="engine sdxl: the SDXL server's settings.")
+    sovits: SovitsSpec | None = Field(default=None, description="engine sovits: GPT-SoVITS api_v2.py's settings (all optional).")
     image: str | None = Field(default=None, description="Container image (docker runtime).")
     compose_service: str | None = Field(default=None, description="Service of the docker compose project that creates this container.")
-    command: list[str] | None = Field(default=None, description="Local command (process runtime): executable and its arguments.")
-    args: list[str] = Field(default_factory=list, description="Arguments: the container's command, or appended to `command`.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment, merged over the GPU's `env`.")
+    command: list[str] | None = Field(
+        default=None,
+        description="Local command (process runtime): the executable and its arguments; an engine's arguments follow it, e.g. [vllm, serve].",
+    )
+    args: list[str] = Field(
+        default_factory=list, description="Arguments: the container's command, or appended to `command`; after an engine's own arguments."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment; wins over the GPU's `env`, the SDPA defaults and what an engine renders."
+    )
     ports: list[str] = Field(default_factory=list, description="Published ports as HOST:CONTAINER (ignored with network mode host).")
     volumes: list[str] = Field(default_factory=list, description="Bind mounts as SRC:DST[:ro].")
     network_mode: str = Field(default="host", description="Docker network mode of the container.")
-    health: HealthSpec | None = Field(default=None, description="Readiness check; without it, running counts as ready.")
+    health: HealthSpec | None = Field(
+        default=None,
+        description="Readiness check; replaces an engine's own (vllm, sdxl: /health; sovits: /docs). Without either, running counts as ready.",
+    )
     stop: StopSpec = Field(default_factory=StopSpec)
     start_timeout_seconds: float = Field(default=300.0, gt=0, le=7200, description="Seconds a start may take to become healthy.")
-    vram_mib: int | None = Field(default=None, ge=0, description="VRAM the model holds when loaded, in MiB.")
+    vram_mib: int | None = Field(
+        default=None,
+        ge=0,
+        description="VRAM the model holds when loaded, in MiB. engine vllm: used only while the GPU's total is unknown (vLLM takes gpuMemoryUtilization x total).",
+    )
+    ipc_mode: str | None = Field(
+        default=None,
+        pattern=r"^(host|private|shareable|none|container:.+)$",
+        description="Docker IPC mode, e.g. host (vLLM's shared memory).",
+    )
 
     @field_validator("env")
     @classmethod
@@ -162,9 +217,72 @@ class ModelSpec(_Model):
             raise ValueError("set image or composeService, not both: compose creates the container of a composeService")
         return self
 
+    @model_validator(mode="after")
+    def _engine_fields(self) -> ModelSpec:
+        subs = {"vllm": self.vllm, "sdxl": self.sdxl, "sovits": self.sovits}
+        for name, sub in subs.items():
+            if sub is not None and name != self.engine:
+                raise FieldProblem(f"{name} is set but engine is {self.engine}: add `engine: {name}`, or remove {name}", name)
+        if self.engine == "vllm" and self.vllm is None:
+            raise FieldProblem("engine vllm needs the vllm settings: add `vllm: {model: <Hugging Face id or path>}`", "vllm")
+        if self.engine == "sdxl" and self.sdxl is None:
+            raise FieldProblem(
+                "engine sdxl needs the sdxl settings: add `sdxl: {modelPath: /models/sdxl/<checkpoint>.safetensors}`", "sdxl"
+            )
+        if self.engine != "container" and self.compose_service is not None:
+            raise FieldProblem(
+                f"engine {self.engine} renders the container's command and environment, but compose creates a composeService's container: "
+                "use image (vramctl creates the container), or engine: container and set them in the compose file",
+                "engine",
+            )
+        owned = {"vllm": VLLM_OWNED_FLAGS, "sovits": SOVITS_OWNED_FLAGS}.get(self.engine)
+        if owned is not None:
+            problems = owned_flag_problems(self.args, owned, "args")
+            if problems:
+                raise FieldProblem("; ".join(problems), "args")
+            # Not for sovits: `python -c ...` is not api_v2.py's -c.
+            problems = owned_flag_problems(self.command or [], owned, "command") if self.engine == "vllm" else []
+            if problems:
+                raise FieldProblem("; ".join(problems), "command")
+        return self
+
     @property
     def heavy(self) -> bool:
         return self.model_class == "heavy"
+
+    def rendering(self) -> Rendering:
+        """What the model's engine contributes (nothing for engine container)."""
+        if self.vllm is not None:
+            return render_vllm(self.vllm)
+        if self.sdxl is not None:
+            return render_sdxl(self.sdxl)
+        if self.engine == "sovits":
+            return render_sovits(self.sovits or SovitsSpec())
+        return CONTAINER
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """VRAM a model takes, in MiB; ``formula`` says how it was found when that
+    was not simply its vramMiB (e.g. ``0.85 x 16303 MiB``)."""
+
+    mib: int
+    formula: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.mib} ({self.formula})" if self.formula else str(self.mib)
+
+
+class EnvPolicySpec(_Model):
+    """Environment vramctl injects into every model by itself."""
+
+    sdpa_defaults: bool = Field(
+        default=True,
+        description=(
+            "Inject XFORMERS_DISABLED=1, VLLM_USE_TRITON_FLASH_ATTN=0 and PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:512 "
+            "(PyTorch SDPA, never xformers) into every model; the GPU's env and a model's env override them."
+        ),
+    )
 
 
 def _check_env(v: Mapping[str, str]) -> dict[str, str]:
@@ -185,7 +303,11 @@ class DeploymentSpec(_Model):
     vram_budget_mib: int | None = Field(
         default=None, ge=1, description="VRAM vramctl may plan with, in MiB. Default: total minus a 512 MiB margin."
     )
-    env: dict[str, str] = Field(default_factory=dict, description="Environment injected into every model; a model's env overrides it.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment injected into every model; overrides the SDPA defaults, a model's env and its engine's override it.",
+    )
+    env_policy: EnvPolicySpec = Field(default_factory=EnvPolicySpec, description="What vramctl injects into every model by itself.")
     models: dict[str, ModelSpec] = Field(min_length=1, description="The model servers that may run on this GPU, by name.")
 
     @field_validator("env")
@@ -218,14 +340,71 @@ class DeploymentSpec(_Model):
         return self.name or f"gpu{self.gpu}"
 
     def merged_env(self, model: str) -> dict[str, str]:
-        """Global env first, then the model's own (the model wins)."""
-        return {**self.env, **self.models[model].env}
+        """A model's environment, later entries winning: the SDPA defaults
+        (unless envPolicy.sdpaDefaults is false), the GPU's env, what the
+        model's engine renders, the model's own env."""
+        m = self.models[model]
+        defaults = SDPA_DEFAULT_ENV if self.env_policy.sdpa_defaults else {}
+        return {**defaults, **self.env, **m.rendering().env, **m.env}
+
+    def container_command(self, model: str) -> list[str] | None:
+        """The container's command: the engine's program and flags, then the
+        model's args. None keeps the image's own CMD."""
+        m = self.models[model]
+        r = m.rendering()
+        return [*r.program, *r.args, *m.args] or None
+
+    def process_argv(self, model: str) -> list[str]:
+        """A local process's argv: ``command``, the engine's flags, ``args``.
+        Empty when the model has no command."""
+        m = self.models[model]
+        if not m.command:
+            return []
+        return [*m.command, *m.rendering().args, *m.args]
+
+    def health_of(self, model: str) -> HealthSpec | None:
+        """The model's readiness check: its own ``health``, else its engine's."""
+        m = self.models[model]
+        if m.health is not None:
+            return m.health
+        r = m.rendering()
+        if r.health_path is None or r.port is None:
+            return None
+        return HealthSpec(path=r.health_path, port=r.port, host=r.health_host)
+
+    def reservation(self, model: str, total_mib: int | None = None) -> Reservation | None:
+        """VRAM the model takes on this GPU; None when nothing says.
+
+        vLLM reserves gpuMemoryUtilization x the GPU's total at start,
+        whatever its weights weigh. While the total is unknown (parsing,
+        before the first probe) its vramMiB stands in, else
+        gpuMemoryUtilization x vramBudgetMiB (a lower bound: the budget is
+        at most the total). Other engines: vramMiB.
+        """
+        m = self.models[model]
+        v = m.vllm
+        if v is not None:
+            util = f"{v.gpu_memory_utilization:g}"
+            if total_mib is not None:
+                return Reservation(v.reservation_mib(total_mib), f"{util} x {total_mib} MiB")
+            if m.vram_mib is None and self.vram_budget_mib is not None:
+                return Reservation(v.reservation_mib(self.vram_budget_mib), f"{util} x vramBudgetMiB {self.vram_budget_mib}")
+        return Reservation(m.vram_mib) if m.vram_mib is not None else None
+
+    def reservation_mib(self, model: str, total_mib: int | None = None) -> int | None:
+        """``reservation(...).mib``: what the planner and the budget check count."""
+        r = self.reservation(model, total_mib)
+        return r.mib if r is not None else None
 
     def spec_hash(self, model: str) -> str:
-        """Hash of everything that shapes a model's container; a change means recreate."""
+        """Hash of everything that shapes a model's container or process
+        (the rendered command, argv and environment included); a change
+        means recreate."""
         m = self.models[model]
         payload = m.model_dump(mode="json", by_alias=True, exclude={"health", "start_timeout_seconds", "vram_mib", "model_class"})
         payload["env"] = self.merged_env(model)
+        payload["containerCommand"] = self.container_command(model)
+        payload["processArgv"] = self.process_argv(model)
         payload["gpu"] = self.gpu
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -264,13 +443,16 @@ def check_desired(spec: DeploymentSpec, active: str | None, companions: Iterable
         budget = total_mib - DEFAULT_MARGIN_MIB
     if budget is not None and companions:
         members = ([active] if active else []) + companions
-        costs = [(m, spec.models[m].vram_mib or 0) for m in members]
-        total = sum(c for _, c in costs)
+        costs = [(m, spec.reservation(m, total_mib) or Reservation(0)) for m in members]
+        total = sum(r.mib for _, r in costs)
         if total > budget:
-            arithmetic = " + ".join(f"{m} {c}" for m, c in costs)
+            arithmetic = " + ".join(f"{m} {r.describe()}" for m, r in costs)
+            lower = (
+                "lower vllm.gpuMemoryUtilization or a model's vramMiB" if any(r.formula for _, r in costs) else "lower a model's vramMiB"
+            )
             raise DesiredStateError(
                 f"companions do not fit: {arithmetic} = {total} MiB > vramBudgetMiB {budget} MiB; "
-                f"drop a companion, lower a model's vramMiB, or raise vramBudgetMiB",
+                f"drop a companion, {lower}, or raise vramBudgetMiB",
                 "companions",
             )
 
@@ -297,12 +479,20 @@ class ComposeConfig(_Model):
     project_directory: str | None = Field(default=None, description="Compose project directory.")
 
 
+class MetricsConfig(_Model):
+    dcgm_compat: bool = Field(
+        default=False,
+        description="Also export DCGM_FI_DEV_* series (FB_USED, FB_FREE, GPU_UTIL, GPU_TEMP, POWER_USAGE) so dcgm-exporter dashboards work without DCGM.",
+    )
+
+
 class Config(_Model):
     """The compose-mode / standalone config file."""
 
     runtime: Literal["auto", "docker", "process"] = Field(default="auto", description="auto: docker when an engine answers, else process.")
     compose: ComposeConfig | None = Field(default=None, description="Adopt the containers of this docker compose project.")
     gpu_probe: GpuProbeConfig = Field(default_factory=GpuProbeConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     backoff_initial_seconds: float = Field(
         default=2.0, gt=0, le=600, description="Wait after a failed start before retrying; doubles each time."
     )

@@ -21,10 +21,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from vramctl.gpu.base import GpuProbe
 from vramctl.observed import Desired, GpuSnapshot, Observed, Workload, WorkloadState
+from vramctl.pitfalls import Finding, env_pitfalls
 from vramctl.planner import Plan, Start, Stop, WaitForMemory, WaitHealthy, plan
 from vramctl.runtimes.base import Runtime, StartError, StartEvent
 from vramctl.spec import Config, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
@@ -36,6 +37,11 @@ PHASE_SWITCHING = "Switching"
 PHASE_READY = "Ready"
 PHASE_BLOCKED = "Blocked"
 PHASE_FAILED = "Failed"
+PHASES = (PHASE_IDLE, PHASE_SWITCHING, PHASE_READY, PHASE_BLOCKED, PHASE_FAILED)
+
+# A model's state as its worker knows it (GpuWorker.model_states, vramctl_model_state).
+MODEL_STATES = ("running", "starting", "paused", "stopping", "stopped", "failed", "absent")
+SWITCH_OUTCOMES = ("success", "failed", "blocked")
 
 # How long a start we issued is expected to show up as a docker 'start' event.
 _OWN_START_WINDOW_S = 10.0
@@ -76,7 +82,12 @@ def _iso(ts: float) -> str:
 
 
 class Metrics:
-    """Switch metrics; the GPU-level collector comes with the NVML probe."""
+    """The events the workers count: switches, their durations, violations, gated starts.
+
+    What describes the present (phase, holder, model states, GPU memory) is
+    not kept here: ``vramctl.telemetry`` reads it from the workers and their
+    probes at scrape time.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -95,8 +106,15 @@ class Metrics:
             registry=self.registry,
         )
         self.gated = Counter("vramctl_gated_starts", "Heavy starts made behind vramctl's back and paused.", ["gpu"], registry=self.registry)
-        self.active = Gauge("vramctl_active_model", "1 for the model that holds the GPU.", ["gpu", "model"], registry=self.registry)
-        self.phase = Gauge("vramctl_phase", "1 for the worker's current phase.", ["gpu", "phase"], registry=self.registry)
+
+    def init_gpu(self, gpu: int) -> None:
+        """Create a GPU's label sets at zero: rates and dashboards then show 0, not "no data"."""
+        g = str(gpu)
+        for outcome in SWITCH_OUTCOMES:
+            self.switches.labels(g, outcome)
+        self.switch_duration.labels(g)
+        self.violations.labels(g)
+        self.gated.labels(g)
 
 
 @dataclass
@@ -184,13 +202,20 @@ class GpuWorker:
         self._seq = 0
         self._passes = 0
         self._status: dict[str, Any] = {}
-        self._conditions = {t: Condition(t) for t in ("Ready", "Progressing", "Degraded")}
+        self._conditions = {t: Condition(t) for t in ("Ready", "Progressing", "Degraded", "ConfigWarnings")}
+        self._total: int | None = None  # the GPU's total MiB, once the probe said
+        self._findings: list[Finding] = []
         self._phase = PHASE_IDLE
         self._message = ""
         self._running: list[str] = []
         self._last_switch: dict[str, Any] | None = None
         self._observed_generation = -1
         self._last_written: dict[str, Any] | None = None
+        # Replaced whole, never mutated, so scrapes read it without self._lock.
+        self._model_states: dict[str, str] = {}
+        self._states_lock = threading.Lock()  # writers only, never held across I/O
+        self.metrics.init_gpu(self.gpu)
+        self._check_config(deployment)
         self._publish()
 
     # ------------------------------------------------------------------ API
@@ -258,7 +283,31 @@ class GpuWorker:
     def update_spec(self, deployment: DeploymentSpec) -> None:
         with self._lock:
             self.spec = deployment
+        self._check_config(deployment)
+        self._publish()
         self._wake.set()
+
+    def _total_mib(self) -> int | None:
+        """The GPU's total memory (it never changes): vLLM reserves a fraction of it."""
+        if self._total is None:
+            with contextlib.suppress(Exception):
+                self._total = self.probe.info().total_mib
+        return self._total
+
+    def _check_config(self, spec: DeploymentSpec) -> None:
+        """Pitfalls of the spec (pitfalls.env_pitfalls) as the ConfigWarnings condition:
+        reported while the config is in use, not discovered when a model fails."""
+        findings = env_pitfalls(spec, self._total_mib())
+        with self._lock:
+            self._findings = findings
+            gen = self._desired.generation
+        if findings:
+            message = "; ".join(f"{f.path}: {f.message}" for f in findings)
+            self._condition("ConfigWarnings", True, "PitfallsFound", message, gen)
+            for f in findings:
+                log.warning("gpu%d: config: %s", self.gpu, f.render())
+        else:
+            self._condition("ConfigWarnings", False, "NoPitfalls", "no known pitfalls in the spec", gen)
 
     def gate_start(self, ev: StartEvent) -> None:
         """A managed workload of this GPU started. Ours: ignore. Someone else's
@@ -295,6 +344,25 @@ class GpuWorker:
     def status(self) -> dict[str, Any]:
         with self._lock:
             return dict(self._status)
+
+    # Lock-free reads for scrapes: a scrape must never wait for a switch in
+    # progress. Each returns a reference the worker replaces whole and never
+    # mutates; the values may be a moment apart from one another.
+
+    def published_status(self) -> Mapping[str, Any]:
+        """The last published status (``status()`` without the lock and the copy)."""
+        return self._status
+
+    def model_states(self) -> Mapping[str, str]:
+        """Each model's state (one of MODEL_STATES) as the worker last knew it:
+        from each observation, and from its own stops, starts and health checks
+        in between."""
+        return self._model_states
+
+    @property
+    def baseline_mib(self) -> int | None:
+        """GPU memory in use with none of our models live (configured or learned); None until known."""
+        return self._baseline
 
     def reconcile_once(self) -> Plan:
         """One pass, on the caller's thread (tests, ``--once``)."""
@@ -333,7 +401,20 @@ class GpuWorker:
         if len(heavy_live) > 1:
             self.metrics.violations.labels(str(self.gpu)).inc()
             self._note("violation", None, f"two heavy workloads running on gpu {self.gpu}: {', '.join(sorted(heavy_live))}")
+        self._track_states(spec, out)
         return Observed(out)
+
+    def _track_states(self, spec: DeploymentSpec, observed: Mapping[str, Workload]) -> None:
+        with self._lock:
+            failed = set(self._failures)
+        states = {m: _model_state(observed.get(m), m in failed, m in spec.models) for m in spec.models}
+        states.update({m: _model_state(w, False, False) for m, w in observed.items() if m not in spec.models})
+        with self._states_lock:
+            self._model_states = states
+
+    def _set_model_state(self, model: str, state: str) -> None:
+        with self._states_lock:
+            self._model_states = {**self._model_states, model: state}
 
     def _pass(self) -> Plan:
         self._passes += 1
@@ -342,13 +423,14 @@ class GpuWorker:
         observed = self._observe()
         self._learn_baseline(observed)
         now = self.clock()
-        p = plan(spec, desired, observed, now, self._backoff_until, self._baseline or 0, self.settings.margin_mib)
+        p = plan(spec, desired, observed, now, self._backoff_until, self._baseline or 0, self.settings.margin_mib, self._total_mib())
         self._running = sorted(m for m, w in observed.workloads.items() if w.state is WorkloadState.RUNNING)
         if p.empty:
             self._settle(desired, observed, p)
             return p
         switch = _Switch(self._holder(observed), desired.active, now) if p.switching else None
         if switch:
+            self._note("switch-started", switch.target, f"switch {switch.source or '(none)'} -> {switch.target or '(none)'} started")
             self._set_phase(PHASE_SWITCHING, "Switching", f"{switch.source or '(none)'} -> {switch.target or '(none)'}")
         try:
             for action in p.actions:
@@ -382,7 +464,9 @@ class GpuWorker:
             case Stop(model=m, reason=reason):
                 # Never interrupted: a half-stopped model is the worst of both worlds.
                 self._note("stopping", m, f"stopping {m} ({reason})")
+                self._set_model_state(m, "stopping")
                 out = self.runtime.stop(spec, m)
+                self._set_model_state(m, "stopped")
                 how = "killed after its grace period" if out.killed else "stopped"
                 self._note("stopped", m, f"{m} {how} in {out.seconds:.2f}s")
                 self._check_interrupt(desired)
@@ -397,6 +481,7 @@ class GpuWorker:
                     ref = self.runtime.start(spec, m)
                 except StartError as err:
                     raise _Failed(m, "StartFailed", f"{m} could not be started: {err}", self._logs(spec, m)) from err
+                self._set_model_state(m, "starting")
                 self._note("started", m, f"{m} started ({ref[:12]})")
             case WaitHealthy(model=m, timeout_seconds=timeout):
                 self._wait_healthy(spec, desired, m, timeout)
@@ -454,7 +539,7 @@ class GpuWorker:
 
     def _wait_healthy(self, spec: DeploymentSpec, desired: Desired, model: str, timeout: float) -> None:
         t0 = self.clock()
-        health = spec.models[model].health
+        health = spec.health_of(model)
         interval = health.interval_seconds if health else 0.1
         next_observe = t0
         while True:
@@ -462,6 +547,7 @@ class GpuWorker:
                 with self._lock:
                     self._failures.pop(model, None)
                     self._backoff_until.pop(model, None)
+                self._set_model_state(model, "running")
                 self._note("healthy", model, f"{model} is healthy after {self.clock() - t0:.2f}s")
                 return
             now = self.clock()
@@ -517,6 +603,7 @@ class GpuWorker:
             self._failures[err.model] = n
             delay = min(self.settings.backoff_initial_s * 2 ** (n - 1), self.settings.backoff_max_s)
             self._backoff_until[err.model] = self.clock() + delay
+        self._set_model_state(err.model, "failed")
         tail = "\n".join(err.logs[-10:])
         msg = f"{err} (attempt {n}; retrying in {delay:.0f}s)" + (f"\nlast log lines:\n{tail}" if tail else "")
         self._note("failed", err.model, msg)
@@ -600,12 +687,9 @@ class GpuWorker:
                 "gpuProbe": self.probe.kind,
                 "backoff": {m: round(max(0.0, t - self.clock()), 1) for m, t in self._backoff_until.items()},
                 "progressSeq": self._seq,
+                "configWarnings": [f.as_dict() for f in self._findings],
             }
             self._status = status
-        for ph in (PHASE_IDLE, PHASE_SWITCHING, PHASE_READY, PHASE_BLOCKED, PHASE_FAILED):
-            self.metrics.phase.labels(str(self.gpu), ph).set(1 if ph == status["phase"] else 0)
-        for m in self.spec.models:
-            self.metrics.active.labels(str(self.gpu), m).set(1 if m == d.active and m in self._running else 0)
         comparable = {k: v for k, v in status.items() if k not in ("backoff", "progressSeq")}
         if self.status_sink is not None and comparable != self._last_written:
             self._last_written = comparable
@@ -615,16 +699,33 @@ class GpuWorker:
                 log.exception("gpu%d: could not write status", self.gpu)
 
 
-def holders_from(runtime: Runtime, deployment: Callable[[], DeploymentSpec]) -> Callable[[], Mapping[str, int]]:
-    """For the simulated GPU: the models running right now and their vramMiB."""
+def _model_state(w: Workload | None, failed: bool, in_spec: bool) -> str:
+    """MODEL_STATES from an observation; ``failed``: its last start failed."""
+    st = w.state if w is not None else WorkloadState.ABSENT
+    if st is WorkloadState.RUNNING:
+        # Not in the spec: no health check was run, so ready says nothing.
+        return "running" if (w is not None and w.ready) or not in_spec else "starting"
+    if st is WorkloadState.RESTARTING:
+        return "starting"
+    if st is WorkloadState.PAUSED:
+        return "paused"
+    if failed:
+        return "failed"
+    return "absent" if st is WorkloadState.ABSENT else "stopped"
+
+
+def holders_from(
+    runtime: Runtime, deployment: Callable[[], DeploymentSpec], total_mib: int | None = None
+) -> Callable[[], Mapping[str, int]]:
+    """For the simulated GPU: the models running right now and what they hold
+    (their reservation: vramMiB, or gpuMemoryUtilization x ``total_mib`` for vLLM)."""
 
     def holders() -> Mapping[str, int]:
         spec = deployment()
         out = {}
         for name, w in runtime.observe(spec).items():
             if w.state is WorkloadState.RUNNING:
-                m = spec.models.get(name)
-                out[name] = (m.vram_mib or 0) if m else 0
+                out[name] = (spec.reservation_mib(name, total_mib) or 0) if name in spec.models else 0
         return out
 
     return holders
@@ -646,6 +747,22 @@ class Supervisor:
         self._watcher.start()
         for w in self.workers.values():
             w.start()
+
+    def add_worker(self, worker: GpuWorker) -> None:
+        """Adopt a worker for a GPU that appeared at run time (a ModelDeployment
+        was created); started at once when the supervisor already runs."""
+        if worker.gpu in self.workers:
+            raise ValueError(f"gpu {worker.gpu} already has a worker")
+        self.workers[worker.gpu] = worker
+        if self._watcher is not None:
+            worker.start()
+
+    def remove_worker(self, gpu: int) -> GpuWorker | None:
+        """Stop and forget the worker of ``gpu``; its models keep running."""
+        w = self.workers.pop(gpu, None)
+        if w is not None:
+            w.stop()
+        return w
 
     def _watch(self) -> None:
         while not self._stop.is_set():

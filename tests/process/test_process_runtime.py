@@ -52,9 +52,15 @@ def stat_of(pid: int) -> tuple[str, int] | None:
 
 
 def running(pid: int) -> bool:
-    """Exists and has not exited (a zombie has)."""
-    st = stat_of(pid)
-    return st is not None and st[0] not in ("Z", "X")
+    """Exists and has not exited: a zombie has, unless threads of it still
+    run (the leader shows Z as soon as its main thread is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    state, threads = fields[0].decode(), int(fields[17])
+    return state != "X" and not (state == "Z" and threads <= 1)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> float:
@@ -134,6 +140,9 @@ class Env:
             if h.poll() is None:
                 h.kill()
             h.wait(timeout=5)
+            for pipe in (h.stdin, h.stdout, h.stderr):
+                if pipe is not None:
+                    pipe.close()
         for pid in killed:
             wait_for(lambda pid=pid: not running(pid), what=f"pid {pid} gone")  # type: ignore[misc]
         for rt in self.runtimes:
@@ -288,6 +297,20 @@ def test_spec_drift_restarts_with_a_new_pid(env: Env) -> None:
     assert not running(old)
     w = rt.observe(d2)["llm"]
     assert (w.state, w.ref, w.drifted) == (WorkloadState.RUNNING, str(new), False)
+    wait_for(healthy(rt, d2, "llm"), what="health of the new process")
+
+
+def test_a_paused_model_whose_spec_changed_is_restarted_not_resumed(env: Env) -> None:
+    rt = env.runtime()
+    port = free_port()
+    d1 = deployment(llm=standin(port, load=0.05, stop=0.05))
+    old = rt.start(d1, "llm")
+    wait_for(healthy(rt, d1, "llm"), what="health")
+    rt.pause(d1, "llm")
+    d2 = deployment(llm=standin(port, load=0.05, stop=0.05, env={"MODEL_REVISION": "2"}))
+    new = rt.start(d2, "llm")
+    assert new != old
+    assert not running(int(old))
     wait_for(healthy(rt, d2, "llm"), what="health of the new process")
 
 

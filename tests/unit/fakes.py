@@ -77,7 +77,13 @@ class FakeRuntime:
 
 @dataclass
 class FakeGpu:
-    """Memory follows the runtime's running models; ``foreign`` MiB can be injected."""
+    """Memory follows the runtime's running models; ``foreign`` MiB can be injected.
+
+    Telemetry knobs (all off by default): ``per_process=False`` reports no
+    per-process data (like WSL2); ``error`` is raised by ``info`` and
+    ``snapshot``; ``baseline_mib`` is added to used memory; ``utilization``,
+    ``temperature_celsius`` and ``power_watts`` are passed through.
+    """
 
     runtime: FakeRuntime
     deployment: DeploymentSpec
@@ -85,20 +91,36 @@ class FakeGpu:
     foreign: dict[int, int] = field(default_factory=dict)
     snapshots: int = 0
     kind: str = "fake"
+    per_process: bool = True
+    error: Exception | None = None
+    baseline_mib: int = 0
+    utilization: float | None = None
+    temperature_celsius: float | None = None
+    power_watts: float | None = None
 
     def info(self) -> GpuInfo:
-        return GpuInfo(0, "GPU-fake", "Fake", "0", self.total_mib)
+        if self.error is not None:
+            raise self.error
+        return GpuInfo(self.deployment.gpu, f"GPU-fake-{self.deployment.gpu}", "Fake", "0", self.total_mib)
 
     def snapshot(self) -> GpuSnapshot:
         self.snapshots += 1
+        if self.error is not None:
+            raise self.error
         procs = [
             GpuProcess(pid=100 + i, used_mib=self.deployment.models[m].vram_mib or 0, model=m)
             for i, (m, s) in enumerate(sorted(self.runtime.states.items()))
             if s is WorkloadState.RUNNING and m in self.deployment.models
         ]
         procs += [GpuProcess(pid=pid, used_mib=mib, container="stranger") for pid, mib in self.foreign.items()]
-        used = sum(p.used_mib or 0 for p in procs)
-        return GpuSnapshot(GpuMemory(self.total_mib, used), tuple(procs))
+        used = self.baseline_mib + sum(p.used_mib or 0 for p in procs)
+        return GpuSnapshot(
+            GpuMemory(self.total_mib, used),
+            tuple(procs) if self.per_process else None,
+            utilization=self.utilization,
+            temperature_celsius=self.temperature_celsius,
+            power_watts=self.power_watts,
+        )
 
 
 class FakeClock:

@@ -15,6 +15,7 @@ from tests.unit.test_supervisor import spec
 from vramctl.api import ApiServer
 from vramctl.observed import WorkloadState
 from vramctl.supervisor import GpuWorker, Metrics, Supervisor, WorkerSettings
+from vramctl.telemetry import register as register_collector
 
 
 @pytest.fixture
@@ -24,7 +25,9 @@ def stack() -> Iterator[tuple[ApiServer, GpuWorker, FakeRuntime]]:
     metrics = Metrics()
     w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.001, baseline_mib=0), metrics=metrics)
     w.reconcile_once()
-    api = ApiServer(Supervisor([w], rt, metrics), "127.0.0.1", 0, token=None)
+    sup = Supervisor([w], rt, metrics)
+    register_collector(sup)  # as app.build does: phase, holder and GPU series are read at scrape time
+    api = ApiServer(sup, "127.0.0.1", 0, token=None)
     api.start()
     yield api, w, rt
     api.stop()

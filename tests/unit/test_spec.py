@@ -285,6 +285,8 @@ def test_spec_hash_is_per_model() -> None:
 
 
 def test_merged_env_model_wins() -> None:
-    spec = deployment({"llm": heavy(env={"A": "model", "M": "1"}), "tts": light()}, env={"A": "global", "G": "1"})
+    spec = deployment(
+        {"llm": heavy(env={"A": "model", "M": "1"}), "tts": light()}, env={"A": "global", "G": "1"}, envPolicy={"sdpaDefaults": False}
+    )
     assert spec.merged_env("llm") == {"A": "model", "G": "1", "M": "1"}
     assert spec.merged_env("tts") == {"A": "global", "G": "1"}

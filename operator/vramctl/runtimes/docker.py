@@ -350,10 +350,12 @@ class DockerRuntime:
             port_bindings=port_bindings or None,
             binds=list(m.volumes) or None,
             device_requests=device_requests,
+            ipc_mode=m.ipc_mode,
         )
         return {
             "image": m.image,
-            "command": list(m.args) or None,
+            # The engine's rendered arguments (vLLM flags, api_v2.py ...), then the model's args.
+            "command": deployment.container_command(model),
             "name": self.container_name(deployment.gpu, model),
             "environment": deployment.merged_env(model),
             "labels": self.labels_for(deployment, model),
@@ -639,8 +641,7 @@ class DockerRuntime:
         cs = self._of_model(deployment, model)
         if not cs or container_state(cs[0]) is not WorkloadState.RUNNING:
             return False
-        m = deployment.models.get(model)
-        health = m.health if m is not None else None
+        health = deployment.health_of(model) if model in deployment.models else None
         if health is None:
             return True
         if health.path is not None and health.port is not None:

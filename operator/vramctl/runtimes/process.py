@@ -30,10 +30,12 @@ Process groups
 
 States
     ``RUNNING``; ``PAUSED`` when the leader is stopped (state ``T``, SIGSTOP);
-    ``EXITED`` when the leader is a zombie or gone, with ``exit_code`` when it
-    is known (we reaped it through the ``Popen`` kept since ``start``; the code
-    is then written into the record so it survives restarts); absent (left out
-    of ``observe``) when there is no record or the pid was reused. Exit codes
+    ``EXITED`` when the leader is gone or a zombie -- state ``Z`` with no
+    thread left: the kernel shows Z as soon as the main thread is gone, while
+    other threads may still run -- with ``exit_code`` when it is known (we
+    reaped it through the ``Popen`` kept since ``start``; the code is then
+    written into the record so it survives restarts); absent (left out of
+    ``observe``) when there is no record or the pid was reused. Exit codes
     follow the shell/docker convention: killed by signal N is ``128 + N``.
 
 Leftover group members
@@ -106,7 +108,17 @@ class _Stat:
     state: str  # R S D T t Z X ...
     ppid: int
     pgid: int
+    num_threads: int  # field 20
     start_ticks: int  # field 22: start time in clock ticks since boot
+
+    @property
+    def exited(self) -> bool:
+        """Exited, waiting to be reaped. The kernel shows a thread-group
+        leader as Z as soon as its *main thread* is gone; the process is only
+        over once its other threads are too (a SIGKILLed multi-threaded server
+        spends a moment like that, a server whose main thread called
+        pthread_exit stays like that)."""
+        return self.state == "X" or (self.state == "Z" and self.num_threads <= 1)
 
 
 def _read_stat(pid: int) -> _Stat | None:
@@ -118,7 +130,14 @@ def _read_stat(pid: int) -> _Stat | None:
     # comm (field 2) may contain spaces and ')': split after its last ')'.
     fields = raw[raw.rfind(b")") + 2 :].split()
     try:
-        return _Stat(pid=pid, state=fields[0].decode(), ppid=int(fields[1]), pgid=int(fields[2]), start_ticks=int(fields[19]))
+        return _Stat(
+            pid=pid,
+            state=fields[0].decode(),
+            ppid=int(fields[1]),
+            pgid=int(fields[2]),
+            num_threads=int(fields[17]),
+            start_ticks=int(fields[19]),
+        )
     except (IndexError, ValueError):
         return None
 
@@ -131,7 +150,7 @@ def _group_members(pgid: int, exclude: int) -> list[_Stat]:
             if not entry.name.isdigit() or int(entry.name) == exclude:
                 continue
             st = _read_stat(int(entry.name))
-            if st is not None and st.pgid == pgid and st.state not in ("Z", "X"):
+            if st is not None and st.pgid == pgid and not st.exited:
                 out.append(st)
     return out
 
@@ -220,7 +239,7 @@ def _leader(rec: _Record, boot_id: str) -> tuple[_Leader, _Stat | None]:
         return _Leader.GONE, None
     if st.start_ticks != rec.start_ticks:
         return _Leader.FOREIGN, st
-    if st.state in ("Z", "X"):
+    if st.exited:
         return _Leader.ZOMBIE, st
     if st.state == "T":
         return _Leader.STOPPED, st
@@ -468,8 +487,12 @@ class ProcessRuntime:
     def _spawn(self, deployment: DeploymentSpec, model: str) -> str:
         spec = deployment.models[model]
         assert spec.command  # checked by start()
-        argv = [*spec.command, *spec.args]
+        argv = deployment.process_argv(model)  # command, the engine's flags, args
         env = dict(os.environ)
+        # Pin the model to its GPU, numbered as NVML numbers them (PCI bus
+        # order), unless the spec says otherwise.
+        env["CUDA_VISIBLE_DEVICES"] = str(deployment.gpu)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env.update(deployment.merged_env(model))
         # Ownership marks, like the docker labels: who started this process.
         env.update({"VRAMCTL_INSTANCE": self.instance, "VRAMCTL_GPU": str(deployment.gpu), "VRAMCTL_MODEL": model})
@@ -603,7 +626,7 @@ class ProcessRuntime:
         state, _ = self._status(rec)
         if state is not WorkloadState.RUNNING:
             return False  # a paused server may accept the connection but never answers
-        h = spec.health
+        h = deployment.health_of(model)
         if h is not None and h.path is not None and h.port is not None:
             return http_ready(h.host, h.port, h.path, timeout=1.0)
         return True

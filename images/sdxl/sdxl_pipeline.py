@@ -1,0 +1,433 @@
+"""The torch side of the SDXL server: build or load the pipeline, generate, report VRAM.
+
+Kept apart from ``server.py`` so the HTTP server can answer ``/health`` (503)
+within milliseconds of starting while this module, torch and diffusers are
+still being imported in the loader thread.
+
+Attention is PyTorch's ``scaled_dot_product_attention`` through diffusers'
+``AttnProcessor2_0`` on every attention layer, set explicitly and checked
+after loading: never xformers (the users' rule, and vramctl's preflight
+refuses an image that has it installed).
+
+``SDXL_RANDOM_INIT`` builds a randomly initialised pipeline from configs in
+this file, with no download and no weights on disk:
+
+- ``tiny``: SDXL-shaped (two text encoders, text-time conditioning, a VAE that
+  downsamples by 8) but a few hundred thousand parameters, for CPU tests;
+- ``full``: the real SDXL base 1.0 sizes (UNet 2.6 B parameters, both CLIP
+  text encoders, the 83 M VAE), for GPU benchmarks: same shapes, same kernels,
+  same VRAM as the real model, only the numbers in the weights differ.
+
+Both use a minimal byte-level CLIP vocabulary (every byte, alone and as an
+end of word, and the two special tokens) written at start-up: a prompt
+tokenises into one token a byte, and is still padded to 77 tokens like the
+real tokenizer does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+log = logging.getLogger("sdxl")
+
+# SDXL base 1.0's scheduler (EulerDiscreteScheduler, as shipped in its model_index).
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+# The real SDXL base 1.0 configs (unet/, vae/, text_encoder/, text_encoder_2/).
+FULL_UNET: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 6 * 256 + 1280 (text_encoder_2's projection)
+    "norm_num_groups": 32,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+FULL_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,  # the stock SDXL VAE overflows in fp16: diffusers decodes it in fp32
+}
+FULL_TEXT_1: dict[str, Any] = {  # CLIP ViT-L/14
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+FULL_TEXT_2: dict[str, Any] = {  # OpenCLIP ViT-bigG/14
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+# SDXL-shaped but tiny: the same block types and conditioning, a VAE that still
+# downsamples by 8 (four blocks), so the server's size rules are the real ones.
+TINY_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": [2, 4],
+    "transformer_layers_per_block": [1, 1],
+    "cross_attention_dim": 64,  # text_encoder hidden 32 + text_encoder_2 hidden 32
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,  # 6 * 8 + 32
+    "norm_num_groups": 8,
+}
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 8, 16, 16],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+    "scaling_factor": 0.13025,
+    "force_upcast": False,
+}
+TINY_TEXT: dict[str, Any] = {
+    "vocab_size": 1000,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 32,
+}
+
+RANDOM_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT, TINY_TEXT),
+    "full": (FULL_UNET, FULL_VAE, FULL_TEXT_1, FULL_TEXT_2),
+}
+
+
+def parse_dtype(name: str | None, device: str) -> torch.dtype:
+    """SDXL_DTYPE: float16 (default on CUDA), bfloat16 or float32 (default on CPU: fp16 on CPU is slow and lossy)."""
+    table = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table |= {"float32": torch.float32, "fp32": torch.float32}
+    if not name:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        return table[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"SDXL_DTYPE must be one of float16, bfloat16, float32; got {name!r}") from None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- a tokenizer with no download -------------------------------------------
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins that byte-level BPE (GPT-2, CLIP) uses for the bytes 0-255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+BOS_ID = 512
+EOS_ID = 513
+
+
+def write_byte_vocab(folder: Path) -> Path:
+    """Write a minimal CLIP tokenizer (vocab.json, merges.txt, tokenizer_config.json) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab |= {s + "</w>": 256 + i for i, s in enumerate(symbols)}
+    vocab |= {"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}))
+    return folder
+
+
+def byte_tokenizer() -> CLIPTokenizer:
+    with tempfile.TemporaryDirectory(prefix="sdxl-vocab-") as tmp:
+        return CLIPTokenizer.from_pretrained(str(write_byte_vocab(Path(tmp))), local_files_only=True)
+
+
+# -- building and loading ----------------------------------------------------
+
+
+class _Materialise:
+    """Create parameters directly on ``device`` in ``dtype``: a 2.6 B-parameter UNet
+    initialised on a GPU in fp16 takes a second, on a CPU in fp32 minutes and 10 GB."""
+
+    def __init__(self, device: str, dtype: torch.dtype) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._old_dtype = torch.get_default_dtype()
+
+    def __enter__(self) -> None:
+        self.device.__enter__()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_default_dtype(self._old_dtype)
+        self.device.__exit__(*exc)
+
+
+def build_random_pipeline(size: str, device: str, dtype: torch.dtype, seed: int = 0) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL pipeline of ``size`` ('tiny' or 'full'), on ``device``, with no download."""
+    if size not in RANDOM_CONFIGS:
+        raise ValueError(f"SDXL_RANDOM_INIT must be tiny or full, got {size!r}")
+    unet_cfg, vae_cfg, text1, text2 = RANDOM_CONFIGS[size]
+    torch.manual_seed(seed)
+    common = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID, "layer_norm_eps": 1e-5}
+    with _Materialise(device, dtype):
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text1, **common))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text2, **common))
+    tokenizer = byte_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=byte_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+    )
+    return pipe
+
+
+def load_pipeline(model: str, device: str, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+    """Load SDXL_MODEL: a diffusers folder (model_index.json), one .safetensors/.ckpt file, or a hub id.
+
+    A single file needs the diffusers configs and tokenizers beside it: SDXL_CONFIG
+    names a local diffusers folder of SDXL base to take them from (only its small
+    files are read), else they come from the Hugging Face cache (no download when
+    HF_HUB_OFFLINE=1).
+    """
+    path = Path(model)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": None}
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"SDXL_MODEL={model} is a folder without model_index.json (not a diffusers pipeline)")
+        variant = "fp16" if dtype == torch.float16 and any(path.glob("unet/*.fp16.safetensors")) else None
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(path), local_files_only=True, variant=variant, **kwargs)
+    elif path.is_file():
+        config = os.environ.get("SDXL_CONFIG") or None
+        kwargs.pop("use_safetensors")
+        pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=config, **kwargs)
+    elif model.startswith(("/", ".")):
+        raise FileNotFoundError(f"SDXL_MODEL={model} does not exist (is the models volume mounted?)")
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, **kwargs)
+    return pipe.to(device)
+
+
+def parse_loras(spec: str) -> list[tuple[str, float]]:
+    """SDXL_LORAS='a.safetensors:0.8,b.safetensors' -> [('a.safetensors', 0.8), ('b.safetensors', 1.0)]."""
+    out: list[tuple[str, float]] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        path, sep, weight = item.rpartition(":")
+        if sep and path:
+            try:
+                out.append((path, float(weight)))
+                continue
+            except ValueError:
+                pass
+        out.append((item, 1.0))
+    return out
+
+
+def use_sdpa(pipe: StableDiffusionXLPipeline) -> None:
+    """PyTorch SDPA on every attention layer of the UNet and the VAE; refuse anything xformers."""
+    for model in (pipe.unet, pipe.vae):
+        model.set_attn_processor(AttnProcessor2_0())
+        kinds = {type(p).__name__ for p in model.attn_processors.values()}
+        if any("xformers" in k.lower() for k in kinds):
+            raise RuntimeError(f"{type(model).__name__} still has xformers attention processors: {sorted(kinds)}")
+
+
+@dataclass
+class Settings:
+    """The server's model settings, from the environment (see server.py)."""
+
+    model: str | None = None
+    random_init: str | None = None
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    vae_slicing: bool = True
+    vae_tiling: str = "auto"  # auto: only above 1024 px on a side; on; off
+    loras: Sequence[tuple[str, float]] = ()
+    png_compress_level: int = 1
+
+
+class Engine:
+    """One loaded pipeline; ``generate`` runs one image at a time (a lock), the rest is read-only."""
+
+    def __init__(self, pipe: StableDiffusionXLPipeline, settings: Settings) -> None:
+        self.pipe = pipe
+        self.settings = settings
+        self.device = settings.device
+        self._lock = threading.Lock()
+        self.last_peak_bytes = 0
+        self.last_seconds = 0.0
+
+    @classmethod
+    def load(cls, settings: Settings) -> Engine:
+        started = time.monotonic()
+        if settings.random_init:
+            pipe = build_random_pipeline(settings.random_init, settings.device, settings.dtype)
+        elif settings.model:
+            pipe = load_pipeline(settings.model, settings.device, settings.dtype)
+        else:
+            raise ValueError("set SDXL_MODEL (a diffusers folder or a .safetensors file) or SDXL_RANDOM_INIT=tiny|full")
+        use_sdpa(pipe)
+        if settings.vae_slicing:
+            pipe.vae.enable_slicing()
+        if settings.loras:
+            names = []
+            for i, (path, weight) in enumerate(settings.loras):
+                name = f"lora{i}"
+                pipe.load_lora_weights(path, adapter_name=name)
+                names.append(name)
+                log.info("LoRA %s loaded from %s (weight %s)", name, path, weight)
+            pipe.set_adapters(names, adapter_weights=[w for _, w in settings.loras])
+        pipe.set_progress_bar_config(disable=True)
+        if settings.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        log.info("pipeline on %s (%s) in %.1f s", settings.device, str(settings.dtype).removeprefix("torch."), time.monotonic() - started)
+        return cls(pipe, settings)
+
+    def wants_tiling(self, width: int, height: int) -> bool:
+        mode = self.settings.vae_tiling
+        return mode == "on" or (mode == "auto" and max(width, height) > 1024)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        steps: int,
+        width: int,
+        height: int,
+        seed: int,
+        guidance: float,
+    ) -> bytes:
+        """One PNG. The same arguments give the same bytes on the same device and software."""
+        with self._lock:
+            started = time.monotonic()
+            cuda = self.device.startswith("cuda")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            vae = self.pipe.vae
+            if self.wants_tiling(width, height):
+                vae.enable_tiling()
+            else:
+                vae.disable_tiling()
+            # A CPU generator: the same seed gives the same noise on any device.
+            generator = torch.Generator("cpu").manual_seed(seed)
+            with torch.inference_mode():
+                image = self.pipe(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt or None,
+                    num_inference_steps=steps,
+                    width=width,
+                    height=height,
+                    guidance_scale=guidance,
+                    generator=generator,
+                    output_type="pil",
+                ).images[0]
+            buf = io.BytesIO()
+            image.save(buf, format="PNG", compress_level=self.settings.png_compress_level)
+            self.last_peak_bytes = int(torch.cuda.max_memory_allocated()) if cuda else 0
+            self.last_seconds = time.monotonic() - started
+            return buf.getvalue()
+
+    def vram(self) -> dict[str, Any]:
+        if not self.device.startswith("cuda"):
+            return {"device": self.device, "allocated_bytes": 0, "reserved_bytes": 0, "peak_bytes": 0, "total_bytes": 0}
+        free, total = torch.cuda.mem_get_info()
+        return {
+            "device": self.device,
+            "name": torch.cuda.get_device_name(),
+            "allocated_bytes": int(torch.cuda.memory_allocated()),
+            "reserved_bytes": int(torch.cuda.memory_reserved()),
+            "peak_bytes": int(torch.cuda.max_memory_allocated()),
+            "free_bytes": int(free),
+            "total_bytes": int(total),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        processors = sorted({type(p).__name__ for p in self.pipe.unet.attn_processors.values()})
+        return {
+            "device": self.device,
+            "dtype": str(self.settings.dtype).removeprefix("torch."),
+            "attention": processors,
+            "vae_slicing": self.settings.vae_slicing,
+            "vae_tiling": self.settings.vae_tiling,
+            "loras": [{"path": p, "weight": w} for p, w in self.settings.loras],
+        }

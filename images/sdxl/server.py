@@ -1,0 +1,391 @@
+#!/usr/bin/env python3
+"""vramctl's SDXL server: one StableDiffusionXLPipeline behind three HTTP paths.
+
+    GET  /health    503 {"status": "loading"} until the weights are on the device, then
+                    200 {"status": "ready", ...}; 500 {"status": "failed"} if loading failed
+                    (the process then exits 1, so the supervisor sees a crash, not a hang).
+    POST /generate  JSON {prompt, negative_prompt, steps, width, height, seed, guidance}
+                    -> 200 image/png, with X-Seed, X-Generation-Seconds and X-Peak-VRAM-Bytes;
+                    400 {"error", "field"} naming the bad field; 503 while loading.
+    GET  /vram      torch.cuda allocated / reserved / peak bytes (zeros on the CPU).
+
+The HTTP side is the standard library only and starts at once: torch, diffusers
+and the weights load in a background thread, so /health answers 503 within
+milliseconds of the start (vramctl and docker tell "loading" from "dead").
+Images are made one at a time (the GPU is the bottleneck; a second request
+waits for the first), while /health and /vram stay answerable during a
+generation.
+
+Environment:
+    SDXL_MODEL          a diffusers folder, a single .safetensors file (configs from
+                        SDXL_CONFIG or the HF cache) or a hub id
+    SDXL_RANDOM_INIT    tiny | full: a randomly initialised SDXL-shaped pipeline, no
+                        weights and no download (tests, GPU benchmarks)
+    SDXL_DEVICE         cuda (default when available) or cpu
+    SDXL_DTYPE          float16 (default on CUDA) | bfloat16 | float32 (default on CPU)
+    SDXL_VAE_SLICING    1 (default) or 0
+    SDXL_VAE_TILING     auto (default: only above 1024 px on a side) | 1 | 0
+    SDXL_LORAS          path[:weight],path[:weight]  (weight defaults to 1.0)
+    SDXL_PNG_COMPRESS   zlib level 0-9 for the PNG (default 1: fast; 6 costs ~0.2 s a megapixel)
+    HOST, PORT          where to listen (default 127.0.0.1:7860)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+log = logging.getLogger("sdxl")
+
+MAX_BODY_BYTES = 64 * 1024
+MIN_SIDE, MAX_SIDE = 64, 2048
+MIN_STEPS, MAX_STEPS = 1, 150
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 4000
+
+
+# -- requests ---------------------------------------------------------------
+
+
+class BadRequest(ValueError):
+    """A client error that names the offending field (None: the body as a whole)."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 30
+    width: int = 1024
+    height: int = 1024
+    seed: int | None = None
+    guidance: float = 5.0
+
+
+FIELDS = ("prompt", "negative_prompt", "steps", "width", "height", "seed", "guidance")
+
+
+def parse_generate(body: bytes) -> GenerateRequest:
+    """Validate a /generate body; raise BadRequest naming the first bad field."""
+    try:
+        doc = json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(None, f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest(None, "body must be a JSON object like {\"prompt\": \"a cat\"}")
+    unknown = sorted(set(doc) - set(FIELDS))
+    if unknown:
+        raise BadRequest(unknown[0], f"unknown field {unknown[0]!r}; known fields: {', '.join(FIELDS)}")
+
+    prompt = doc.get("prompt")
+    if prompt is None:
+        raise BadRequest("prompt", "prompt is required")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("prompt", "prompt must be a non-empty string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise BadRequest("prompt", f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+    negative = doc.get("negative_prompt", "")
+    if negative is None:
+        negative = ""
+    if not isinstance(negative, str):
+        raise BadRequest("negative_prompt", "negative_prompt must be a string")
+    if len(negative) > MAX_PROMPT_CHARS:
+        raise BadRequest("negative_prompt", f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters")
+
+    steps = _int(doc, "steps", GenerateRequest.steps, MIN_STEPS, MAX_STEPS)
+    width = _side(doc, "width")
+    height = _side(doc, "height")
+    seed = None if doc.get("seed") is None else _int(doc, "seed", 0, 0, MAX_SEED)
+    guidance = doc.get("guidance", GenerateRequest.guidance)
+    if isinstance(guidance, bool) or not isinstance(guidance, int | float):
+        raise BadRequest("guidance", "guidance must be a number")
+    if not 0.0 <= float(guidance) <= MAX_GUIDANCE:
+        raise BadRequest("guidance", f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+    return GenerateRequest(prompt, negative, steps, width, height, seed, float(guidance))
+
+
+def _int(doc: Mapping[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = doc.get(name, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(name, f"{name} must be an integer, got {json.dumps(value)}")
+    if not lo <= value <= hi:
+        raise BadRequest(name, f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _side(doc: Mapping[str, Any], name: str) -> int:
+    value = _int(doc, name, 1024, MIN_SIDE, MAX_SIDE)
+    if value % 8:
+        raise BadRequest(name, f"{name} must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {value}")
+    return value
+
+
+# -- configuration ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+
+
+def server_config(env: Mapping[str, str]) -> ServerConfig:
+    port_s = env.get("PORT", "7860")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"PORT must be a number, got {port_s!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"PORT must be 0-65535, got {port}")
+    return ServerConfig(host=env.get("HOST", "127.0.0.1") or "127.0.0.1", port=port)
+
+
+def _flag(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = env.get(name, default).strip().lower() or default
+    aliases = {"true": "1", "yes": "1", "on": "1", "false": "0", "no": "0", "off": "0"}
+    value = aliases.get(value, value)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {env[name]!r}")
+    return value
+
+
+def model_settings(env: Mapping[str, str]) -> Any:
+    """The pipeline settings from the environment (imports torch: call it in the loader thread)."""
+    import sdxl_pipeline as sp
+
+    device = env.get("SDXL_DEVICE") or sp.default_device()
+    random_init = env.get("SDXL_RANDOM_INIT") or None
+    if random_init and random_init not in sp.RANDOM_CONFIGS:
+        raise ValueError(f"SDXL_RANDOM_INIT must be tiny or full, got {random_init!r}")
+    compress = env.get("SDXL_PNG_COMPRESS", "1")
+    if compress not in [str(i) for i in range(10)]:
+        raise ValueError(f"SDXL_PNG_COMPRESS must be 0-9, got {compress!r}")
+    tiling = _flag(env, "SDXL_VAE_TILING", "auto", ("auto", "1", "0"))
+    return sp.Settings(
+        model=env.get("SDXL_MODEL") or None,
+        random_init=random_init,
+        device=device,
+        dtype=sp.parse_dtype(env.get("SDXL_DTYPE"), device),
+        vae_slicing=_flag(env, "SDXL_VAE_SLICING", "1", ("1", "0")) == "1",
+        vae_tiling={"1": "on", "0": "off"}.get(tiling, tiling),
+        loras=sp.parse_loras(env.get("SDXL_LORAS", "")),
+        png_compress_level=int(compress),
+    )
+
+
+# -- the application --------------------------------------------------------
+
+
+class EngineLike(Protocol):
+    last_peak_bytes: int
+    last_seconds: float
+
+    def generate(self, prompt: str, negative_prompt: str, steps: int, width: int, height: int, seed: int, guidance: float) -> bytes: ...
+
+    def vram(self) -> dict[str, Any]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def load_engine(env: Mapping[str, str]) -> EngineLike:
+    import sdxl_pipeline as sp
+
+    engine: EngineLike = sp.Engine.load(model_settings(env))
+    return engine
+
+
+class App:
+    """Loading state plus the engine; the HTTP handler only calls its methods."""
+
+    def __init__(self, load: Callable[[], EngineLike]) -> None:
+        self._load = load
+        self.engine: EngineLike | None = None
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.load_seconds: float | None = None
+        self.loaded = threading.Event()  # set when loading ends, either way
+
+    def load(self) -> None:
+        try:
+            self.engine = self._load()
+            self.load_seconds = time.monotonic() - self.started
+            log.info("ready in %.1f s", self.load_seconds)
+        except BaseException as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("loading failed: %s\n%s", self.error, traceback.format_exc())
+        finally:
+            self.loaded.set()
+
+    def start_loading(self) -> threading.Thread:
+        thread = threading.Thread(target=self.load, name="sdxl-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        if self.engine is not None:
+            return 200, {"status": "ready", "load_seconds": round(self.load_seconds or 0.0, 3), **self.engine.describe()}
+        if self.error is not None:
+            return 500, {"status": "failed", "error": self.error}
+        return 503, {"status": "loading", "seconds": round(time.monotonic() - self.started, 3)}
+
+    def vram(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {"status": "loading", "allocated_bytes": 0, "reserved_bytes": 0, "peak_bytes": 0}
+        return {
+            "status": "ready",
+            **self.engine.vram(),
+            "last_generate": {"peak_bytes": self.engine.last_peak_bytes, "seconds": round(self.engine.last_seconds, 3)},
+        }
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "vramctl-sdxl/1"
+    protocol_version = "HTTP/1.1"
+    app: App  # set on the subclass made by make_server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, doc: Any, headers: Mapping[str, str] | None = None) -> None:
+        self._send(status, json.dumps(doc).encode() + b"\n", "application/json", headers)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
+            status, doc = self.app.health()
+            self._json(status, doc, {"Retry-After": "1"} if status == 503 else None)
+        elif path == "/vram":
+            self._json(200, self.app.vram())
+        else:
+            self._json(404, {"error": f"no such path {path}; try GET /health, GET /vram, POST /generate"})
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path != "/generate":
+            self._drain()
+            self._json(404, {"error": f"no such path {path}; try POST /generate"})
+            return
+        length_s = self.headers.get("Content-Length")
+        try:
+            length = int(length_s or "0")
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._json(413 if length > 0 else 400, {"error": f"Content-Length must be 0-{MAX_BODY_BYTES}, got {length_s}", "field": None})
+            return
+        body = self.rfile.read(length)
+        try:
+            req = parse_generate(body)
+        except BadRequest as exc:
+            self._json(400, {"error": exc.message, "field": exc.field})
+            return
+        engine = self.app.engine
+        if engine is None:
+            status, doc = self.app.health()
+            self._json(503 if status == 503 else 500, doc, {"Retry-After": "1"})
+            return
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        try:
+            png = engine.generate(req.prompt, req.negative_prompt, req.steps, req.width, req.height, seed, req.guidance)
+        except Exception as exc:  # OOM and the like: report it, keep serving
+            log.error("generate failed: %s\n%s", exc, traceback.format_exc())
+            self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
+            return
+        self._send(
+            200,
+            png,
+            "image/png",
+            {
+                "X-Seed": str(seed),
+                "X-Generation-Seconds": f"{engine.last_seconds:.4f}",
+                "X-Peak-VRAM-Bytes": str(engine.last_peak_bytes),
+            },
+        )
+
+    def _drain(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or "0")
+        except ValueError:
+            length = 0
+        if 0 < length <= MAX_BODY_BYTES:
+            self.rfile.read(length)
+
+
+def make_server(app: App, config: ServerConfig) -> ThreadingHTTPServer:
+    handler = type("BoundHandler", (Handler,), {"app": app})
+    httpd = ThreadingHTTPServer((config.host, config.port), handler)
+    httpd.daemon_threads = True
+    return httpd
+
+
+def main(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(asctime)s sdxl %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        config = server_config(env)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    app = App(lambda: load_engine(env))
+    httpd = make_server(app, config)
+    host, port = httpd.server_address[:2]
+    log.info("listening on http://%s:%s (loading the pipeline in the background)", host, port)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="sdxl-http", daemon=True).start()
+    app.start_loading()
+    while not stop.wait(0.2):
+        if app.loaded.is_set() and app.engine is None:
+            # Give a probe a moment to read the 500 with the reason, then die loudly.
+            stop.wait(1.0)
+            httpd.shutdown()
+            sys.stderr.flush()
+            os._exit(1)
+    httpd.shutdown()
+    httpd.server_close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Threads may be inside CUDA calls: leave without joining them; the driver frees the memory.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""A Kubernetes API on 127.0.0.1 for tests and benchmarks: kmock's emulator,
+plus the few behaviours of a real API server that kopf and kubectl rely on.
+
+kmock's ``KubernetesEmulator`` (PyPI ``kmock``, by kopf's author) keeps
+objects in memory and serves list/watch/get/create/patch/delete, but it is
+deliberately simplistic. What this subclass adds, and why:
+
+- ``metadata.uid``, ``resourceVersion`` and ``creationTimestamp`` on create,
+  and a new ``resourceVersion`` on every write: kopf removes its finalizer
+  with a JSON patch that starts with ``test /metadata/resourceVersion``,
+  which fails (HTTP 500) against plain kmock, so deletion never completes.
+- ``metadata.generation``: 1 on create, +1 when anything but metadata and
+  status changes, as for a custom resource with a status subresource. The
+  operator reports ``status.observedGeneration`` from it.
+- status subresource semantics: a write to ``.../status`` changes only
+  ``.status``; a write to the object itself never changes ``.status``.
+- ``metadata.generateName`` (kopf names its Events that way; plain kmock would
+  store them all under the name ``None`` and answer 409 from the second on).
+- ``kind``/``apiVersion`` on lists (``kubectl get`` refuses a list without them).
+- a failed JSON-patch ``test`` answers 422 like the real server (kopf then
+  retries on the next event), not 500.
+
+Known gap (kmock 0.8): ``/api/v1/namespaces`` itself cannot be requested
+(its path parser reads "namespaces" as the start of a namespaced path and
+fails with HTTP 500), so Namespace objects cannot be created or listed. The
+resource is still registered for discovery; kopf run with ``-A`` or explicit
+namespace names never lists namespaces, and the emulator accepts objects in
+any namespace without one.
+
+``EmulatorThread`` runs it on its own event loop in a background thread, so
+synchronous tests, the ``vramctl operator`` subprocess and ``kubectl`` all
+talk to it over HTTP, like a real cluster. ``KubeClient`` is the tests' tiny
+synchronous HTTP client for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import json
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import kmock
+import yaml
+from kmock._internal import dicts as kmock_dicts  # merge-patch exactly as kmock applies it
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "manifests" / "crds" / "modeldeployments.vramctl.io.yaml"
+MD = "vramctl.io/v1alpha1/modeldeployments"
+_ALL_VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's stateful emulator with uid, resourceVersion, generation and the
+    status subresource (see the module docstring)."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._rv = 0
+        self._mutations = asyncio.Lock()  # created on the emulator's own loop
+
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.resource is None or request.action not in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
+            return await super()._handle(request)
+        # One mutation at a time: the state read below must be the state the
+        # parent class then patches (it takes its own lock only inside).
+        async with self._mutations:
+            try:
+                if request.action == kmock.action.CREATE:
+                    request = self._prepare_create(request)
+                elif request.action == kmock.action.UPDATE and request.name is not None:
+                    request = self._prepare_update(request)
+            except kmock.KubernetesError as err:
+                return await self._render_error(err)
+            return await super()._handle(request)
+
+    def _prepare_create(self, request: kmock.Request) -> kmock.Request:
+        data = copy.deepcopy(request.data) if isinstance(request.data, dict) else {}
+        meta = data.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
+        if request.namespace and not meta.get("namespace"):
+            meta["namespace"] = request.namespace
+        meta.update(uid=str(uuid.uuid4()), resourceVersion=self._next_rv(), generation=1, creationTimestamp=_now())
+        return _with_data(request, data)
+
+    def _prepare_update(self, request: kmock.Request) -> kmock.Request:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return request  # the parent answers 404
+        old = copy.deepcopy(self.objects[key].raw)
+        try:
+            if isinstance(request.data, list):
+                new = jsonpatch.apply_patch(old, request.data, in_place=False)
+            elif isinstance(request.data, dict):
+                new = dict(kmock_dicts.merge_patch_dict(old, request.data))
+            else:
+                raise kmock.KubernetesError(status=415, reason="UnsupportedMediaType", message="a patch must be JSON")
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as err:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=f"the patch cannot be applied: {err}") from None
+        new = copy.deepcopy(new)
+        has_status = "status" in self._subresources(request)
+        if request.subresource == "status":
+            new = {**old, "status": new.get("status")}
+        elif has_status:
+            new["status"] = old.get("status")
+        if new.get("status") is None:
+            new.pop("status", None)
+        meta = new.setdefault("metadata", {})
+        for field in ("uid", "creationTimestamp", "generation"):
+            if field in old.get("metadata", {}):
+                meta[field] = old["metadata"][field]
+        changed = {k: v for k, v in new.items() if k not in ("metadata", "status")} != {
+            k: v for k, v in old.items() if k not in ("metadata", "status")
+        }
+        if changed:
+            meta["generation"] = int(meta.get("generation") or 0) + 1
+        meta["resourceVersion"] = self._next_rv()
+        # The parent applies this: replace the whole document with the result.
+        return _with_data(request, [{"op": "replace", "path": "", "value": new}])
+
+    def _subresources(self, request: kmock.Request) -> set[str]:
+        for res in self.resources:
+            if res == request.resource:
+                return set(self.resources[res].subresources)
+        return set()
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        payload = await super()._serve_list(request)
+        assert request.resource is not None
+        kind = None
+        for res in self.resources:
+            if res == request.resource:
+                kind = self.resources[res].kind
+        group, version = request.resource.group, request.resource.version
+        payload["apiVersion"] = f"{group}/{version}" if group else str(version)
+        payload["kind"] = f"{kind}List" if kind else "List"
+        payload["metadata"] = {"resourceVersion": str(self._rv)}
+        return payload
+
+
+def _with_data(request: kmock.Request, data: Any) -> kmock.Request:
+    """The same request with another body. kmock routes a request by its
+    identity (the object recorded in its request log), so the frozen request is
+    changed in place rather than copied."""
+    object.__setattr__(request, "data", data)
+    return request
+
+
+def register_resources(emu: Emulator, crd: dict[str, Any] | None) -> None:
+    """What kopf needs to start its watchers: CRDs, namespaces, events, and
+    the ModelDeployment resource, from the committed CRD when there is one."""
+    ResourceInfo = kmock.ResourceInfo
+    emu.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = ResourceInfo(
+        kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False, verbs=_ALL_VERBS
+    )
+    emu.resources["v1/namespaces"] = ResourceInfo(kind="Namespace", singular="namespace", namespaced=False, verbs=_ALL_VERBS)
+    emu.resources["v1/events"] = ResourceInfo(kind="Event", singular="event", namespaced=True, verbs=_ALL_VERBS)
+    if crd is None:
+        emu.resources[MD] = ResourceInfo(
+            kind="ModelDeployment",
+            singular="modeldeployment",
+            namespaced=True,
+            shortnames={"md"},
+            categories={"vramctl"},
+            subresources={"status"},
+            verbs=_ALL_VERBS,
+        )
+        return
+    spec = crd["spec"]
+    names = spec["names"]
+    for v in spec["versions"]:
+        emu.resources[f"{spec['group']}/{v['name']}/{names['plural']}"] = ResourceInfo(
+            kind=names["kind"],
+            singular=names.get("singular") or names["kind"].lower(),
+            namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+            shortnames=set(names.get("shortNames") or ()),
+            categories=set(names.get("categories") or ()),
+            subresources=set((v.get("subresources") or {}).keys()),
+            verbs=_ALL_VERBS,
+        )
+
+
+def committed_crd() -> dict[str, Any] | None:
+    if not CRD_FILE.exists():
+        return None
+    doc: dict[str, Any] = yaml.safe_load(CRD_FILE.read_text())
+    return doc
+
+
+class EmulatorThread:
+    """The emulator served on 127.0.0.1:<free port> from a background thread."""
+
+    def __init__(self, crd: dict[str, Any] | None = None) -> None:
+        self.crd = crd if crd is not None else committed_crd()
+        self.port = 0
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kmock-emulator", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> EmulatorThread:
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError("the kmock emulator did not start within 20 s")
+        if self._error is not None:
+            raise RuntimeError(f"the kmock emulator failed to start: {self._error!r}")
+        if self.crd is not None:
+            KubeClient(self.url).request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", self.crd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as err:  # reported by __enter__
+            self._error = err
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with Emulator() as emu, kmock.Server(emu, host="127.0.0.1") as server:
+            register_resources(emu, self.crd)
+            self.port = server.port
+            self._ready.set()
+            await self._stop.wait()
+
+    def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
+            "users": [{"name": "kmock", "user": {"token": "kmock-test-token"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": namespace}}],
+            "current-context": "kmock",
+        }
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status, self.body = status, body
+
+
+class KubeClient:
+    """Synchronous JSON over HTTP to the emulator (what kubectl would do)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", content_type)
+        req.add_header("Accept", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as err:
+            text = err.read()
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                payload = text.decode(errors="replace")
+            raise ApiError(err.code, payload) from None
+        return json.loads(raw) if raw else None
+
+    # -- ModelDeployments -------------------------------------------------
+
+    @staticmethod
+    def md_path(namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        p = f"/apis/vramctl.io/v1alpha1/namespaces/{namespace}/modeldeployments"
+        if name:
+            p += f"/{name}"
+        if sub:
+            p += f"/{sub}"
+        return p
+
+    def create_md(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": "vramctl.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+        created: dict[str, Any] = self.request("POST", self.md_path(namespace), body)
+        return created
+
+    def get_md(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self.request("GET", self.md_path(namespace, name))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+        return obj
+
+    def patch_md(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        patched: dict[str, Any] = self.request("PATCH", self.md_path(namespace, name), patch, "application/merge-patch+json")
+        return patched
+
+    def delete_md(self, namespace: str, name: str) -> None:
+        self.request("DELETE", self.md_path(namespace, name))
+
+    # -- others -------------------------------------------------------------
+
+    def events(self, namespace: str, name: str | None = None) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.request("GET", f"/api/v1/namespaces/{namespace}/events")["items"]
+        if name is not None:
+            items = [e for e in items if (e.get("involvedObject") or {}).get("name") == name]
+        return items
+
+
+def iter_condition(status: dict[str, Any] | None, ctype: str) -> Iterator[dict[str, Any]]:
+    for c in (status or {}).get("conditions") or []:
+        if c.get("type") == ctype:
+            yield c

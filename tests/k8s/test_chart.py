@@ -1,0 +1,186 @@
+"""charts/vramctl rendered and linted by Helm's Go SDK (helm-python-sdk), every
+rendered object validated, and the chart kept in step with manifests/."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from typing import Any
+
+import helm_python as helm
+import pytest
+
+from tests.k8s.chart import CHART_DIR, NAMESPACE, chart, manifest_objects, render
+from tests.k8s.test_manifests import EXPECTED_RULES
+from tests.k8s.validation import ROOT, load_yaml_docs, validate
+from vramctl.crd import COMMITTED_PATHS, REGENERATE
+
+
+def _example_spec(name: str) -> dict[str, Any]:
+    (doc,) = load_yaml_docs((ROOT / "manifests" / "examples" / name).read_text())
+    spec: dict[str, Any] = doc["spec"]
+    return spec
+
+
+FULL: dict[str, Any] = {
+    "namespace": {"create": True},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "interval": "30s"},
+    "dashboard": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "GPU"}},
+    "priorityClassName": "system-node-critical",
+    "podAnnotations": {"example.com/team": "ml"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "modelDeployments": [
+        {"name": "rtx5080-gpu0", "namespace": "ai", "spec": _example_spec("rtx5080-16gb.yaml")},
+        {"name": "rtx3050-gpu0", "labels": {"example.com/card": "rtx3050"}, "spec": _example_spec("rtx3050-8gb.yaml")},
+    ],
+}
+
+
+def _checked(objects: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
+    return Counter((o["kind"], validate(o)) for o in objects)
+
+
+K8S = "kubernetes-1.30.0"
+
+
+def test_default_values_render_valid_objects() -> None:
+    rendered = render()
+    assert _checked(rendered.objects) == Counter(
+        {
+            ("ServiceAccount", K8S): 1,
+            ("ClusterRole", K8S): 1,
+            ("ClusterRoleBinding", K8S): 1,
+            ("Secret", K8S): 1,
+            ("DaemonSet", K8S): 1,
+            ("Service", K8S): 1,
+        }
+    )
+    assert "kubectl get md -A" in rendered.notes
+
+
+def test_full_values_render_valid_objects() -> None:
+    rendered = render(FULL)
+    assert _checked(rendered.objects) == Counter(
+        {
+            ("Namespace", K8S): 1,
+            ("ServiceAccount", K8S): 1,
+            ("ClusterRole", K8S): 1,
+            ("ClusterRoleBinding", K8S): 1,
+            ("Secret", K8S): 1,
+            ("DaemonSet", K8S): 1,
+            ("Service", K8S): 1,
+            ("ConfigMap", K8S): 1,
+            ("ServiceMonitor", "servicemonitor-subset"): 1,
+            ("ModelDeployment", "crd+pydantic"): 2,
+        }
+    )
+    assert rendered.one("Namespace")["metadata"]["name"] == NAMESPACE
+    mds = {o["metadata"]["name"]: o for o in rendered.of("ModelDeployment")}
+    assert mds["rtx5080-gpu0"]["metadata"]["namespace"] == "ai"
+    assert mds["rtx3050-gpu0"]["metadata"]["namespace"] == NAMESPACE
+    assert mds["rtx3050-gpu0"]["metadata"]["labels"]["example.com/card"] == "rtx3050"
+    assert mds["rtx5080-gpu0"]["spec"] == _example_spec("rtx5080-16gb.yaml"), "the spec goes through the chart unchanged"
+    assert "ServiceMonitor" in rendered.notes and "Grafana dashboard" in rendered.notes
+
+
+@pytest.mark.parametrize("values", [None, FULL], ids=["default", "full"])
+def test_lint(values: dict[str, Any] | None) -> None:
+    report = helm.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+def test_dashboard_configmap_carries_the_dashboard_file() -> None:
+    cm = render(FULL).one("ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "GPU"}
+    text = (CHART_DIR / "dashboards" / "vramctl.json").read_text()
+    assert cm["data"]["vramctl.json"] == text.rstrip("\n")
+    json.loads(cm["data"]["vramctl.json"])
+
+
+def test_servicemonitor_scrapes_the_metrics_service() -> None:
+    rendered = render(FULL)
+    sm, svc = rendered.one("ServiceMonitor"), rendered.one("Service")
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (ep,) = sm["spec"]["endpoints"]
+    assert (ep["port"], ep["path"], ep["interval"]) == ("metrics", "/metrics", "30s")
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["metrics"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"port": "9400"}, "/port"),
+        ({"serviceMonitor": {"enabled": True, "intervall": "30s"}}, "intervall"),
+        ({"serviceMonitor": {"interval": "half a minute"}}, "/serviceMonitor/interval"),
+        ({"image": {"repository": "vramctl/vramctl", "pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"modelDeployments": [{"name": "gpu0"}]}, "spec"),
+        ({"modelDeployments": [{"name": "GPU_0", "spec": {"models": {"llm": {"image": "x"}}}}]}, "/modelDeployments/0/name"),
+        ({"modelDeployment": []}, "modelDeployment"),
+    ],
+)
+def test_values_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=message):
+        chart().validate_schema(values)
+    with pytest.raises(helm.HelmValuesError):
+        render(values)
+
+
+def test_values_schema_accepts_the_defaults_and_the_full_set() -> None:
+    chart().validate_schema(None)
+    chart().validate_schema(FULL)
+
+
+def test_existing_token_secret_is_used_and_none_is_created() -> None:
+    rendered = render({"apiToken": {"existingSecret": "my-token", "secretKey": "bearer"}})
+    assert rendered.of("Secret") == []
+    (c,) = rendered.one("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    (token,) = [e for e in c["env"] if e["name"] == "VRAMCTL_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "my-token", "key": "bearer"}
+
+
+def test_chart_crd_is_the_generated_one() -> None:
+    crds = chart().crds
+    assert [c["filename"] for c in crds] == ["vramctl/crds/modeldeployments.vramctl.io.yaml"]
+    (manifest_crd, chart_crd) = (ROOT / p for p in COMMITTED_PATHS)
+    assert chart_crd.read_text() == manifest_crd.read_text(), f"the chart's CRD differs from manifests/: run {REGENERATE}"
+    assert load_yaml_docs(crds[0]["data"]) == load_yaml_docs(manifest_crd.read_text())
+
+
+# ------------------------------------------------------- chart == manifests
+
+
+def _by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for o in objects:
+        assert o["kind"] not in out, f"two {o['kind']} objects"
+        out[o["kind"]] = o
+    return out
+
+
+def _without_labels(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object less what only Helm adds (chart/version/managed-by labels)."""
+    obj = copy.deepcopy(obj)
+    obj["metadata"].pop("labels", None)
+    if obj["kind"] == "DaemonSet":
+        obj["spec"]["template"]["metadata"].pop("labels")
+    return obj
+
+
+def test_chart_defaults_match_the_manifests() -> None:
+    chart_objs = _by_kind(render({"namespace": {"create": True}}).objects)
+    plain = _by_kind(manifest_objects())
+    plain.pop("CustomResourceDefinition")  # the chart ships it under crds/ (test above)
+    chart_objs.pop("Secret")  # the manifests ask the user to create it (daemonset.yaml)
+    assert set(chart_objs) == set(plain)
+    for kind, obj in plain.items():
+        assert _without_labels(chart_objs[kind]) == _without_labels(obj), f"{kind}: charts/vramctl and manifests/ differ"
+    assert chart_objs["ClusterRole"]["rules"] == EXPECTED_RULES
+    # Selector labels are the same, so either can take over the other's pods.
+    assert chart_objs["DaemonSet"]["spec"]["selector"] == plain["DaemonSet"]["spec"]["selector"]
+    assert chart_objs["Service"]["spec"]["selector"] == plain["Service"]["spec"]["selector"]

@@ -1,0 +1,115 @@
+"""manifests/: every object valid for Kubernetes, the DaemonSet wired the way
+the operator expects, and RBAC no wider than what vramctl and kopf use."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from tests.k8s.chart import MANIFESTS, manifest_objects
+from tests.k8s.validation import load_yaml_docs, validate
+
+# The rules vramctl and kopf need (see manifests/rbac.yaml for why each is there).
+EXPECTED_RULES = [
+    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/status"], "verbs": ["get", "update", "patch"]},
+    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/finalizers"], "verbs": ["update", "patch"]},
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]
+
+
+def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = load_yaml_docs((MANIFESTS / "kustomization.yaml").read_text())[0]
+    listed = set(kustomization["resources"])
+    on_disk = {str(p.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("*.yaml")} - {"kustomization.yaml"}
+    examples = {p for p in on_disk if p.startswith("examples/")}
+    assert listed == on_disk - examples, "manifests/kustomization.yaml and the files in manifests/ differ"
+
+
+def test_every_object_validates() -> None:
+    objects = manifest_objects()
+    checked = Counter((o["kind"], validate(o)) for o in objects)
+    assert checked == Counter(
+        {
+            ("Namespace", "kubernetes-1.30.0"): 1,
+            ("CustomResourceDefinition", "kubernetes-1.30.0"): 1,
+            ("ServiceAccount", "kubernetes-1.30.0"): 1,
+            ("ClusterRole", "kubernetes-1.30.0"): 1,
+            ("ClusterRoleBinding", "kubernetes-1.30.0"): 1,
+            ("DaemonSet", "kubernetes-1.30.0"): 1,
+            ("Service", "kubernetes-1.30.0"): 1,
+        }
+    )
+    namespaced = [o for o in objects if o["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding")]
+    assert {o["metadata"]["namespace"] for o in namespaced} == {"vramctl-system"}
+
+
+def test_the_validator_is_strict() -> None:
+    ds = _one(manifest_objects(), "DaemonSet")
+    ds["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {"path": "/healthz"}
+    try:
+        validate(ds)
+    except AssertionError as err:
+        assert "httpGett" in str(err)
+    else:
+        raise AssertionError("an unknown field passed kubernetes-validate")
+
+
+def test_daemonset_is_wired_for_the_operator() -> None:
+    ds = _one(manifest_objects(), "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "vramctl/vramctl:0.1.0"
+    assert c["args"][0] == "operator" and "--listen=0.0.0.0:9400" in c["args"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["VRAMCTL_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "vramctl-api-token", "key": "token"}
+    assert c["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["hostPID"] is True and pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["docker-sock"]["hostPath"] == {"path": "/var/run/docker.sock", "type": "Socket"}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts["/var/run/docker.sock"] == "docker-sock" and "/tmp" in mounts
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"], "vramctl observes the GPU; the model containers use it"
+    sa = _one(manifest_objects(), "ServiceAccount")
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_service_selects_the_daemonset() -> None:
+    objects = manifest_objects()
+    svc, ds = _one(objects, "Service"), _one(objects, "DaemonSet")
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 9400, "targetPort": "metrics", "protocol": "TCP"}]
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert ds["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_rbac_is_least_privilege() -> None:
+    objects = manifest_objects()
+    role, binding, sa = _one(objects, "ClusterRole"), _one(objects, "ClusterRoleBinding"), _one(objects, "ServiceAccount")
+    assert role["rules"] == EXPECTED_RULES
+    flat = [(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]]
+    assert not [x for x in flat if "*" in x], "no wildcards"
+    assert not [x for x in flat if x[1] in ("secrets", "pods", "nodes", "namespaces", "configmaps")]
+    assert not [x for x in flat if x[2] in ("delete", "deletecollection", "escalate", "bind", "impersonate")]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}]
+    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
