@@ -2,7 +2,7 @@
 PY ?= python3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup infra image up test lint bench
+.PHONY: help setup infra image up test lint bench crd
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -30,3 +30,6 @@ lint: setup ## ruff, mypy --strict, import-linter contracts
 
 bench: setup infra image ## switch benchmark: vramctl vs docker compose stop/up scripts
 	$(PY) benchmarks/switch_bench.py
+
+crd: ## regenerate the ModelDeployment CRD from vramctl.spec (manifests/ and the chart)
+	$(PY) -m vramctl.crd -o manifests/crds/modeldeployments.vramctl.io.yaml -o charts/vramctl/crds/modeldeployments.vramctl.io.yaml

@@ -42,8 +42,14 @@ class ApiError(Exception):
 
 
 class ApiServer:
-    def __init__(self, supervisor: Supervisor, host: str = "127.0.0.1", port: int = 9400, token: str | None = None) -> None:
-        if not is_loopback(host) and not token:
+    def __init__(
+        self, supervisor: Supervisor, host: str = "127.0.0.1", port: int = 9400, token: str | None = None, switch_refusal: str | None = None
+    ) -> None:
+        """``switch_refusal``: desired state comes from elsewhere (the Kubernetes
+        operator's ModelDeployments); POST /switch answers 409 with this text,
+        and nothing here mutates, so no token is needed off loopback."""
+        self.switch_refusal = switch_refusal
+        if not is_loopback(host) and not token and switch_refusal is None:
             raise ValueError(f"listening on {host} (not loopback) needs a token: pass --token or set VRAMCTL_TOKEN")
         self.supervisor = supervisor
         self.token = token
@@ -78,6 +84,8 @@ class ApiServer:
         return out
 
     def post_switch(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.switch_refusal is not None:
+            raise ApiError(409, self.switch_refusal)
         if not isinstance(body, dict):
             raise ApiError(400, 'the body must be a JSON object like {"model": "sdxl"}')
         unknown = set(body) - {"model", "companions", "gpu"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import Desired
 from vramctl.runtimes.base import Runtime
 from vramctl.sources.statefile import StateFile
-from vramctl.spec import Config, ConfigError, DeploymentSpec, DesiredStateError, check_desired
-from vramctl.supervisor import GpuWorker, Metrics, Supervisor, WorkerSettings, holders_from
+from vramctl.spec import Config, ConfigError, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
+from vramctl.supervisor import DesiredSink, GpuWorker, Metrics, StatusSink, Supervisor, WorkerSettings, holders_from
 from vramctl.telemetry import register as register_collector
 
 log = logging.getLogger("vramctl")
@@ -126,6 +127,54 @@ def build(config: Config, state_path: Path, instance: str = "default") -> Built:
     supervisor = Supervisor(workers, runtime, metrics, notes)
     register_collector(supervisor, dcgm_compat=config.metrics.dcgm_compat)
     return Built(supervisor, state)
+
+
+@dataclass
+class BuiltOperator:
+    """The parts of the Kubernetes operator: workers are made per ModelDeployment."""
+
+    supervisor: Supervisor
+    runtime: Runtime
+    make_worker: Callable[[DeploymentSpec, StatusSink, DesiredSink], GpuWorker]
+
+
+def build_operator(instance: str, gpu_probe: GpuProbeConfig | None = None) -> BuiltOperator:
+    """The docker runtime and a supervisor with no workers yet: the operator
+    adds one per ModelDeployment of its node (``make_worker``), each with its
+    GPU's probe chosen as in compose mode."""
+    notes: list[str] = []
+    probe_config = gpu_probe or GpuProbeConfig()
+
+    def config_for(d: DeploymentSpec) -> Config:
+        return Config(runtime="docker", gpu_probe=probe_config, gpus=[d])
+
+    try:
+        from vramctl.runtimes.docker import DockerRuntime, docker_problem
+
+        problem = docker_problem()
+    except ImportError as err:
+        problem = f"the docker SDK is not installed ({err})"
+    if problem is not None:
+        raise ConfigError(
+            "runtime", [("runtime", f"the operator runs the models as docker containers, but {problem}: mount the node's Docker socket")]
+        )
+    runtime: Runtime = DockerRuntime(instance=instance)
+    notes.append(f"runtime: docker (instance {instance})")
+    metrics = Metrics()
+    supervisor = Supervisor([], runtime, metrics, notes)
+    register_collector(supervisor)
+
+    def make_worker(d: DeploymentSpec, status_sink: StatusSink, desired_sink: DesiredSink) -> GpuWorker:
+        config = config_for(d)
+        ref = _SpecRef(d)
+        probe = build_probe(config, ref, runtime, supervisor.notes)
+        w = GpuWorker(
+            d, runtime, probe, WorkerSettings.from_config(config), status_sink=status_sink, desired_sink=desired_sink, metrics=metrics
+        )
+        ref.worker = w
+        return w
+
+    return BuiltOperator(supervisor, runtime, make_worker)
 
 
 def initial_desired(state: StateFile, d: DeploymentSpec) -> Desired:

@@ -4,6 +4,7 @@
 ``vramctl switch``  ask it for another model, following the switch step by step
 ``vramctl status``  what holds each GPU
 ``vramctl validate`` check a config file; exit 2 with every problem named, WARN lines for pitfalls (exit 0)
+``vramctl operator`` the Kubernetes operator of one node (ModelDeployment resources)
 """
 
 from __future__ import annotations
@@ -249,6 +250,64 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SWITCH_IN_KUBERNETES = (
+    "desired state comes from ModelDeployment resources here: "
+    'kubectl -n NAMESPACE patch md NAME --type merge -p \'{"spec":{"activeModel":"MODEL"}}\''
+)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    """Act on the ModelDeployments whose spec.nodeName is this node, until SIGTERM."""
+    from vramctl.api import ApiServer
+    from vramctl.app import build_operator
+    from vramctl.spec import GpuProbeConfig
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.node_name:
+        print(
+            "vramctl operator: the node name is required: --node-name, or NODE_NAME from the downward API (spec.nodeName)", file=sys.stderr
+        )
+        return EXIT_USAGE
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    try:
+        from vramctl.sources import kubernetes
+    except ImportError as err:
+        print(f"vramctl operator needs kopf: pip install 'vramctl[kubernetes]' ({err})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        built = build_operator(args.instance, GpuProbeConfig(kind=args.gpu_probe))
+    except (ConfigError, ValueError) as err:
+        print(err.render() if isinstance(err, ConfigError) else f"vramctl operator: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    host, port = args.listen
+    token = args.token or os.environ.get("VRAMCTL_TOKEN") or None
+    try:
+        api = ApiServer(built.supervisor, host, port, token, switch_refusal=SWITCH_IN_KUBERNETES)
+    except (ValueError, OSError) as err:
+        print(f"vramctl: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+        built.supervisor.runtime.close()
+        return EXIT_USAGE
+    controller = kubernetes.ModelDeployments(args.node_name, built.supervisor, built.runtime, built.make_worker)
+    api.start()
+    built.supervisor.start()
+    where = "all namespaces" if not args.namespace else "namespace(s) " + ", ".join(args.namespace)
+    print(
+        f"vramctl operator: node {args.node_name}, instance {args.instance}, {where}; "
+        f"listening on http://{api.host}:{api.port} (/metrics, /healthz, /status)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        kubernetes.run(controller, clusterwide=not args.namespace, namespaces=args.namespace or ())
+    finally:
+        print("vramctl operator: shutting down (models keep running)", file=sys.stderr, flush=True)
+        controller.close()
+        api.stop()
+        built.supervisor.stop()
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vramctl", description="Keep exactly one heavy model server on each GPU.")
     p.add_argument("--version", action="version", version=f"vramctl {__version__}")
@@ -283,6 +342,28 @@ def build_parser() -> argparse.ArgumentParser:
     va = sub.add_parser("validate", help="check a config file")
     va.add_argument("file")
     va.set_defaults(func=cmd_validate)
+
+    op = sub.add_parser("operator", help="run as the Kubernetes operator of this node (ModelDeployment resources)")
+    op.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME"),
+        help="act on the ModelDeployments whose spec.nodeName is this (default: $NODE_NAME)",
+    )
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable; default: all namespaces)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
+    op.add_argument(
+        "--listen",
+        type=_parse_listen,
+        default=_parse_listen(DEFAULT_LISTEN),
+        help=f"HOST:PORT of /metrics and /healthz (default {DEFAULT_LISTEN})",
+    )
+    op.add_argument("--token", help="bearer token for the HTTP API (or VRAMCTL_TOKEN); POST /switch is refused in this mode")
+    op.add_argument("--instance", default="k8s", help="label value marking this operator's containers on the Docker engine (default k8s)")
+    op.add_argument("--gpu-probe", choices=("auto", "nvml", "simulated"), default="auto", help="GPU memory source (default auto)")
+    op.add_argument("--kubeconfig", help="kubeconfig file (default: the pod's service account, or $KUBECONFIG, or ~/.kube/config)")
+    op.add_argument("-v", "--verbose", action="store_true")
+    op.set_defaults(func=cmd_operator)
     return p
 
 

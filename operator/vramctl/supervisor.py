@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from vramctl.gpu.base import GpuProbe
-from vramctl.observed import Desired, GpuSnapshot, Observed, Workload, WorkloadState
+from vramctl.observed import Desired, GpuProcess, GpuSnapshot, Observed, Workload, WorkloadState
 from vramctl.pitfalls import Finding, env_pitfalls
 from vramctl.planner import Plan, Start, Stop, WaitForMemory, WaitHealthy, plan
 from vramctl.runtimes.base import Runtime, StartError, StartEvent
@@ -126,6 +126,9 @@ class WorkerSettings:
     backoff_max_s: float = 300.0
     resync_s: float = 5.0
     baseline_mib: int | None = None  # None: learn it from the probe when nothing of ours runs
+    # Memory that is short only because of processes that are not ours, for this
+    # long: Blocked at once instead of at memory_timeout_s.
+    foreign_grace_s: float = 2.0
 
     @classmethod
     def from_config(cls, config: Config) -> WorkerSettings:
@@ -198,11 +201,20 @@ class GpuWorker:
         self._failures: dict[str, int] = {}
         self._backoff_until: dict[str, float] = {}
         self._baseline = settings.baseline_mib
+        self._baseline_learned = settings.baseline_mib is not None  # False: an estimate, or None
+        # Release detection: the last Stop's return (the runtime saw the exit)
+        # and the models that stay live through the current plan.
+        self._exited_at: float | None = None
+        self._kept: frozenset[str] = frozenset()
+        # Seconds from the old holder's exit to its memory confirmed free, at
+        # the last switch that stopped something (read by the metrics collector).
+        self.last_release_seconds: float | None = None
         self._progress: deque[dict[str, Any]] = deque(maxlen=300)
         self._seq = 0
         self._passes = 0
         self._status: dict[str, Any] = {}
-        self._conditions = {t: Condition(t) for t in ("Ready", "Progressing", "Degraded", "ConfigWarnings")}
+        # Unknown since the worker started: lastTransitionTime must be a real time (RFC 3339), never "".
+        self._conditions = {t: Condition(t, last_transition_time=wall()) for t in ("Ready", "Progressing", "Degraded", "ConfigWarnings")}
         self._total: int | None = None  # the GPU's total MiB, once the probe said
         self._findings: list[Finding] = []
         self._phase = PHASE_IDLE
@@ -424,6 +436,9 @@ class GpuWorker:
         self._learn_baseline(observed)
         now = self.clock()
         p = plan(spec, desired, observed, now, self._backoff_until, self._baseline or 0, self.settings.margin_mib, self._total_mib())
+        stopped = {a.model for a in p.actions if isinstance(a, Stop)}
+        self._kept = frozenset(m for m, w in observed.workloads.items() if w.state.live and m not in stopped)
+        self._exited_at = None
         self._running = sorted(m for m, w in observed.workloads.items() if w.state is WorkloadState.RUNNING)
         if p.empty:
             self._settle(desired, observed, p)
@@ -466,6 +481,7 @@ class GpuWorker:
                 self._note("stopping", m, f"stopping {m} ({reason})")
                 self._set_model_state(m, "stopping")
                 out = self.runtime.stop(spec, m)
+                self._exited_at = self.clock()
                 self._set_model_state(m, "stopped")
                 how = "killed after its grace period" if out.killed else "stopped"
                 self._note("stopped", m, f"{m} {how} in {out.seconds:.2f}s")
@@ -492,21 +508,55 @@ class GpuWorker:
                 raise _Interrupted()
 
     def _wait_memory(self, spec: DeploymentSpec, desired: Desired, w: WaitForMemory) -> None:
-        self._note("waiting-memory", None, f"waiting for GPU memory (need {w.need_free_mib} MiB free)")
+        """Poll the probe (every poll_interval_s) until the stopped models'
+        processes are gone and the memory is back (memory_problem). Blocked
+        when processes that are not ours hold it for foreign_grace_s, or when it
+        is not back within memory_timeout_s; a probe that cannot answer counts
+        as "not back", never as free."""
+        if self._baseline is None and w.max_used_mib is not None:
+            # A bound computed from an unknown baseline would be a guess; the
+            # stopped models' processes leaving and the free memory still tell.
+            w = replace(w, max_used_mib=None)
+        self._note(
+            "waiting-memory",
+            None,
+            f"waiting for GPU memory (need {w.need_free_mib} MiB free"
+            + (f", at most {w.max_used_mib} MiB used" if w.max_used_mib is not None else "")
+            + (f"; {', '.join(w.released)} gone from the GPU" if w.released else "")
+            + ")",
+        )
         t0 = self.clock()
         deadline = t0 + self.settings.memory_timeout_s
+        foreign_since: float | None = None
         while True:
-            snap = self.probe.snapshot()
-            problem = self._memory_problem(snap, w)
-            if problem is None:
+            snap: GpuSnapshot | None = None
+            try:
+                snap = self.probe.snapshot()
+            except Exception as err:  # ProbeError, ProbeTimeout: unknown, never free
+                problem: str | None = f"the GPU probe did not answer ({err})"
+            else:
+                problem = memory_problem(snap, w, self._kept)
+            now = self.clock()
+            if snap is not None and problem is None:
                 m = snap.memory
+                since = ""
+                if w.released and self._exited_at is not None:
+                    self.last_release_seconds = max(0.0, now - self._exited_at)
+                    since = f", {self.last_release_seconds:.3f}s after {', '.join(w.released)} exited"
                 self._note(
                     "memory-free",
                     None,
-                    f"GPU memory confirmed free after {self.clock() - t0:.2f}s ({m.used_mib} MiB used, {m.free_mib} MiB free)",
+                    f"GPU memory confirmed free after {now - t0:.2f}s{since} ({m.used_mib} MiB used, {m.free_mib} MiB free)",
                 )
                 return
-            if self.clock() >= deadline:
+            culprits = foreign_holders(snap, w, self._kept) if snap is not None else []
+            if culprits:
+                foreign_since = now if foreign_since is None else foreign_since
+                if now - foreign_since >= self.settings.foreign_grace_s:
+                    raise _Blocked(f"GPU memory is held by processes that are not vramctl's: {problem}; the next model is not started")
+            else:
+                foreign_since = None
+            if now >= deadline:
                 raise _Blocked(
                     f"GPU memory did not come back within {self.settings.memory_timeout_s:.0f}s: {problem}; the next model is not started"
                 )
@@ -514,28 +564,7 @@ class GpuWorker:
             self._stopping.wait(self.settings.poll_interval_s)
 
     def _memory_problem(self, snap: GpuSnapshot, w: WaitForMemory) -> str | None:
-        procs = snap.processes
-        if procs is not None:
-            lingering = [p for p in procs if p.model in w.released]
-            if lingering:
-                return "still held by " + ", ".join(f"{p.model} (pid {p.pid})" for p in lingering)
-        mem = snap.memory
-        if (w.max_used_mib is not None and mem.used_mib > w.max_used_mib) or mem.free_mib < w.need_free_mib:
-            foreign = [p for p in (procs or ()) if p.model is None]
-            who = ""
-            if foreign:
-                who = "; held by processes that are not vramctl's: " + ", ".join(
-                    f"pid {p.pid}"
-                    + (f" (container {p.container})" if p.container else "")
-                    + (f" {p.used_mib} MiB" if p.used_mib is not None else "")
-                    for p in foreign
-                )
-            return (
-                f"{mem.used_mib} MiB used, {mem.free_mib} MiB free, need {w.need_free_mib} MiB free"
-                + (f" and at most {w.max_used_mib} MiB used" if w.max_used_mib is not None else "")
-                + who
-            )
-        return None
+        return memory_problem(snap, w, self._kept)
 
     def _wait_healthy(self, spec: DeploymentSpec, desired: Desired, model: str, timeout: float) -> None:
         t0 = self.clock()
@@ -586,16 +615,30 @@ class GpuWorker:
         return None
 
     def _learn_baseline(self, observed: Observed) -> None:
+        """The GPU's memory in use without any of our models (what the memory
+        wait's bound starts from), unless configured.
+
+        Learned: the lowest reading taken while none of ours is live and the
+        probe shows no process of ours (a model that just exited may still be
+        releasing). Until then, estimated from a probe that sizes every
+        process of ours: used minus theirs (a supervisor restarted while a
+        model runs). None while neither is possible (WSL2, right after a
+        restart): the memory wait then goes by the processes and free memory.
+        """
         if self.settings.baseline_mib is not None:
             return
-        if any(w.state.live for w in observed.workloads.values()):
-            return
         try:
-            used = self.probe.snapshot().memory.used_mib
+            snap = self.probe.snapshot()
         except Exception:
             return
-        # The lowest reading with nothing of ours running is the baseline.
-        self._baseline = used if self._baseline is None else min(self._baseline, used)
+        used = snap.memory.used_mib
+        ours = [p for p in snap.processes or () if p.model is not None]
+        if not ours and not any(w.state.live for w in observed.workloads.values()):
+            self._baseline = used if not self._baseline_learned or self._baseline is None else min(self._baseline, used)
+            self._baseline_learned = True
+        elif not self._baseline_learned and ours and all(p.used_mib is not None for p in ours):
+            estimate = max(0, used - sum(p.used_mib or 0 for p in ours))
+            self._baseline = estimate if self._baseline is None else min(self._baseline, estimate)
 
     def _record_failure(self, err: _Failed) -> None:
         with self._lock:
@@ -712,6 +755,60 @@ def _model_state(w: Workload | None, failed: bool, in_spec: bool) -> str:
     if failed:
         return "failed"
     return "absent" if st is WorkloadState.ABSENT else "stopped"
+
+
+def memory_problem(snap: GpuSnapshot, w: WaitForMemory, kept: frozenset[str] = frozenset()) -> str | None:
+    """Why the GPU is not ready for the next start, or None when it is.
+
+    Not ready while a process of ours that is not ``kept`` (a model that stays
+    live through the plan) is still on the GPU: the stopped models, and any
+    earlier one still tearing down. Then while used memory is above
+    ``w.max_used_mib`` or free memory below ``w.need_free_mib``; the message
+    names the processes that are not vramctl's, with their container.
+    """
+    procs = snap.processes
+    if procs is not None:
+        lingering = [p for p in procs if p.model is not None and (p.model in w.released or p.model not in kept)]
+        if lingering:
+            return "still held by " + ", ".join(
+                f"{p.model} (pid {p.pid}" + (f", {p.used_mib} MiB" if p.used_mib is not None else "") + ")" for p in lingering
+            )
+    mem = snap.memory
+    if (w.max_used_mib is not None and mem.used_mib > w.max_used_mib) or mem.free_mib < w.need_free_mib:
+        foreign = [p for p in (procs or ()) if p.model is None]
+        who = ""
+        if foreign:
+            who = "; held by processes that are not vramctl's: " + ", ".join(_describe_process(p) for p in foreign)
+        return (
+            f"{mem.used_mib} MiB used, {mem.free_mib} MiB free, need {w.need_free_mib} MiB free"
+            + (f" and at most {w.max_used_mib} MiB used" if w.max_used_mib is not None else "")
+            + who
+        )
+    return None
+
+
+def foreign_holders(snap: GpuSnapshot, w: WaitForMemory, kept: frozenset[str] = frozenset()) -> list[GpuProcess]:
+    """The processes that are not vramctl's and are why the memory is short:
+    none of ours is lingering, and without their (known) memory the wait would
+    be over. Empty when that cannot be shown (no per-process figures, WSL2),
+    or when the memory is short anyway (a release still under way)."""
+    procs = snap.processes
+    if procs is None or any(p.model is not None and (p.model in w.released or p.model not in kept) for p in procs):
+        return []
+    foreign = [p for p in procs if p.model is None and p.used_mib]
+    held = sum(p.used_mib or 0 for p in foreign)
+    mem = snap.memory
+    short = (w.max_used_mib is not None and mem.used_mib > w.max_used_mib) or mem.free_mib < w.need_free_mib
+    if not foreign or not short:
+        return []
+    fits_without = (w.max_used_mib is None or mem.used_mib - held <= w.max_used_mib) and mem.free_mib + held >= w.need_free_mib
+    return foreign if fits_without else []
+
+
+def _describe_process(p: GpuProcess) -> str:
+    return (
+        f"pid {p.pid}" + (f" (container {p.container})" if p.container else "") + (f" {p.used_mib} MiB" if p.used_mib is not None else "")
+    )
 
 
 def holders_from(

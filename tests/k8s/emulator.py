@@ -305,7 +305,12 @@ class KubeClient:
         return p
 
     def create_md(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        body = {"apiVersion": "vramctl.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+        body = {
+            "apiVersion": "vramctl.io/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        }
         created: dict[str, Any] = self.request("POST", self.md_path(namespace), body)
         return created
 

@@ -12,7 +12,7 @@ from tests.k8s.validation import load_yaml_docs, validate
 # The rules vramctl and kopf need (see manifests/rbac.yaml for why each is there).
 EXPECTED_RULES = [
     {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments"], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/status"], "verbs": ["get", "update", "patch"]},
+    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/status"], "verbs": ["update", "patch"]},
     {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/finalizers"], "verbs": ["update", "patch"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},

@@ -68,6 +68,10 @@ class FakeRuntime:
     def validate(self, deployment: DeploymentSpec) -> list[tuple[str, str]]:
         return []
 
+    def owners(self, deployment: DeploymentSpec) -> dict[str, str]:
+        """Live models by their ref (the model's name doubles as its ref here)."""
+        return {m: m for m, s in self.states.items() if s.live}
+
     def watch_starts(self, on_start: Callable[[StartEvent], None], stop: Callable[[], bool]) -> None:
         return None
 

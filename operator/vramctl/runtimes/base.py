@@ -12,7 +12,7 @@ Contract for every adapter:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -91,6 +91,14 @@ class Runtime(Protocol):
     def validate(self, deployment: DeploymentSpec) -> list[tuple[str, str]]:
         """Problems that make this deployment unrunnable on this runtime, as
         (field path, message); e.g. a model with neither image nor command."""
+        ...
+
+    def owners(self, deployment: DeploymentSpec) -> Mapping[str, str]:
+        """What of this deployment's GPU is ours, for attributing GPU processes:
+        ``{container id or pid (decimal text): model}`` for each live workload
+        (a process workload lists its pid and its process group). Called by the
+        NVML probe when an unknown pid appears on the GPU, so it should be
+        cheap (one listing). Runtimes that cannot tell return {}."""
         ...
 
     def watch_starts(self, on_start: Callable[[StartEvent], None], stop: Callable[[], bool]) -> None:

@@ -672,6 +672,12 @@ class DockerRuntime:
     def _event_owned(self, attrs: dict[str, str]) -> bool:
         return self.owns_labels(attrs) and attrs.get(COMPOSE_ONEOFF) != "True"
 
+    def owners(self, deployment: DeploymentSpec) -> dict[str, str]:
+        """``{full container id: model}`` of this GPU's containers that are
+        running, paused or restarting: a GPU process is ours when its cgroup
+        names one of them (``gpu.cgroups``). One container listing."""
+        return {str(f.container.id): f.model for f in self._found(deployment) if container_state(f.container).live}
+
     def watch_starts(self, on_start: Callable[[StartEvent], None], stop: Callable[[], bool]) -> None:
         """Follow docker 'start' events of our containers until ``stop()``.
 

@@ -666,6 +666,21 @@ class ProcessRuntime:
                 )
         return problems
 
+    def owners(self, deployment: DeploymentSpec) -> dict[str, str]:
+        """``{pid: model, pgid: model}`` (as text) of this GPU's workloads whose
+        leader is provably ours: alive, stopped, or a zombie (which pins the
+        group, so its remaining members are ours too). A GPU process is then
+        ours when its pid, group or session is listed (``gpu.cgroups``)."""
+        out: dict[str, str] = {}
+        for rec in self._records(deployment.gpu):
+            if rec.exit_code is not None:
+                continue
+            leader, _ = _leader(rec, self._boot_id)
+            if leader in (_Leader.ALIVE, _Leader.STOPPED, _Leader.ZOMBIE):
+                out[str(rec.pid)] = rec.model
+                out[str(rec.pgid)] = rec.model
+        return out
+
     def watch_starts(self, on_start: Callable[[StartEvent], None], stop: Callable[[], bool]) -> None:
         """Returns at once: nobody else starts vramctl's processes."""
         return None
