@@ -2,13 +2,14 @@
 PY ?= python3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup infra image up test lint bench crd
+.PHONY: help setup infra image up test lint bench crd gpu-proof
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
 
-setup: ## install vramctl and its test tools into the current Python
-	$(PY) -m pip install -q -e '.[test]'
+setup: ## install vramctl and its test tools into the current Python (torch first: the pinned CPU build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,images-test]'
 
 infra: ## install and start a Docker engine and compose v2 (Debian, needs root)
 	bash .ci/setup-infra.sh
@@ -24,12 +25,15 @@ test: setup infra image ## run every test against a real Docker engine
 	$(PY) -m pytest -q
 
 lint: setup ## ruff, mypy --strict, import-linter contracts
-	$(PY) -m ruff check operator tests benchmarks
+	$(PY) -m ruff check operator tests benchmarks images
 	$(PY) -m mypy
 	lint-imports
 
 bench: setup infra image ## switch benchmark: vramctl vs docker compose stop/up scripts
 	$(PY) benchmarks/switch_bench.py
+
+gpu-proof: ## real CUDA switches + NVML probe (needs a GPU and torch); DRY=1: simulated, no GPU
+	$(PY) benchmarks/gpu_proof.py $(if $(DRY),--dry-run,)
 
 crd: ## regenerate the ModelDeployment CRD from vramctl.spec (manifests/ and the chart)
 	$(PY) -m vramctl.crd -o manifests/crds/modeldeployments.vramctl.io.yaml -o charts/vramctl/crds/modeldeployments.vramctl.io.yaml

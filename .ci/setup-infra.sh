@@ -44,3 +44,7 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/vramctl-dockerd.log" >&2; tail -20 /var/log/vramctl-dockerd.log >&2; exit 1; }
 fi
 docker compose version
+# tests/e2e/test_prometheus.py runs /usr/bin/prometheus on a port of its own.
+# Installing the package may start Debian's prometheus service where an init
+# system runs (on :9090); the tests neither need nor disturb it.
+prometheus --version 2>&1 | head -1

@@ -148,7 +148,7 @@ def decide(facts: Facts, policy: Policy) -> Verdict:
         honoured = _vllm_honours_backend_env(facts.vllm_version)
         if backend.upper() == "TORCH_SDPA" and honoured:
             problems.append(
-                f"VLLM_ATTENTION_BACKEND=TORCH_SDPA: vLLM {facts.vllm_version} honours it, and TORCH_SDPA is no CUDA "
+                f"VLLM_ATTENTION_BACKEND=TORCH_SDPA: vLLM {facts.vllm_version or '(version unknown)'} honours it, and TORCH_SDPA is no CUDA "
                 "backend for text models, so vLLM would fail at startup; unset it (XFORMERS_DISABLED=1 already keeps "
                 "xformers out) or pass --attention-backend FLASH_ATTN|FLASHINFER|TRITON_ATTN|FLEX_ATTENTION"
             )
@@ -313,10 +313,10 @@ def report(facts: Facts, policy: Policy, verdict: Verdict) -> dict[str, Any]:
         "ok": verdict.ok,
         "problems": verdict.problems,
         "warnings": verdict.warnings,
-        "kernelForArch": verdict.kernel_for_arch,
+        "kernel_for_arch": verdict.kernel_for_arch,
         "policy": {
-            "minCapability": f"{policy.min_capability[0]}.{policy.min_capability[1]}",
-            "allowXformers": policy.allow_xformers,
+            "min_capability": f"{policy.min_capability[0]}.{policy.min_capability[1]}",
+            "allow_xformers": policy.allow_xformers,
             "engine": policy.engine,
         },
         "facts": {**asdict(facts), "capability": f"{facts.capability[0]}.{facts.capability[1]}" if facts.capability else None},
@@ -330,7 +330,9 @@ def render_text(facts: Facts, verdict: Verdict) -> str:
     if facts.gpu_name:
         cap = f"{facts.capability[0]}.{facts.capability[1]}" if facts.capability else "?"
         mem = f", {facts.total_memory_bytes / 2**30:.1f} GiB" if facts.total_memory_bytes else ""
-        lines.append(f"preflight: GPU 0 {facts.gpu_name}, compute capability {cap}{mem}, torch arch list {' '.join(facts.arch_list) or '?'}")
+        lines.append(
+            f"preflight: GPU 0 {facts.gpu_name}, compute capability {cap}{mem}, torch arch list {' '.join(facts.arch_list) or '?'}"
+        )
     if facts.sdpa:
         lines.append("preflight: SDPA kernels " + ", ".join(f"{k}={'ok' if v == 'ok' else 'FAIL'}" for k, v in facts.sdpa.items()))
     lines.append(f"preflight: xformers {'installed ' + (facts.xformers_version or '') if facts.xformers_installed else 'absent'}".rstrip())

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vramctl.gpu.base import GpuProbe
+from vramctl.gpu.base import GpuProbe, ProbeError
 from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import Desired
 from vramctl.runtimes.base import Runtime
@@ -84,13 +84,29 @@ class _SpecRef:
 
 
 def build_probe(config: Config, spec_of: _SpecRef, runtime: Runtime, notes: list[str]) -> GpuProbe:
+    """NVML when it loads and the GPU index exists (kind auto or nvml), else the
+    simulated GPU (auto, simulated); a note says which and why. ``kind: nvml``
+    without NVML is a ConfigError: the user asked for real figures."""
     p = config.gpu_probe
     gpu = spec_of().gpu
-    if p.kind == "nvml":
-        raise ConfigError(
-            "gpuProbe", [("gpuProbe.kind", "nvml was asked for but this build has no NVML probe; set kind: simulated or auto")]
-        )
-    why = "no NVML probe in this build" if p.kind == "auto" else "gpuProbe.kind: simulated"
+    if p.kind in ("auto", "nvml"):
+        probe, problem = _nvml_probe(gpu, runtime, spec_of, notes)
+        if probe is not None:
+            return probe
+        if p.kind == "nvml":
+            raise ConfigError(
+                "gpuProbe",
+                [
+                    (
+                        "gpuProbe.kind",
+                        f"kind: nvml, but NVML cannot be used for gpu {gpu}: {problem}; install the NVIDIA driver "
+                        "(and nvidia-ml-py), or set kind: auto to fall back to a simulated GPU",
+                    )
+                ],
+            )
+        why = f"NVML unavailable: {problem}"
+    else:
+        why = "gpuProbe.kind: simulated"
     notes.append(f"gpu {gpu}: SIMULATED GPU memory ({why}); figures follow the models' declared vramMiB, not real VRAM")
     return SimulatedGpu(
         index=gpu,
@@ -99,6 +115,33 @@ def build_probe(config: Config, spec_of: _SpecRef, runtime: Runtime, notes: list
         release_delay_seconds=p.release_delay_seconds,
         holders=holders_from(runtime, spec_of, p.total_mib),
     )
+
+
+def _nvml_probe(gpu: int, runtime: Runtime, spec_of: _SpecRef, notes: list[str]) -> tuple[GpuProbe | None, str]:
+    """(the NVML probe of ``gpu``, "") or (None, why not)."""
+    try:
+        from vramctl.gpu.nvml import NvmlProbe, NvmlUnavailable, nvml_problem, running_under_wsl2
+    except ImportError as err:  # nvidia-ml-py not installed
+        return None, f"nvidia-ml-py is not installed ({err})"
+    problem = nvml_problem(gpu)
+    if problem is not None:
+        return None, problem
+    owners_of = getattr(runtime, "owners", None)
+
+    def owners() -> Mapping[str, str]:
+        return owners_of(spec_of()) if owners_of is not None else {}
+
+    try:
+        probe = NvmlProbe(gpu, owners)
+        info = probe.info()
+    except (NvmlUnavailable, ProbeError) as err:
+        return None, str(err)
+    notes.append(f"gpu {gpu}: NVML: {info.name}, {info.total_mib} MiB, driver {info.driver}, {info.uuid}")
+    if running_under_wsl2():
+        notes.append(
+            f"gpu {gpu}: WSL2: NVML gives no per-process GPU memory here; a model's memory is attributed from what vramctl started"
+        )
+    return probe, ""
 
 
 def build(config: Config, state_path: Path, instance: str = "default") -> Built:

@@ -4,6 +4,7 @@
 ``vramctl switch``  ask it for another model, following the switch step by step
 ``vramctl status``  what holds each GPU
 ``vramctl validate`` check a config file; exit 2 with every problem named, WARN lines for pitfalls (exit 0)
+``vramctl doctor``  check this machine for a config (NVML, GPUs, WSL2, Docker, pitfalls); exit 1 on a FAIL
 ``vramctl operator`` the Kubernetes operator of one node (ModelDeployment resources)
 """
 
@@ -96,6 +97,31 @@ def _describe_model(d: DeploymentSpec, name: str, total_mib: int | None) -> str:
     engine = "" if m.engine == "container" else f", {m.engine}"
     size = "? MiB" if r is None else f"{r.mib} MiB" + (f" = {r.formula}" if r.formula else "")
     return f"{name} ({m.model_class}{engine}, {size})"
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """One line per check (OK/WARN/FAIL + the fix); exit 1 when a FAIL stops the main job."""
+    from vramctl import doctor
+
+    config: Config | ConfigError
+    if args.config:
+        source = args.config
+        try:
+            config = load_config(args.config)
+        except ConfigError as err:
+            config = err
+    else:
+        from vramctl.demo.config import demo_config
+
+        source, config = "embedded demo config", demo_config()
+    found = doctor.checks(doctor.gather(config, source))
+    rc = doctor.exit_code(found)
+    if args.json:
+        print(json.dumps({"ok": rc == 0, "checks": [c.as_dict() for c in found]}, indent=2))
+    else:
+        for c in found:
+            print(c.render())
+    return rc
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -247,6 +273,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if g.get("message"):
             print(f"  {g['message']}")
+        for w in g.get("configWarnings") or []:
+            print(f"  {'ERROR' if w.get('severity') == 'error' else 'WARN'} {w.get('path')}: {w.get('message')}")
     return EXIT_OK
 
 
@@ -263,10 +291,16 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from vramctl.spec import GpuProbeConfig
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # "Timer succeeded" every 10 s per object; ours say what happened
     if not args.node_name:
         print(
             "vramctl operator: the node name is required: --node-name, or NODE_NAME from the downward API (spec.nodeName)", file=sys.stderr
         )
+        return EXIT_USAGE
+    globbed = [n for n in args.namespace or () if any(ch in n for ch in "*?[!")]
+    if globbed:
+        print(f"vramctl operator: --namespace takes exact names, not patterns: {', '.join(globbed)}", file=sys.stderr)
         return EXIT_USAGE
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
@@ -299,7 +333,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        kubernetes.run(controller, clusterwide=not args.namespace, namespaces=args.namespace or ())
+        kubernetes.run(controller, clusterwide=not args.namespace, namespaces=args.namespace or (), timer_interval=args.timer_seconds)
     finally:
         print("vramctl operator: shutting down (models keep running)", file=sys.stderr, flush=True)
         controller.close()
@@ -343,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("file")
     va.set_defaults(func=cmd_validate)
 
+    dr = sub.add_parser("doctor", help="check this machine for the config: NVML, GPUs, WSL2, Docker, config pitfalls")
+    dr.add_argument("--config", help="config file (default: the embedded demo stack)")
+    dr.add_argument("--json", action="store_true", help="print the checks as JSON")
+    dr.set_defaults(func=cmd_doctor)
+
     op = sub.add_parser("operator", help="run as the Kubernetes operator of this node (ModelDeployment resources)")
     op.add_argument(
         "--node-name",
@@ -350,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="act on the ModelDeployments whose spec.nodeName is this (default: $NODE_NAME)",
     )
     scope = op.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable; default: all namespaces)")
+    scope.add_argument(
+        "-n", "--namespace", action="append", help="watch this namespace, an exact name (repeatable; default: all namespaces)"
+    )
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
     op.add_argument(
         "--listen",
@@ -361,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--token", help="bearer token for the HTTP API (or VRAMCTL_TOKEN); POST /switch is refused in this mode")
     op.add_argument("--instance", default="k8s", help="label value marking this operator's containers on the Docker engine (default k8s)")
     op.add_argument("--gpu-probe", choices=("auto", "nvml", "simulated"), default="auto", help="GPU memory source (default auto)")
+    op.add_argument(
+        "--timer-seconds", type=float, default=10.0, help="re-hand each ModelDeployment's spec to its worker this often (default 10)"
+    )
     op.add_argument("--kubeconfig", help="kubeconfig file (default: the pod's service account, or $KUBECONFIG, or ~/.kube/config)")
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=cmd_operator)

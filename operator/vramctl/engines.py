@@ -24,10 +24,11 @@ What each engine renders (the contract its image must keep):
   Health ``GET /health`` on ``port``. ``enableSleepMode`` also sets
   ``VLLM_SERVER_DEV_MODE=1``, which the ``/sleep`` and ``/wake_up`` endpoints
   need.
-- ``sdxl``: environment for the ``images/sdxl`` server: ``SDXL_MODEL``,
-  ``SDXL_DTYPE``, ``SDXL_VAE_SLICING`` (``1``/``0``), ``SDXL_VAE_TILING``
-  (``auto``: tile when width or height is above 1024 px; ``on``/``off``),
-  ``SDXL_LORAS`` (``path:weight,path:weight``, only when set) and ``PORT``.
+- ``sdxl``: environment for the ``images/sdxl`` server (its ``server.py``
+  documents the same names): ``SDXL_MODEL``, ``SDXL_DTYPE`` (only when set:
+  the server picks float16 on CUDA), ``SDXL_VAE_SLICING`` (``1``/``0``),
+  ``SDXL_VAE_TILING`` (``auto``: tile only above 1024 px on a side; ``1``/
+  ``0``), ``SDXL_LORAS`` (``path:weight,...``, only when set) and ``PORT``.
   Health ``GET /health``.
 - ``sovits``: ``python api_v2.py -a BIND -p PORT [-c CONFIG]`` (GPT-SoVITS's
   API server binds 127.0.0.1 unless told otherwise). It has no health
@@ -101,8 +102,8 @@ def owned_flag_problems(args: Iterable[str], owned: Mapping[str, str], where: st
 
 
 def _num(x: float) -> str:
-    """0.85 -> "0.85", 4.0 -> "4": what a person would type."""
-    return f"{x:g}"
+    """0.85 -> "0.85", 4.0 -> "4", 1234567.0 -> "1234567": what a person would type."""
+    return str(int(x)) if x == int(x) else repr(x)
 
 
 # ------------------------------------------------------------------ vLLM
@@ -224,11 +225,11 @@ class SdxlSpec(_EngineModel):
     """The Stable Diffusion XL server of ``images/sdxl`` (diffusers, PyTorch SDPA)."""
 
     model_path: str = Field(min_length=1, description="SDXL checkpoint (.safetensors) or diffusers folder in the container (SDXL_MODEL).")
-    dtype: SdxlDtype = Field(default="float16", description="Pipeline dtype (SDXL_DTYPE).")
+    dtype: SdxlDtype | None = Field(default=None, description="Pipeline dtype (SDXL_DTYPE); unset: the server's choice, float16 on CUDA.")
     vae_slicing: bool = Field(default=True, description="Decode the VAE one image at a time: less VRAM for batches (SDXL_VAE_SLICING).")
     vae_tiling: Annotated[Literal["auto", "on", "off"], BeforeValidator(_tiling)] = Field(
         default="auto",
-        description="Decode the VAE in tiles (SDXL_VAE_TILING). auto: only above 1024 px in width or height; on / off (or true / false).",
+        description="Decode the VAE in tiles (SDXL_VAE_TILING). auto: only above 1024 px in width or height; on; off.",
     )
     loras: list[LoraSpec] = Field(default_factory=list, description="LoRA adapters loaded at start (about 1 GB of VRAM each).")
     port: int = Field(default=7860, ge=1, le=65535, description="Port of the server and of GET /health (PORT).")
@@ -236,11 +237,12 @@ class SdxlSpec(_EngineModel):
     def env(self) -> dict[str, str]:
         out = {
             "SDXL_MODEL": self.model_path,
-            "SDXL_DTYPE": self.dtype,
             "SDXL_VAE_SLICING": "1" if self.vae_slicing else "0",
-            "SDXL_VAE_TILING": self.vae_tiling,
+            "SDXL_VAE_TILING": {"auto": "auto", "on": "1", "off": "0"}[self.vae_tiling],
             "PORT": str(self.port),
         }
+        if self.dtype is not None:
+            out["SDXL_DTYPE"] = self.dtype
         if self.loras:
             # The weight is always written: the server splits at the last ':'.
             out["SDXL_LORAS"] = ",".join(f"{lo.path}:{_num(lo.weight)}" for lo in self.loras)

@@ -497,6 +497,9 @@ class GpuWorker:
                     ref = self.runtime.start(spec, m)
                 except StartError as err:
                     raise _Failed(m, "StartFailed", f"{m} could not be started: {err}", self._logs(spec, m)) from err
+                # Started by this plan, it stays live through it: a companion's
+                # memory wait must not take its processes for a leftover.
+                self._kept = self._kept | {m}
                 self._set_model_state(m, "starting")
                 self._note("started", m, f"{m} started ({ref[:12]})")
             case WaitHealthy(model=m, timeout_seconds=timeout):

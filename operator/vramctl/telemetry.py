@@ -37,7 +37,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -64,7 +63,8 @@ def model_memory_mib(spec: DeploymentSpec, states: Mapping[str, str], snap: GpuS
     """MiB each model holds on the GPU; every known model appears (0 when it holds nothing).
 
     Per-process figures win. A holding model the probe cannot size (no
-    per-process data at all, or its processes listed without a figure) is
+    per-process data at all, none of its processes listed, or listed without
+    a figure) is
     attributed its reservation (``vramMiB``; for vLLM gpuMemoryUtilization x
     total, see ``DeploymentSpec.reservation``); a single such model without one gets
     ``used - baseline - (everything else attributed)``, floored at 0. Several
@@ -84,6 +84,10 @@ def model_memory_mib(spec: DeploymentSpec, states: Mapping[str, str], snap: GpuS
             else:
                 out[p.model] = out.get(p.model, 0) + p.used_mib
         unsized = [m for m in sorted(no_figure) if out.get(m, 0) == 0]
+        # Holding, yet none of its processes listed: its pids could not be
+        # mapped to it (another pid namespace); 0 would be the one wrong answer.
+        listed = {p.model for p in snap.processes if p.model is not None}
+        unsized += [m for m, st in sorted(states.items()) if st in HOLDING_STATES and m not in listed]
     undeclared = []
     for m in unsized:
         declared = spec.reservation_mib(m, snap.memory.total_mib) if m in spec.models else None
@@ -221,7 +225,7 @@ class VramctlCollector(Collector):
                 f.state.add_metric([gpu, m, st], 1.0 if st == states[m] else 0.0)
             if states[m] in HOLDING_STATES and m in spec.models and spec.models[m].heavy:
                 f.active.add_metric([gpu, m], 1.0)
-        release = _release_seconds(w)
+        release = w.last_release_seconds  # a float, replaced whole: no lock needed
         if release is not None:
             f.release.add_metric([gpu], release)
 
@@ -272,12 +276,6 @@ class VramctlCollector(Collector):
         with self._errors_lock:
             if self._last_error.pop(gpu, None) is not None:
                 log.info("gpu%d: the GPU probe answers again", gpu)
-
-
-def _release_seconds(w: GpuWorker) -> float | None:
-    # Exposed by the worker's release detection; older workers have none.
-    value: Any = getattr(w, "last_release_seconds", None)
-    return float(value) if isinstance(value, int | float) else None
 
 
 def register(supervisor: Supervisor, *, dcgm_compat: bool = False, hostname: str | None = None) -> VramctlCollector:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
 from tests.conftest import STANDIN_TAG
 from vramctl.gpu.cgroups import owner_model, read_cgroup, read_stat, short_id
 from vramctl.runtimes.docker import DockerRuntime
@@ -42,4 +40,3 @@ def test_owners_and_cgroup_attribution_of_a_container(runtime: DockerRuntime, fr
     assert short_id(cid) == cid[:12]
     runtime.stop(d, "llm")
     assert runtime.owners(d) == {}
-    pytest.importorskip  # keep pytest imported for the fixtures' types

@@ -20,12 +20,15 @@ deliberately simplistic. What this subclass adds, and why:
 - a failed JSON-patch ``test`` answers 422 like the real server (kopf then
   retries on the next event), not 500.
 
-Known gap (kmock 0.8): ``/api/v1/namespaces`` itself cannot be requested
-(its path parser reads "namespaces" as the start of a namespaced path and
-fails with HTTP 500), so Namespace objects cannot be created or listed. The
-resource is still registered for discovery; kopf run with ``-A`` or explicit
-namespace names never lists namespaces, and the emulator accepts objects in
-any namespace without one.
+- a bounded request log (see ``_forget_old_requests``): kmock keeps every
+  request and routes each new one by scanning them all.
+- ``/api/v1/namespaces`` answers 403, as an API server whose RBAC does not
+  let the operator list namespaces. kmock 0.8 cannot serve that path at all
+  (its path parser reads "namespaces" as the start of a namespaced path and
+  fails with HTTP 500), and kopf, run with ``--namespace``, lists and watches
+  namespaces; on 403 it falls back to the exact namespaces it was given.
+  Namespace objects therefore cannot be created; the emulator accepts objects
+  in any namespace without one.
 
 ``EmulatorThread`` runs it on its own event loop in a background thread, so
 synchronous tests, the ``vramctl operator`` subprocess and ``kubectl`` all
@@ -47,6 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
 import jsonpatch
 import kmock
 import yaml
@@ -74,6 +78,36 @@ class Emulator(kmock.KubernetesEmulator):
     def _next_rv(self) -> str:
         self._rv += 1
         return str(self._rv)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        self._forget_old_requests()
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            await raw_request.read()
+            status = {
+                "apiVersion": "v1",
+                "kind": "Status",
+                "metadata": {},
+                "status": "Failure",
+                "reason": "Forbidden",
+                "code": 403,
+                "message": 'namespaces is forbidden: cannot list resource "namespaces" at the cluster scope (emulator)',
+            }
+            return aiohttp.web.json_response(status, status=403)
+        return await super().__call__(raw_request)
+
+    def _forget_old_requests(self, keep: int = 50, limit: int = 300) -> None:
+        """kmock logs every request for assertions and routes each new one by
+        scanning that log (a request's identity in each reaction's view), so an
+        operator that runs for minutes makes every request slower, from about
+        1 ms to tens of ms. Only the newest requests can still be routed (the
+        ones in flight); the older ones are dropped from the logs."""
+        if len(self._requests) <= limit:
+            return
+        del self._requests[:-keep]
+        for payload in self._payloads:
+            log = getattr(payload, "_requests", None)
+            if isinstance(log, list) and len(log) > keep:
+                del log[:-keep]
 
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is None or request.action not in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):

@@ -65,9 +65,10 @@ def _embedded(obj: object) -> Iterator[dict[str, Any]]:
             yield from _embedded(v)
     elif isinstance(obj, str) and obj.lstrip().startswith("{") and '"panels"' in obj:
         try:
-            yield from _embedded(json.loads(obj))
+            parsed = json.loads(obj)
         except ValueError:
-            pass
+            return
+        yield from _embedded(parsed)
 
 
 def dashboards_in(path: Path) -> list[dict[str, Any]]:
@@ -95,7 +96,9 @@ def test_every_copy_of_the_dashboard_matches_the_source() -> None:
                 found[path.relative_to(ROOT).as_posix()] = d
     assert SOURCE.relative_to(ROOT).as_posix() in found, "the source itself was not found: is it tracked or ignored?"
     drifted = sorted(p for p, d in found.items() if d != source)
-    assert not drifted, f"copies of the vramctl dashboard differ from {SOURCE.relative_to(ROOT)}: {drifted}; copy it again, or better, load the source"
+    assert not drifted, (
+        f"copies of the vramctl dashboard differ from {SOURCE.relative_to(ROOT)}: {drifted}; copy it again, or better, load the source"
+    )
 
 
 def test_compose_grafana_loads_the_single_source() -> None:

@@ -114,7 +114,6 @@ SDXL_ENV: list[tuple[str, dict[str, Any], dict[str, str]]] = [
         {},
         {
             "SDXL_MODEL": "/models/sdxl/base.safetensors",
-            "SDXL_DTYPE": "float16",
             "SDXL_VAE_SLICING": "1",
             "SDXL_VAE_TILING": "auto",
             "PORT": "7860",
@@ -133,13 +132,13 @@ SDXL_ENV: list[tuple[str, dict[str, Any], dict[str, str]]] = [
             "SDXL_MODEL": "/models/sdxl/base.safetensors",
             "SDXL_DTYPE": "bfloat16",
             "SDXL_VAE_SLICING": "0",
-            "SDXL_VAE_TILING": "on",
+            "SDXL_VAE_TILING": "1",
             "SDXL_LORAS": "/models/lora/a.safetensors:0.8,/models/lora/b:c.safetensors:1",
             "PORT": "7861",
         },
     ),
-    ("tiling off", {"vaeTiling": False}, {"SDXL_VAE_TILING": "off"}),
-    ("tiling off, spelled", {"vaeTiling": "off"}, {"SDXL_VAE_TILING": "off"}),
+    ("tiling off", {"vaeTiling": False}, {"SDXL_VAE_TILING": "0"}),
+    ("tiling on, spelled", {"vaeTiling": "on"}, {"SDXL_VAE_TILING": "1"}),
 ]
 
 
@@ -147,6 +146,8 @@ SDXL_ENV: list[tuple[str, dict[str, Any], dict[str, str]]] = [
 def test_sdxl_renders_the_servers_environment(fields: dict[str, Any], env: dict[str, str]) -> None:
     r = render_sdxl(SdxlSpec.model_validate({"modelPath": "/models/sdxl/base.safetensors", **fields}))
     assert {k: v for k, v in r.env.items() if k in env} == env
+    if not fields:
+        assert dict(r.env) == env  # nothing else: SDXL_DTYPE is the server's choice unless set
     assert (r.program, r.args, r.health_path, r.port) == ((), (), "/health", fields.get("port", 7860))
 
 

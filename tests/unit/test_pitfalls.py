@@ -4,6 +4,7 @@ a worker reports them in its ConfigWarnings condition."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import yaml
 
 from tests.unit.builders import deployment, light
 from tests.unit.fakes import FakeGpu, FakeRuntime
+from vramctl.cli import main
 from vramctl.pitfalls import Finding, env_pitfalls
+from vramctl.spec import HealthSpec, load_config
 from vramctl.supervisor import GpuWorker, WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -227,6 +230,19 @@ def test_validate_fails_when_companions_do_not_fit_the_gpus_total(tmp_path: Path
     assert "Traceback" not in r.stdout + r.stderr
 
 
+def test_the_real_stack_declares_vllm_by_engine_and_validates_clean() -> None:
+    path = REPO / "compose" / "vramctl.yaml"
+    r = subprocess.run([sys.executable, "-m", "vramctl", "validate", str(path)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "WARN" not in r.stdout and r.stdout.rstrip().endswith("ok")
+    assert "llm (heavy, vllm, 13858 MiB = 0.85 x 16303 MiB)" in r.stdout
+    (g,) = load_config(path).gpus
+    command = g.container_command("llm")
+    assert command is not None and command[:4] == ["--model", "Qwen/Qwen2.5-7B-Instruct", "--served-model-name", "qwen2.5-7b"]
+    assert g.health_of("llm") == HealthSpec(path="/health", port=8000)
+    assert g.merged_env("llm")["XFORMERS_DISABLED"] == "1"
+
+
 # ------------------------------------------------------------------ the worker's status
 
 
@@ -247,3 +263,11 @@ def test_worker_reports_pitfalls_in_a_condition_and_clears_it_on_a_fixed_spec() 
     cond = next(c for c in st["conditions"] if c["type"] == "ConfigWarnings")
     assert (cond["status"], cond["reason"]) == ("False", "NoPitfalls")
     assert st["configWarnings"] == []
+
+
+def test_status_command_shows_the_config_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state.json"
+    warning = {"severity": "warning", "path": "env.VLLM_USE_V1", "message": "delete it"}
+    state.write_text(json.dumps({"gpus": {"0": {"status": {"phase": "Ready", "activeModel": "llm", "configWarnings": [warning]}}}}))
+    assert main(["status", "--url", "http://127.0.0.1:1", "--state", str(state)]) == 0
+    assert "  WARN env.VLLM_USE_V1: delete it" in capsys.readouterr().out

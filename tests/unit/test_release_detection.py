@@ -261,3 +261,17 @@ def test_a_probe_that_does_not_answer_is_never_taken_as_free() -> None:
     probe.fail = 3  # answers again after a few polls
     w.reconcile_once()
     assert rt.calls[-1] == ("start", "sdxl")
+
+
+def test_a_companion_started_after_the_heavy_model_does_not_wait_for_it() -> None:
+    """llm is started by the same plan before tts: its processes on the GPU are
+    not leftovers of anything, and tts must not wait for them to leave."""
+    rt = FakeRuntime()
+    d = spec(companions=["tts"])
+    gpu = SimulatedGpu(0, 16303, 300, 0.2, holders_from(rt, lambda: d))
+    w = GpuWorker(d, rt, gpu, settings(memory_timeout_s=1))
+    t0 = time.monotonic()
+    w.reconcile_once()
+    assert rt.calls == [("start", "llm"), ("start", "tts")]
+    assert time.monotonic() - t0 < 0.5
+    assert w.status()["phase"] == "Ready"

@@ -293,6 +293,8 @@ def snap(used: int, procs: tuple[GpuProcess, ...] | None = None) -> GpuSnapshot:
         ({"llm": "running", "tts": "running", "sdxl": "stopped"}, snap(14000), 500, {"llm": 10500, "tts": 3000, "sdxl": 0}),
         ({"sdxl": "starting", "llm": "paused"}, snap(9000), 0, {"sdxl": 11000, "llm": 0}),  # paused = gated: holds nothing
         ({"llm": "stopping"}, snap(200), 500, {"llm": 0}),  # floored at 0, never negative
+        # a holding model none of whose processes is listed (pids not mapped): attributed, never 0
+        ({"sdxl": "running", "llm": "stopped"}, snap(11000, (GpuProcess(7, 11000),)), 0, {"sdxl": 11000, "llm": 0}),
         # processes listed without a figure (some NVML versions): attributed like no per-process data
         (
             {"llm": "running", "tts": "running"},
@@ -323,6 +325,8 @@ def test_simulated_gpu_release_delay_shows_in_the_series() -> None:
     ids = {"gpu": "0", "UUID": "SIM-GPU-0"}
     assert rig.value("vramctl_gpu_memory_used_bytes", **ids) == (400 + 12000) * MIB
     rt.states["llm"] = WorkloadState.EXITED  # exited; the driver has not given the memory back yet
+    w._observe()  # the worker's next pass sees it gone
+    assert rig.state("llm") == "stopped"
     assert rig.value("vramctl_gpu_memory_used_bytes", **ids) == (400 + 12000) * MIB
     assert rig.value("vramctl_model_gpu_memory_bytes", gpu="0", model="llm") == 12000 * MIB
     clock.t += 0.5
@@ -382,3 +386,11 @@ def test_scrape_latency_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
             f"\n[bench] generate_latest, 1 GPU / 3 models / simulated probe: "
             f"p50 {q[49] * 1e3:.3f} ms, p95 {q[94] * 1e3:.3f} ms, max {max(samples) * 1e3:.3f} ms, {len(body)} bytes"
         )
+
+
+def test_release_detection_latency_is_exported_once_measured() -> None:
+    rig = Rig()
+    w, _ = rig.add(FakeRuntime(states={"llm": RUN}))
+    assert rig.value("vramctl_release_detection_seconds", gpu="0") is None  # no switch has released memory yet
+    w.last_release_seconds = 0.42  # what the worker records when a stopped model's memory is confirmed free
+    assert rig.value("vramctl_release_detection_seconds", gpu="0") == 0.42

@@ -15,12 +15,6 @@ from vramctl.spec import Config, parse_config
 
 STANDIN_IMAGE = "vramctl/standin:dev"
 
-SDPA_ENV = {
-    "XFORMERS_DISABLED": "1",
-    "VLLM_USE_TRITON_FLASH_ATTN": "0",
-    "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512",
-}
-
 
 def _model(cls: str, port: int, vram: int, load: float, stop: float) -> dict[str, Any]:
     return {
@@ -49,7 +43,9 @@ def demo_document() -> dict[str, Any]:
                 "gpu": 0,
                 "activeModel": "llm",
                 "companions": ["tts"],
-                "env": SDPA_ENV,
+                # No `env:` needed for the SDPA variables: vramctl injects
+                # XFORMERS_DISABLED, VLLM_USE_TRITON_FLASH_ATTN and
+                # PYTORCH_CUDA_ALLOC_CONF into every model (envPolicy.sdpaDefaults).
                 "models": {
                     "llm": _model("heavy", 18000, 12000, 3.0, 1.0),
                     "sdxl": _model("heavy", 17860, 11000, 2.0, 0.5),

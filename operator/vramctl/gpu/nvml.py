@@ -57,7 +57,7 @@ MIB = 1 << 20
 DEFAULT_TIMEOUT_S = 2.0  # one snapshot: a handful of calls of microseconds each
 INIT_TIMEOUT_S = 10.0  # nvmlInit can take seconds on a cold driver
 OWNERS_TTL_S = 5.0  # re-ask the runtime which pids/containers are ours at least this often...
-OWNERS_MIN_INTERVAL_S = 0.2  # ...and at most this often when an unknown pid shows up
+OWNERS_MIN_INTERVAL_S = 0.05  # ...and at most this often when an unknown pid shows up
 
 T = TypeVar("T")
 
@@ -138,6 +138,8 @@ class NvmlSession:
         Raises ProbeTimeout when it takes longer than ``timeout``, and at once
         while an earlier call has been stuck for longer than ``timeout``.
         """
+        if threading.current_thread() is self._thread:
+            return fn()  # already on the NVML thread (nvml_facts): queueing would wait on ourselves
         since = self._busy_since
         if since is not None and time.monotonic() - since > timeout:
             raise ProbeTimeout(f"an NVML call has not returned for {time.monotonic() - since:.1f}s (driver stuck?); GPU state unknown")
@@ -282,6 +284,14 @@ def nvml_facts(session: NvmlSession | None = None) -> NvmlFacts:
         raise
     except Exception as err:
         raise NvmlUnavailable(describe_error(err)) from None
+
+
+def running_under_wsl2(proc_version: Path = Path("/proc/version")) -> bool:
+    """WSL2 (its kernel says "microsoft"): NVML there has no per-process memory."""
+    try:
+        return "microsoft" in proc_version.read_text().lower()
+    except OSError:
+        return False
 
 
 def _optional(fn: Callable[[], T]) -> T | None:

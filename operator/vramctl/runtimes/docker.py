@@ -93,17 +93,31 @@ _COMPOSE_TIMEOUT_SECONDS = 120.0
 _EVENT_WINDOW_SECONDS = 0.5
 
 
+# Containers come in two shapes: from a listing (``sparse``: the list API's
+# fields, "State" a string, "Labels", "Names") and inspected (``reload()``:
+# "State" an object, "Config.Labels", "Name"). Listings stay sparse because
+# inspecting every container of every listing cost one API call each (about
+# 2 ms) on every observation and health check; what needs the inspected
+# fields (exit code, health status, stop signal) reloads that one container.
+
+
+def _inspected(c: Container) -> bool:
+    return isinstance(c.attrs.get("State"), dict)
+
+
 def container_state(c: Container) -> WorkloadState:
-    status = str((c.attrs.get("State") or {}).get("Status") or c.status or "")
+    state = c.attrs.get("State")
+    status = str((state.get("Status") if isinstance(state, dict) else state) or c.status or "")
     return _STATES.get(status, WorkloadState.EXITED)
 
 
 def _labels(c: Container) -> dict[str, str]:
-    return dict((c.attrs.get("Config") or {}).get("Labels") or {})
+    return dict((c.attrs.get("Config") or {}).get("Labels") or c.attrs.get("Labels") or {})
 
 
 def _name(c: Container) -> str:
-    return str(c.attrs.get("Name") or c.name or c.id).lstrip("/")
+    names = c.attrs.get("Names") or [None]
+    return str(c.attrs.get("Name") or names[0] or c.id).lstrip("/")
 
 
 def _explain(err: docker.errors.APIError) -> str:
@@ -138,6 +152,41 @@ def docker_problem(images: Iterable[str] = (), timeout: float = 3.0) -> str | No
         return None
     finally:
         client.close()
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What ``vramctl doctor`` reports about the Docker engine."""
+
+    version: str
+    api_version: str
+    runtimes: tuple[str, ...]  # e.g. ("io.containerd.runc.v2", "nvidia", "runc")
+    default_runtime: str
+
+    @property
+    def nvidia(self) -> bool:
+        return "nvidia" in self.runtimes
+
+
+def engine_facts(timeout: float = 3.0) -> EngineFacts | str:
+    """The engine's version and runtimes, or why it cannot be asked."""
+    try:
+        client = docker.from_env(timeout=max(1, math.ceil(timeout)))
+    except docker.errors.DockerException as err:
+        return f"no Docker engine answers ({err})"
+    try:
+        version = client.version()
+        info = client.info()
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
+        return f"the Docker engine does not answer ({err})"
+    finally:
+        client.close()
+    return EngineFacts(
+        version=str(version.get("Version", "?")),
+        api_version=str(version.get("ApiVersion", "?")),
+        runtimes=tuple(sorted(info.get("Runtimes") or {})),
+        default_runtime=str(info.get("DefaultRuntime", "?")),
+    )
 
 
 @dataclass(frozen=True)
@@ -205,7 +254,7 @@ class DockerRuntime:
     # ------------------------------------------------------------ lookup
 
     def _list(self, labels: Iterable[str]) -> list[Container]:
-        result: list[Container] = self.client.containers.list(all=True, filters={"label": list(labels)}, ignore_removed=True)
+        result: list[Container] = self.client.containers.list(all=True, filters={"label": list(labels)}, ignore_removed=True, sparse=True)
         return result
 
     def _model_of(self, deployment: DeploymentSpec, labels: dict[str, str]) -> str | None:
@@ -269,7 +318,7 @@ class DockerRuntime:
             state = container_state(c)
             labels = _labels(c)
             exit_code: int | None = None
-            if state is WorkloadState.EXITED:
+            if state is WorkloadState.EXITED and (_inspected(c) or self._reload(c)):
                 raw = (c.attrs.get("State") or {}).get("ExitCode")
                 exit_code = int(raw) if raw is not None else None
             spec_model = deployment.models.get(f.model)
@@ -577,7 +626,7 @@ class DockerRuntime:
                 # The spec left the signal at its default: keep the compose
                 # file's stop_signal (docker cancels restart policies only for
                 # the container's own stop signal).
-                own = (c.attrs.get("Config") or {}).get("StopSignal")
+                own = (c.attrs.get("Config") or {}).get("StopSignal") if _inspected(c) or self._reload(c) else None
                 if own:
                     with contextlib.suppress(ValueError):  # e.g. a numeric signal: use the spec's
                         stop = StopSpec(signal=str(own), grace_period_seconds=m.stop.grace_period_seconds)
@@ -647,6 +696,8 @@ class DockerRuntime:
         if health.path is not None and health.port is not None:
             return http_ready(health.host, health.port, health.path, timeout=1.0)
         if health.docker_healthcheck:
+            if not (_inspected(cs[0]) or self._reload(cs[0])):
+                return False
             status = ((cs[0].attrs.get("State") or {}).get("Health") or {}).get("Status")
             return status == "healthy"
         return True

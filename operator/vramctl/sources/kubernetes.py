@@ -70,6 +70,10 @@ SOURCE = "kubernetes"  # the `source` of the requests made from a ModelDeploymen
 TIMER_INTERVAL_S = 10.0
 GPU_REFRESH_S = 10.0  # usedMiB in .status is refreshed at least this often
 _WRITER_PERIOD_S = 2.0  # the writer looks for new progress notes at least this often
+# After a poke the writer waits this long, so that a burst (a request, then
+# the switch's first notes) is one write, and so that it does not compete
+# with the worker for the CPU and the Docker engine while a switch begins.
+_WRITER_DEBOUNCE_S = 0.1
 _EVENT_ATTEMPTS = 3
 _EVENT_MESSAGE_MAX = 1024  # Kubernetes truncates longer Event messages
 _CONDITION_MESSAGE_MAX = 4096
@@ -753,8 +757,8 @@ class _Writer:
         while not self._stop.is_set():
             if backoff:
                 self._stop.wait(backoff)
-            else:
-                self._wake.wait(_WRITER_PERIOD_S)
+            elif self._wake.wait(_WRITER_PERIOD_S):
+                self._stop.wait(_WRITER_DEBOUNCE_S)
             self._wake.clear()
             try:
                 ok = self.controller.flush()
@@ -769,8 +773,15 @@ class _Writer:
 # ------------------------------------------------------------ kopf's wiring
 
 
-def build_registry(controller: ModelDeployments, *, timer_interval: float = TIMER_INTERVAL_S) -> kopf.OperatorRegistry:
-    """kopf's handlers for ``controller``'s node. They only hand state over."""
+def build_registry(
+    controller: ModelDeployments, *, clusterwide: bool = True, timer_interval: float = TIMER_INTERVAL_S
+) -> kopf.OperatorRegistry:
+    """kopf's handlers for ``controller``'s node. They only hand state over.
+
+    Namespaced (not ``clusterwide``): the namespaces are exact names, and kopf
+    does not scan the cluster (no list/watch of namespaces and CRDs), so a
+    namespaced Role is enough; the CRD must exist when the operator starts.
+    """
     registry = kopf.OperatorRegistry()
     resource = (GROUP, VERSION, PLURAL)
 
@@ -785,6 +796,7 @@ def build_registry(controller: ModelDeployments, *, timer_interval: float = TIME
         # Our own Events say what happened; kopf's "Handler succeeded" ones would drown them.
         settings.posting.level = logging.WARNING
         settings.posting.reporting_component = "vramctl.io/operator"
+        settings.scanning.disabled = not clusterwide
         controller.settings = settings
         controller.start()
 
@@ -794,9 +806,9 @@ def build_registry(controller: ModelDeployments, *, timer_interval: float = TIME
         controller.credentials = info
         return info
 
-    @kopf.on.resume(*resource, registry=registry, when=concerns)
-    @kopf.on.create(*resource, registry=registry, when=concerns)
-    @kopf.on.update(*resource, registry=registry, when=concerns)
+    @kopf.on.resume(*resource, id="reconcile", registry=registry, when=concerns)
+    @kopf.on.create(*resource, id="reconcile", registry=registry, when=concerns)
+    @kopf.on.update(*resource, id="reconcile", registry=registry, when=concerns)
     def reconcile(
         spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, namespace: str | None, name: str | None, uid: str | None, **_: Any
     ) -> None:
@@ -805,11 +817,11 @@ def build_registry(controller: ModelDeployments, *, timer_interval: float = TIME
         except InvalidSpec as err:
             raise kopf.PermanentError(f"invalid spec: {err}") from None
 
-    @kopf.timer(*resource, registry=registry, interval=timer_interval, when=concerns)
+    @kopf.timer(*resource, id="resync", registry=registry, interval=timer_interval, when=concerns)
     def resync(spec: kopf.Spec, meta: kopf.Meta, namespace: str | None, name: str | None, uid: str | None, **_: Any) -> None:
         controller.refresh(namespace or "", name or "", uid or "", meta.get("generation"), spec)
 
-    @kopf.on.delete(*resource, registry=registry, when=concerns)
+    @kopf.on.delete(*resource, id="remove", registry=registry, when=concerns)
     def remove(spec: kopf.Spec, namespace: str | None, name: str | None, **_: Any) -> None:
         try:
             controller.delete(namespace or "", name or "", spec)
@@ -839,7 +851,7 @@ def run(
     pause them.
     """
     kopf.run(
-        registry=build_registry(controller, timer_interval=timer_interval),
+        registry=build_registry(controller, clusterwide=clusterwide, timer_interval=timer_interval),
         standalone=True,
         clusterwide=clusterwide,
         namespaces=list(namespaces),

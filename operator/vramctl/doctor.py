@@ -1,0 +1,264 @@
+"""``vramctl doctor``: is this machine ready for the config, and what will it cost?
+
+One line per check, OK / WARN / FAIL, each WARN and FAIL with its fix:
+
+- the config loads;
+- NVML and the driver (versions), each GPU with its memory, and whether the
+  configured GPU indexes exist; without NVML the simulated GPU is used;
+- WSL2, and what it costs: no per-process GPU memory, so a model's memory is
+  attributed from what vramctl started and a stranger holding memory cannot
+  be named;
+- whether NVML reports per-process memory here;
+- the Docker engine, its nvidia runtime, the images the config needs;
+- the config's pitfalls (``pitfalls.env_pitfalls``: removed vLLM variables
+  and flags, TORCH_SDPA, expandable_segments with sleep mode).
+
+FAIL is kept for what stops the main job (the config does not load, the
+runtime it needs is not there, ``gpuProbe.kind: nvml`` without NVML): exit
+code 1. Everything else is a WARN: exit code 0.
+
+``checks()`` is pure over the gathered facts (tested with made-up machines);
+``gather()`` is the only I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Literal
+
+from vramctl.gpu.nvml import NvmlFacts, NvmlUnavailable, nvml_facts, running_under_wsl2
+from vramctl.pitfalls import env_pitfalls
+from vramctl.spec import Config, ConfigError
+
+if TYPE_CHECKING:
+    from vramctl.runtimes.docker import EngineFacts
+
+Level = Literal["OK", "WARN", "FAIL"]
+
+
+@dataclass(frozen=True)
+class Check:
+    level: Level
+    name: str
+    message: str
+    fix: str = ""
+
+    def render(self) -> str:
+        line = f"{self.level:<4} {self.name}: {self.message}"
+        return line + (f" -> fix: {self.fix}" if self.fix else "")
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything ``checks`` looks at."""
+
+    config: Config | ConfigError
+    config_source: str
+    nvml: NvmlFacts | str  # str: why NVML cannot be used
+    wsl2: bool
+    docker: EngineFacts | str  # str: why the engine cannot be asked
+    missing_images: str | None  # docker_problem() for the config's images; None: all present
+
+
+def gather(config: Config | ConfigError, config_source: str) -> Facts:
+    try:
+        nvml: NvmlFacts | str = nvml_facts()
+    except NvmlUnavailable as err:
+        nvml = str(err)
+    except Exception as err:  # a probe timeout, a broken driver: report, never crash the doctor
+        nvml = f"{type(err).__name__}: {err}"
+    docker: EngineFacts | str
+    missing = None
+    try:
+        from vramctl.runtimes.docker import docker_problem, engine_facts
+    except ImportError as err:  # a GPU box without the docker SDK: the process runtime only
+        docker = f"the docker SDK is not installed ({err})"
+    else:
+        docker = engine_facts()
+        images = sorted({m.image for d in config.gpus for m in d.models.values() if m.image}) if isinstance(config, Config) else []
+        missing = docker_problem(images) if images and not isinstance(docker, str) else None
+    return Facts(config, config_source, nvml, running_under_wsl2(), docker, missing)
+
+
+def checks(f: Facts) -> list[Check]:
+    out: list[Check] = []
+    cfg = f.config if isinstance(f.config, Config) else None
+    if cfg is None:
+        assert isinstance(f.config, ConfigError)
+        problems = "; ".join(f"{path}: {msg}" for path, msg in f.config.problems)
+        out.append(
+            Check("FAIL", "config", f"{f.config_source} does not load: {problems}", "correct the fields named (vramctl validate FILE)")
+        )
+    else:
+        models = sum(len(d.models) for d in cfg.gpus)
+        out.append(Check("OK", "config", f"{f.config_source}: {len(cfg.gpus)} GPU(s), {models} model(s)"))
+    out += _nvml_checks(f, cfg)
+    out += _docker_checks(f, cfg)
+    if cfg is not None:
+        out += _pitfall_checks(f, cfg)
+    return out
+
+
+def _nvml_checks(f: Facts, cfg: Config | None) -> list[Check]:
+    out: list[Check] = []
+    kind = cfg.gpu_probe.kind if cfg is not None else "auto"
+    wanted = sorted({d.gpu for d in cfg.gpus}) if cfg is not None else []
+    if isinstance(f.nvml, str):
+        if kind == "simulated":
+            out.append(Check("OK", "nvml", f"not available ({f.nvml}); not needed: gpuProbe.kind is simulated"))
+        elif kind == "nvml":
+            out.append(
+                Check(
+                    "FAIL",
+                    "nvml",
+                    f"not available ({f.nvml}) but gpuProbe.kind is nvml",
+                    "install the NVIDIA driver and nvidia-ml-py, or set gpuProbe.kind: auto to run on a simulated GPU",
+                )
+            )
+        else:
+            out.append(
+                Check(
+                    "WARN",
+                    "nvml",
+                    f"not available ({f.nvml}): simulated memory will be used (figures follow the models' declared vramMiB)",
+                    "install the NVIDIA driver and nvidia-ml-py for real memory figures",
+                )
+            )
+        out.append(
+            Check(
+                "WARN",
+                "per-process memory",
+                "unknown without NVML: no GPU process can be attributed or named",
+                "install the NVIDIA driver" if kind != "simulated" else "",
+            )
+        )
+        out.append(_wsl2_check(f.wsl2))
+        return out
+
+    n = f.nvml
+    out.append(Check("OK", "nvml", f"driver {n.driver}, NVML {n.nvml_version}, CUDA {n.cuda_driver_version}; {len(n.devices)} GPU(s)"))
+    for d in n.devices:
+        m = d.memory
+        version = "memory info v2" if d.memory_info_version == 2 else "memory info v1 only: reserved memory counts as used"
+        out.append(
+            Check(
+                "OK",
+                f"gpu {d.index}",
+                f"{d.name}, {d.uuid}: {m.total_mib} MiB total, {m.used_mib} used, {m.reserved_mib} reserved, {m.free_mib} free ({version})",
+            )
+        )
+    present = {d.index for d in n.devices}
+    for g in wanted:
+        if g not in present:
+            level: Level = "FAIL" if kind == "nvml" else "WARN"
+            what = "vramctl will not start" if kind == "nvml" else "it will be simulated"
+            out.append(Check(level, f"gpu {g}", f"configured, but NVML sees no GPU {g}: {what}", "fix the gpu index in the config"))
+    out.append(_wsl2_check(f.wsl2))
+    out.append(_per_process_check(n, f.wsl2))
+    return out
+
+
+def _wsl2_check(wsl2: bool) -> Check:
+    if not wsl2:
+        return Check("OK", "wsl2", "not WSL2")
+    return Check(
+        "WARN",
+        "wsl2",
+        "WSL2 detected (/proc/version says microsoft): NVML has no per-process GPU memory here, so a model's memory is attributed "
+        "from what vramctl started, and a process that is not vramctl's holding memory cannot be named (a blocked switch says how "
+        "much is held, not by whom)",
+        "nothing to do; on a native Linux host NVML reports per-process memory",
+    )
+
+
+def _per_process_check(n: NvmlFacts, wsl2: bool) -> Check:
+    if any(d.processes is None for d in n.devices):
+        return Check(
+            "WARN",
+            "per-process memory",
+            "NVML cannot list GPU processes here: release is confirmed by memory figures alone",
+            "run vramctl on the host (or with the host's pid namespace) with a driver that supports process queries",
+        )
+    known = [d.per_process_memory for d in n.devices if d.per_process_memory is not None]
+    if known and all(known):
+        return Check("OK", "per-process memory", "available: GPU processes are attributed to models and containers")
+    if known:
+        return Check(
+            "WARN",
+            "per-process memory",
+            "not available (NVML lists processes without their memory): attribution falls back to what vramctl started",
+            "" if wsl2 else "check that vramctl sees the host's pids (hostPID / pid: host)",
+        )
+    if wsl2:
+        return Check("WARN", "per-process memory", "not available under WSL2: attribution falls back to what vramctl started")
+    return Check("OK", "per-process memory", "no GPU process running to check it by; NVML normally reports it on Linux")
+
+
+def _docker_checks(f: Facts, cfg: Config | None) -> list[Check]:
+    out: list[Check] = []
+    runtime = cfg.runtime if cfg is not None else "auto"
+    commands = cfg is not None and all(m.command for d in cfg.gpus for m in d.models.values())
+    if isinstance(f.docker, str):
+        if runtime == "docker" or (runtime == "auto" and cfg is not None and not commands):
+            out.append(
+                Check(
+                    "FAIL",
+                    "docker",
+                    f"{f.docker}; the config needs the docker runtime",
+                    "start the Docker engine, or give every model a `command` and set runtime: process",
+                )
+            )
+        elif runtime == "auto":
+            out.append(
+                Check("WARN", "docker", f"{f.docker}: the process runtime will be used", "start the Docker engine to run containers")
+            )
+        else:
+            out.append(Check("OK", "docker", f"not used (runtime: process); {f.docker}"))
+        return out
+    e = f.docker
+    used = "not used (runtime: process)" if runtime == "process" else "answers"
+    out.append(Check("OK", "docker", f"engine {e.version} (API {e.api_version}) {used}; runtimes: {', '.join(e.runtimes) or '-'}"))
+    if runtime != "process":
+        if e.nvidia:
+            out.append(Check("OK", "nvidia runtime", "present: containers can be given the GPU"))
+        else:
+            gpu = not isinstance(f.nvml, str)
+            out.append(
+                Check(
+                    "WARN",
+                    "nvidia runtime",
+                    "absent: containers get no GPU" + ("" if gpu else " (no NVIDIA GPU here either: fine for the stand-in demo)"),
+                    "install nvidia-container-toolkit and run `nvidia-ctk runtime configure --runtime=docker`, then restart dockerd",
+                )
+            )
+        if f.missing_images:
+            level: Level = "FAIL" if runtime == "docker" or not commands else "WARN"
+            fallback = "" if level == "FAIL" else ": the process runtime will be used"
+            out.append(Check(level, "images", f"{f.missing_images}{fallback}", "build or pull the images (vramctl never pulls)"))
+    return out
+
+
+def _pitfall_checks(f: Facts, cfg: Config) -> list[Check]:
+    total = None
+    if not isinstance(f.nvml, str):
+        total = f.nvml.devices[0].memory.total_mib if f.nvml.devices else None
+    elif cfg.gpu_probe.kind != "nvml":
+        total = cfg.gpu_probe.total_mib
+    out: list[Check] = []
+    for i, d in enumerate(cfg.gpus):
+        if not isinstance(f.nvml, str):
+            total = next((x.memory.total_mib for x in f.nvml.devices if x.index == d.gpu), total)
+        findings = env_pitfalls(d, total)
+        for finding in findings:  # each message ends with its fix
+            level: Level = "FAIL" if finding.severity == "error" else "WARN"
+            out.append(Check(level, f"gpus[{i}].{finding.path}", finding.message))
+        if not findings:
+            out.append(Check("OK", f"gpus[{i}] pitfalls", "none of the known env/flag pitfalls"))
+    return out
+
+
+def exit_code(found: list[Check]) -> int:
+    return 1 if any(c.level == "FAIL" for c in found) else 0

@@ -1,0 +1,453 @@
+"""images/sdxl: the SDXL server on the CPU, with the tiny randomly initialised
+SDXL-shaped pipeline (SDXL_RANDOM_INIT=tiny: no weights, no download).
+
+Three layers: the request rules (pure), the HTTP app with a gated fake engine
+(503 until loaded, deterministically), and the real server as a subprocess
+(PNG of the asked size, seeds that reproduce, clear 400s, SIGTERM), plus the
+engine in-process for LoRAs, tiling and the PNG writer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.images.conftest import SDXL_DIR, free_port, load_module, sdxl_on_path
+
+sdxl_on_path()
+server = load_module("vramctl_sdxl_server", SDXL_DIR / "server.py")
+
+# -- HTTP helpers -----------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(base: str, path: str, body: Any = None, raw: bytes | None = None, timeout: float = 120) -> Reply:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(base + path, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return Reply(resp.status, resp.read(), dict(resp.headers.items()))
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, exc.read(), dict(exc.headers.items()))
+
+
+def png_size(data: bytes) -> tuple[tuple[int, int], str]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        return im.size, im.mode
+
+
+def pixels(data: bytes) -> bytes:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB").tobytes()
+
+
+# -- request rules (pure) ---------------------------------------------------
+
+
+def test_defaults() -> None:
+    req = server.parse_generate(b'{"prompt": "a cat"}')
+    assert req == server.GenerateRequest(prompt="a cat", negative_prompt="", steps=30, width=1024, height=1024, seed=None, guidance=5.0)
+    req = server.parse_generate(
+        b'{"prompt": "a", "negative_prompt": null, "steps": 4.0, "width": 64, "height": 2048, "seed": 0, "guidance": 0}'
+    )
+    assert (req.negative_prompt, req.steps, req.width, req.height, req.seed, req.guidance) == ("", 4, 64, 2048, 0, 0.0)
+
+
+BAD_BODIES = [
+    pytest.param({"steps": 2}, "prompt", "prompt is required", id="missing-prompt"),
+    pytest.param({"prompt": "  "}, "prompt", "non-empty string", id="blank-prompt"),
+    pytest.param({"prompt": 3}, "prompt", "non-empty string", id="prompt-not-string"),
+    pytest.param({"prompt": "x" * 4001}, "prompt", "longer than 4000", id="prompt-too-long"),
+    pytest.param({"prompt": "a", "negative_prompt": ["no"]}, "negative_prompt", "must be a string", id="negative-not-string"),
+    pytest.param({"prompt": "a", "width": 65}, "width", "width must be a multiple of 8", id="width-not-multiple-of-8"),
+    pytest.param({"prompt": "a", "height": 1020}, "height", "height must be a multiple of 8", id="height-not-multiple-of-8"),
+    pytest.param({"prompt": "a", "width": 32}, "width", "between 64 and 2048", id="width-too-small"),
+    pytest.param({"prompt": "a", "height": 4096}, "height", "between 64 and 2048", id="height-too-big"),
+    pytest.param({"prompt": "a", "width": "512"}, "width", "must be an integer", id="width-string"),
+    pytest.param({"prompt": "a", "steps": 0}, "steps", "between 1 and 150", id="steps-zero"),
+    pytest.param({"prompt": "a", "steps": 151}, "steps", "between 1 and 150", id="steps-too-many"),
+    pytest.param({"prompt": "a", "steps": 2.5}, "steps", "must be an integer", id="steps-fraction"),
+    pytest.param({"prompt": "a", "steps": True}, "steps", "must be an integer", id="steps-bool"),
+    pytest.param({"prompt": "a", "seed": -1}, "seed", "between 0 and", id="seed-negative"),
+    pytest.param({"prompt": "a", "seed": 2**63}, "seed", "between 0 and", id="seed-too-big"),
+    pytest.param({"prompt": "a", "guidance": "high"}, "guidance", "must be a number", id="guidance-string"),
+    pytest.param({"prompt": "a", "guidance": 31}, "guidance", "between 0 and 30", id="guidance-too-high"),
+    pytest.param({"prompt": "a", "num_images": 2}, "num_images", "unknown field 'num_images'", id="unknown-field"),
+]
+
+
+@pytest.mark.parametrize(("body", "field", "message"), BAD_BODIES)
+def test_bad_fields_are_named(body: dict[str, Any], field: str, message: str) -> None:
+    with pytest.raises(server.BadRequest) as info:
+        server.parse_generate(json.dumps(body).encode())
+    assert info.value.field == field
+    assert message in info.value.message
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'"a cat"', b"\xff\xfe"])
+def test_bodies_that_are_not_objects(raw: bytes) -> None:
+    with pytest.raises(server.BadRequest) as info:
+        server.parse_generate(raw)
+    assert info.value.field is None
+
+
+def test_nothing_to_load_is_known_before_torch_is_imported() -> None:
+    server.check_model_source({"SDXL_RANDOM_INIT": "tiny"})
+    server.check_model_source({"SDXL_MODEL": "stabilityai/stable-diffusion-xl-base-1.0"})  # a hub id: diffusers decides
+    with pytest.raises(ValueError, match="set SDXL_MODEL"):
+        server.check_model_source({})
+    with pytest.raises(FileNotFoundError, match="SDXL_MODEL=/models/none does not exist"):
+        server.check_model_source({"SDXL_MODEL": "/models/none"})
+
+
+def test_server_config_from_env() -> None:
+    assert server.server_config({}) == server.ServerConfig("127.0.0.1", 7860)
+    assert server.server_config({"HOST": "0.0.0.0", "PORT": "9000"}) == server.ServerConfig("0.0.0.0", 9000)
+    for port in ("x", "70000"):
+        with pytest.raises(ValueError, match="PORT"):
+            server.server_config({"PORT": port})
+
+
+# -- the HTTP app, with a fake engine behind a gate -------------------------
+
+
+@dataclass(frozen=True)
+class FakeImage:
+    png: bytes
+    seed: int
+    seconds: float = 0.5
+    pipeline_seconds: float = 0.4
+    encode_seconds: float = 0.1
+    peak_bytes: int = 123
+
+
+@dataclass
+class FakeEngine:
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def generate(self, *args: Any) -> FakeImage:
+        self.calls.append((*args, threading.current_thread().name))
+        return FakeImage(png=b"\x89PNG fake", seed=args[5])
+
+    def vram(self) -> dict[str, Any]:
+        return {"device": "cpu", "allocated_bytes": 0, "reserved_bytes": 0, "peak_bytes": 0}
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": "cpu", "attention": ["AttnProcessor2_0"]}
+
+
+@pytest.fixture
+def gated() -> Iterator[tuple[str, threading.Event, FakeEngine, Any]]:
+    gate = threading.Event()
+    engine = FakeEngine()
+
+    def load() -> FakeEngine:
+        assert gate.wait(30), "the test never opened the gate"
+        return engine
+
+    app = server.App(load)
+    httpd = server.make_server(app, server.ServerConfig("127.0.0.1", 0))
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    app.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", gate, engine, app
+    finally:
+        gate.set()
+        app.stop()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_health_is_503_while_loading_then_200(gated: tuple[str, threading.Event, FakeEngine, Any]) -> None:
+    base, gate, engine, app = gated
+    r = request(base, "/health")
+    assert r.status == 503 and r.json()["status"] == "loading" and r.headers["Retry-After"] == "1"
+    r = request(base, "/generate", {"prompt": "a cat"})
+    assert r.status == 503 and r.json()["status"] == "loading"
+    r = request(base, "/generate", {"prompt": "a cat", "width": 7})  # bad input is a 400 even while loading
+    assert r.status == 400 and r.json()["field"] == "width"
+    assert request(base, "/vram").json() == {"status": "loading", "allocated_bytes": 0, "reserved_bytes": 0, "peak_bytes": 0}
+    assert engine.calls == []
+
+    gate.set()
+    assert app.loaded.wait(5)
+    r = request(base, "/health")
+    assert r.status == 200 and r.json()["status"] == "ready" and r.json()["attention"] == ["AttnProcessor2_0"]
+    r = request(base, "/generate", {"prompt": "a cat", "seed": 42, "steps": 3, "width": 512, "height": 768})
+    assert r.status == 200 and r.headers["Content-Type"] == "image/png" and r.body == b"\x89PNG fake"
+    assert (r.headers["X-Seed"], r.headers["X-Peak-VRAM-Bytes"], r.headers["X-Generation-Seconds"]) == ("42", "123", "0.5000")
+    # Every image is made on the one GPU thread, whichever HTTP thread asked.
+    assert engine.calls == [("a cat", "", 3, 512, 768, 42, 5.0, "sdxl-gpu")]
+    assert request(base, "/vram").json()["last_generate"] == {
+        "peak_bytes": 123,
+        "seconds": 0.5,
+        "pipeline_seconds": 0.4,
+        "encode_seconds": 0.1,
+    }
+
+
+def test_unknown_paths_and_oversized_bodies(gated: tuple[str, threading.Event, FakeEngine, Any]) -> None:
+    base, gate, _, _ = gated
+    gate.set()
+    assert request(base, "/nope").status == 404
+    assert request(base, "/generate").status == 404  # GET
+    r = request(base, "/generate", raw=b"{" + b" " * (server.MAX_BODY_BYTES + 1) + b"}")
+    assert r.status == 413
+
+
+def test_a_failed_load_is_a_500_with_the_reason() -> None:
+    def load() -> Any:
+        raise FileNotFoundError("SDXL_MODEL=/models/x does not exist (is the models volume mounted?)")
+
+    app = server.App(load)
+    app.start()
+    assert app.loaded.wait(5)
+    status, doc = app.health()
+    assert status == 500
+    assert doc == {"status": "failed", "error": "FileNotFoundError: SDXL_MODEL=/models/x does not exist (is the models volume mounted?)"}
+
+
+# -- the real server, as a subprocess, on the CPU ---------------------------
+
+
+@dataclass
+class RealServer:
+    base: str
+    proc: subprocess.Popen[str]
+    statuses: list[int]
+    log: list[str]
+
+
+def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str], str]:
+    port = free_port()
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_")} | {"HOST": "127.0.0.1", "PORT": str(port)} | env
+    proc = subprocess.Popen(
+        [sys.executable, str(SDXL_DIR / "server.py")], env=full, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    log: list[str] = []
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    return proc, log, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def real() -> Iterator[RealServer]:
+    proc, log, base = start_server({"SDXL_RANDOM_INIT": "tiny", "SDXL_DEVICE": "cpu"})
+    statuses: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            r = request(base, "/health", timeout=5)
+            statuses.append(r.status)
+            if r.status == 200:
+                break
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"the SDXL server never became healthy (statuses {statuses[-3:]}):\n{''.join(log)}", pytrace=False)
+    srv = RealServer(base, proc, statuses, log)
+    yield srv
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the SDXL server ignored SIGTERM for 10 s", pytrace=False)
+    assert rc == 0, "".join(log)
+
+
+def generate(srv: RealServer, **body: Any) -> Reply:
+    return request(srv.base, "/generate", {"prompt": "a lighthouse at dusk", "steps": 2, "width": 64, "height": 64, **body})
+
+
+def test_real_health_answers_503_while_torch_loads_then_200(real: RealServer) -> None:
+    # The HTTP side is up within milliseconds; importing torch and diffusers takes seconds.
+    assert real.statuses[0] == 503, real.statuses
+    assert real.statuses[-1] == 200
+    doc = request(real.base, "/health").json()
+    assert doc["status"] == "ready" and doc["device"] == "cpu" and doc["dtype"] == "float32"
+    assert doc["attention"] == ["AttnProcessor2_0"]  # PyTorch SDPA, never xformers
+
+
+def test_real_image_has_the_asked_size(real: RealServer) -> None:
+    r = generate(real, width=96, height=64, seed=1)
+    assert r.status == 200, r.body
+    assert r.headers["Content-Type"] == "image/png"
+    assert png_size(r.body) == ((96, 64), "RGB")
+    assert float(r.headers["X-Generation-Seconds"]) > 0 and r.headers["X-Peak-VRAM-Bytes"] == "0"
+
+
+def test_real_seed_reproduces(real: RealServer) -> None:
+    a, b, c = generate(real, seed=7), generate(real, seed=7), generate(real, seed=8)
+    assert a.status == b.status == c.status == 200
+    assert a.body == b.body  # same seed: the same bytes
+    assert pixels(a.body) != pixels(c.body)  # another seed: another image
+    r = generate(real)  # no seed: a random one, reported, and it reproduces
+    seed = int(r.headers["X-Seed"])
+    assert generate(real, seed=seed).body == r.body
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [p for p in BAD_BODIES if p.id in {"missing-prompt", "width-not-multiple-of-8", "height-too-big", "steps-zero", "unknown-field"}],
+)
+def test_real_bad_input_is_a_400_naming_the_field(real: RealServer, body: dict[str, Any], field: str, message: str) -> None:
+    r = request(real.base, "/generate", body)
+    assert r.status == 400
+    assert r.json()["field"] == field and message in r.json()["error"]
+
+
+def test_real_vram_is_zero_on_the_cpu(real: RealServer) -> None:
+    doc = request(real.base, "/vram").json()
+    assert doc["status"] == "ready" and doc["device"] == "cpu"
+    assert doc["allocated_bytes"] == doc["reserved_bytes"] == doc["peak_bytes"] == 0
+
+
+def test_real_health_answers_during_a_generation(real: RealServer) -> None:
+    slow = threading.Thread(target=generate, args=(real,), kwargs={"steps": 20, "width": 256, "height": 256, "seed": 3})
+    slow.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert request(real.base, "/health", timeout=5).status == 200
+    assert time.monotonic() - started < 2
+    slow.join(120)
+
+
+def test_a_model_that_is_not_there_exits_1_with_the_reason() -> None:
+    proc, log, _base = start_server({"SDXL_MODEL": "/nonexistent/sdxl-base", "SDXL_DEVICE": "cpu"})
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    time.sleep(0.1)
+    assert rc == 1
+    assert "SDXL_MODEL=/nonexistent/sdxl-base does not exist" in "".join(log)
+
+
+# -- the engine in this process (torch) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sp() -> Any:
+    import sdxl_pipeline
+
+    return sdxl_pipeline
+
+
+def test_random_tiny_pipeline_is_sdxl_shaped_and_uses_sdpa(sp: Any) -> None:
+    import torch
+
+    engine = sp.Engine.load(sp.Settings(random_init="tiny", device="cpu", dtype=torch.float32))
+    pipe = engine.pipe
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert pipe.vae_scale_factor == 8  # like SDXL's VAE: sizes are multiples of 8
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert {type(p).__name__ for p in pipe.vae.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert pipe.tokenizer("a cat").input_ids[0] == sp.BOS_ID and len(pipe.tokenizer("a cat", padding="max_length").input_ids) == 77
+
+
+def test_tiling_only_above_1024_in_auto_mode(sp: Any) -> None:
+    engine = sp.Engine(pipe=None, settings=sp.Settings(vae_tiling="auto"))
+    assert not engine.wants_tiling(1024, 1024)
+    assert engine.wants_tiling(1536, 1024)
+    assert sp.Engine(pipe=None, settings=sp.Settings(vae_tiling="on")).wants_tiling(64, 64)
+    assert not sp.Engine(pipe=None, settings=sp.Settings(vae_tiling="off")).wants_tiling(2048, 2048)
+
+
+def test_model_settings_from_env(sp: Any) -> None:
+    import torch
+
+    s = server.model_settings(
+        {
+            "SDXL_RANDOM_INIT": "tiny",
+            "SDXL_DEVICE": "cpu",
+            "SDXL_VAE_SLICING": "0",
+            "SDXL_VAE_TILING": "1",
+            "SDXL_LORAS": "/l/a.safetensors:0.7, /l/b.safetensors",
+        }
+    )
+    assert (s.device, s.dtype, s.vae_slicing, s.vae_tiling, s.png_compress_level) == ("cpu", torch.float32, False, "on", 0)
+    assert list(s.loras) == [("/l/a.safetensors", 0.7), ("/l/b.safetensors", 1.0)]
+    assert server.model_settings({"SDXL_DEVICE": "cuda", "SDXL_DTYPE": "bf16"}).dtype == torch.bfloat16
+    assert server.model_settings({"SDXL_DEVICE": "cuda"}).dtype == torch.float16
+    for env, name in [
+        ({"SDXL_DTYPE": "int8"}, "SDXL_DTYPE"),
+        ({"SDXL_VAE_TILING": "maybe"}, "SDXL_VAE_TILING"),
+        ({"SDXL_RANDOM_INIT": "huge"}, "SDXL_RANDOM_INIT"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            server.model_settings({"SDXL_DEVICE": "cpu", **env})
+
+
+def test_png_writer_round_trips(sp: Any) -> None:
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    for level in (0, 1):
+        data = sp.encode_png(Image.fromarray(arr), level)
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.size == (80, 48) and im.mode == "RGB"
+            assert np.array_equal(np.asarray(im), arr)
+
+
+def test_loras_load_with_their_weights(sp: Any, tmp_path: Path) -> None:
+    """A LoRA made here for the tiny UNet: weight 1 changes the image, weight 0 gives the base image back."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = sp.build_random_pipeline("tiny", "cpu", torch.float32, seed=1)
+    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet))
+    )
+    lora = str(tmp_path / "pytorch_lora_weights.safetensors")
+
+    def image(loras: tuple[tuple[str, float], ...]) -> bytes:
+        engine = sp.Engine.load(sp.Settings(random_init="tiny", device="cpu", dtype=torch.float32, loras=loras))
+        if loras:
+            assert engine.describe()["loras"] == [{"path": lora, "weight": loras[0][1]}]
+        return bytes(engine.generate("a cat", "", 2, 64, 64, 5, 5.0).png)
+
+    base = image(())
+    assert image(((lora, 1.0),)) != base
+    assert image(((lora, 0.0),)) == base
