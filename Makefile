@@ -2,7 +2,7 @@
 PY ?= python3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup infra image up test lint bench crd gpu-proof
+.PHONY: help setup infra image up test lint bench reconcile-bench crd gpu-proof
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ lint: setup ## ruff, mypy --strict, import-linter contracts
 
 bench: setup infra image ## switch benchmark: vramctl vs docker compose stop/up scripts
 	$(PY) benchmarks/switch_bench.py
+
+reconcile-bench: setup infra image ## Kubernetes mode: PATCH spec.activeModel -> first docker action (kmock + kopf + docker)
+	$(PY) benchmarks/reconcile_latency.py
 
 gpu-proof: ## real CUDA switches + NVML probe (needs a GPU and torch); DRY=1: simulated, no GPU
 	$(PY) benchmarks/gpu_proof.py $(if $(DRY),--dry-run,)

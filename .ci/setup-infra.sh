@@ -2,12 +2,14 @@
 # Installs and starts what the test suite needs on a fresh Debian bookworm
 # machine: a Docker engine (vfs storage, no bridge, no iptables), docker
 # compose v2 (from trixie, pinned low), busybox-static for the stand-in image,
-# and Prometheus. Idempotent: safe to run twice.
+# Prometheus, and kubectl (trixie's package, pinned low: bookworm's
+# kubernetes-client is 1.20) for `kubectl apply` against the API emulator of
+# tests/k8s. Idempotent: safe to run twice.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 need_apt=0
-for bin in dockerd busybox prometheus; do
+for bin in dockerd busybox prometheus kubectl; do
   command -v "$bin" >/dev/null 2>&1 || need_apt=1
 done
 [ -x /bin/busybox ] || need_apt=1
@@ -31,6 +33,7 @@ PIN
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends docker.io busybox-static prometheus iproute2 procps >/dev/null
   apt-get install -y -qq --no-install-recommends -t trixie docker-compose >/dev/null
+  command -v kubectl >/dev/null 2>&1 || apt-get install -y -qq --no-install-recommends -t trixie kubectl >/dev/null
 fi
 
 if ! docker info >/dev/null 2>&1; then

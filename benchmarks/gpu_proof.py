@@ -241,6 +241,41 @@ def last_exit_at(runtime: ProcessRuntime, d: DeploymentSpec, model: str) -> floa
     return None
 
 
+class ExitWatcher:
+    """Times a process's real end (the OS's view, 0.5 ms polls of /proc): the
+    main thread a zombie with no other thread left, or the pid gone. The
+    workload's own ``EXIT_AT`` line comes before its CUDA context and Python
+    interpreter are torn down (often 0.5-1 s for a 20 GB torch process), so
+    release detection is timed from this instant instead."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.exited_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _gone(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/status") as fh:
+                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        except OSError:
+            return True
+        return fields.get("State", "").strip().startswith("Z") and int(fields.get("Threads", "1").strip() or 1) <= 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._gone():
+                self.exited_at = time.time()
+                return
+            time.sleep(0.0005)
+
+    def close(self) -> float | None:
+        self._stop.set()
+        self._thread.join(2)
+        return self.exited_at
+
+
 def measure_scrapes(
     probe: GpuProbe, worker: GpuWorker, raw_query: Callable[[], float] | None, rounds: int, smi_cmd: list[str] | None
 ) -> dict[str, Any]:
@@ -377,6 +412,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for target in order:
             seq0 = int(worker.status()["progressSeq"])
             before_release = worker.last_release_seconds
+            watcher = None
+            if current is not None:
+                holder = runtime.observe(d).get(current)
+                if holder is not None and holder.ref.isdigit():
+                    watcher = ExitWatcher(int(holder.ref))
             t_req = time.time()
             desired = worker.request(target, ())
             st = wait_settled(worker, desired.generation, 240)
@@ -399,7 +439,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if current is not None:
                 exit_at = last_exit_at(runtime, d, current)
                 rec["worker_release_s"] = worker.last_release_seconds if worker.last_release_seconds != before_release else None
-                rec["exit_to_confirmed_free_s"] = (t_free - exit_at) if (t_free is not None and exit_at is not None) else None
+                os_exit = watcher.close() if watcher is not None else None
+                rec["exit_to_confirmed_free_s"] = (t_free - os_exit) if (t_free is not None and os_exit is not None) else None
+                rec["exit_line_to_process_gone_s"] = (os_exit - exit_at) if (os_exit is not None and exit_at is not None) else None
             t_stop, t_wait = note_time(notes, "stopping"), note_time(notes, "waiting-memory")
             if current is not None and exit_at is not None and t_stop is not None:
                 # The old holder as the sampler knew it just before the stop (its NVML

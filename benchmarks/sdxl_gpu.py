@@ -8,10 +8,12 @@ the same pipeline called directly in the same run, and the VAE options' VRAM.
 The pipeline is ``SDXL_RANDOM_INIT=full``: the real SDXL base 1.0 shapes (fp16
 UNet, VAE and both text encoders) with random weights, so no download is
 needed and the time and memory are those of the real model. The server
-(images/sdxl/server.py) runs in this process on a loopback port and is driven
-over HTTP exactly as vramctl's users drive it; the direct calls use the very
-same pipeline object, interleaved with the HTTP ones, so the overhead ratio
-compares like with like (target: at most 1.03).
+(images/sdxl/server.py) runs as users run it, in its own process on a
+loopback port, driven over HTTP; the direct calls go to the same pipeline,
+built the same way (same configs, same seed: the same weights) in this
+process, on its main thread as in the server, interleaved with the HTTP
+ones, so the overhead ratio compares like with like (target: at most 1.03).
+Both copies fit at once: about 7 GB of weights each on an 80 GB card.
 
 (a) HTTP: --warmup untimed images, then --runs timed POST /generate (client wall
     time; the server's own X-Generation-Seconds split into pipeline and PNG
@@ -20,7 +22,7 @@ compares like with like (target: at most 1.03).
     interleaved with (a), alternating which goes first; overhead ratio = the
     median over runs of (a) / (b) of the same run (neighbours in time, so
     clock drift cancels), and the ratio of the medians beside it.
-(c) peak VRAM of one image with VAE slicing and tiling off / on, at --size and
+(c) peak VRAM of one direct image with VAE slicing and tiling off / on, at --size and
     at --vae-large (--vae-steps denoising steps: the peak is in the VAE decode,
     not in the step count; SDXL's VAE tiles only above its 1024 px tile, and
     slicing only splits a batch).
@@ -35,9 +37,12 @@ import argparse
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -62,11 +67,14 @@ def post_generate(base: str, body: dict[str, Any], timeout: float = 600.0) -> tu
     return png, headers, time.perf_counter() - started
 
 
-def wait_healthy(base: str, timeout: float) -> tuple[float, list[int]]:
+def wait_healthy(base: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> tuple[float, list[int]]:
     """Poll /health until 200; returns the seconds it took and the statuses seen (503s first)."""
     started = time.perf_counter()
     seen: list[int] = []
     while time.perf_counter() - started < timeout:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"the server exited with {proc.returncode} before it was healthy:\n{tail}")
         try:
             with urllib.request.urlopen(base + "/health", timeout=5) as resp:
                 seen.append(resp.status)
@@ -79,6 +87,12 @@ def wait_healthy(base: str, timeout: float) -> tuple[float, list[int]]:
             pass
         time.sleep(0.1)
     raise SystemExit(f"the server was not healthy within {timeout:.0f} s (statuses {seen[-5:]})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def median(xs: list[float]) -> float:
@@ -94,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny SDXL-shaped pipeline (CPU dry runs) instead of full size")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--size", type=int, default=1024, help="width = height, a multiple of 8")
-    ap.add_argument("--runs", type=int, default=8, help="timed images for (a) and for (b) each")
+    ap.add_argument("--runs", type=int, default=12, help="timed images for (a) and for (b) each")
     ap.add_argument("--warmup", type=int, default=2, help="untimed images through each path first")
     ap.add_argument("--vae-steps", type=int, default=4, help="denoising steps for each (c) image")
     ap.add_argument(
@@ -108,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import diffusers
     import sdxl_pipeline as sp
-    import server as sdxl_server
     import torch
     import transformers
 
@@ -148,24 +161,64 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {info['torch']} (CUDA {info['torch_cuda']}), diffusers {info['diffusers']}, transformers {info['transformers']}, python {info['python']}"
     )
 
-    # The server, in this process, on a free loopback port.
-    app = sdxl_server.App(lambda: sdxl_server.load_engine(env))
-    httpd = sdxl_server.make_server(app, sdxl_server.ServerConfig("127.0.0.1", 0))
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    app.start()
-    load_s, statuses = wait_healthy(base, timeout=900)
-    engine = app.engine
-    assert engine is not None
-    pipe = engine.pipe
-    if cuda:
-        torch.cuda.synchronize()
-    weights_bytes = int(torch.cuda.memory_allocated()) if cuda else 0
+    # The server as users run it: its own process (generating on its main
+    # thread), on a free loopback port. Started first, so its load time is
+    # the real one (imports included).
+    port = free_port()
+    out_dir = os.environ.get("OUT")
+    log_path = Path(out_dir) / "sdxl_server.log" if out_dir else Path(tempfile.mkstemp(prefix="sdxl-server-", suffix=".log")[1])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_")} | env | {"HOST": "127.0.0.1", "PORT": str(port)}
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "images" / "sdxl" / "server.py")], env=server_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        return run(args, info, env, base, proc, log_path, t_start)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run(args: argparse.Namespace, info: dict[str, Any], env: dict[str, str], base: str, proc: Any, log_path: Path, t_start: float) -> int:
+    import sdxl_pipeline as sp
+    import torch
+
+    cuda = info["device"].startswith("cuda")
+    load_s, statuses = wait_healthy(base, proc, log_path, timeout=900)
     health = json.loads(urllib.request.urlopen(base + "/health", timeout=5).read())
+    server_vram = json.loads(urllib.request.urlopen(base + "/vram", timeout=5).read())
+    weights_bytes = int(server_vram.get("allocated_bytes", 0))
     print(
-        f"loaded in {load_s:.1f} s (health statuses {statuses[0]}..{statuses[-1]}), weights {mib(weights_bytes)} MiB, {health['dtype']}, attention {health['attention']}"
+        f"server healthy {load_s:.1f} s after its start (statuses {statuses[0]}..{statuses[-1]}), weights {mib(weights_bytes)} MiB,"
+        f" {health['dtype']}, attention {health['attention']}; log {log_path}"
     )
-    info |= {"dtype": health["dtype"], "attention": health["attention"], "load_seconds": round(load_s, 3), "weights_bytes": weights_bytes}
+
+    # The same pipeline, built the same way, in this process for the direct calls.
+    built = time.perf_counter()
+    engine = sp.Engine.load(
+        sp.Settings(
+            random_init=env["SDXL_RANDOM_INIT"],
+            device=info["device"],
+            dtype=sp.parse_dtype(env.get("SDXL_DTYPE"), info["device"]),
+            vae_slicing=True,
+            vae_tiling="auto",
+        )
+    )
+    pipe = engine.pipe
+    direct_build_s = time.perf_counter() - built
+    print(f"direct pipeline built in {direct_build_s:.1f} s (torch already imported)")
+    info |= {
+        "dtype": health["dtype"],
+        "attention": health["attention"],
+        "server_load_seconds": round(load_s, 3),
+        "direct_build_seconds": round(direct_build_s, 3),
+        "weights_bytes": weights_bytes,
+    }
 
     body = {
         "prompt": PROMPT,
@@ -266,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         args.steps, args.size = saved
-        vae.enable_slicing() if engine.settings.vae_slicing else vae.disable_slicing()
+        vae.enable_slicing()
         vae.disable_tiling()
 
     result = {
@@ -295,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     print(
-        f"\nSDXL {size} {args.size}x{args.size}, {args.steps} steps on {info['gpu'] or device}:"
+        f"\nSDXL {env['SDXL_RANDOM_INIT']} {args.size}x{args.size}, {args.steps} steps on {info['gpu'] or info['device']}:"
         f"\n  http    {http_med:.3f} s/image (median of {args.runs}), peak {mib(result['http']['peak_bytes'])} MiB"
         f"\n  direct  {direct_med:.3f} s/image, peak {mib(result['direct']['peak_bytes'])} MiB"
         f"\n  server overhead ratio {ratio:.4f} paired, {ratio_of_medians:.4f} of medians (target <= 1.03: {'ok' if ratio <= 1.03 else 'MISSED'})"
@@ -307,7 +360,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out_path}")
-    httpd.shutdown()
     return 0
 
 

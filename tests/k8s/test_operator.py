@@ -203,6 +203,20 @@ def reasons(kube: KubeClient, ns: str, name: str) -> list[tuple[str, str, str]]:
     return [(e["type"], e["reason"], e["message"]) for e in kube.events(ns, name) if e.get("reportingComponent") == "vramctl.io/operator"]
 
 
+def wait_events(
+    kube: KubeClient, ns: str, name: str, pred: Callable[[list[tuple[str, str, str]]], bool], op: Operator, timeout: float = 10.0
+) -> list[tuple[str, str, str]]:
+    """The operator's Events on ``ns/name`` once ``pred`` holds (they are
+    posted by its writer thread, a moment after the status)."""
+    deadline = time.monotonic() + timeout
+    ev = reasons(kube, ns, name)
+    while time.monotonic() < deadline and not pred(ev):
+        time.sleep(0.05)
+        ev = reasons(kube, ns, name)
+    assert pred(ev), f"events of {ns}/{name} not as expected within {timeout}s: {ev}\noperator log:\n{op.log_text()[-3000:]}"
+    return ev
+
+
 def kubectl(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("kubectl")
     if exe is None:
@@ -249,9 +263,8 @@ def test_create_switch_and_status(
     assert (last["from"], last["to"], last["outcome"], last["generation"]) == ("llm", "sdxl", "success", 2)
     assert last["durationSeconds"] > 0
     assert condition(obj, "Degraded")["lastTransitionTime"] == degraded_since  # never flipped
-    ev = reasons(kube, ns, "gpu0")
+    ev = wait_events(kube, ns, "gpu0", lambda ev: any(r == "SwitchFinished" and "llm -> sdxl: success" in m for _, r, m in ev), op)
     assert ("Normal", "SwitchStarted", "switch llm -> sdxl started") in ev
-    assert any(r == "SwitchFinished" and "llm -> sdxl: success" in m for _, r, m in ev)
 
     # The same spec again (an annotation edit makes kopf deliver it; the timer
     # re-delivers it every second): nothing is bumped, nothing restarts.
@@ -272,6 +285,8 @@ def test_create_switch_and_status(
     obj = wait_md(kube, ns, "gpu0", settled(2, ["sdxl"]), op)
     after = containers(docker_client, instance)
     assert sorted(after) == ["sdxl"] and after["sdxl"].attrs["State"]["StartedAt"] == sdxl.attrs["State"]["StartedAt"]
+    assert status(obj)["lastSwitch"] == last  # kept across the restart
+    assert condition(obj, "Degraded")["lastTransitionTime"] == degraded_since
     assert [e for e in reasons(kube, ns, "gpu0") if e[1] == "SwitchStarted"] == [e for e in ev if e[1] == "SwitchStarted"]
 
 
@@ -298,6 +313,7 @@ def test_invalid_spec_is_degraded_with_an_event_and_stops_nothing(
     assert "spec.activeModel" in degraded["message"] and "'nope' is not one of the models" in degraded["message"]
     assert status(obj)["observedGeneration"] == 1 and status(obj)["activeModel"] == "llm"
 
+    wait_events(kube, ns, "gpu0", lambda ev: any(r == "InvalidSpec" for _, r, _ in ev), op)
     time.sleep(3 * TIMER_S)  # timer rounds: no retry storm, no second Event
     invalid = [e for e in reasons(kube, ns, "gpu0") if e[1] == "InvalidSpec"]
     assert len(invalid) == 1 and invalid[0][0] == "Warning" and "spec.activeModel" in invalid[0][2]
@@ -306,7 +322,7 @@ def test_invalid_spec_is_degraded_with_an_event_and_stops_nothing(
 
     bad = wait_md(kube, ns, "gpu1", lambda o: status(o).get("phase") == "Failed", op)
     assert condition(bad, "Degraded")["reason"] == "InvalidSpec" and "spec.companions[0]" in status(bad)["message"]
-    assert any(r == "InvalidSpec" and "spec.companions[0]" in m for _, r, m in reasons(kube, ns, "gpu1"))
+    wait_events(kube, ns, "gpu1", lambda ev: any(r == "InvalidSpec" and "spec.companions[0]" in m for _, r, m in ev), op)
     assert {c.labels["vramctl.io/gpu"] for c in containers(docker_client, instance, running_only=False).values()} == {"0"}
 
     # Fixed: applied, and the Degraded condition clears.
@@ -398,8 +414,9 @@ def test_kubectl_apply_of_the_examples(
     op = operator(node=doc["spec"]["nodeName"], namespace=ns)
     obj = wait_md(kube, ns, name, lambda o: status(o).get("observedGeneration") == 1 and status(o).get("phase") == "Failed", op)
     assert condition(obj, "Degraded")["reason"] != "InvalidSpec", status(obj)
-    failed = [m for _, r, m in reasons(kube, ns, name) if r == "ModelFailed"]
-    assert failed and "not found locally" in failed[0], reasons(kube, ns, name)
+    ev = wait_events(kube, ns, name, lambda ev: any(r == "ModelFailed" for _, r, _ in ev), op)
+    failed = [m for _, r, m in ev if r == "ModelFailed"]
+    assert "not found locally" in failed[0], ev
     assert containers(docker_client, instance, running_only=False) == {}
 
     for p in docs:

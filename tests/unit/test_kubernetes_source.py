@@ -72,7 +72,7 @@ class Rig:
             self.workers.append(w)
             return w
 
-        self.md = ModelDeployments(NODE, self.supervisor, self.rt, make_worker, api=self.api, wall=self.wall)  # type: ignore[arg-type]
+        self.md = ModelDeployments(NODE, self.supervisor, self.rt, make_worker, api=self.api, wall=self.wall)
 
     def apply(self, generation: int, **kw: Any) -> None:
         self.md.apply("ns", "gpu0", "uid-1", generation, raw_spec(**kw))

@@ -48,7 +48,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import kopf
 from pydantic import ValidationError
@@ -129,6 +129,14 @@ class KubeApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
+
+
+class StatusApi(Protocol):
+    """Where status and Events go (``KubeApi``; a recording fake in tests)."""
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+
+    def create_event(self, namespace: str, event: dict[str, Any]) -> None: ...
 
 
 class KubeApi:
@@ -230,16 +238,13 @@ class _Entry:
     problem_generation: int | None = None
     reported: tuple[int | None, str] | None = None  # the problems last sent as an Event
     transitions: dict[str, tuple[str, str]] = field(default_factory=dict)  # condition -> (status, lastTransitionTime)
+    last_switch: dict[str, Any] | None = None  # as published before this process started
     last_written: dict[str, Any] | None = None
     progress_seq: int = 0
     gpu: dict[str, Any] | None = None
     gpu_at: float = 0.0
     dirty: bool = True
     gone: bool = False
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.namespace, self.name)
 
     def ref(self) -> dict[str, Any]:
         ref = {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "namespace": self.namespace}
@@ -291,7 +296,7 @@ class ModelDeployments:
         runtime: Runtime,
         make_worker: WorkerFactory,
         *,
-        api: KubeApi | None = None,
+        api: StatusApi | None = None,
         wall: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -303,7 +308,7 @@ class ModelDeployments:
         self.make_worker = make_worker
         self.credentials: kopf.ConnectionInfo | None = None
         self.settings: kopf.OperatorSettings | None = None
-        self.api = api or KubeApi(lambda: self.credentials, self._relogin)
+        self.api: StatusApi = api or KubeApi(lambda: self.credentials, self._relogin)
         self.wall, self.clock = wall, clock
         self._lock = threading.RLock()
         self._entries: dict[tuple[str, str], _Entry] = {}
@@ -504,10 +509,14 @@ class ModelDeployments:
         self._retire(retiring)
 
     def _seed_transitions(self, entry: _Entry, status: Mapping[str, Any] | None) -> None:
-        """Keep the transition times already published (an operator restart is no flip)."""
+        """Keep what was already published: transition times (an operator
+        restart is no flip) and the last switch (a new worker has none yet)."""
         for c in (status or {}).get("conditions") or []:
             if isinstance(c, Mapping) and c.get("type") and c.get("lastTransitionTime"):
                 entry.transitions[str(c["type"])] = (str(c.get("status")), str(c["lastTransitionTime"]))
+        last = (status or {}).get("lastSwitch")
+        if isinstance(last, Mapping):
+            entry.last_switch = _plain(last)
 
     # ------------------------------------------------- worker-thread side
 
@@ -681,7 +690,7 @@ class ModelDeployments:
             "observedGeneration": observed,
             "conditions": out_conditions,
             "gpu": entry.gpu,
-            "lastSwitch": None
+            "lastSwitch": entry.last_switch
             if not last
             else {
                 "from": last.get("from"),
