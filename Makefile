@@ -2,10 +2,13 @@
 PY ?= python3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup infra image up test lint bench reconcile-bench crd gpu-proof
+.PHONY: help install setup infra image up test lint bench reconcile-bench crd gpu-proof
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+install: ## install vramctl alone (what `make up` needs; no torch)
+	$(PY) -m pip install -q -e .
 
 setup: ## install vramctl and its test tools into the current Python (torch first: the pinned CPU build)
 	$(PY) -m pip install -q torch==2.13.0
@@ -17,7 +20,7 @@ infra: ## install and start a Docker engine and compose v2 (Debian, needs root)
 image: ## build the stand-in model server image (no pull)
 	bash images/standin/build.sh
 
-up: setup ## run the supervisor on the embedded demo stack (docker if it answers, else processes)
+up: install ## run the supervisor on the embedded demo stack (docker if it answers, else processes)
 	@if docker info >/dev/null 2>&1; then bash images/standin/build.sh; fi
 	$(PY) -m vramctl up
 
