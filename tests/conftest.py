@@ -80,6 +80,7 @@ class ExclusivityRecorder:
         self._violations: list[Violation] = []
         self._seen: dict[tuple[str, str, float], float] = {}
         self._seq = 0
+        self._ignored: set[str] = set()
         self.gate_latencies: list[tuple[str, float]] = []
         self.errors: list[str] = []
         self._through = 0.0
@@ -134,8 +135,11 @@ class ExclusivityRecorder:
             raise AssertionError("heavy exclusivity violated:\n  " + "\n  ".join(map(str, found)))
 
     def clear(self, key: str) -> None:
-        """Forget the violations and state of ``key`` (a test that made them on purpose)."""
+        """Forget the violations and state of ``key`` (a test that made them on
+        purpose) and ignore that key from now on: late events of its removed
+        containers must not resurrect the violation in another test's check."""
         with self._lock:
+            self._ignored.add(key)
             self._violations = [v for v in self._violations if v.key != key]
             for dom in [d for d in self._spans if d[0] == key]:
                 del self._spans[dom]
@@ -164,6 +168,8 @@ class ExclusivityRecorder:
                 self._spans.setdefault(dom, []).append(_Span(c.id, c.name, now))
 
     def _violate(self, dom: tuple[str, str], a: str, b: str, at: float, detail: str) -> None:
+        if dom[0] in self._ignored:
+            return
         self._violations.append(Violation(self._seq, dom[0], dom[1], a, b, at, detail))
         self._seq += 1
 

@@ -357,16 +357,9 @@ class DockerRuntime:
                 self._remove_container(c)
                 c = None
             else:
-                state = container_state(c)
-                if state is WorkloadState.PAUSED:
-                    self._require_owned(c, "unpause")
-                    try:
-                        c.unpause()
-                    except docker.errors.APIError as err:
-                        raise StartError(f"docker could not unpause {_name(c)}: {_explain(err)}") from None
-                    return str(c.id)
-                if state in (WorkloadState.RUNNING, WorkloadState.RESTARTING):
-                    return str(c.id)
+                live = self._resume(c)
+                if live is not None:
+                    return live
         if c is None:
             c = self._create(deployment, model, m, m.image, name)
         self._start_container(c)
@@ -444,6 +437,21 @@ class DockerRuntime:
                 "vramctl leaves it alone: rename or remove it, or run vramctl with another instance name"
             )
         return f"container {name} already exists with other labels (another GPU or a stale copy): remove it; docker said: {_explain(err)}"
+
+    def _resume(self, c: Container) -> str | None:
+        """Unpause a paused container; the id of one that is already live
+        (running, restarting, or just unpaused), None for one to be started."""
+        state = container_state(c)
+        if state is WorkloadState.PAUSED:
+            self._require_owned(c, "unpause")
+            try:
+                c.unpause()
+            except docker.errors.APIError as err:
+                raise StartError(f"docker could not unpause {_name(c)}: {_explain(err)}") from None
+            return str(c.id)
+        if state in (WorkloadState.RUNNING, WorkloadState.RESTARTING):
+            return str(c.id)
+        return None
 
     def _start_container(self, c: Container) -> None:
         self._require_owned(c, "start")
@@ -524,15 +532,9 @@ class DockerRuntime:
                 f"{LABEL_CLASS}: {m.model_class} — then recreate it with `docker compose up --no-start {service}`"
             )
         self._require_owned(c, "start")
-        state = container_state(c)
-        if state is WorkloadState.PAUSED:
-            try:
-                c.unpause()
-            except docker.errors.APIError as err:
-                raise StartError(f"docker could not unpause {_name(c)}: {_explain(err)}") from None
-            return str(c.id)
-        if state in (WorkloadState.RUNNING, WorkloadState.RESTARTING):
-            return str(c.id)
+        live = self._resume(c)
+        if live is not None:
+            return live
         self._start_container(c)
         return str(c.id)
 
