@@ -697,6 +697,8 @@ class GpuWorker:
         self._condition("Ready", phase in (PHASE_READY, PHASE_IDLE), reason, message, gen)
         self._condition("Progressing", phase == PHASE_SWITCHING, reason, message, gen)
         self._condition("Degraded", phase in (PHASE_FAILED, PHASE_BLOCKED), reason, message, gen)
+        # The spec in use is checked for pitfalls as a whole: that verdict is as current as the phase.
+        self._conditions["ConfigWarnings"].observed_generation = gen
         self._publish()
 
     def _condition(self, ctype: str, value: bool, reason: str, message: str, generation: int) -> None:

@@ -672,7 +672,7 @@ class ModelDeployments:
             }
         now = _iso(self.wall())
         out_conditions = []
-        for ctype in ("Ready", "Progressing", "Degraded"):
+        for ctype in ("Ready", "Progressing", "Degraded", "ConfigWarnings"):
             c = conditions.get(ctype) or {"type": ctype, "status": "Unknown", "reason": "Initializing", "message": ""}
             before = entry.transitions.get(ctype)
             if before is None or before[0] != c["status"]:
