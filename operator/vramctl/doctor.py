@@ -230,8 +230,10 @@ def _docker_checks(f: Facts, cfg: Config | None) -> list[Check]:
                 Check(
                     "WARN",
                     "nvidia runtime",
-                    "absent: containers get no GPU" + ("" if gpu else " (no NVIDIA GPU here either: fine for the stand-in demo)"),
-                    "install nvidia-container-toolkit and run `nvidia-ctk runtime configure --runtime=docker`, then restart dockerd",
+                    "absent: containers get no GPU unless a model sets gpuRequest: always"
+                    + ("" if gpu else " (no NVIDIA GPU here either: fine for the stand-in demo)"),
+                    "install nvidia-container-toolkit and run `nvidia-ctk runtime configure --runtime=docker`, then restart dockerd;"
+                    " where `docker run --gpus all` works without it (CDI, Docker Desktop), set gpuRequest: always on the models",
                 )
             )
         if f.missing_images:

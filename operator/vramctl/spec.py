@@ -167,6 +167,13 @@ class ModelSpec(_Model):
     ports: list[str] = Field(default_factory=list, description="Published ports as HOST:CONTAINER (ignored with network mode host).")
     volumes: list[str] = Field(default_factory=list, description="Bind mounts as SRC:DST[:ro].")
     network_mode: str = Field(default="host", description="Docker network mode of the container.")
+    gpu_request: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description=(
+            "Docker runtime: ask the engine for the GPU (--gpus device=N). auto: when the engine lists an nvidia runtime; "
+            "always: also where it does not list one but --gpus works (CDI, some Docker Desktop setups); never: no GPU."
+        ),
+    )
     health: HealthSpec | None = Field(
         default=None,
         description="Readiness check; replaces an engine's own (vllm, sdxl: /health; sovits: /docs). Without either, running counts as ready.",

@@ -289,6 +289,13 @@ def test_no_gpu_device_request_without_the_nvidia_runtime(
     d3 = spec({"llm": standin(1234)}, gpu=3)
     (req,) = gpu_runtime.create_kwargs(d3, "llm")["host_config"]["DeviceRequests"]
     assert (req["Driver"], req["DeviceIDs"], req["Capabilities"]) == ("nvidia", ["3"], [["gpu"]])
+    never = spec({"llm": {**standin(1234), "gpuRequest": "never"}}, gpu=3)
+    assert gpu_runtime.create_kwargs(never, "llm")["host_config"].get("DeviceRequests") is None
+
+    # gpuRequest: always asks even where the engine lists no nvidia runtime (CDI, Docker Desktop).
+    always = spec({"llm": {**standin(1234), "gpuRequest": "always"}}, gpu=1)
+    (req,) = runtime.create_kwargs(always, "llm")["host_config"]["DeviceRequests"]
+    assert (req["Driver"], req["DeviceIDs"]) == ("nvidia", ["1"])
 
 
 def test_ports_and_volumes(runtime: DockerRuntime, tmp_path: Path) -> None:

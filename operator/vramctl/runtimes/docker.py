@@ -385,7 +385,8 @@ class DockerRuntime:
                 host, cont = p.split(":")
                 port_bindings[int(cont)] = int(host)
         device_requests = None
-        if self._has_nvidia():
+        want = m.gpu_request
+        if want == "always" or (want == "auto" and self._has_nvidia()):
             device_requests = [docker.types.DeviceRequest(driver="nvidia", device_ids=[str(deployment.gpu)], capabilities=[["gpu"]])]
         host_config = self.client.api.create_host_config(
             network_mode=network_mode,
