@@ -160,7 +160,7 @@ SOVITS: list[tuple[str, dict[str, Any], list[str], str]] = [
         "127.0.0.1",
     ),
     ("loopback only", {"bind": "127.0.0.1"}, ["-a", "127.0.0.1", "-p", "9880"], "127.0.0.1"),
-    ("one address: probed there", {"bind": "192.168.1.20"}, ["-a", "192.168.1.20", "-p", "9880"], "192.168.1.20"),
+    ("one address: probed there", {"bind": "127.0.0.5"}, ["-a", "127.0.0.5", "-p", "9880"], "127.0.0.5"),
 ]
 
 
