@@ -23,6 +23,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+# /proc/<pid>/stat is parsed in one place; these names are part of this module's API.
+from vramctl.procfs import ProcStat as StatIds
+from vramctl.procfs import parse_stat, read_stat
+
+__all__ = ["CgroupOwner", "StatIds", "owner_model", "parse_cgroup", "parse_stat", "read_cgroup", "read_stat", "short_id"]
+
 # A container id is 64 lowercase hex digits, as the last part of a cgroup path
 # component: "<id>" (cgroupfs driver: /docker/<id>, /kubepods/.../<id>) or
 # "<prefix>-<id>.scope" (systemd driver: docker-, cri-containerd-, crio-, libpod-).
@@ -100,37 +106,6 @@ def _parse_path(path: str) -> CgroupOwner:
     return CgroupOwner(tuple(ids), engine if ids else None, pod)
 
 
-@dataclass(frozen=True)
-class StatIds:
-    """The ids in ``/proc/<pid>/stat`` that tie a process to its group."""
-
-    pid: int
-    ppid: int
-    pgid: int
-    sid: int
-    start_ticks: int  # field 22: start time in clock ticks since boot
-
-
-def parse_stat(raw: bytes | str) -> StatIds | None:
-    """Parse ``/proc/<pid>/stat``; None when it is malformed.
-
-    The command name (field 2) may contain spaces and ')', so the fields are
-    counted from after its last ')'.
-    """
-    data = raw.encode() if isinstance(raw, str) else raw
-    head, sep, tail = data.rpartition(b")")
-    if not sep:
-        return None
-    try:
-        pid = int(head.split(b"(", 1)[0])
-        f = tail.split()
-        # tail: state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
-        # cmajflt utime stime cutime cstime priority nice num_threads itrealvalue starttime
-        return StatIds(pid=pid, ppid=int(f[1]), pgid=int(f[2]), sid=int(f[3]), start_ticks=int(f[19]))
-    except (IndexError, ValueError):
-        return None
-
-
 def short_id(container_id: str) -> str:
     """The 12-character form docker prints."""
     return container_id[:12]
@@ -167,12 +142,4 @@ def read_cgroup(pid: int, proc: Path = Path("/proc")) -> CgroupOwner | None:
     try:
         return parse_cgroup((proc / str(pid) / "cgroup").read_text())
     except (OSError, UnicodeDecodeError):
-        return None
-
-
-def read_stat(pid: int, proc: Path = Path("/proc")) -> StatIds | None:
-    """``/proc/<pid>/stat`` parsed; None when the process is gone or unreadable."""
-    try:
-        return parse_stat((proc / str(pid) / "stat").read_bytes())
-    except OSError:
         return None

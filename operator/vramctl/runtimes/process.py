@@ -85,6 +85,7 @@ from pathlib import Path
 from typing import Any
 
 from vramctl.observed import Workload, WorkloadState
+from vramctl.procfs import ProcStat, read_stat
 from vramctl.runtimes.base import RuntimeError_, StartError, StartEvent, StopOutcome
 from vramctl.runtimes.health import http_ready
 from vramctl.spec import DeploymentSpec, StopSpec
@@ -102,54 +103,14 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 # ------------------------------------------------------------------ /proc
 
 
-@dataclass(frozen=True)
-class _Stat:
-    pid: int
-    state: str  # R S D T t Z X ...
-    ppid: int
-    pgid: int
-    num_threads: int  # field 20
-    start_ticks: int  # field 22: start time in clock ticks since boot
-
-    @property
-    def exited(self) -> bool:
-        """Exited, waiting to be reaped. The kernel shows a thread-group
-        leader as Z as soon as its *main thread* is gone; the process is only
-        over once its other threads are too (a SIGKILLed multi-threaded server
-        spends a moment like that, a server whose main thread called
-        pthread_exit stays like that)."""
-        return self.state == "X" or (self.state == "Z" and self.num_threads <= 1)
-
-
-def _read_stat(pid: int) -> _Stat | None:
-    """``/proc/<pid>/stat``, or None when there is no such process."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # comm (field 2) may contain spaces and ')': split after its last ')'.
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return _Stat(
-            pid=pid,
-            state=fields[0].decode(),
-            ppid=int(fields[1]),
-            pgid=int(fields[2]),
-            num_threads=int(fields[17]),
-            start_ticks=int(fields[19]),
-        )
-    except (IndexError, ValueError):
-        return None
-
-
-def _group_members(pgid: int, exclude: int) -> list[_Stat]:
+def _group_members(pgid: int, exclude: int) -> list[ProcStat]:
     """Processes of group ``pgid`` other than ``exclude`` that have not exited."""
     out = []
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit() or int(entry.name) == exclude:
                 continue
-            st = _read_stat(int(entry.name))
+            st = read_stat(int(entry.name))
             if st is not None and st.pgid == pgid and not st.exited:
                 out.append(st)
     return out
@@ -231,10 +192,10 @@ class _Leader(Enum):
     FOREIGN = "foreign"  # the pid now belongs to someone else (or another boot)
 
 
-def _leader(rec: _Record, boot_id: str) -> tuple[_Leader, _Stat | None]:
+def _leader(rec: _Record, boot_id: str) -> tuple[_Leader, ProcStat | None]:
     if rec.boot_id and boot_id and rec.boot_id != boot_id:
         return _Leader.FOREIGN, None  # recorded before a reboot: nothing of it survives
-    st = _read_stat(rec.pid)
+    st = read_stat(rec.pid)
     if st is None:
         return _Leader.GONE, None
     if st.start_ticks != rec.start_ticks:
@@ -525,7 +486,7 @@ class ProcessRuntime:
         try:
             # Until we reap it the child exists (at worst as a zombie), so its
             # stat line is there to read even if it exited at once.
-            st = _read_stat(proc.pid)
+            st = read_stat(proc.pid)
             if st is None:
                 raise OSError(f"/proc/{proc.pid}/stat is unreadable")
             rec = _Record(
