@@ -72,13 +72,14 @@ class Condition:
             "status": self.status,
             "reason": self.reason,
             "message": self.message,
-            "lastTransitionTime": _iso(self.last_transition_time),
+            "lastTransitionTime": rfc3339(self.last_transition_time),
             "observedGeneration": self.observed_generation,
         }
 
 
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""
+def rfc3339(ts: float) -> str:
+    """A unix time as Kubernetes writes times (RFC 3339, UTC, seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 class Metrics:
@@ -664,7 +665,7 @@ class GpuWorker:
             "to": switch.target,
             "durationSeconds": round(duration, 3),
             "outcome": outcome,
-            "finishedAt": _iso(self.wall()),
+            "finishedAt": rfc3339(self.wall()),
             "generation": desired.generation,
         }
         self.metrics.switches.labels(str(self.gpu), outcome).inc()

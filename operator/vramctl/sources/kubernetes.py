@@ -56,7 +56,7 @@ from pydantic import ValidationError
 from vramctl.observed import Desired
 from vramctl.runtimes.base import Runtime
 from vramctl.spec import ConfigError, DeploymentSpec, DesiredStateError, problems_from
-from vramctl.supervisor import PHASE_BLOCKED, PHASE_FAILED, DesiredSink, GpuWorker, StatusSink, Supervisor
+from vramctl.supervisor import PHASE_BLOCKED, PHASE_FAILED, DesiredSink, GpuWorker, StatusSink, Supervisor, rfc3339
 
 log = logging.getLogger("vramctl.kubernetes")
 
@@ -99,10 +99,6 @@ def finalizer_for(node: str) -> str:
     if len(name) > 63:
         name = f"node.{node[:40]}-{hashlib.sha256(node.encode()).hexdigest()[:12]}"
     return f"{GROUP}/{name}"
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _plain(obj: Any) -> Any:
@@ -621,7 +617,7 @@ class ModelDeployments:
         return ok
 
     def _event_body(self, ref: dict[str, Any], etype: str, reason: str, message: str) -> dict[str, Any]:
-        now = _iso(self.wall())
+        now = rfc3339(self.wall())
         if len(message) > _EVENT_MESSAGE_MAX:
             message = message[: _EVENT_MESSAGE_MAX - 3] + "..."
         return {
@@ -670,7 +666,7 @@ class ModelDeployments:
                 "message": message,
                 "observedGeneration": entry.problem_generation,
             }
-        now = _iso(self.wall())
+        now = rfc3339(self.wall())
         out_conditions = []
         for ctype in ("Ready", "Progressing", "Degraded", "ConfigWarnings"):
             c = conditions.get(ctype) or {"type": ctype, "status": "Unknown", "reason": "Initializing", "message": ""}
