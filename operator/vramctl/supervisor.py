@@ -255,15 +255,10 @@ class GpuWorker:
         """Replace the desired state (latest wins). Raises DesiredStateError when invalid."""
         with self._lock:
             if companions is None:
-                # Default: keep the current companions (the configured ones when
-                # switching), but "no model" frees the whole GPU.
                 # Default: "no model" frees the whole GPU; otherwise keep the
                 # current companions that still fit beside the new model.
                 companions = () if active is None else self._fitting(active, self._desired.companions)
-            total = None
-            with contextlib.suppress(Exception):
-                total = self.probe.info().total_mib
-            check_desired(self.spec, active, companions, total)
+            check_desired(self.spec, active, companions, self._total_mib())
             desired = Desired(active or None, tuple(companions), self._desired.generation + 1)
             self._desired = desired
             self._note(
@@ -279,9 +274,7 @@ class GpuWorker:
 
     def _fitting(self, active: str, companions: tuple[str, ...]) -> tuple[str, ...]:
         """The companions, in order, that fit the budget beside ``active``."""
-        total = None
-        with contextlib.suppress(Exception):
-            total = self.probe.info().total_mib
+        total = self._total_mib()
         keep: list[str] = []
         for c in companions:
             if c == active:
