@@ -181,7 +181,7 @@ class BuiltOperator:
     make_worker: Callable[[DeploymentSpec, StatusSink, DesiredSink], GpuWorker]
 
 
-def build_operator(instance: str, gpu_probe: GpuProbeConfig | None = None) -> BuiltOperator:
+def build_operator(instance: str, gpu_probe: GpuProbeConfig | None = None, dcgm_compat: bool = False) -> BuiltOperator:
     """The docker runtime and a supervisor with no workers yet: the operator
     adds one per ModelDeployment of its node (``make_worker``), each with its
     GPU's probe chosen as in compose mode."""
@@ -205,7 +205,7 @@ def build_operator(instance: str, gpu_probe: GpuProbeConfig | None = None) -> Bu
     notes.append(f"runtime: docker (instance {instance})")
     metrics = Metrics()
     supervisor = Supervisor([], runtime, metrics, notes)
-    register_collector(supervisor)
+    register_collector(supervisor, dcgm_compat=dcgm_compat)
 
     def make_worker(d: DeploymentSpec, status_sink: StatusSink, desired_sink: DesiredSink) -> GpuWorker:
         config = config_for(d)

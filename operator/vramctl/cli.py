@@ -310,7 +310,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         print(f"vramctl operator needs kopf: pip install 'vramctl[kubernetes]' ({err})", file=sys.stderr)
         return EXIT_USAGE
     try:
-        built = build_operator(args.instance, GpuProbeConfig(kind=args.gpu_probe))
+        built = build_operator(args.instance, GpuProbeConfig(kind=args.gpu_probe), dcgm_compat=args.dcgm_compat)
     except (ConfigError, ValueError) as err:
         print(err.render() if isinstance(err, ConfigError) else f"vramctl operator: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -402,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--token", help="bearer token for the HTTP API (or VRAMCTL_TOKEN); POST /switch is refused in this mode")
     op.add_argument("--instance", default="k8s", help="label value marking this operator's containers on the Docker engine (default k8s)")
     op.add_argument("--gpu-probe", choices=("auto", "nvml", "simulated"), default="auto", help="GPU memory source (default auto)")
+    op.add_argument(
+        "--dcgm-compat",
+        action="store_true",
+        help="also export DCGM_FI_DEV_* series (as `metrics: {dcgmCompat: true}` does in compose mode)",
+    )
     op.add_argument(
         "--timer-seconds", type=float, default=10.0, help="re-hand each ModelDeployment's spec to its worker this often (default 10)"
     )
