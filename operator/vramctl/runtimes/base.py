@@ -29,12 +29,20 @@ LABEL_SPEC_HASH = "vramctl.io/spec-hash"
 LABEL_DEPLOYMENT = "vramctl.io/deployment"
 
 
-class RuntimeError_(Exception):
+class RuntimeFailure(Exception):
     """A runtime operation failed in a way worth reporting (not 'already done')."""
 
 
-class StartError(RuntimeError_):
-    pass
+class TransientError(RuntimeFailure):
+    """The engine or API could not be reached, or timed out: retry with back-off; the switch stays in progress."""
+
+
+class PermanentError(RuntimeFailure):
+    """Retrying cannot help until the spec changes (image missing, not ours, invalid rendered spec)."""
+
+
+class StartError(PermanentError):
+    """The model could not be started (no command, no image, executable not found)."""
 
 
 @dataclass(frozen=True)
