@@ -50,10 +50,11 @@ from vramctl.runtimes.base import (
     LABEL_SPEC_HASH,
     MANAGED_BY,
     MANAGED_BY_VALUE,
-    RuntimeError_,
+    PermanentError,
     StartError,
     StartEvent,
     StopOutcome,
+    TransientError,
 )
 from vramctl.runtimes.health import http_ready
 from vramctl.spec import ComposeConfig, DeploymentSpec, ModelSpec, StopSpec
@@ -246,7 +247,7 @@ class DockerRuntime:
     def _require_owned(self, c: Container, action: str) -> None:
         """Defence in depth: refuse to act on anything that is not ours."""
         if not self.owns_labels(_labels(c)):
-            raise RuntimeError_(
+            raise PermanentError(
                 f"refusing to {action} container {_name(c)}: it does not carry {MANAGED_BY}={MANAGED_BY_VALUE} "
                 f"with {LABEL_INSTANCE}={self.instance}" + (f" or {COMPOSE_PROJECT}={self.compose.project}" if self.compose else "")
             )
@@ -611,7 +612,7 @@ class DockerRuntime:
                 except docker.errors.APIError as err:
                     log.debug("SIGKILL to %s: %s", _name(c), _explain(err))  # exited meanwhile
         if not self._wait_exit(c, _KILL_WAIT_SECONDS):
-            raise RuntimeError_(f"container {_name(c)} is still running {_KILL_WAIT_SECONDS:.0f} s after SIGKILL")
+            raise TransientError(f"container {_name(c)} is still running {_KILL_WAIT_SECONDS:.0f} s after SIGKILL")
         state = c.attrs.get("State") or {}
         code = state.get("ExitCode")
         exit_code = int(code) if code is not None else None
@@ -658,7 +659,7 @@ class DockerRuntime:
                 continue
             except docker.errors.APIError as err:
                 if self._reload(c) and container_state(c) is WorkloadState.RUNNING:
-                    raise RuntimeError_(f"docker could not pause {_name(c)}: {_explain(err)}") from None
+                    raise TransientError(f"docker could not pause {_name(c)}: {_explain(err)}") from None
 
     def logs_tail(self, deployment: DeploymentSpec, model: str, lines: int = 20) -> list[str]:
         cs = self._of_model(deployment, model)
@@ -685,7 +686,7 @@ class DockerRuntime:
             pass
         except docker.errors.APIError as err:
             if err.status_code != 409:  # 409: removal already in progress
-                raise RuntimeError_(f"docker could not remove {_name(c)}: {_explain(err)}") from None
+                raise TransientError(f"docker could not remove {_name(c)}: {_explain(err)}") from None
 
     # ------------------------------------------------------------- health
 

@@ -86,7 +86,7 @@ from typing import Any
 
 from vramctl.observed import Workload, WorkloadState
 from vramctl.procfs import ProcStat, read_stat
-from vramctl.runtimes.base import RuntimeError_, StartError, StartEvent, StopOutcome
+from vramctl.runtimes.base import PermanentError, StartError, StartEvent, StopOutcome, TransientError
 from vramctl.runtimes.health import http_ready
 from vramctl.spec import DeploymentSpec, StopSpec
 
@@ -376,7 +376,7 @@ class ProcessRuntime:
         except ProcessLookupError:
             pass  # the whole group exited in between: nothing left to signal
         except PermissionError as err:
-            raise RuntimeError_(f"cannot signal {rec.model} (process group {rec.pgid}): {err.strerror}") from err
+            raise PermanentError(f"cannot signal {rec.model} (process group {rec.pgid}): {err.strerror}") from err
 
     def _group_alive(self, rec: _Record, seen_ticks: int | None) -> tuple[bool, int | None]:
         """Whether any process of the workload still runs and provably is ours.
@@ -559,7 +559,7 @@ class ProcessRuntime:
                 kill_deadline = now + self.kill_timeout_seconds
             elif killed and now >= kill_deadline:
                 waited = f"{self.kill_timeout_seconds:.0f}s"
-                raise RuntimeError_(f"{model} (pid {rec.pid}) is still there {waited} after SIGKILL (stuck in the kernel?)")
+                raise TransientError(f"{model} (pid {rec.pid}) is still there {waited} after SIGKILL (stuck in the kernel?)")
             time.sleep(POLL_SECONDS if killed else max(0.0, min(POLL_SECONDS, deadline - now)))
             alive, seen = self._group_alive(rec, seen)
         seconds = time.monotonic() - t0
