@@ -2,6 +2,7 @@
 # Installs and starts what the test suite needs on a fresh Debian bookworm
 # machine: a Docker engine (overlay2 storage where it mounts, else vfs; no bridge, no iptables), docker
 # compose v2 (from trixie, pinned low), busybox-static for the stand-in image,
+# debootstrap for the local Debian bases of the image builds (images/base/),
 # Prometheus, and kubectl (trixie's package, pinned low: bookworm's
 # kubernetes-client is 1.20) for `kubectl apply` against the API emulator of
 # tests/k8s. Idempotent: safe to run twice.
@@ -9,7 +10,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 need_apt=0
-for bin in dockerd busybox prometheus kubectl; do
+for bin in dockerd busybox prometheus kubectl debootstrap; do
   command -v "$bin" >/dev/null 2>&1 || need_apt=1
 done
 [ -x /bin/busybox ] || need_apt=1
@@ -31,7 +32,8 @@ Pin-Priority: 100
 PIN
   fi
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends docker.io busybox-static prometheus iproute2 procps >/dev/null
+  # debootstrap: images/base/build-local.sh makes the Debian bases of the image builds.
+  apt-get install -y -qq --no-install-recommends docker.io busybox-static prometheus iproute2 procps debootstrap >/dev/null
   apt-get install -y -qq --no-install-recommends -t trixie docker-compose >/dev/null
   command -v kubectl >/dev/null 2>&1 || apt-get install -y -qq --no-install-recommends -t trixie kubectl >/dev/null
 fi
