@@ -18,7 +18,7 @@ from vramctl.gpu.base import GpuProbe, ProbeError
 from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import Desired
 from vramctl.runtimes.base import Runtime
-from vramctl.sources.statefile import StateFile
+from vramctl.sources.statefile import StateFile, StateWriteError
 from vramctl.spec import Config, ConfigError, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
 from vramctl.supervisor import DesiredSink, GpuWorker, Metrics, StatusSink, Supervisor, WorkerSettings, holders_from
 from vramctl.telemetry import register as register_collector
@@ -144,8 +144,21 @@ def _nvml_probe(gpu: int, runtime: Runtime, spec_of: _SpecRef, notes: list[str])
     return probe, ""
 
 
-def build(config: Config, state_path: Path, instance: str = "default") -> Built:
+def open_state(state_path: Path) -> StateFile:
+    """The state file, checked: a damaged one is set aside (its problem stays
+    readable through ``problem()``), and one that cannot be written raises
+    StateWriteError now rather than at the first switch."""
     state = StateFile(state_path)
+    state.read()
+    if state.problem() is not None:
+        state.set_aside()
+    state.check_writable()
+    return state
+
+
+def build(config: Config, state_path: Path, instance: str = "default") -> Built:
+    """Raises ConfigError (the config cannot run here) or StateWriteError (the state file cannot be written)."""
+    state = open_state(state_path)
     notes: list[str] = []
     runtime = build_runtime(config, state_path.parent, instance, notes)
     problems: list[tuple[str, str]] = []
@@ -160,9 +173,12 @@ def build(config: Config, state_path: Path, instance: str = "default") -> Built:
     for d in config.gpus:
         ref = _SpecRef(d)
         probe = build_probe(config, ref, runtime, notes)
-        w = GpuWorker(
-            d, runtime, probe, settings, initial=initial_desired(state, d), status_sink=state, desired_sink=state, metrics=metrics
-        )
+        try:
+            initial = initial_desired(state, d, runtime, notes)
+        except StateWriteError:
+            runtime.close()
+            raise
+        w = GpuWorker(d, runtime, probe, settings, initial=initial, status_sink=state, desired_sink=state, metrics=metrics)
         ref.worker = w
         workers.append(w)
     for n in notes:
@@ -220,11 +236,55 @@ def build_operator(instance: str, gpu_probe: GpuProbeConfig | None = None, dcgm_
     return BuiltOperator(supervisor, runtime, make_worker)
 
 
-def initial_desired(state: StateFile, d: DeploymentSpec) -> Desired:
+def running_desired(runtime: Runtime, d: DeploymentSpec) -> Desired | None:
+    """What runs on this GPU now, as a desired state (generation 0): the live
+    heavy model of the spec and the live light ones that fit beside it. None
+    when none of its models runs, or the runtime cannot say."""
+    try:
+        live = [w for w in runtime.observe(d).values() if w.state.live and w.model in d.models]
+    except Exception as err:
+        log.warning("gpu %d: could not observe what runs (%s)", d.gpu, err)
+        return None
+    heavy = sorted(w.model for w in live if d.models[w.model].heavy)
+    active = heavy[0] if heavy else None
+    companions: list[str] = []
+    for name in sorted(w.model for w in live if not d.models[w.model].heavy):
+        try:
+            check_desired(d, active, [*companions, name])
+            companions.append(name)
+        except DesiredStateError:
+            continue
+    if active is None and not companions:
+        return None
+    return Desired(active, tuple(companions), 0)
+
+
+def initial_desired(state: StateFile, d: DeploymentSpec, runtime: Runtime | None = None, notes: list[str] | None = None) -> Desired:
     """The state file's desired state wins, unless the config's own default
-    changed since it was recorded (the user edited activeModel in the file)."""
+    changed since it was recorded (the user edited activeModel in the file).
+
+    A damaged state file (or a damaged entry for this GPU) says nothing about
+    what the user wanted last: the models that run now are kept (adopted as
+    desired) rather than replaced by the config's default, and a note names
+    the file and the damage. Raises StateWriteError when the result cannot be
+    recorded."""
     config_default = {"activeModel": d.active_model, "companions": list(d.companions)}
-    recorded = state.desired(d.gpu)
+    recorded, problem = state.desired_or_problem(d.gpu)
+    if problem is not None:
+        kept = running_desired(runtime, d) if runtime is not None else None
+        if kept is not None:
+            desired = Desired(kept.active, kept.companions, 1)
+            what = ", ".join(repr(m) for m in desired.members)
+            note = f"gpu {d.gpu}: {problem}: keeping what runs ({what}) as the desired state"
+        else:
+            desired = Desired(d.active_model, tuple(d.companions), 1)
+            note = f"gpu {d.gpu}: {problem}: none of its models runs; using the config's activeModel {d.active_model!r}"
+        if notes is not None:
+            notes.append(note)  # logged and printed with the other notes
+        else:
+            log.warning("%s", note)
+        state.write_desired(d.gpu, desired, "recovered", config_default)
+        return desired
     if recorded is not None and state.config_default(d.gpu) == config_default:
         try:
             check_desired(d, recorded.active, recorded.companions)

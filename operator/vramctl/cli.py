@@ -62,19 +62,18 @@ def _request(url: str, method: str = "GET", body: Any = None, token: str | None 
 # ----------------------------------------------------------------- commands
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.file)
-    except ConfigError as err:
-        print(err.render(), file=sys.stderr)
-        return EXIT_USAGE
-    # The GPU's total is known here only for a simulated GPU (or one the user sized).
+def _known_total(config: Config) -> int | None:
+    """The GPU's total as the config states it: only for a simulated GPU (or one the user sized)."""
     p = config.gpu_probe
-    total = p.total_mib if p.kind == "simulated" or "total_mib" in p.model_fields_set else None
+    return p.total_mib if p.kind == "simulated" or "total_mib" in p.model_fields_set else None
+
+
+def config_findings(config: Config) -> list[tuple[str, Finding]]:
+    """Everything ``validate`` finds beyond parsing: pitfalls (warnings) and
+    desired states that cannot fit (errors). ``up`` refuses on the same errors."""
+    total = _known_total(config)
     findings: list[tuple[str, Finding]] = []
     for i, d in enumerate(config.gpus):
-        members = ", ".join(_describe_model(d, n, total) for n in d.models)
-        print(f"{args.file}: gpu {d.gpu} ({d.display_name}): active {d.active_model or '(none)'}; models: {members}")
         findings += [(f"gpus[{i}].", f) for f in env_pitfalls(d, total)]
         if total is not None:
             # Parsing checked the budget without the total; a vLLM model's reservation needs it.
@@ -82,6 +81,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 check_desired(d, d.active_model, d.companions, total)
             except DesiredStateError as err:
                 findings.append((f"gpus[{i}].", Finding("error", err.field or "companions", str(err))))
+    return findings
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as err:
+        print(err.render(), file=sys.stderr)
+        return EXIT_USAGE
+    total = _known_total(config)
+    for d in config.gpus:
+        members = ", ".join(_describe_model(d, n, total) for n in d.models)
+        print(f"{args.file}: gpu {d.gpu} ({d.display_name}): active {d.active_model or '(none)'}; models: {members}")
+    findings = config_findings(config)
     for prefix, f in findings:
         print(f.render(prefix))
     if any(f.severity == "error" for _, f in findings):
@@ -133,22 +146,54 @@ def _load(args: argparse.Namespace) -> Config:
     return demo_config()
 
 
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft limit on open descriptors to the hard one: a flood of
+    client connections must not leave the supervisor's own health checks and
+    state writes without a descriptor (EMFILE). Returns (soft, hard) after."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as err:
+            logging.getLogger("vramctl").warning("could not raise the open-file limit from %d to %d: %s", soft, hard, err)
+    return soft, hard
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from vramctl.api import ApiServer
     from vramctl.app import build, default_state_path
+    from vramctl.sources.statefile import StateWriteError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_nofile_limit()
     try:
         config = _load(args)
-        state_path = Path(args.state) if args.state else default_state_path()
+    except ConfigError as err:
+        print(err.render(), file=sys.stderr)
+        return EXIT_USAGE
+    # The same verdict as `vramctl validate`: a config it refuses never runs.
+    errors = [(prefix, f) for prefix, f in config_findings(config) if f.severity == "error"]
+    if errors:
+        print(f"{args.config or 'embedded demo config'}: {len(errors)} problem(s); `vramctl validate` says the same", file=sys.stderr)
+        for prefix, f in errors:
+            print(f.render(prefix), file=sys.stderr)
+        return EXIT_USAGE
+    state_path = Path(args.state) if args.state else default_state_path()
+    try:
         built = build(config, state_path, instance=args.instance)
     except ConfigError as err:
         print(err.render(), file=sys.stderr)
         return EXIT_USAGE
+    except StateWriteError as err:
+        print(f"vramctl: {err}: choose a writable place with --state", file=sys.stderr)
+        return EXIT_USAGE
     host, port = args.listen
     token = args.token or os.environ.get("VRAMCTL_TOKEN") or None
     try:
-        api = ApiServer(built.supervisor, host, port, token)
+        api = ApiServer(built.supervisor, host, port, token, allowed_hosts=args.allow_host or (), state=built.state)
     except (ValueError, OSError) as err:
         print(f"vramctl: cannot listen on {host}:{port}: {err}", file=sys.stderr)
         built.supervisor.runtime.close()
@@ -160,7 +205,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    built.state.write_supervisor({"pid": os.getpid(), "url": f"http://{api.host}:{api.port}", "startedAt": time.time()})
+    try:
+        built.state.write_supervisor({"pid": os.getpid(), "url": f"http://{api.host}:{api.port}", "startedAt": time.time()})
+    except StateWriteError as err:
+        print(f"vramctl: {err}: choose a writable place with --state", file=sys.stderr)
+        api.stop()
+        built.supervisor.runtime.close()
+        return EXIT_USAGE
     api.start()
     built.supervisor.start()
     for note in built.supervisor.notes:
@@ -176,7 +227,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     print("vramctl: shutting down (models keep running; `vramctl switch ''` frees the GPU)", file=sys.stderr)
     api.stop()
     built.supervisor.stop()
-    built.state.write_supervisor(None)
+    try:
+        built.state.write_supervisor(None)
+    except StateWriteError as err:
+        print(f"vramctl: {err}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -247,10 +301,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         _, st = _request(base + "/status")
     except (urllib.error.URLError, OSError) as err:
         if args.state and Path(args.state).exists():
-            st = {
-                "gpus": {g: v.get("status", {}) for g, v in json.loads(Path(args.state).read_text()).get("gpus", {}).items()},
-                "stale": True,
-            }
+            from vramctl.sources.statefile import StateFile
+
+            recorded = StateFile(args.state)
+            doc = recorded.read()
+            if recorded.problem() is not None:
+                print(f"vramctl: no supervisor answers at {base}, and {recorded.problem()}", file=sys.stderr)
+                return EXIT_FAIL
+            st = {"gpus": {g: v.get("status", {}) for g, v in doc["gpus"].items() if isinstance(v, dict)}, "stale": True}
         else:
             print(f"vramctl: no supervisor answers at {base} ({err})", file=sys.stderr)
             return EXIT_FAIL
@@ -353,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--listen", type=_parse_listen, default=_parse_listen(DEFAULT_LISTEN), help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     up.add_argument("--token", help="bearer token for POST /switch (required off loopback; or VRAMCTL_TOKEN)")
     up.add_argument("--instance", default="default", help="label value separating several vramctl instances on one engine")
+    up.add_argument(
+        "--allow-host",
+        action="append",
+        help="another Host header POST requests may carry (repeatable), e.g. a name this machine is reached by; default: the bound address",
+    )
     up.add_argument("--once", action="store_true", help="converge once, then exit")
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=cmd_up)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from vramctl import yamlfile
 from vramctl.engines import (
     CONTAINER,
     SOVITS_OWNED_FLAGS,
@@ -111,6 +112,20 @@ class HealthSpec(_Model):
         return self
 
 
+def _env_value(v: Any) -> Any:
+    """Numbers become strings, as docker compose converts them; booleans are
+    refused (true, yes and on would all be "True"), the rest is pydantic's."""
+    if isinstance(v, bool):
+        raise ValueError(f"{str(v).lower()} is a YAML boolean: quote it, e.g. \"{'1' if v else '0'}\" or \"{str(v).lower()}\"")
+    if isinstance(v, int | float):
+        return str(v)
+    return v
+
+
+# An environment variable's value: a string, or a number written bare.
+EnvValue = Annotated[str, BeforeValidator(_env_value)]
+
+
 def _signal_number(name: str) -> int:
     return int(getattr(_signal, name))
 
@@ -161,7 +176,7 @@ class ModelSpec(_Model):
     args: list[str] = Field(
         default_factory=list, description="Arguments: the container's command, or appended to `command`; after an engine's own arguments."
     )
-    env: dict[str, str] = Field(
+    env: dict[str, EnvValue] = Field(
         default_factory=dict, description="Environment; wins over the GPU's `env`, the SDPA defaults and what an engine renders."
     )
     ports: list[str] = Field(default_factory=list, description="Published ports as HOST:CONTAINER (ignored with network mode host).")
@@ -310,7 +325,7 @@ class DeploymentSpec(_Model):
     vram_budget_mib: int | None = Field(
         default=None, ge=1, description="VRAM vramctl may plan with, in MiB. Default: total minus a 512 MiB margin."
     )
-    env: dict[str, str] = Field(
+    env: dict[str, EnvValue] = Field(
         default_factory=dict,
         description="Environment injected into every model; overrides the SDPA defaults, a model's env and its engine's override it.",
     )
@@ -504,7 +519,7 @@ class Config(_Model):
         default=2.0, gt=0, le=600, description="Wait after a failed start before retrying; doubles each time."
     )
     backoff_max_seconds: float = Field(default=300.0, gt=0, le=86400, description="Upper bound of the retry wait.")
-    resync_seconds: float = Field(default=5.0, gt=0, le=3600, description="A worker re-observes at least this often.")
+    resync_seconds: float = Field(default=5.0, ge=0.5, le=3600, description="A worker re-observes at least this often.")
     gpus: Annotated[list[DeploymentSpec], Field(min_length=1, description="One entry per GPU.")]
 
     @model_validator(mode="after")
@@ -533,11 +548,15 @@ class ConfigError(Exception):
 
 def _camel_path(loc: tuple[int | str, ...]) -> str:
     out = ""
+    previous: int | str | None = None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + (part if part == "class" else _alias(part) if "_" in part else part)
+            # An env key is the user's name, not a field: STANDIN_PORT stays STANDIN_PORT.
+            as_written = part == "class" or previous == "env" or "_" not in part
+            out += ("." if out else "") + (part if as_written else _alias(part))
+        previous = part
     return out or "(top level)"
 
 
@@ -578,15 +597,11 @@ def parse_config(data: Any, source: str = "config") -> Config:
 def load_config(path: str | Path) -> Config:
     p = Path(path)
     try:
-        text = p.read_text()
+        data = yamlfile.load(p)
     except OSError as err:
         raise ConfigError(str(p), [("(file)", f"cannot read: {err.strerror}")]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
-        raise ConfigError(str(p), [(where, f"not valid YAML: {getattr(err, 'problem', err)}")]) from None
+    except yamlfile.YamlFileError as err:
+        raise ConfigError(str(p), [(err.where, err.message)]) from None
     if not isinstance(data, dict):
         raise ConfigError(str(p), [("(top level)", "expected a mapping with `gpus:` (or a single GPU's `models:`)")])
     return parse_config(data, str(p))

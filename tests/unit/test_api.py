@@ -36,6 +36,8 @@ def stack() -> Iterator[tuple[ApiServer, GpuWorker, FakeRuntime]]:
 def call(api: ApiServer, method: str, path: str, body: Any = None, token: str | None = None, raw: bytes | None = None) -> tuple[int, Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(f"http://127.0.0.1:{api.port}{path}", data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -66,7 +68,7 @@ def test_switch_is_accepted_and_applied(stack: tuple[ApiServer, GpuWorker, FakeR
 @pytest.mark.parametrize(
     ("body", "status", "field", "words"),
     [
-        ({"model": "nope"}, 422, "model", "not one of the models"),
+        ({"model": "nope"}, 422, "model", "unknown model 'nope' on gpu 0: the known models are big, llm, sdxl, tts"),
         ({"model": "tts"}, 422, "model", "class light"),
         ({"model": "llm", "companions": ["big", "tts"]}, 422, "companions", "do not fit"),
         ({"modle": "sdxl"}, 400, "modle", "unknown field"),

@@ -145,3 +145,134 @@ def test_cli_validate_missing_file_fails_cleanly(tmp_path: Path) -> None:
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert "cannot read" in out and "Traceback" not in out
+
+
+# ------------------------------------------------------------------ hostile and broken files
+
+MINIMAL = "gpus:\n  - activeModel: llm\n    models:\n      llm: {image: i, vramMiB: 100}\n"
+
+
+def _only_problem(p: Path) -> tuple[str, str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert len(info.value.problems) == 1, info.value.problems
+    return info.value.problems[0]
+
+
+def test_non_utf8_byte_in_a_comment_names_line_and_byte(tmp_path: Path) -> None:
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(b"# caf\xe9\n" + MINIMAL.encode())
+    where, msg = _only_problem(p)
+    assert where == "line 1, column 6"
+    assert "0xe9" in msg and "UTF-8" in msg
+
+
+def test_utf16_file_is_named_as_such(tmp_path: Path) -> None:
+    p = tmp_path / "utf16.yaml"
+    p.write_bytes(MINIMAL.encode("utf-16"))
+    where, msg = _only_problem(p)
+    assert where == "(file)" and "UTF-16" in msg and "UTF-8" in msg
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    p = tmp_path / "bom.yaml"
+    p.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    assert load_config(p).gpus[0].active_model == "llm"
+
+
+@pytest.mark.parametrize("text", ["[" * 3000 + "]" * 3000, "a:\n" + "".join(" " * i + "b:\n" for i in range(1, 3000))], ids=["flow", "block"])
+def test_very_deep_yaml_is_refused_with_its_line(tmp_path: Path, text: str) -> None:
+    p = tmp_path / "deep.yaml"
+    p.write_text(text)
+    where, msg = _only_problem(p)
+    assert where.startswith("line ") and "nested more than" in msg
+
+
+def test_duplicate_key_names_the_key_and_both_lines(tmp_path: Path) -> None:
+    p = tmp_path / "dup.yaml"
+    p.write_text("gpus:\n  - activeModel: llm\n    models:\n      llm: {image: i}\n      sdxl: {image: i}\n    activeModel: sdxl\n")
+    where, msg = _only_problem(p)
+    assert where == "line 6, column 5"
+    assert "activeModel" in msg and "line 2" in msg and "line 6" in msg
+
+
+def test_merge_keys_may_override(tmp_path: Path) -> None:
+    p = tmp_path / "merge.yaml"
+    p.write_text(
+        "x-base: &base {image: i, vramMiB: 100}\ngpus:\n  - activeModel: llm\n    models:\n      llm: {<<: *base, vramMiB: 200}\n"
+    )
+    with pytest.raises(ConfigError) as info:  # x-base is an unknown field, but the merge itself is fine
+        load_config(p)
+    assert [w for w, _ in info.value.problems] == ["xBase"] or [w for w, _ in info.value.problems] == ["x-base"]
+
+
+def test_numeric_env_values_are_converted_like_compose(tmp_path: Path) -> None:
+    p = tmp_path / "env.yaml"
+    p.write_text(
+        "gpus:\n  - activeModel: llm\n    env: {GLOBAL_N: 3}\n    models:\n      llm: {image: i, env: {STANDIN_PORT: 18000, RATIO: 0.5}}\n"
+    )
+    (g,) = load_config(p).gpus
+    assert g.models["llm"].env == {"STANDIN_PORT": "18000", "RATIO": "0.5"}
+    assert g.env == {"GLOBAL_N": "3"}
+
+
+def test_env_keys_are_kept_as_written_in_messages(tmp_path: Path) -> None:
+    p = tmp_path / "env.yaml"
+    p.write_text("gpus:\n  - activeModel: llm\n    models:\n      llm: {image: i, env: {STANDIN_PORT: [1]}}\n")
+    where, _ = _only_problem(p)
+    assert where == "gpus[0].models.llm.env.STANDIN_PORT"
+
+
+def test_boolean_env_value_asks_for_quotes(tmp_path: Path) -> None:
+    p = tmp_path / "env.yaml"
+    p.write_text("gpus:\n  - activeModel: llm\n    models:\n      llm: {image: i, env: {USE_X: true}}\n")
+    where, msg = _only_problem(p)
+    assert where == "gpus[0].models.llm.env.USE_X" and "quote" in msg
+
+
+def test_resync_seconds_has_a_floor(tmp_path: Path) -> None:
+    p = tmp_path / "resync.yaml"
+    p.write_text("resyncSeconds: 1e-9\n" + MINIMAL)
+    where, msg = _only_problem(p)
+    assert where == "resyncSeconds" and "0.5" in msg
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vramctl", *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"# caf\xe9\n" + MINIMAL.encode(), MINIMAL.encode("utf-16"), ("[" * 3000 + "]" * 3000).encode()],
+    ids=["latin1", "utf16", "deep"],
+)
+def test_validate_and_up_exit_2_without_a_traceback(tmp_path: Path, content: bytes) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_bytes(content)
+    for args in (("validate", str(p)), ("up", "--config", str(p), "--state", str(tmp_path / "s.json"), "--listen", "127.0.0.1:0")):
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stdout + r.stderr)
+        assert "Traceback" not in r.stderr and str(p) in r.stderr
+
+
+UNFIT = """\
+runtime: process
+gpuProbe: {kind: simulated, totalMiB: 16000}
+gpus:
+  - activeModel: llm
+    companions: [tts]
+    models:
+      llm: {command: [/bin/true], vramMiB: 13000}
+      tts: {class: light, command: [/bin/true], vramMiB: 4000}
+"""
+
+
+def test_up_refuses_what_validate_refuses_with_the_same_message(tmp_path: Path) -> None:
+    p = tmp_path / "unfit.yaml"
+    p.write_text(UNFIT)
+    v = _cli("validate", str(p))
+    assert v.returncode == 2
+    problem = next(line for line in v.stdout.splitlines() if "do not fit" in line)
+    u = _cli("up", "--config", str(p), "--state", str(tmp_path / "s.json"), "--listen", "127.0.0.1:0")
+    assert u.returncode == 2, u.stderr
+    assert problem in u.stderr and "Traceback" not in u.stderr

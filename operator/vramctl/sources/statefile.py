@@ -1,9 +1,21 @@
 """The compose-mode state file: desired state in, status out.
 
-One JSON document, rewritten atomically (temp file + rename) under an
+One JSON document, rewritten atomically (temp file + fsync + rename) under an
 ``fcntl`` lock, so a ``vramctl switch`` run while no supervisor is up and the
 supervisor itself never interleave writes. Desired state carries a
 generation that only grows; status records which generation it reflects.
+
+What it promises about broken input and a broken disk:
+
+- Reading never raises and never changes the file. A file that is not
+  UTF-8 JSON, not an object, or holds an entry of the wrong shape is
+  *damaged*: ``problem()`` says which file and why, and the damaged part
+  reads as absent. The caller decides what absent means (the supervisor
+  keeps the model that runs rather than the config's default) and may
+  ``set_aside()`` the file (``.corrupt-<time>``) before writing a new one.
+- A write that fails raises ``StateWriteError`` naming the file and the
+  reason (read-only, full, not a directory). Desired state is written
+  before it is acted on, so a failed write means the request was refused.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import tempfile
 import time
@@ -19,72 +32,182 @@ from pathlib import Path
 from typing import Any
 
 from vramctl.observed import Desired
+from vramctl.redact import redact_status
 
 VERSION = 1
+MAX_BYTES = 4 * 1024 * 1024
+# JSON numbers beyond this lose precision in other readers (and 1e400 is inf).
+MAX_GENERATION = 2**53
+
+log = logging.getLogger("vramctl.state")
+
+
+class StateWriteError(Exception):
+    """The state file could not be written; the message names it and says why."""
+
+
+def _empty() -> dict[str, Any]:
+    return {"version": VERSION, "gpus": {}}
+
+
+def _parse_desired(entry: Any) -> Desired | str:
+    """The recorded desired state, or why the entry is damaged."""
+    if not isinstance(entry, dict):
+        return f"desired is a {type(entry).__name__}, not an object"
+    active = entry.get("activeModel")
+    if active is not None and not isinstance(active, str):
+        return f"desired.activeModel is a {type(active).__name__}, not a model name"
+    companions = entry.get("companions", [])
+    if companions is None:
+        companions = []
+    if not isinstance(companions, list) or not all(isinstance(c, str) for c in companions):
+        return "desired.companions is not a list of model names"
+    gen = entry.get("generation", 0)
+    if type(gen) is not int or not 0 <= gen < MAX_GENERATION:
+        return f"desired.generation is {gen!r}, not a whole number from 0 to 2^53"
+    return Desired(active or None, tuple(companions), gen)
 
 
 class StateFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._problem: str | None = None
+        self._reported: str | None = None  # the damage last logged
+        self._write_failed: str | None = None  # the status write failure last logged
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path, "a+") as fh:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self._lock_path, "a+")  # noqa: SIM115 - held for the block below
+        except OSError as err:
+            raise StateWriteError(f"cannot write the state file {self.path}: {err.strerror or err}") from None
+        with fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def read(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {"version": VERSION, "gpus": {}}
-        except (OSError, ValueError) as err:
-            # A corrupt file must not crash-loop the supervisor: keep a copy, start over.
-            backup = self.path.with_name(self.path.name + f".corrupt-{int(time.time())}")
-            with contextlib.suppress(OSError):
-                os.replace(self.path, backup)
-            return {"version": VERSION, "gpus": {}, "recovered": f"unreadable state file moved to {backup.name}: {err}"}
-        if not isinstance(data, dict) or not isinstance(data.get("gpus"), dict):
-            return {"version": VERSION, "gpus": {}}
-        return data
+    # --- reading ---------------------------------------------------------
 
-    def update(self, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    def problem(self) -> str | None:
+        """Why the file was found damaged, at any read since this object was made
+        (None: it was always fine or absent)."""
+        return self._problem
+
+    def set_aside(self) -> str | None:
+        """Move a damaged file to ``<name>.corrupt-<time>`` (kept for the user); its new name, or None."""
+        backup = self.path.with_name(self.path.name + f".corrupt-{int(time.time())}")
+        try:
+            os.replace(self.path, backup)
+        except OSError:
+            return None
+        if self._problem is not None:
+            self._problem += f" (kept as {backup.name})"
+        return backup.name
+
+    def read(self) -> dict[str, Any]:
+        """The document; never raises. A damaged file reads as empty (see ``problem()``)."""
+        try:
+            with open(self.path, "rb") as fh:
+                raw = fh.read(MAX_BYTES + 1)
+        except FileNotFoundError:
+            return _empty()
+        except OSError as err:
+            return self._damaged(f"cannot be read: {err.strerror or err}")
+        why = None
+        data: Any = None
+        if len(raw) > MAX_BYTES:
+            why = f"is larger than {MAX_BYTES // (1024 * 1024)} MiB"
+        elif not raw.strip():
+            why = "is empty"
+        else:
+            try:
+                data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+            except UnicodeDecodeError as err:
+                why = f"is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})"
+            except (ValueError, RecursionError) as err:
+                why = f"is not valid JSON ({str(err)[:120] or type(err).__name__})"
+        if why is None:
+            if not isinstance(data, dict):
+                why = f"holds a JSON {type(data).__name__}, not an object"
+            elif not isinstance(data.get("gpus", {}), dict):
+                why = "has `gpus` that is not an object"
+        if why is not None:
+            return self._damaged(why)
+        data.setdefault("gpus", {})
+        return data  # type: ignore[no-any-return]
+
+    def _damaged(self, why: str) -> dict[str, Any]:
+        message = f"state file {self.path} {why}"
+        self._problem = message
+        if self._reported != message:
+            self._reported = message
+            log.warning("%s", message)
+        return _empty()
+
+    def _gpu_entry(self, data: dict[str, Any], gpu: int) -> dict[str, Any]:
+        entry = data["gpus"].get(str(gpu), {})
+        return entry if isinstance(entry, dict) else {}
+
+    def desired_or_problem(self, gpu: int) -> tuple[Desired | None, str | None]:
+        """(the recorded desired state of ``gpu`` or None, why it could not be used or None)."""
+        data = self.read()
+        if self._problem is not None:
+            return None, self._problem
+        raw = data["gpus"].get(str(gpu))
+        if raw is None:
+            return None, None
+        if not isinstance(raw, dict):
+            return None, f"state file {self.path}: gpus.{gpu} is a {type(raw).__name__}, not an object"
+        if "desired" not in raw:
+            return None, None
+        parsed = _parse_desired(raw["desired"])
+        if isinstance(parsed, str):
+            return None, f"state file {self.path}: gpus.{gpu}.{parsed}"
+        return parsed, None
+
+    def desired(self, gpu: int) -> Desired | None:
+        return self.desired_or_problem(gpu)[0]
+
+    def config_default(self, gpu: int) -> dict[str, Any] | None:
+        entry = self._gpu_entry(self.read(), gpu).get("configDefault")
+        return entry if isinstance(entry, dict) else None
+
+    # --- writing ---------------------------------------------------------
+
+    def update(self, mutate: Callable[[dict[str, Any]], None], durable: bool = False) -> dict[str, Any]:
+        """Read, ``mutate``, write atomically. ``durable``: fsync before the rename
+        (desired state: what a restart acts on). Raises StateWriteError."""
         with self._locked():
             data = self.read()
+            data["gpus"] = {k: v for k, v in data["gpus"].items() if isinstance(v, dict)}
             mutate(data)
             data["version"] = VERSION
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+            tmp: str | None = None
             try:
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
                 with os.fdopen(fd, "w") as fh:
                     json.dump(data, fh, indent=2, sort_keys=True)
                     fh.write("\n")
+                    fh.flush()
+                    if durable:
+                        os.fsync(fh.fileno())
                 os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+                tmp = None
+            except OSError as err:
+                raise StateWriteError(f"cannot write the state file {self.path}: {err.strerror or err}") from None
+            finally:
+                if tmp is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
             return data
 
-    # --- desired ---------------------------------------------------------
-
-    def desired(self, gpu: int) -> Desired | None:
-        entry = self.read()["gpus"].get(str(gpu), {}).get("desired")
-        if not isinstance(entry, dict):
-            return None
-        return Desired(
-            active=entry.get("activeModel") or None,
-            companions=tuple(entry.get("companions") or ()),
-            generation=int(entry.get("generation", 0)),
-        )
-
-    def config_default(self, gpu: int) -> dict[str, Any] | None:
-        entry = self.read()["gpus"].get(str(gpu), {}).get("configDefault")
-        return entry if isinstance(entry, dict) else None
+    def check_writable(self) -> None:
+        """Rewrite the file as it is (durably): StateWriteError when it cannot be."""
+        self.update(lambda _data: None, durable=True)
 
     def write_desired(self, gpu: int, desired: Desired, source: str, config_default: dict[str, Any] | None = None) -> None:
         def mutate(data: dict[str, Any]) -> None:
@@ -99,7 +222,7 @@ class StateFile:
             if config_default is not None:
                 g["configDefault"] = config_default
 
-        self.update(mutate)
+        self.update(mutate, durable=True)
 
     def next_generation(self, gpu: int) -> int:
         d = self.desired(gpu)
@@ -108,10 +231,23 @@ class StateFile:
     # --- status ----------------------------------------------------------
 
     def write_status(self, gpu: int, status: dict[str, Any]) -> None:
-        def mutate(data: dict[str, Any]) -> None:
-            data["gpus"].setdefault(str(gpu), {})["status"] = status
+        """Status is a report, not a decision: a failed write is logged once
+        (until writes work again), never raised into the worker's loop."""
+        clean = redact_status(status)
 
-        self.update(mutate)
+        def mutate(data: dict[str, Any]) -> None:
+            data["gpus"].setdefault(str(gpu), {})["status"] = clean
+
+        try:
+            self.update(mutate)
+        except StateWriteError as err:
+            if self._write_failed != str(err):
+                self._write_failed = str(err)
+                log.warning("gpu%d: status not recorded: %s", gpu, err)
+            return
+        if self._write_failed is not None:
+            self._write_failed = None
+            log.info("gpu%d: status is recorded again in %s", gpu, self.path)
 
     def write_supervisor(self, info: dict[str, Any] | None) -> None:
         def mutate(data: dict[str, Any]) -> None:
@@ -121,3 +257,9 @@ class StateFile:
                 data["supervisor"] = info
 
         self.update(mutate)
+
+
+def _no_constant(name: str) -> float:
+    """NaN and Infinity are not JSON: a file holding them is damaged."""
+    raise ValueError(f"{name} is not a JSON number")
+
