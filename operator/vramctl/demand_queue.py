@@ -1,0 +1,423 @@
+"""The pure queue policy of one GPU: who gets the GPU next, and when.
+
+Clients ask for a model (a *demand*: a hold, a proxied request, a
+``POST /switch``); the worker owns one ``QueueState`` per GPU and, after every
+inbox command and at ``Decision.wake_at``, calls ``decide(state, now)`` and
+then ``apply(state, decision, now)``, performing the decision's effects (answer
+the granted and rejected clients, revoke holds, start a switch).
+
+Like the planner this module performs no I/O, reads no clock (``now`` is
+passed in) and does not log. Its promises, checked by table tests and a
+hypothesis simulation (tests/unit/test_demand_queue.py):
+
+- **Anti-thrash, bounded.** Demands for the active model are granted at once,
+  but once a demand for another model waits, new ones only until that demand
+  has waited ``maxServeSeconds``; a model with no hold and nothing granted
+  gives way at once. Demands that were waiting for the switch to
+  the active model are always granted when it completes, so every switch
+  serves someone. With two models no demand waits longer than
+  ``maxServeSeconds + drainTimeoutSeconds`` plus one switch (plus the rest of
+  a switch already under way when it came).
+- **Coalescing.** All waiting demands for one model share one switch.
+- **Drain.** No switch starts while a hold on the active model is live,
+  until ``drainTimeoutSeconds`` after the drain began; then the remaining
+  holds are revoked (their renew answers 409). ``force`` skips the drain.
+- **Order.** First come, first served; a model's ``priority`` moves its
+  demands ahead, but only while the others have waited less than
+  ``maxServeSeconds``: past that, plain arrival order (no starvation).
+- **Bounds.** A demand that waited ``queueTimeoutSeconds`` is rejected; so is
+  the newest beyond ``maxQueue`` waiting demands; both with a Retry-After.
+- **Idle.** With nothing held, queued or switching for ``idle.afterSeconds``,
+  go to the default model, sleep, or free the GPU (once per idle period).
+
+A sleeping model counts as not active: waking it is the worker's way of
+"switching" to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+DemandKind = Literal["hold", "switch"]
+IdleAction = Literal["default", "sleep", "free"]
+RejectReason = Literal["QueueTimeout", "QueueFull"]
+RenewOutcome = Literal["renewed", "revoked", "unknown"]
+
+# How many revoked hold ids are remembered for renew's 409.
+REVOKED_MEMORY = 1024
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """The ``queue`` settings of a GPU (spec ``queue:``), in seconds."""
+
+    max_queue: int = 512
+    queue_timeout_seconds: float = 300.0
+    max_serve_seconds: float = 60.0
+    drain_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class IdlePolicy:
+    """The ``idle`` settings of a GPU; ``after_seconds`` None: never idle."""
+
+    after_seconds: float | None = None
+    action: IdleAction = "default"
+    default_model: str | None = None
+
+
+@dataclass(frozen=True)
+class Demand:
+    """A client waiting for ``model`` (+ ``companions``) to be served.
+
+    ``kind`` hold: granted means a ``Hold`` (``ttl_seconds`` None: held until
+    released, as the gateway's leases are). ``kind`` switch: granted means the
+    model is active; nothing is held. ``force`` (switch only): skip the drain.
+    """
+
+    id: str
+    model: str
+    arrived: float
+    companions: tuple[str, ...] = ()
+    priority: int = 0
+    kind: DemandKind = "hold"
+    force: bool = False
+    ttl_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Hold:
+    id: str
+    model: str
+    granted: float
+    expires: float | None  # None: until released
+
+    def live(self, now: float) -> bool:
+        return self.expires is None or now < self.expires
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a switch brings up: one heavy model and its companions."""
+
+    model: str
+    companions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rejection:
+    demand_id: str
+    reason: RejectReason
+    retry_after_seconds: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Drain:
+    """A switch to ``target`` waits for ``holds`` to end, at most until ``deadline``."""
+
+    target: Target
+    holds: tuple[str, ...]
+    since: float
+    deadline: float
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """Everything the policy knows about one GPU (owned by its worker).
+
+    ``active``: the model being served (None: none, or a switch is under
+    way); ``active_since``: when it became active; ``switching_to``: the
+    target of a switch the worker is performing. ``last_activity``: when a
+    demand, grant or release last happened (the idle clock).
+    ``switch_estimate_seconds``: what the worker expects a switch to take
+    (for Retry-After).
+    """
+
+    policy: QueuePolicy = field(default_factory=QueuePolicy)
+    idle: IdlePolicy = field(default_factory=IdlePolicy)
+    active: str | None = None
+    active_companions: tuple[str, ...] = ()
+    active_since: float = 0.0
+    switching_to: Target | None = None
+    demands: tuple[Demand, ...] = ()
+    holds: tuple[Hold, ...] = ()
+    drain_since: float | None = None
+    last_activity: float = 0.0
+    idled: bool = False
+    revoked: tuple[str, ...] = ()
+    switch_estimate_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the worker does now; ``apply`` folds the same into the state.
+
+    ``grant``: demand ids answered "yes" (holds become ``Hold``s).
+    ``reject``: answered 503 with Retry-After. ``expire``: holds whose ttl
+    ran out (released). ``revoke``: holds ended by a drain timeout or a
+    forced switch (renew answers 409). ``switch_to``: start this switch now.
+    ``drain``: a switch waits for holds. ``idle``: the idle action to take
+    (``switch_to`` carries the default model for action default).
+    ``wake_at``: call ``decide`` again at this time even if nothing happens.
+    """
+
+    grant: tuple[str, ...] = ()
+    reject: tuple[Rejection, ...] = ()
+    expire: tuple[str, ...] = ()
+    revoke: tuple[str, ...] = ()
+    switch_to: Target | None = None
+    drain: Drain | None = None
+    idle: IdleAction | None = None
+    wake_at: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.grant or self.reject or self.expire or self.revoke or self.switch_to or self.idle)
+
+
+# -- events: the worker's inbox commands fold into the state ---------------
+
+
+def add_demand(state: QueueState, demand: Demand) -> QueueState:
+    """A new demand (admission control happens in ``decide``)."""
+    return replace(state, demands=(*state.demands, demand), last_activity=max(state.last_activity, demand.arrived), idled=False)
+
+
+def withdraw(state: QueueState, demand_id: str, now: float) -> QueueState:
+    """The client went away before its demand was granted: forget it, so it causes no switch."""
+    kept = tuple(d for d in state.demands if d.id != demand_id)
+    if len(kept) == len(state.demands):
+        return state
+    return replace(state, demands=kept, last_activity=max(state.last_activity, now))
+
+
+def release(state: QueueState, hold_id: str, now: float) -> QueueState:
+    """``DELETE /holds/{id}`` or a lease's end; unknown ids are a no-op (idempotent)."""
+    kept = tuple(h for h in state.holds if h.id != hold_id)
+    if len(kept) == len(state.holds):
+        return withdraw(state, hold_id, now)  # released before it was granted
+    return replace(state, holds=kept, last_activity=max(state.last_activity, now))
+
+
+def renew(state: QueueState, hold_id: str, ttl_seconds: float, now: float) -> tuple[QueueState, RenewOutcome]:
+    """``POST /holds/{id}/renew``: revoked -> 409, unknown (or expired) -> 404."""
+    for i, h in enumerate(state.holds):
+        if h.id == hold_id and h.live(now):
+            holds = list(state.holds)
+            holds[i] = replace(h, expires=None if h.expires is None else now + ttl_seconds)
+            return replace(state, holds=tuple(holds), last_activity=max(state.last_activity, now)), "renewed"
+    if hold_id in state.revoked:
+        return state, "revoked"
+    return state, "unknown"
+
+
+def switch_done(state: QueueState, target: Target, now: float) -> QueueState:
+    """The switch finished: ``target`` is active and healthy."""
+    return replace(
+        state,
+        active=target.model,
+        active_companions=target.companions,
+        active_since=now,
+        switching_to=None,
+        last_activity=max(state.last_activity, now),
+    )
+
+
+def switch_failed(state: QueueState, now: float) -> tuple[QueueState, tuple[str, ...]]:
+    """The switch failed: nothing is active; the demands for its model are
+    returned so the worker can answer them (they would only retry into the
+    same failure)."""
+    target = state.switching_to
+    failed = tuple(d.id for d in state.demands if target is not None and d.model == target.model)
+    kept = tuple(d for d in state.demands if d.id not in failed)
+    return replace(state, active=None, active_companions=(), switching_to=None, demands=kept, last_activity=now), failed
+
+
+def went_away(state: QueueState, now: float) -> QueueState:
+    """The active model stopped by itself (crash, an outside stop): its holds end."""
+    return replace(
+        state,
+        active=None,
+        active_companions=(),
+        holds=(),
+        revoked=_remember(state.revoked, (h.id for h in state.holds)),
+        drain_since=None,
+        last_activity=now,
+    )
+
+
+# -- the decision ------------------------------------------------------------
+
+
+def satisfied(state: QueueState, d: Demand) -> bool:
+    return state.switching_to is None and d.model == state.active and set(d.companions) <= set(state.active_companions)
+
+
+def serve_cutoff(state: QueueState) -> float | None:
+    """Until when demands for the active model are granted; None: no limit
+    (no demand for another model waits)."""
+    others = [d.arrived for d in state.demands if not satisfied(state, d)]
+    if state.active is None or not others:
+        return None
+    return min(others) + state.policy.max_serve_seconds
+
+
+def queue_order(state: QueueState, now: float) -> list[Demand]:
+    """Waiting demands in the order their models get the GPU: the overdue
+    (waited ``maxServeSeconds`` or more) first, by arrival; then by priority,
+    then arrival."""
+    limit = state.policy.max_serve_seconds
+
+    def key(d: Demand) -> tuple[int, int, float, str]:
+        overdue = now - d.arrived >= limit
+        return (0, 0, d.arrived, d.id) if overdue else (1, -d.priority, d.arrived, d.id)
+
+    return sorted(state.demands, key=key)
+
+
+def decide(state: QueueState, now: float) -> Decision:
+    """The decision for ``state`` at ``now``; pure. See the module docstring."""
+    pol = state.policy
+    wakes: list[float] = []
+    expire = tuple(h.id for h in state.holds if not h.live(now))
+    holds = [h for h in state.holds if h.live(now)]
+    wakes += [h.expires for h in holds if h.expires is not None]
+
+    grant: list[str] = []
+    reject: list[Rejection] = []
+    waiting: list[Demand] = []
+    cutoff = serve_cutoff(state)
+    for d in sorted(state.demands, key=lambda d: (d.arrived, d.id)):
+        if now - d.arrived >= pol.queue_timeout_seconds:
+            reject.append(
+                Rejection(
+                    d.id,
+                    "QueueTimeout",
+                    _retry_after(state, now),
+                    f"{d.model} was not served within queueTimeoutSeconds {pol.queue_timeout_seconds:g}",
+                )
+            )
+            continue
+        if satisfied(state, d) and (d.kind == "switch" or cutoff is None or now < cutoff or d.arrived <= state.active_since):
+            grant.append(d.id)
+            if d.kind == "hold" and d.ttl_seconds is not None:
+                wakes.append(now + d.ttl_seconds)
+        else:
+            waiting.append(d)
+            wakes.append(d.arrived + pol.queue_timeout_seconds)
+    if cutoff is not None:
+        wakes.append(cutoff)
+    for d in waiting[pol.max_queue :]:
+        reject.append(Rejection(d.id, "QueueFull", _retry_after(state, now), f"the queue holds maxQueue {pol.max_queue} demands"))
+    waiting = waiting[: pol.max_queue]
+    # Priority can change at the overdue mark.
+    wakes += [d.arrived + pol.max_serve_seconds for d in waiting if d.arrived + pol.max_serve_seconds > now]
+
+    decision = Decision(grant=tuple(grant), reject=tuple(reject), expire=expire)
+    if state.switching_to is not None:
+        return replace(decision, wake_at=_first_after(wakes, now))
+
+    candidates = [d for d in queue_order(replace(state, demands=tuple(waiting)), now) if not satisfied(state, d)]
+    forced = [d for d in candidates if d.force]
+    if forced:
+        target = _target(state, candidates, forced[0].model)
+        revoke = tuple(h.id for h in holds)
+        return replace(decision, revoke=revoke, switch_to=target, wake_at=_first_after(wakes, now))
+    # The window protects a model in use; an unused one gives way at once.
+    in_use = bool(holds) or bool(grant)
+    if candidates and (state.active is None or not in_use or cutoff is None or now >= cutoff):
+        target = _target(state, candidates, candidates[0].model)
+        mine = holds
+        if not mine:
+            return replace(decision, switch_to=target, wake_at=_first_after(wakes, now))
+        since = state.drain_since if state.drain_since is not None else now
+        deadline = since + pol.drain_timeout_seconds
+        if now >= deadline:
+            return replace(decision, revoke=tuple(h.id for h in mine), switch_to=target, wake_at=_first_after(wakes, now))
+        drain = Drain(target, tuple(h.id for h in mine), since, deadline)
+        return replace(decision, drain=drain, wake_at=_first_after([*wakes, deadline], now))
+
+    # Idle: nothing held, waiting or switching.
+    idle = state.idle
+    if idle.after_seconds is not None and not state.idled and not holds and not waiting and not grant:
+        at = max(state.last_activity, state.active_since) + idle.after_seconds
+        if now >= at:
+            if idle.action == "default":
+                if idle.default_model is not None and idle.default_model != state.active:
+                    return replace(decision, idle="default", switch_to=Target(idle.default_model), wake_at=_first_after(wakes, now))
+            elif state.active is not None:
+                return replace(decision, idle=idle.action, wake_at=_first_after(wakes, now))
+        else:
+            wakes.append(at)
+    return replace(decision, wake_at=_first_after(wakes, now))
+
+
+def apply(state: QueueState, decision: Decision, now: float) -> QueueState:
+    """The state after the worker carried out ``decision`` (switch started,
+    holds granted, answers sent)."""
+    by_id = {d.id: d for d in state.demands}
+    answered = set(decision.grant) | {r.demand_id for r in decision.reject}
+    ended = set(decision.expire) | set(decision.revoke)
+    holds = [h for h in state.holds if h.id not in ended]
+    for did in decision.grant:
+        d = by_id[did]
+        if d.kind == "hold":
+            holds.append(Hold(d.id, d.model, now, None if d.ttl_seconds is None else now + d.ttl_seconds))
+    demands = tuple(d for d in state.demands if d.id not in answered)
+    out = replace(
+        state,
+        demands=demands,
+        holds=tuple(holds),
+        revoked=_remember(state.revoked, decision.revoke),
+        last_activity=now if (decision.grant or ended) else state.last_activity,
+    )
+    if decision.switch_to is not None:
+        out = replace(out, active=None, active_companions=(), switching_to=decision.switch_to, holds=(), drain_since=None)
+    elif decision.drain is not None:
+        out = replace(out, drain_since=decision.drain.since)
+    else:
+        out = replace(out, drain_since=None)
+    if decision.idle is not None:
+        out = replace(out, idled=True)
+        if decision.idle in ("sleep", "free"):
+            out = replace(out, active=None, active_companions=())
+    return out
+
+
+def step(state: QueueState, now: float) -> tuple[QueueState, Decision]:
+    """``decide`` then ``apply``: the worker's one call per wake-up."""
+    decision = decide(state, now)
+    return apply(state, decision, now), decision
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _target(state: QueueState, candidates: list[Demand], model: str) -> Target:
+    """Coalesce: one switch for every waiting demand of ``model``, their companions united."""
+    companions: list[str] = []
+    for d in candidates:
+        if d.model == model:
+            companions += [c for c in d.companions if c not in companions]
+    return Target(model, tuple(companions))
+
+
+def _retry_after(state: QueueState, now: float) -> int:
+    """Seconds until the GPU is likely to serve someone new: the rest of the
+    serving window plus one switch, at least 1."""
+    cutoff = serve_cutoff(state)
+    window = max(0.0, cutoff - now) if cutoff is not None else 0.0
+    return max(1, math.ceil(window + state.switch_estimate_seconds))
+
+
+def _first_after(times: Iterable[float], now: float) -> float | None:
+    later = [t for t in times if t > now]
+    return min(later) if later else None
+
+
+def _remember(revoked: tuple[str, ...], more: Iterable[str]) -> tuple[str, ...]:
+    return (*revoked, *more)[-REVOKED_MEMORY:]
