@@ -28,20 +28,34 @@ Log lines go to stdout, flushed one by one, so a log file shows them at once::
     standin: stopped
     standin: crashing with exit code N
 
+Minimal OpenAI-shaped answers once ready (503 before), for the gateway's
+tests and benchmark: ``POST /v1/chat/completions`` (``"stream": true``: one
+Server-Sent Event per token, chunked, ending ``data: [DONE]``),
+``/v1/completions``, ``/v1/embeddings`` (8 numbers per input) and
+``/v1/images/generations`` (a 1x1 PNG as ``b64_json``). ``max_tokens``
+tokens (default 8) are made, each taking ``STANDIN_TOKEN_SECONDS`` (default
+0), streamed or not.
+
 Any other path answers 404. Bad settings exit 2; a port that cannot be bound
 exits 70, both with a ``standin:`` line saying why.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import signal
+import struct
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 EXIT_BAD_SETTING = 2
 EXIT_CANNOT_LISTEN = 70
@@ -128,6 +142,62 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._answer(503, b"loading\n")
 
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if 0 < length <= 1 << 20 else b""
+        if path not in OPENAI_PATHS:
+            self._answer(404, b"not found\n")
+        elif time.monotonic() < self.server.ready_at:
+            self._json(503, {"error": {"message": "loading", "type": "unavailable"}})
+        else:
+            try:
+                doc = json.loads(body or b"null")
+                if not isinstance(doc, dict):
+                    raise ValueError("the body must be a JSON object")
+                answer = openai_answer(path, doc)
+            except ValueError as err:
+                self._json(400, {"error": {"message": str(err), "type": "invalid_request_error"}})
+                return
+            delay = _token_seconds()
+            if doc.get("stream") is True and path == "/v1/chat/completions":
+                self._stream(doc, delay)
+            else:
+                time.sleep(delay * _max_tokens(doc))
+                self._json(200, answer)
+
+    def _json(self, status: int, doc: Any) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _stream(self, doc: dict[str, Any], delay: float) -> None:
+        # Chunked (HTTP/1.1), so a reader can tell a killed server from the end.
+        self.protocol_version = "HTTP/1.1"
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        model = str(doc.get("model"))
+        events = [chat_chunk(model, {"role": "assistant", "content": ""}, None)]
+        events += [chat_chunk(model, {"content": f"tok{i} "}, None) for i in range(_max_tokens(doc))]
+        events.append(chat_chunk(model, {}, "stop"))
+        for i, event in enumerate(events):
+            if 0 < i < len(events) - 1:
+                time.sleep(delay)
+            self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+        self._chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
@@ -137,6 +207,82 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # health polls every 100 ms would drown the lines that matter
+
+
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/images/generations"})
+
+
+def _token_seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get("STANDIN_TOKEN_SECONDS", "0") or 0))
+    except ValueError:
+        return 0.0
+
+
+def _max_tokens(doc: dict[str, Any]) -> int:
+    n = doc.get("max_tokens", 8)
+    return max(0, min(int(n), 100_000)) if isinstance(n, int) and not isinstance(n, bool) else 8
+
+
+def chat_chunk(model: str, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def tiny_png() -> bytes:
+    """A valid 1x1 grey PNG, written by hand (no PIL here)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00\x80")) + chunk(b"IEND", b"")
+
+
+def openai_answer(path: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """The non-streamed answer to an OpenAI-shaped request; ValueError names a bad field."""
+    model = doc.get("model")
+    if not isinstance(model, str) and path != "/v1/images/generations":
+        raise ValueError("model is required and must be a string")
+    n = _max_tokens(doc)
+    text = "".join(f"tok{i} " for i in range(n))
+    usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
+    created = int(time.time())
+    if path == "/v1/chat/completions":
+        if not isinstance(doc.get("messages"), list):
+            raise ValueError("messages is required and must be a list")
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return {
+            "id": "chatcmpl-standin",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+    if path == "/v1/completions":
+        choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+        return {"id": "cmpl-standin", "object": "text_completion", "created": created, "model": model, "choices": [choice], "usage": usage}
+    if path == "/v1/embeddings":
+        inputs = doc.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            raise ValueError("input is required: a string or a list of strings")
+        data = []
+        for i, item in enumerate(inputs):
+            digest = hashlib.sha256(str(item).encode()).digest()
+            data.append({"object": "embedding", "index": i, "embedding": [b / 255.0 for b in digest[:8]]})
+        return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}
+    prompt = doc.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("prompt is required and must be a non-empty string")
+    count = doc.get("n", 1)
+    if not isinstance(count, int) or not 1 <= count <= 10:
+        raise ValueError("n must be an integer 1-10")
+    png = base64.b64encode(tiny_png()).decode()
+    return {"created": created, "data": [{"b64_json": png, "revised_prompt": prompt} for _ in range(count)]}
 
 
 def run(settings: Settings) -> int:
