@@ -1,0 +1,468 @@
+"""The gateway: an OpenAI-style reverse proxy that holds a model per request.
+
+A client names the model it wants (the body's ``model`` on the OpenAI
+routes, the path on ``/models/NAME/...``); the gateway asks a ``Holder`` for
+a ``Lease`` on it -- the worker queues the demand, switches if it must, and
+answers once the model is active and healthy -- then forwards the request
+unchanged and releases the lease when the answer has been passed on whole:
+a streamed answer (Server-Sent Events) holds the model until the stream ends
+or the client goes away.
+
+Routes::
+
+    POST /v1/chat/completions | /v1/completions | /v1/embeddings   by the body's model
+    POST /v1/images/generations    by the body's model, else the one sdxl model
+    GET  /v1/models                every configured model with its state
+    ANY  /models/NAME/PATH         passed through to NAME's server as /PATH
+
+Errors have OpenAI's shape (``{"error": {"message", "type", "param",
+"code"}}``): an unknown model is a 404 listing the known ones; a bad body a
+400 naming the field; a refused hold the holder's status (503 with
+``Retry-After``, or 409); a backend that fails before answering a 502, and
+one that dies mid-stream ends the stream with an SSE ``error`` event (the
+status line has already been sent). A client that goes away while queued
+withdraws its demand (the acquire is cancelled), so it causes no switch.
+
+``Gateway.handle`` dispatches by path by itself, so the gateway runs either
+as its own ``web.Application`` (``make_app``) on its own port, or beside
+another aiohttp server that hands it the requests ``Gateway.matches``.
+
+Nothing here knows the worker: ``Holder`` is the whole contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+IMAGES_ROUTE = "/v1/images/generations"
+MODELS_ROUTE = "/v1/models"
+PASSTHROUGH_PREFIX = "/models/"
+MAX_BODY = 32 * 1024 * 1024  # chat bodies carry base64 images
+# Headers that belong to one hop, never forwarded (RFC 9110 7.6.1), plus the
+# ones aiohttp sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+DROP_FROM_BACKEND = HOP_BY_HOP | {"server", "date"}
+CLIENT_GONE = "499"  # nginx's code for "the client closed the connection"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a model is served: ``model`` is vramctl's name, ``served_name``
+    what its server calls it (the body's model is rewritten to it),
+    ``base_url`` like ``http://127.0.0.1:8000``."""
+
+    model: str
+    base_url: str
+    gpu: str
+    served_name: str
+    engine: str = "container"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One configured model as ``GET /v1/models`` shows it."""
+
+    name: str
+    served_name: str
+    gpu: str
+    state: str
+    engine: str = "container"
+    active: bool = False
+
+
+class Lease(Protocol):
+    def release(self, error: str | None = None) -> None:
+        """End the hold; idempotent. ``error``: the backend failed during
+        the lease (the worker may re-observe the model at once)."""
+
+
+class Holder(Protocol):
+    """What the gateway needs from the worker(s)."""
+
+    def resolve(self, name: str) -> Route | None:
+        """A served name or vramctl name -> its route; None: unknown."""
+
+    def models(self) -> Sequence[ModelInfo]:
+        """Every configured model, for /v1/models and error messages."""
+
+    async def acquire(self, model: str) -> Lease:
+        """Wait until ``model`` is active and healthy and hold it.
+
+        Raises ``Refused`` (queue full, queue timeout, declared mode...).
+        Cancellation (the client went away) must withdraw the demand; a
+        grant that races the cancellation must be released by the holder.
+        """
+
+
+class Refused(Exception):
+    """The holder will not grant the hold: ``status`` 503 (with
+    ``retry_after`` seconds) or 409, and why."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+class GatewayMetrics:
+    """The gateway's series, registered in the given registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "vramctl_gateway_requests_total",
+            "Requests the gateway answered, by GPU, model and HTTP status (499: the client went away).",
+            ["gpu", "model", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "vramctl_gateway_request_duration_seconds",
+            "Time from a request's arrival to the end of its answer (queueing and streams included).",
+            ["gpu", "model"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "vramctl_model_in_flight",
+            "Requests holding a model right now (granted, not yet answered whole).",
+            ["gpu", "model"],
+            registry=registry,
+        )
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error(
+    status: int, message: str, type_: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(error_body(message, type_, param, code), status=status, headers=headers)
+
+
+class Gateway:
+    """The proxy. ``start()`` opens the backend connection pool, ``close()``
+    ends it (``make_app`` does both on the app's startup and cleanup).
+
+    ``token``: when set, every request needs ``Authorization: Bearer
+    <token>`` (required off loopback, like the API); it is not forwarded.
+    ``poll_seconds``: how often a waiting or streaming request checks that
+    its client is still there.
+    """
+
+    def __init__(
+        self,
+        holder: Holder,
+        registry: CollectorRegistry,
+        *,
+        token: str | None = None,
+        poll_seconds: float = 0.25,
+        connect_timeout_seconds: float = 10.0,
+    ) -> None:
+        self.holder = holder
+        self.metrics = GatewayMetrics(registry)
+        self.token = token
+        self.poll_seconds = poll_seconds
+        self.connect_timeout_seconds = connect_timeout_seconds
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_seconds),
+                auto_decompress=False,  # pass bodies through as the backend encoded them
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @staticmethod
+    def matches(path: str) -> bool:
+        return path in OPENAI_ROUTES or path in (IMAGES_ROUTE, MODELS_ROUTE) or path.startswith(PASSTHROUGH_PREFIX)
+
+    # -- dispatch ----------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        refusal = self._check_caller(request)
+        if refusal is not None:
+            return refusal
+        path = request.path
+        try:
+            if path == MODELS_ROUTE:
+                if request.method != "GET":
+                    return _method_not_allowed(request.method, path, "GET")
+                return web.json_response(self._model_list())
+            if path in OPENAI_ROUTES or path == IMAGES_ROUTE:
+                if request.method != "POST":
+                    return _method_not_allowed(request.method, path, "POST")
+                body, doc = await self._json_body(request)
+                route = self._route_for(doc, images=path == IMAGES_ROUTE)
+                if doc.get("model") != route.served_name:
+                    doc["model"] = route.served_name
+                    body = json.dumps(doc).encode()
+                return await self._proxy(request, route, path, body)
+            if path.startswith(PASSTHROUGH_PREFIX):
+                name, _, tail = path[len(PASSTHROUGH_PREFIX) :].partition("/")
+                target = self.holder.resolve(name)
+                if target is None:
+                    raise self._unknown(name, "path")
+                raw = await request.read() if request.can_read_body else None
+                return await self._proxy(request, target, "/" + tail, raw)
+        except _BadRequest as exc:
+            return _error(exc.status, exc.message, "invalid_request_error", exc.param, exc.code)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the body is larger than {MAX_BODY} bytes", "invalid_request_error")
+        return _error(404, f"no such route {path}", "invalid_request_error", code="not_found")
+
+    def _check_caller(self, request: web.BaseRequest) -> web.Response | None:
+        if self.token is not None:
+            header = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(header.encode(), f"Bearer {self.token}".encode()):
+                return _error(401, "missing or wrong bearer token: send `Authorization: Bearer <token>`", "authentication_error")
+        # A web page of another site must not make the GPU switch (a no-cors
+        # POST reaches loopback too).
+        site = request.headers.get("Sec-Fetch-Site", "").lower()
+        if site in ("cross-site", "same-site"):
+            return _error(403, f"a {site} request from a web page may not use the gateway", "permission_error", "Sec-Fetch-Site")
+        return None
+
+    async def _json_body(self, request: web.BaseRequest) -> tuple[bytes, dict[str, Any]]:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise _BadRequest(413, f"the body is {request.content_length} bytes; at most {MAX_BODY} are taken")
+        body = await request.read()
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _BadRequest(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise _BadRequest(400, 'the body must be a JSON object like {"model": "...", ...}')
+        return body, doc
+
+    def _route_for(self, doc: dict[str, Any], images: bool) -> Route:
+        name = doc.get("model")
+        if name is None and images:
+            sdxl = [m for m in self.holder.models() if m.engine == "sdxl"]
+            if len(sdxl) != 1:
+                raise _BadRequest(400, "model is required: name the image model (more or fewer than one sdxl model is configured)", "model")
+            name = sdxl[0].name
+        if name is None:
+            raise _BadRequest(400, "model is required: name one of the models of GET /v1/models", "model")
+        if not isinstance(name, str) or not name:
+            raise _BadRequest(400, f"model must be a non-empty string, got {json.dumps(name)}", "model")
+        route = self.holder.resolve(name)
+        if route is None:
+            raise self._unknown(name, "model")
+        return route
+
+    def _unknown(self, name: str, param: str) -> _BadRequest:
+        known = sorted({n for m in self.holder.models() for n in (m.name, m.served_name)})
+        return _BadRequest(
+            404, f"The model {name!r} does not exist; known models: {', '.join(known) or '(none)'}", param, "model_not_found"
+        )
+
+    def _model_list(self) -> dict[str, Any]:
+        data = []
+        for m in self.holder.models():
+            data.append(
+                {
+                    "id": m.served_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "vramctl",
+                    "vramctl": {"name": m.name, "gpu": m.gpu, "state": m.state, "engine": m.engine, "active": m.active},
+                }
+            )
+        return {"object": "list", "data": data}
+
+    # -- proxying ------------------------------------------------------------
+
+    async def _proxy(self, request: web.BaseRequest, route: Route, path: str, body: bytes | None) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        code = "500"
+        error: str | None = None
+        lease: Lease | None = None
+        in_flight = self.metrics.in_flight.labels(route.gpu, route.model)
+        try:
+            try:
+                lease = await self._acquire(request, route.model)
+            except Refused as exc:
+                code = str(exc.status)
+                headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+                return _error(exc.status, exc.message, "model_unavailable", "model", None, headers)
+            in_flight.inc()
+            try:
+                response, code, error = await self._forward(request, route, path, body)
+                return response
+            finally:
+                in_flight.dec()
+        except _ClientGone:
+            code = CLIENT_GONE
+            return web.Response(status=499)  # nobody reads it: aiohttp drops it with the connection
+        finally:
+            if lease is not None:
+                lease.release(error)
+            self.metrics.requests.labels(route.gpu, route.model, code).inc()
+            self.metrics.duration.labels(route.gpu, route.model).observe(time.perf_counter() - t0)
+
+    async def _acquire(self, request: web.BaseRequest, model: str) -> Lease:
+        """The holder's acquire, cancelled when the client goes away while it waits."""
+        task = asyncio.ensure_future(self.holder.acquire(model))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.poll_seconds)
+                if done:
+                    return task.result()
+                if _gone(request):
+                    raise _ClientGone
+        except BaseException:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            elif not task.cancelled() and task.exception() is None:
+                task.result().release()  # granted as we gave up
+            raise
+
+    async def _forward(
+        self, request: web.BaseRequest, route: Route, path: str, body: bytes | None
+    ) -> tuple[web.StreamResponse, str, str | None]:
+        assert self._session is not None, "Gateway.start() was not called"
+        url = route.base_url.rstrip("/") + path
+        if request.query_string:
+            url += "?" + request.query_string
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        if self.token is not None:
+            headers.pop("Authorization", None)
+        try:
+            upstream = await self._session.request(request.method, url, data=body, headers=headers, allow_redirects=False)
+        except (aiohttp.ClientError, OSError) as exc:
+            return _bad_gateway(route, f"{type(exc).__name__}: {exc}"), "502", f"backend unreachable: {exc}"
+        async with upstream:
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_FROM_BACKEND}
+            sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+            if not sse and upstream.content_length is not None:
+                try:
+                    data = await upstream.read()
+                except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+                    return _bad_gateway(route, f"the backend died mid-answer: {exc}"), "502", f"backend died: {exc}"
+                return web.Response(status=upstream.status, body=data, headers=out_headers), str(upstream.status), None
+            return await self._stream(request, route, upstream, out_headers, sse)
+
+    async def _stream(
+        self, request: web.BaseRequest, route: Route, upstream: aiohttp.ClientResponse, headers: dict[str, str], sse: bool
+    ) -> tuple[web.StreamResponse, str, str | None]:
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        chunks = upstream.content.iter_any().__aiter__()
+        try:
+            async for chunk in _until_gone(request, chunks, self.poll_seconds):
+                await response.write(chunk)
+        except (_ClientGone, ConnectionResetError, aiohttp.ClientConnectionResetError):
+            return response, CLIENT_GONE, None
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            reason = f"the backend of {route.model} died mid-stream: {type(exc).__name__}: {exc}"
+            if sse:
+                event = json.dumps(error_body(reason, "bad_gateway", None, 502))
+                with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    await response.write(f"event: error\ndata: {event}\n\n".encode())
+                    await response.write_eof()
+            elif request.transport is not None:
+                request.transport.close()  # a cut body, so the client cannot take it for whole
+            return response, "502", reason
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+            await response.write_eof()
+        return response, str(upstream.status), None
+
+
+async def _until_gone(request: web.BaseRequest, chunks: AsyncIterator[bytes], poll: float) -> AsyncIterator[bytes]:
+    """The backend's chunks as they come, raising ``_ClientGone`` as soon as
+    the client's connection closes, even while the backend is silent."""
+    while True:
+        nxt = asyncio.ensure_future(chunks.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({nxt}, timeout=poll)
+                if done:
+                    break
+                if _gone(request):
+                    raise _ClientGone
+        except BaseException:
+            nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await nxt
+            raise
+        try:
+            yield nxt.result()
+        except StopAsyncIteration:
+            return
+
+
+def _gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _bad_gateway(route: Route, detail: str) -> web.Response:
+    return _error(502, f"the server of model {route.model} failed: {detail}", "bad_gateway", code="bad_gateway")
+
+
+def _method_not_allowed(method: str, path: str, allowed: str) -> web.Response:
+    return _error(405, f"{method} is not allowed on {path}; use {allowed}", "invalid_request_error", headers={"Allow": allowed})
+
+
+def make_app(gateway: Gateway, *, client_max_size: int = MAX_BODY) -> web.Application:
+    """The gateway as an application of its own (its own port)."""
+    app = web.Application(client_max_size=client_max_size, handler_args={"max_field_size": 16 * 1024})
+
+    async def pool(_: web.Application) -> AsyncIterator[None]:
+        await gateway.start()
+        yield
+        await gateway.close()
+
+    app.cleanup_ctx.append(pool)
+    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    return app
