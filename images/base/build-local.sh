@@ -66,6 +66,17 @@ now() { date +%s.%N; }
 took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
+drop_old() {  # $1: the image a --force rebuild replaced under tag $2
+  if [ -n "$1" ] && [ "$1" != "$(docker image inspect -f '{{ .Id }}' "$2")" ]; then
+    docker image rm "$1" >/dev/null 2>&1 || true  # still used by an image or a container: leave it
+  fi
+}
+
+prune_stale() {  # $1: repository, $2: tag prefix, $3: the tag to keep; earlier hashes of this base go
+  docker image ls --format '{{.Repository}}:{{.Tag}}' "$1" | grep -F "$1:$2-" | grep -vxF "$3" |
+    while read -r stale; do docker image rm "$stale" >/dev/null 2>&1 || true; done
+}
+
 ca_files() {  # the extra CA files, sorted (none is fine)
   [ -d "$ca_dir" ] && find "$ca_dir" -type f -name '*.crt' | LC_ALL=C sort || true
 }
@@ -78,7 +89,7 @@ debian_hash() {  # $1: suite
 # trusted system-wide (pip in the venv uses Debian's bundle), a venv at
 # /opt/venv made with the distribution's Python, apt lists and caches removed.
 build_debian() {  # $1: suite
-  local suite="$1" hash tag started rootfs
+  local suite="$1" hash tag started rootfs old_id
   hash="$(debian_hash "$suite")"
   tag="$repo/debian:$suite-$hash"
   if [ "$force" = 0 ] && have_image "$tag"; then
@@ -89,6 +100,7 @@ build_debian() {  # $1: suite
   command -v debootstrap >/dev/null || { log "debootstrap not found: apt-get install debootstrap (bash .ci/setup-infra.sh)"; exit 1; }
   [ "$(id -u)" = 0 ] || { log "debootstrap needs root"; exit 1; }
   started="$(now)"
+  old_id="$(docker image inspect -f '{{ .Id }}' "$tag" 2>/dev/null || true)"
   rootfs="$(mktemp -d /var/tmp/vramctl-rootfs.XXXXXX)"
   # shellcheck disable=SC2064  # expand now: the trap must remove this rootfs
   trap "rm -rf '$rootfs'" EXIT
@@ -115,6 +127,8 @@ build_debian() {  # $1: suite
   rm -rf "$rootfs"
   trap - EXIT
   docker tag "$tag" "$repo/debian:$suite"
+  drop_old "$old_id" "$tag"
+  prune_stale "$repo/debian" "$suite" "$tag"
   log "built $tag in $(took "$started") s"
   echo "$tag"
 }
@@ -124,7 +138,7 @@ build_debian() {  # $1: suite
 # container without network; the container becomes the image (docker commit).
 # `torch==VERSION` names the wheel: the hash covers the version, not the file.
 build_torch() {
-  local base="$1" hash tag started wheels cid
+  local base="$1" hash tag started wheels cid old_id
   hash="$( { echo "$base $torch_version ${TORCH_PIP_ARGS:-}"; sed -n '/^build_torch()/,/^}/p' "$0"; } | sha256sum | cut -c1-12)"
   tag="$repo/torch:$torch_version-cpu-$hash"
   if [ "$force" = 0 ] && have_image "$tag"; then
@@ -133,6 +147,7 @@ build_torch() {
     return
   fi
   started="$(now)"
+  old_id="$(docker image inspect -f '{{ .Id }}' "$tag" 2>/dev/null || true)"
   wheels="$(mktemp -d /var/tmp/vramctl-wheels.XXXXXX)"
   # shellcheck disable=SC2064  # expand now: the trap must remove this folder
   trap "rm -rf '$wheels'" EXIT
@@ -162,6 +177,8 @@ build_torch() {
   rm -rf "$wheels"
   trap - EXIT
   docker tag "$tag" "$repo/torch:$torch_version-cpu"
+  drop_old "$old_id" "$tag"
+  prune_stale "$repo/torch" "$torch_version-cpu" "$tag"
   log "built $tag in $(took "$started") s"
   echo "$tag"
 }
