@@ -205,6 +205,17 @@ class ModelSpec(_Model):
         pattern=r"^(host|private|shareable|none|container:.+)$",
         description="Docker IPC mode, e.g. host (vLLM's shared memory).",
     )
+    priority: int = Field(
+        default=0,
+        ge=-1000,
+        le=1000,
+        description="Queue priority of this model's demands (holds, gateway requests): higher goes first, but never past a demand that waited queue.maxServeSeconds.",
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name clients use for this model at the gateway (the body's model). Default: vllm.servedModelName, else vllm.model, else the model's name.",
+    )
 
     @field_validator("env")
     @classmethod
@@ -245,6 +256,12 @@ class ModelSpec(_Model):
         for name, sub in subs.items():
             if sub is not None and name != self.engine:
                 raise FieldProblem(f"{name} is set but engine is {self.engine}: add `engine: {name}`, or remove {name}", name)
+        if self.vllm is not None and self.served_model_name is not None and self.served_model_name != self.vllm.served_model_name:
+            raise FieldProblem(
+                f"servedModelName {self.served_model_name!r} is not vllm.servedModelName ({self.vllm.served_model_name!r}): "
+                "the gateway would send a name vLLM does not serve; set vllm.servedModelName instead",
+                "servedModelName",
+            )
         if self.engine == "vllm" and self.vllm is None:
             raise FieldProblem("engine vllm needs the vllm settings: add `vllm: {model: <Hugging Face id or path>}`", "vllm")
         if self.engine == "sdxl" and self.sdxl is None:
@@ -314,6 +331,61 @@ def _check_env(v: Mapping[str, str]) -> dict[str, str]:
     return dict(v)
 
 
+class SwitchingSpec(_Model):
+    """Who decides which model runs: the spec (declared) or the clients (onDemand)."""
+
+    mode: Literal["declared", "onDemand"] = Field(
+        default="declared",
+        description="declared: activeModel decides; holds for other models are refused. onDemand: holds and gateway requests decide.",
+    )
+    default_model: str | None = Field(
+        default=None, description="onDemand: the heavy model run when nobody asks (default: activeModel); also idle's default."
+    )
+
+
+class QueueSpec(_Model):
+    """The GPU's demand queue (holds, gateway requests, switches)."""
+
+    max_queue: int = Field(default=512, ge=1, le=100_000, description="Waiting demands beyond this are refused with 503 and Retry-After.")
+    queue_timeout_seconds: float = Field(
+        default=300.0, gt=0, le=86400, description="A demand not served within this is refused with 503 and Retry-After."
+    )
+    max_serve_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="Anti-thrash: the active model keeps getting new demands for at most this long while a demand for another model waits.",
+    )
+    drain_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=86400,
+        description="A switch away waits this long at most for the active model's holds to end; then they are revoked (renew answers 409).",
+    )
+
+    @model_validator(mode="after")
+    def _timeout_covers_a_turn(self) -> QueueSpec:
+        turn = self.max_serve_seconds + self.drain_timeout_seconds
+        if self.queue_timeout_seconds < turn:
+            raise FieldProblem(
+                f"queueTimeoutSeconds {self.queue_timeout_seconds:g} is shorter than maxServeSeconds + drainTimeoutSeconds = {turn:g}: "
+                "a demand for another model would time out before its turn; raise queueTimeoutSeconds or lower the others",
+                "queueTimeoutSeconds",
+            )
+        return self
+
+
+class IdleSpec(_Model):
+    """What to do when nothing was held, queued or requested for a while."""
+
+    after_seconds: float | None = Field(default=None, gt=0, le=7 * 86400, description="Quiet time before the idle action; unset: never.")
+    action: Literal["default", "sleep", "free"] = Field(
+        default="default",
+        description="default: switch to the default model; sleep: put the active model to sleep (engines that can); free: stop it.",
+    )
+    default_model: str | None = Field(default=None, description="The model of action default (default: switching.defaultModel).")
+
+
 class DeploymentSpec(_Model):
     """Everything vramctl needs to know about one GPU (a ModelDeployment's spec)."""
 
@@ -331,6 +403,9 @@ class DeploymentSpec(_Model):
     )
     env_policy: EnvPolicySpec = Field(default_factory=EnvPolicySpec, description="What vramctl injects into every model by itself.")
     models: dict[str, ModelSpec] = Field(min_length=1, description="The model servers that may run on this GPU, by name.")
+    switching: SwitchingSpec = Field(default_factory=SwitchingSpec, description="Who decides which model runs.")
+    queue: QueueSpec = Field(default_factory=QueueSpec, description="The demand queue (onDemand switching, holds, the gateway).")
+    idle: IdleSpec = Field(default_factory=IdleSpec, description="What to do after a quiet period.")
 
     @field_validator("env")
     @classmethod
@@ -355,7 +430,45 @@ class DeploymentSpec(_Model):
     @model_validator(mode="after")
     def _references(self) -> DeploymentSpec:
         check_desired(self, self.active_model, self.companions)
+        self._check_switching()
         return self
+
+    def _check_switching(self) -> None:
+        for path, name in (("switching.defaultModel", self.switching.default_model), ("idle.defaultModel", self.idle.default_model)):
+            if name is None:
+                continue
+            if name not in self.models:
+                raise FieldProblem(f"{path} {name!r} is not one of the models: {', '.join(sorted(self.models))}", path)
+            if not self.models[name].heavy:
+                raise FieldProblem(f"{path} {name!r} is class light: name a heavy model", path)
+        if self.idle.after_seconds is not None and self.idle.action == "default" and self.idle_default_model is None:
+            raise FieldProblem(
+                "idle.action default needs a model to return to: set idle.defaultModel (or switching.defaultModel)", "idle.defaultModel"
+            )
+        seen: dict[str, str] = {}
+        for name in self.models:
+            for alias in {name, self.served_name(name)}:
+                other = seen.setdefault(alias, name)
+                if other != name:
+                    raise FieldProblem(
+                        f"models {other!r} and {name!r} are both reached as {alias!r} at the gateway: give one another servedModelName",
+                        f"models.{name}.servedModelName",
+                    )
+
+    @property
+    def idle_default_model(self) -> str | None:
+        """The model idle action default returns to."""
+        return self.idle.default_model or self.switching.default_model
+
+    def served_name(self, model: str) -> str:
+        """What clients call ``model`` at the gateway: servedModelName, else
+        vllm.servedModelName, else vllm.model (vLLM serves under it), else the name."""
+        m = self.models[model]
+        if m.served_model_name:
+            return m.served_model_name
+        if m.vllm is not None:
+            return m.vllm.served_model_name or m.vllm.model
+        return model
 
     @property
     def display_name(self) -> str:
@@ -423,7 +536,9 @@ class DeploymentSpec(_Model):
         (the rendered command, argv and environment included); a change
         means recreate."""
         m = self.models[model]
-        payload = m.model_dump(mode="json", by_alias=True, exclude={"health", "start_timeout_seconds", "vram_mib", "model_class"})
+        # Not in the hash: what only vramctl reads (a change must not recreate the container).
+        vramctl_only = {"health", "start_timeout_seconds", "vram_mib", "model_class", "priority", "served_model_name"}
+        payload = m.model_dump(mode="json", by_alias=True, exclude=vramctl_only)
         payload["env"] = self.merged_env(model)
         payload["containerCommand"] = self.container_command(model)
         payload["processArgv"] = self.process_argv(model)
