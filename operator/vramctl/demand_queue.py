@@ -41,6 +41,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from vramctl.spec import DeploymentSpec
+
 DemandKind = Literal["hold", "switch"]
 IdleAction = Literal["default", "sleep", "free"]
 RejectReason = Literal["QueueTimeout", "QueueFull"]
@@ -67,6 +69,13 @@ class IdlePolicy:
     after_seconds: float | None = None
     action: IdleAction = "default"
     default_model: str | None = None
+
+
+def policies_of(spec: DeploymentSpec) -> tuple[QueuePolicy, IdlePolicy]:
+    """The GPU's ``queue`` and ``idle`` settings as the policy takes them."""
+    q = spec.queue
+    queue = QueuePolicy(q.max_queue, q.queue_timeout_seconds, q.max_serve_seconds, q.drain_timeout_seconds)
+    return queue, IdlePolicy(spec.idle.after_seconds, spec.idle.action, spec.idle_default_model)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from vramctl.demand_queue import (
     add_demand,
     apply,
     decide,
+    policies_of,
     release,
     renew,
     step,
@@ -35,6 +36,7 @@ from vramctl.demand_queue import (
     switch_failed,
     withdraw,
 )
+from vramctl.spec import DeploymentSpec
 
 POL = QueuePolicy(max_queue=8, queue_timeout_seconds=300, max_serve_seconds=60, drain_timeout_seconds=30)
 
@@ -245,6 +247,18 @@ def test_held_gpu_is_not_idle() -> None:
     s, _ = step(with_demands(st_(idle=idle), dem("h", "llm", 0.0)), 0.0)
     s, d = step(s, 1000.0)
     assert d.idle is None and s.active == "llm"
+
+
+def test_policies_come_from_the_spec() -> None:
+    spec = DeploymentSpec.model_validate(
+        {
+            "models": {"llm": {"image": "x"}, "sdxl": {"image": "y"}},
+            "switching": {"mode": "onDemand", "defaultModel": "llm"},
+            "queue": {"maxQueue": 7, "queueTimeoutSeconds": 100, "maxServeSeconds": 20, "drainTimeoutSeconds": 5},
+            "idle": {"afterSeconds": 600, "action": "default"},
+        }
+    )
+    assert policies_of(spec) == (QueuePolicy(7, 100, 20, 5), IdlePolicy(600, "default", "llm"))
 
 
 # -- simulation ----------------------------------------------------------------
