@@ -9,6 +9,11 @@
                     X-Pipeline-Seconds and X-Encode-Seconds) and X-Peak-VRAM-Bytes;
                     400 {"error", "field"} naming the bad field; 503 while loading.
     GET  /vram      torch.cuda allocated / reserved / peak bytes (zeros on the CPU).
+    POST /v1/images/generations  OpenAI's shape: JSON {prompt, n (1-4), size "WxH",
+                    response_format b64_json, model (ignored)} plus this server's
+                    negative_prompt, steps, seed, guidance -> 200 {"created", "data":
+                    [{"b64_json", "revised_prompt"}]}; errors as {"error": {"message",
+                    "type", "param", "code"}} with param naming the field.
 
 The HTTP side is the standard library only and serves from background threads
 at once, while the main thread imports torch and diffusers and loads the
@@ -34,6 +39,7 @@ Environment:
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -141,6 +147,43 @@ def _side(doc: Mapping[str, Any], name: str) -> int:
     if value % 8:
         raise BadRequest(name, f"{name} must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {value}")
     return value
+
+
+IMAGES_PATH = "/v1/images/generations"
+OPENAI_IGNORED = ("model", "quality", "style", "user")  # accepted, meaningless here
+MAX_IMAGES = 4
+
+
+def parse_images(body: bytes) -> tuple[GenerateRequest, int]:
+    """Validate an OpenAI images request; the request for the first image and
+    how many to make (each next one with the next seed). BadRequest names the
+    OpenAI field (size, not width)."""
+    try:
+        doc = json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(None, f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest(None, 'body must be a JSON object like {"prompt": "a cat"}')
+    known = ("prompt", "n", "size", "response_format", *OPENAI_IGNORED, "negative_prompt", "steps", "seed", "guidance")
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise BadRequest(unknown[0], f"unknown field {unknown[0]!r}; known fields: {', '.join(known)}")
+    fmt = doc.get("response_format") or "b64_json"
+    if fmt != "b64_json":
+        raise BadRequest("response_format", f"response_format must be b64_json (this server keeps no files to link to), got {fmt!r}")
+    n = _int(doc, "n", 1, 1, MAX_IMAGES)
+    size = doc.get("size") or "1024x1024"
+    parts = size.split("x") if isinstance(size, str) else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise BadRequest("size", f'size must be "WIDTHxHEIGHT", e.g. "1024x1024", got {json.dumps(size)}')
+    sub = {k: doc[k] for k in ("prompt", "negative_prompt", "steps", "seed", "guidance") if k in doc}
+    sub["width"], sub["height"] = int(parts[0]), int(parts[1])
+    try:
+        return parse_generate(json.dumps(sub).encode()), n
+    except BadRequest as exc:
+        if exc.field in ("width", "height"):
+            raise BadRequest("size", f"size: {exc.message}") from None
+        raise
 
 
 # -- configuration ----------------------------------------------------------
@@ -360,9 +403,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
+        if path == IMAGES_PATH:
+            self._images()
+            return
         if path != "/generate":
             self._drain()
-            self._json(404, {"error": f"no such path {path}; try POST /generate"})
+            self._json(404, {"error": f"no such path {path}; try POST /generate or POST {IMAGES_PATH}"})
             return
         length_s = self.headers.get("Content-Length")
         try:
@@ -401,6 +447,47 @@ class Handler(BaseHTTPRequestHandler):
                 "X-Encode-Seconds": f"{out.encode_seconds:.4f}",
                 "X-Peak-VRAM-Bytes": str(out.peak_bytes),
             },
+        )
+
+    def _images(self) -> None:
+        """POST /v1/images/generations: the same pipeline, OpenAI's request and answer shapes."""
+
+        def error(
+            status: int, message: str, param: str | None, type_: str = "invalid_request_error", headers: Mapping[str, str] | None = None
+        ) -> None:
+            self._json(status, {"error": {"message": message, "type": type_, "param": param, "code": None}}, headers)
+
+        length_s = self.headers.get("Content-Length")
+        try:
+            length = int(length_s or "0")
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True
+            error(413 if length > 0 else 400, f"Content-Length must be 0-{MAX_BODY_BYTES}, got {length_s}", None)
+            return
+        try:
+            req, n = parse_images(self.rfile.read(length))
+        except BadRequest as exc:
+            error(400, exc.message, exc.field)
+            return
+        if self.app.engine is None:
+            status, doc = self.app.health()
+            error(503 if status == 503 else 500, f"the pipeline is {doc['status']}", None, "server_error", {"Retry-After": "1"})
+            return
+        seed = req.seed if req.seed is not None else secrets.randbits(62)
+        data = []
+        t0 = time.monotonic()
+        try:
+            for i in range(n):
+                out = self.app.generate(req, seed + i)
+                data.append({"b64_json": base64.b64encode(out.png).decode(), "revised_prompt": req.prompt})
+        except Exception as exc:  # OOM and the like: report it, keep serving
+            log.error("generate failed: %s\n%s", exc, "".join(traceback.format_exception(exc)))
+            error(500, f"{type(exc).__name__}: {exc}", None, "server_error")
+            return
+        self._json(
+            200, {"created": int(time.time()), "data": data}, {"X-Seed": str(seed), "X-Generation-Seconds": f"{time.monotonic() - t0:.4f}"}
         )
 
     def _drain(self) -> None:
