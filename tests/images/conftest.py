@@ -73,6 +73,7 @@ class Timings:
 
     def __init__(self) -> None:
         self.steps: dict[str, dict[str, Any]] = {}
+        self.module_seconds: float | None = None  # test_image_builds.py from its first fixture to its last test
 
     def add(self, name: str, seconds: float, **detail: Any) -> None:
         self.steps[name] = {"seconds": round(seconds, 1), **detail}
@@ -173,8 +174,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
                 "docker_storage_driver": docker_info("{{.Driver}}"),
                 "docker_server": docker_info("{{.ServerVersion}}"),
             },
-            "fresh": os.environ.get("VRAMCTL_IMAGES_NO_CACHE") == "1",
-            "total_seconds": round(sum(s["seconds"] for s in TIMINGS.steps.values()), 1),
+            # Nothing reused: every base made and every build step run in this session.
+            "from_scratch": all(not isinstance(v, str) for v in TIMINGS.steps["bases"]["each"].values())
+            and all(s.get("steps_from_cache") == 0 for k, s in TIMINGS.steps.items() if k.startswith("build_")),
+            "module_seconds": None if TIMINGS.module_seconds is None else round(TIMINGS.module_seconds, 1),
             "steps": TIMINGS.steps,
         }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,13 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_clock() -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    TIMINGS.module_seconds = time.monotonic() - started
+
+
 def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=False)
     if check and res.returncode != 0:
@@ -178,9 +185,10 @@ def test_a_broken_requirement_fails_the_sdxl_build(local_bases: dict[str, str], 
     reqs.write_text(f"{line}\n" + reqs.read_text())
     tag = f"vramctl/sdxl:broken-{uuid.uuid4().hex[:8]}"
     try:
-        rc, _, tail = docker_build(
+        rc, seconds, tail = docker_build(
             context / "sdxl" / "Dockerfile", context, tag, {"TORCH_IMAGE": local_bases["TORCH_IMAGE"]}, tmp_path / "b.log"
         )
+        TIMINGS.add(f"broken_build_{line.split('==')[0]}", seconds, exit=rc)
         assert rc != 0, f"the build passed with {line!r} in requirements.txt:\n{tail}"
         assert expect in tail, tail
         assert docker("image", "inspect", tag, check=False).returncode != 0
