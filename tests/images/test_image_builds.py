@@ -174,7 +174,7 @@ def test_sdxl_image_serves_the_tiny_pipeline_on_the_cpu(sdxl_image: str, owned: 
     ("line", "expect"),
     [
         pytest.param("vramctl-no-such-package==0.0.1", "No matching distribution found for vramctl-no-such-package", id="missing-package"),
-        pytest.param("torch==2.12.0", "torch==2.12.0", id="torch-other-than-the-bases"),
+        pytest.param("torch==2.12.0", "The user requested (constraint) torch==2.13.0", id="torch-other-than-the-bases"),
     ],
 )
 def test_a_broken_requirement_fails_the_sdxl_build(local_bases: dict[str, str], tmp_path: Path, line: str, expect: str) -> None:
