@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -194,6 +195,11 @@ def test_a_broken_requirement_fails_the_sdxl_build(local_bases: dict[str, str], 
         assert docker("image", "inspect", tag, check=False).returncode != 0
     finally:
         docker("image", "rm", tag, check=False)
+        # The steps before the failing one stay as untagged images: the last one
+        # goes, with its parents that nothing else uses.
+        done = re.findall(r"^ ---> ([0-9a-f]{12})$", (tmp_path / "b.log").read_text(errors="replace"), re.M)
+        if done:
+            docker("image", "rm", done[-1], check=False)
 
 
 # -- the supervisor image, as compose/docker-compose.yml deploys it --------------
