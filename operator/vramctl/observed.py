@@ -35,6 +35,10 @@ class Workload:
     ready: bool = False  # health check passed (filled in by the supervisor)
     exit_code: int | None = None
     heavy: bool = True  # from the vramctl.io/class label, for workloads no longer in the spec
+    # Exited, but left processes of its group running (process runtime), or a
+    # record still to settle: a planned Cleanup removes them (observation
+    # itself never acts).
+    leftover: bool = False
 
 
 @dataclass(frozen=True)

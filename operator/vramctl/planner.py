@@ -24,6 +24,13 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Cleanup:
+    """Remove what an exited workload left behind (processes of its group, its record)."""
+
+    model: str
+
+
+@dataclass(frozen=True)
 class WaitForMemory:
     """Block until the GPU has really released what was stopped.
 
@@ -50,7 +57,7 @@ class WaitHealthy:
     timeout_seconds: float
 
 
-Action = Stop | WaitForMemory | Start | WaitHealthy
+Action = Cleanup | Stop | WaitForMemory | Start | WaitHealthy
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,17 @@ class Plan:
     def switching(self) -> bool:
         return any(isinstance(a, (Stop, Start)) for a in self.actions)
 
+    @property
+    def waiting(self) -> bool:
+        """Nothing to do but wait (for memory or health): no stop or start left."""
+        return bool(self.actions) and not any(isinstance(a, (Cleanup, Stop, Start)) for a in self.actions)
+
     def describe(self) -> list[str]:
         out = []
         for a in self.actions:
             match a:
+                case Cleanup(model=m):
+                    out.append(f"clean up after {m}")
                 case Stop(model=m, reason=r):
                     out.append(f"stop {m} ({r})")
                 case WaitForMemory(released=rel, need_free_mib=need):
@@ -97,6 +111,12 @@ def plan(
     wanted = set(desired.members)
     actions: list[Action] = []
     stopped: list[str] = []
+
+    # 0. Leftovers of exited workloads go first: they may hold GPU memory.
+    for w in sorted(observed.workloads.values(), key=lambda w: w.model):
+        if w.leftover and not w.state.live:
+            actions.append(Cleanup(w.model))
+            stopped.append(w.model)
 
     # 1. Stops: everything live that is not wanted, or wanted but drifted.
     #    Heavy ones first so the GPU starts emptying as early as possible.

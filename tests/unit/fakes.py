@@ -51,6 +51,9 @@ class FakeRuntime:
             self.states[model] = WorkloadState.EXITED
         return StopOutcome(model, was, False, 0.0)
 
+    def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
+        self._rec("cleanup", model)
+
     def pause(self, deployment: DeploymentSpec, model: str) -> None:
         self._rec("pause", model)
         self.states[model] = WorkloadState.PAUSED

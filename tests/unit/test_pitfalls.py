@@ -259,6 +259,7 @@ def test_worker_reports_pitfalls_in_a_condition_and_clears_it_on_a_fixed_spec() 
     assert [f["path"] for f in st["configWarnings"]] == ["env.VLLM_USE_V1", "models.llm.vllm.gpuMemoryUtilization"]
 
     w.update_spec(deployment({"llm": vllm(gpuMemoryUtilization=0.85)}))
+    w.reconcile_once()  # the worker's loop applies it
     st = w.status()
     cond = next(c for c in st["conditions"] if c["type"] == "ConfigWarnings")
     assert (cond["status"], cond["reason"]) == ("False", "NoPitfalls")

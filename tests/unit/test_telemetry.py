@@ -119,7 +119,7 @@ def test_failed_and_paused_states() -> None:
     w2.reconcile_once()
     rt2.states["sdxl"] = RUN  # docker compose --profile sdxl up -d; the watcher gates it
     w2.gate_start(StartEvent("sdxl", 0, "abc", True))
-    w2._observe()  # what the worker's next pass does first
+    w2._drain(0.0)  # what the worker's loop does first: apply its inbox
     assert rig2.state("sdxl") == "paused"
     assert rig2.value("vramctl_gated_starts_total", gpu="0") == 1
     assert rig2.value("vramctl_active_model", gpu="0", model="llm") == 1  # llm still holds the GPU
@@ -180,7 +180,7 @@ def test_a_scrape_does_not_wait_for_a_worker_holding_its_lock() -> None:
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with w._lock:  # e.g. a request() writing the state file
+        with w._request_lock:  # e.g. a request() writing the state file
             held.set()
             release.wait(10)
 
@@ -325,8 +325,8 @@ def test_simulated_gpu_release_delay_shows_in_the_series() -> None:
     ids = {"gpu": "0", "UUID": "SIM-GPU-0"}
     assert rig.value("vramctl_gpu_memory_used_bytes", **ids) == (400 + 12000) * MIB
     rt.states["llm"] = WorkloadState.EXITED  # exited; the driver has not given the memory back yet
-    w._observe()  # the worker's next pass sees it gone
-    assert rig.state("llm") == "stopped"
+    w._tick()  # the worker's next look sees it gone: it exited on its own, so it failed
+    assert rig.state("llm") == "failed"
     assert rig.value("vramctl_gpu_memory_used_bytes", **ids) == (400 + 12000) * MIB
     assert rig.value("vramctl_model_gpu_memory_bytes", gpu="0", model="llm") == 12000 * MIB
     clock.t += 0.5
@@ -392,5 +392,5 @@ def test_release_detection_latency_is_exported_once_measured() -> None:
     rig = Rig()
     w, _ = rig.add(FakeRuntime(states={"llm": RUN}))
     assert rig.value("vramctl_release_detection_seconds", gpu="0") is None  # no switch has released memory yet
-    w.last_release_seconds = 0.42  # what the worker records when a stopped model's memory is confirmed free
+    w._rec.last_release_seconds = 0.42  # what the worker records when a stopped model's memory is confirmed free
     assert rig.value("vramctl_release_detection_seconds", gpu="0") == 0.42

@@ -82,6 +82,12 @@ class Runtime(Protocol):
         """Stop signal, wait the model's grace period, then SIGKILL; return once exited."""
         ...
 
+    def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
+        """Remove what an exited workload left behind (a Workload observed with
+        ``leftover``): processes still in its group, its record. Observation
+        never does this itself. Idempotent."""
+        ...
+
     def pause(self, deployment: DeploymentSpec, model: str) -> None:
         """Freeze a running workload at once (docker pause / SIGSTOP)."""
         ...

@@ -23,6 +23,7 @@ takes whole seconds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -190,6 +191,31 @@ def engine_facts(timeout: float = 3.0) -> EngineFacts | str:
     )
 
 
+def _engine_unreachable(err: BaseException) -> bool:
+    """The engine could not be asked (socket gone, timeout, 5xx): a transient error."""
+    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    if isinstance(err, docker.errors.APIError):
+        return err.status_code is not None and err.status_code >= 500 and "No such image" not in str(err)
+    return isinstance(err, docker.errors.DockerException) and "Error while fetching server API version" in str(err)
+
+
+def _classified(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Engine errors raised by ``fn`` as TransientError (the worker retries
+    with back-off and says the engine is unreachable) instead of docker's own."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
+            if _engine_unreachable(err):
+                raise TransientError(f"the Docker engine is unreachable: {err}") from err
+            raise
+
+    return call
+
+
 @dataclass(frozen=True)
 class _Found:
     model: str
@@ -310,6 +336,7 @@ class DockerRuntime:
 
     # ------------------------------------------------------------ observe
 
+    @_classified
     def observe(self, deployment: DeploymentSpec) -> dict[str, Workload]:
         out: dict[str, Workload] = {}
         for f in self._found(deployment):
@@ -337,6 +364,7 @@ class DockerRuntime:
 
     # -------------------------------------------------------------- start
 
+    @_classified
     def start(self, deployment: DeploymentSpec, model: str) -> str:
         m = deployment.models.get(model)
         if m is None:
@@ -620,6 +648,7 @@ class DockerRuntime:
             killed = True  # killed by someone else's SIGKILL (e.g. docker's own stop timeout)
         return StopOutcome(model, True, killed, time.monotonic() - t0, exit_code)
 
+    @_classified
     def stop(self, deployment: DeploymentSpec, model: str) -> StopOutcome:
         t0 = time.monotonic()
         m = deployment.models.get(model)
@@ -648,6 +677,10 @@ class DockerRuntime:
 
     # ------------------------------------------------------- pause, logs
 
+    def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
+        """Nothing to do: an exited container leaves no processes behind."""
+
+    @_classified
     def pause(self, deployment: DeploymentSpec, model: str) -> None:
         for c in self._of_model(deployment, model):
             if container_state(c) is not WorkloadState.RUNNING:
@@ -672,6 +705,7 @@ class DockerRuntime:
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         return text.splitlines()[-lines:]
 
+    @_classified
     def remove(self, deployment: DeploymentSpec, model: str) -> None:
         m = deployment.models.get(model)
         for c in self._of_model(deployment, model):
@@ -690,6 +724,7 @@ class DockerRuntime:
 
     # ------------------------------------------------------------- health
 
+    @_classified
     def check_health(self, deployment: DeploymentSpec, model: str) -> bool:
         cs = self._of_model(deployment, model)
         if not cs or container_state(cs[0]) is not WorkloadState.RUNNING:
@@ -727,6 +762,7 @@ class DockerRuntime:
     def _event_owned(self, attrs: dict[str, str]) -> bool:
         return self.owns_labels(attrs) and attrs.get(COMPOSE_ONEOFF) != "True"
 
+    @_classified
     def owners(self, deployment: DeploymentSpec) -> dict[str, str]:
         """``{full container id: model}`` of this GPU's containers that are
         running, paused or restarting: a GPU process is ours when its cgroup
@@ -751,8 +787,8 @@ class DockerRuntime:
                     if stop():
                         return
             except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
-                log.warning("docker events: %s; retrying", err)
-                time.sleep(min(_EVENT_WINDOW_SECONDS, max(0.0, until - time.time())))
+                # The engine went away (a daemon restart): the caller reconnects with back-off.
+                raise TransientError(f"docker events: {err}") from err
             since = until
             horizon = time.time() - 10 * _EVENT_WINDOW_SECONDS
             for k in [k for k, t in seen.items() if t < horizon]:

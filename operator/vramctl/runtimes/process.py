@@ -311,9 +311,10 @@ class ProcessRuntime:
             proc = self._children.get(self._key(rec.gpu, rec.model))
         return proc if proc is not None and proc.pid == rec.pid else None
 
-    def _reap(self, rec: _Record) -> int | None:
-        """Collect the exit status of an exited leader when it is our child;
-        persist it. None when someone else's child (init reaps it)."""
+    def _reap(self, rec: _Record, persist: bool = True) -> int | None:
+        """Collect the exit status of an exited leader when it is our child
+        (None when someone else's child: init reaps it); ``persist`` writes it
+        into the record (a planned cleanup or a stop; observation never writes)."""
         if rec.exit_code is not None:
             return rec.exit_code
         proc = self._child(rec)
@@ -324,48 +325,67 @@ class ProcessRuntime:
         except subprocess.TimeoutExpired:
             return None
         code = _exit_code(returncode)
-        self._record_exit(rec, code)
+        if persist:
+            self._record_exit(rec, code)
         return code
 
-    def _status(self, rec: _Record) -> tuple[WorkloadState | None, int | None]:
-        """State and exit code of a record's workload; None = absent."""
+    def _status(self, rec: _Record) -> tuple[WorkloadState | None, int | None, bool]:
+        """State, exit code and whether something is left to clean up
+        (processes of its group, an exit not yet recorded); state None = absent.
+        Reads only: cleaning up is ``cleanup``'s job, when the plan says so."""
         if rec.exit_code is not None:
-            return WorkloadState.EXITED, rec.exit_code
+            return WorkloadState.EXITED, rec.exit_code, False
         leader, _ = _leader(rec, self._boot_id)
         if leader is _Leader.ALIVE:
-            return WorkloadState.RUNNING, None
+            return WorkloadState.RUNNING, None, False
         if leader is _Leader.STOPPED:
-            return WorkloadState.PAUSED, None
+            return WorkloadState.PAUSED, None, False
         if leader is _Leader.FOREIGN:
-            return None, None
+            return None, None, False
         key = self._key(rec.gpu, rec.model)
         with self._lock:
             stopping = key in self._stopping
         if stopping:
-            return WorkloadState.EXITED, None  # stop() cleans up and reaps
-        if leader is _Leader.ZOMBIE:
-            # The zombie pins the group id: whatever is still in the group is
-            # ours, and useless without its main process.
-            members = _group_members(rec.pgid, exclude=rec.pid)
-            if members:
-                log.warning(
-                    "%s exited but left %d process(es) of its group running (%s): killing them",
-                    rec.model,
-                    len(members),
-                    ", ".join(str(m.pid) for m in members),
-                )
-                self._killpg(rec, signal.SIGKILL)
-        return WorkloadState.EXITED, self._reap(rec)
+            return WorkloadState.EXITED, None, False  # stop() cleans up and reaps
+        # A zombie pins the group id: whatever is still in the group is ours,
+        # and useless without its main process.
+        left = leader is _Leader.ZOMBIE and bool(_group_members(rec.pgid, exclude=rec.pid))
+        return WorkloadState.EXITED, self._reap(rec, persist=False), True if left else self._child(rec) is not None
 
     def _workload(self, deployment: DeploymentSpec, rec: _Record) -> Workload | None:
-        state, code = self._status(rec)
+        state, code, leftover = self._status(rec)
         if state is None:
             return None
         spec = deployment.models.get(rec.model)
         # A model no longer in the spec is not "drifted": the planner stops it
         # for not being in the spec, which says more.
         drifted = spec is not None and deployment.spec_hash(rec.model) != rec.spec_hash
-        return Workload(model=rec.model, state=state, ref=rec.ref, drifted=drifted, exit_code=code, heavy=rec.model_class == "heavy")
+        return Workload(
+            model=rec.model, state=state, ref=rec.ref, drifted=drifted, exit_code=code, heavy=rec.model_class == "heavy", leftover=leftover
+        )
+
+    def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
+        """Kill what an exited model left in its process group and record its
+        exit. Only a group pinned by the model's own zombie leader is touched."""
+        key = self._key(deployment.gpu, model)
+        with self._op(key):
+            rec = self._load(self._record_path(deployment.gpu, model))
+            if rec is None or rec.exit_code is not None:
+                return
+            leader, _ = _leader(rec, self._boot_id)
+            if leader in (_Leader.ALIVE, _Leader.STOPPED, _Leader.FOREIGN):
+                return  # not exited (or not ours): nothing to clean up
+            if leader is _Leader.ZOMBIE:
+                members = _group_members(rec.pgid, exclude=rec.pid)
+                if members:
+                    log.warning(
+                        "%s exited but left %d process(es) of its group running (%s): killing them",
+                        model,
+                        len(members),
+                        ", ".join(str(m.pid) for m in members),
+                    )
+                    self._killpg(rec, signal.SIGKILL)
+            self._reap(rec)
 
     # -------------------------------------------------------------- signals
 
@@ -432,7 +452,7 @@ class ProcessRuntime:
         with self._op(self._key(deployment.gpu, model)):
             rec = self._load(self._record_path(deployment.gpu, model))
             if rec is not None:
-                state, _ = self._status(rec)
+                state, _, _ = self._status(rec)
                 current = rec.spec_hash == deployment.spec_hash(model)
                 if state is WorkloadState.RUNNING and current:
                     return rec.ref
@@ -584,7 +604,7 @@ class ProcessRuntime:
         rec = self._load(self._record_path(deployment.gpu, model))
         if spec is None or rec is None:
             return False
-        state, _ = self._status(rec)
+        state, _, _ = self._status(rec)
         if state is not WorkloadState.RUNNING:
             return False  # a paused server may accept the connection but never answers
         h = deployment.health_of(model)

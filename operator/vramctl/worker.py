@@ -1,0 +1,428 @@
+"""The per-GPU worker: an actor.
+
+Public methods (request, update_spec, gate_start, poke, stop) only put a
+command in the worker's inbox and return; one loop thread owns every
+mutable field (``Reconciler``) and publishes an immutable snapshot that the
+API, the metrics collector and the status writers read without waiting
+for a switch. Status sinks are written by the loop alone, in order.
+
+``request`` validates and records the desired state on the caller's thread
+before it is queued, under one lock, so a caller learns at once when the
+request is invalid or could not be recorded, and the order of the recorded
+states is the order the loop applies them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from vramctl.gpu.base import GpuProbe
+from vramctl.observed import Desired
+from vramctl.pitfalls import Finding, env_pitfalls
+from vramctl.reconciler import MODEL_STATES, Actuator, Reconciler
+from vramctl.runtimes.base import Runtime, StartEvent
+from vramctl.spec import Config, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
+from vramctl.status_book import PHASES, SWITCH_OUTCOMES, WARNING_STEPS, StatusBook, SwitchRecord
+
+log = logging.getLogger("vramctl.supervisor")
+
+__all__ = ["MODEL_STATES", "PHASES", "DesiredSink", "GpuWorker", "Metrics", "StatusSink", "WorkerSettings"]
+
+
+class StatusSink(Protocol):
+    def write_status(self, gpu: int, status: dict[str, Any]) -> None: ...
+
+
+class DesiredSink(Protocol):
+    def write_desired(self, gpu: int, desired: Desired, source: str, config_default: dict[str, Any] | None = None) -> None: ...
+
+
+class Metrics:
+    """The events the workers count: switches, their durations, violations, gated starts.
+
+    What describes the present (phase, holder, model states, GPU memory) is
+    not kept here: ``vramctl.telemetry`` reads it from the workers' published
+    snapshots at scrape time.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.switches = Counter("vramctl_switches", "Model switches by outcome.", ["gpu", "outcome"], registry=self.registry)
+        self.switch_duration = Histogram(
+            "vramctl_switch_duration_seconds",
+            "Time from a switch's first action to the new holder being healthy.",
+            ["gpu"],
+            buckets=(0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300),
+            registry=self.registry,
+        )
+        self.violations = Counter(
+            "vramctl_exclusivity_violations", "Times two heavy workloads of one GPU were seen live at once.", ["gpu"], registry=self.registry
+        )
+        self.gated = Counter("vramctl_gated_starts", "Heavy starts made behind vramctl's back and paused.", ["gpu"], registry=self.registry)
+
+    def init_gpu(self, gpu: int) -> None:
+        """Create a GPU's label sets at zero: rates and dashboards then show 0, not "no data"."""
+        g = str(gpu)
+        for outcome in SWITCH_OUTCOMES:
+            self.switches.labels(g, outcome)
+        self.switch_duration.labels(g)
+        self.violations.labels(g)
+        self.gated.labels(g)
+
+
+@dataclass
+class WorkerSettings:
+    poll_interval_s: float = 0.05
+    margin_mib: int = 256
+    memory_timeout_s: float = 60.0
+    backoff_initial_s: float = 2.0
+    backoff_max_s: float = 300.0
+    resync_s: float = 5.0
+    baseline_mib: int | None = None  # None: learn it from the probe when nothing of ours runs
+    # Memory that is short only because of processes that are not ours, for this
+    # long: Blocked at once instead of at memory_timeout_s.
+    foreign_grace_s: float = 2.0
+    # A model that exits on its own sooner than this after it became healthy
+    # is crash-looping: its failures keep counting (longer back-off).
+    stable_s: float = 60.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> WorkerSettings:
+        p: GpuProbeConfig = config.gpu_probe
+        return cls(
+            poll_interval_s=p.poll_interval_seconds,
+            margin_mib=p.margin_mib,
+            memory_timeout_s=p.memory_timeout_seconds,
+            backoff_initial_s=config.backoff_initial_seconds,
+            backoff_max_s=config.backoff_max_seconds,
+            resync_s=config.resync_seconds,
+        )
+
+
+# Inbox commands.
+@dataclass(frozen=True)
+class _Request:
+    desired: Desired
+    source: str
+    dropped: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _UpdateSpec:
+    spec: DeploymentSpec
+
+
+@dataclass(frozen=True)
+class _Gate:
+    event: StartEvent
+
+
+_POKE = object()
+_STOP = object()
+
+
+def fitting(spec: DeploymentSpec, active: str, companions: tuple[str, ...], total: int | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The companions, in order, that fit the budget beside ``active``, and those dropped."""
+    keep: list[str] = []
+    dropped: list[str] = []
+    for c in companions:
+        if c == active:
+            continue
+        try:
+            check_desired(spec, active, [*keep, c], total)
+            keep.append(c)
+        except DesiredStateError:
+            dropped.append(c)
+    return tuple(keep), tuple(dropped)
+
+
+class GpuWorker:
+    """Owns one GPU. Entry points for any thread: request, update_spec,
+    gate_start, poke, stop, and the published reads (status, progress,
+    model_states)."""
+
+    def __init__(
+        self,
+        deployment: DeploymentSpec,
+        runtime: Runtime,
+        probe: GpuProbe,
+        settings: WorkerSettings,
+        *,
+        initial: Desired | None = None,
+        status_sink: StatusSink | None = None,
+        desired_sink: DesiredSink | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.gpu = deployment.gpu
+        self.runtime, self.probe, self.settings = runtime, probe, settings
+        self.status_sink, self.desired_sink = status_sink, desired_sink
+        self.metrics = metrics or Metrics()
+        self.clock, self.wall = clock, wall
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._request_lock = threading.RLock()  # callers (and a sink that overrules); never held across a tick
+        self._thread: threading.Thread | None = None
+        self._total: int | None = None
+        # Published (replaced whole, read without a lock): the newest spec and
+        # desired state handed in, and the loop's snapshot.
+        self.spec = deployment
+        self._desired = initial or Desired(deployment.active_model, tuple(deployment.companions), 0)
+        self.book = StatusBook(self.gpu, wall())
+        self.actuator = Actuator(runtime, self.poke)
+        self._rec = Reconciler(deployment, self._desired, runtime, probe, self)
+        self._findings: list[Finding] = []
+        self._last_written: dict[str, Any] | None = None
+        self._status: Mapping[str, Any] = {}
+        self.metrics.init_gpu(self.gpu)
+        self._check_config(deployment)
+        self.publish()
+
+    # --------------------------------------------------------- commands
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"vramctl-gpu{self.gpu}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop (within one tick, whatever it waits for) and wait for
+        its thread. A stop of a model already under way finishes on its own."""
+        self._inbox.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.actuator.close()
+
+    def poke(self) -> None:
+        self._inbox.put(_POKE)
+
+    @property
+    def desired(self) -> Desired:
+        """The newest desired state handed in (the loop applies it at its next look)."""
+        return self._desired
+
+    def request(self, active: str | None, companions: tuple[str, ...] | None = None, source: str = "api") -> Desired:
+        """Replace the desired state (latest wins). Raises DesiredStateError
+        when invalid, and whatever the desired sink raises when it cannot
+        record it: then nothing changes."""
+        with self._request_lock:
+            dropped: tuple[str, ...] = ()
+            if companions is None:
+                # Default: "no model" frees the whole GPU; otherwise keep the
+                # current companions that still fit beside the new model.
+                companions, dropped = ((), ()) if active is None else fitting(self.spec, active, self._desired.companions, self.total_mib())
+            check_desired(self.spec, active, companions, self.total_mib())
+            desired = Desired(active or None, tuple(companions), self._desired.generation + 1)
+            if self.desired_sink is not None:
+                before = self._desired
+                self.desired_sink.write_desired(self.gpu, desired, source)
+                if self._desired is not before:
+                    return self._desired  # the sink overruled it with a request of its own (Kubernetes: the spec decides)
+            self._desired = desired
+            self._inbox.put(_Request(desired, source, dropped))
+        return desired
+
+    def update_spec(self, deployment: DeploymentSpec) -> None:
+        with self._request_lock:
+            self.spec = deployment
+            self._inbox.put(_UpdateSpec(deployment))
+
+    def gate_start(self, ev: StartEvent) -> None:
+        """A managed workload of this GPU started (docker event thread)."""
+        self._inbox.put(_Gate(ev))
+
+    def reconcile_once(self, max_ticks: int = 10_000) -> None:
+        """Apply what is queued and tick until settled, on the caller's thread,
+        with stops and starts run inline (tests, ``--once``)."""
+        inline, self.actuator.inline = self.actuator.inline, True
+        try:
+            for _ in range(max_ticks):
+                self._drain(block=0.0)
+                delay, settled = self._tick()
+                if settled and self._inbox.empty():
+                    return
+                time.sleep(min(delay, self.settings.poll_interval_s))
+        finally:
+            self.actuator.inline = inline
+
+    # ------------------------------------------------------------ reads
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._status)
+
+    def published_status(self) -> Mapping[str, Any]:
+        return self._status
+
+    def progress(self, since: int = 0) -> list[dict[str, Any]]:
+        return [p for p in list(self.book.progress) if p["seq"] > since]
+
+    def model_states(self) -> Mapping[str, str]:
+        return self._rec.model_states
+
+    @property
+    def baseline_mib(self) -> int | None:
+        return self._rec.baseline.mib
+
+    @property
+    def last_release_seconds(self) -> float | None:
+        return self._rec.last_release_seconds
+
+    def total_mib(self) -> int | None:
+        """The GPU's total memory (it never changes): vLLM reserves a fraction of it."""
+        if self._total is None:
+            try:
+                self._total = self.probe.info().total_mib
+            except Exception:
+                return None
+        return self._total
+
+    # ------------------------------------------------------------- loop
+
+    def _run(self) -> None:
+        delay = 0.0
+        while self._drain(block=delay):
+            delay, _ = self._tick()
+
+    def _drain(self, block: float) -> bool:
+        """Apply every queued command (waiting up to ``block`` for the first); False on stop."""
+        try:
+            cmd = self._inbox.get(timeout=block) if block > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if cmd is _STOP:
+                return False
+            self._apply(cmd)
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                self.publish()
+                return True
+
+    def _tick(self) -> tuple[float, bool]:
+        try:
+            result = self._rec.tick()
+        except Exception:  # never die: report and retry at the next resync
+            log.exception("gpu%d: reconcile tick failed", self.gpu)
+            self.phase("Failed", "ReconcileError", "internal error; see the log")
+            result = (self.settings.resync_s, True)
+        self.publish()
+        return result
+
+    def _apply(self, cmd: object) -> None:
+        rec = self._rec
+        match cmd:
+            case _Request(desired=d, source=source, dropped=dropped):
+                for c in dropped:
+                    self.note("dropped", c, f"companion {c!r} does not fit beside {d.active!r}: not kept")
+                rec.desired = d
+                members = (d.active or "(none)") + (f" + {', '.join(d.companions)}" if d.companions else "")
+                self.note("requested", d.active, f"desired: {members} ({source})")
+            case _UpdateSpec(spec=spec):
+                rec.spec = spec
+                rec.backoff.reset()  # a fixed spec deserves a try at once
+                self._check_config(spec)
+            case _Gate(event=ev):
+                rec.gate(ev)
+
+
+    # ----------------------------------- what the reconciler asks of its worker
+
+    def note(self, step: str, model: str | None, message: str) -> None:
+        self.book.note(step, model, message, self.wall())
+        log.log(logging.WARNING if step in WARNING_STEPS else logging.INFO, "gpu%d: %s", self.gpu, message)
+
+    def phase(self, phase: str, reason: str, message: str) -> None:
+        self.book.set_phase(phase, reason, message, self._rec.desired.generation, self.wall())
+
+    def condition(self, ctype: str, value: bool, reason: str, message: str) -> None:
+        self.book.set_condition(ctype, value, reason, message, self._rec.desired.generation, self.wall())
+
+    def begin_switch(self, source: str | None, target: str | None, now: float) -> None:
+        self.book.switch = SwitchRecord(source, target, now)
+        self.note("switch-started", target, f"switch {source or '(none)'} -> {target or '(none)'} started")
+        self.phase("Switching", "Switching", f"{source or '(none)'} -> {target or '(none)'}")
+
+    def finish_switch(self, outcome: str, now: float) -> None:
+        sw = self.book.switch
+        if sw is None:
+            return
+        duration = now - sw.started
+        self.book.finish_switch(outcome, duration, self._rec.desired.generation, self.wall())
+        self.metrics.switches.labels(str(self.gpu), outcome).inc()
+        if outcome == "success":
+            self.metrics.switch_duration.labels(str(self.gpu)).observe(duration)
+        self.note(
+            "switch-" + outcome, sw.target, f"switch {sw.source or '(none)'} -> {sw.target or '(none)'}: {outcome} in {duration:.2f}s"
+        )
+
+    def violation(self, heavy_live: list[str]) -> None:
+        self.metrics.violations.labels(str(self.gpu)).inc()
+        self.note("violation", None, f"two heavy workloads running on gpu {self.gpu}: {', '.join(heavy_live)}")
+
+    def gated(self, ev: StartEvent) -> None:
+        """A start made behind vramctl's back was paused: make it the desired state."""
+        self.metrics.gated.labels(str(self.gpu)).inc()
+        self.note("gated", ev.model, f"{ev.model!r} was started outside vramctl: paused until the GPU is free")
+        d = self._rec.desired
+        try:
+            if self._rec.spec.models[ev.model].heavy:
+                self.request(ev.model, None if d.active != ev.model else d.companions, source="docker-start")
+            elif ev.model not in d.companions:
+                self.request(d.active, (*d.companions, ev.model), source="docker-start")
+        except DesiredStateError as err:
+            self.note("rejected", ev.model, f"{ev.model!r} cannot run here: {err}; it stays paused and will be stopped")
+        except Exception as err:  # the desired state could not be recorded
+            self.note("rejected", ev.model, f"{ev.model!r} could not be made the desired model: {err}; it stays paused and will be stopped")
+
+    def logs(self, spec: DeploymentSpec, model: str) -> list[str]:
+        try:
+            return self.runtime.logs_tail(spec, model, 15)
+        except Exception:
+            return []
+
+    # ----------------------------------------------------------- status
+
+    def _check_config(self, spec: DeploymentSpec) -> None:
+        """Pitfalls of the spec (pitfalls.env_pitfalls) as the ConfigWarnings condition:
+        reported while the config is in use, not discovered when a model fails."""
+        self._findings = env_pitfalls(spec, self.total_mib())
+        if self._findings:
+            message = "; ".join(f"{f.path}: {f.message}" for f in self._findings)
+            self.condition("ConfigWarnings", True, "PitfallsFound", message)
+            for f in self._findings:
+                log.warning("gpu%d: config: %s", self.gpu, f.render())
+        else:
+            self.condition("ConfigWarnings", False, "NoPitfalls", "no known pitfalls in the spec")
+
+    def publish(self) -> None:
+        """Render the snapshot readers see; write the status sink when it changed."""
+        rec, d = self._rec, self._rec.desired
+        now = self.clock()
+        status = self.book.render(
+            deployment=rec.spec.display_name,
+            activeModel=d.active,
+            companions=list(d.companions),
+            desiredGeneration=d.generation,
+            observedGeneration=rec.observed_generation,
+            runningModels=list(rec.running),
+            runtime=self.runtime.kind,
+            gpuProbe=self.probe.kind,
+            backoff={m: round(t, 1) for m, t in rec.backoff.remaining(now).items() if not m.startswith("stop:") and t != float("inf")},
+            configWarnings=[f.as_dict() for f in self._findings],
+        )
+        self._status = status
+        comparable = {k: v for k, v in status.items() if k not in ("backoff", "progressSeq")}
+        if self.status_sink is not None and comparable != self._last_written:
+            self._last_written = comparable
+            try:
+                self.status_sink.write_status(self.gpu, dict(status))
+            except Exception:
+                log.exception("gpu%d: could not write status", self.gpu)
