@@ -73,7 +73,8 @@ class Timings:
 
     def __init__(self) -> None:
         self.steps: dict[str, dict[str, Any]] = {}
-        self.module_seconds: float | None = None  # test_image_builds.py from its first fixture to its last test
+        self.started: float | None = None  # when the first base or image step began (time.monotonic)
+        self.module_seconds: float | None = None  # from then to the end of test_image_builds.py
 
     def add(self, name: str, seconds: float, **detail: Any) -> None:
         self.steps[name] = {"seconds": round(seconds, 1), **detail}
@@ -110,6 +111,7 @@ def local_bases() -> dict[str, str]:
     """{"PYTHON_IMAGE": trixie base, "TORCH_IMAGE": CPU torch base, ...}; FAILS when they cannot be made."""
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
         pytest.fail("the Docker engine does not answer; run `bash .ci/setup-infra.sh`", pytrace=False)
+    TIMINGS.started = TIMINGS.started or time.monotonic()
     cmd = ["bash", str(BUILD_LOCAL)]
     if os.environ.get("VRAMCTL_IMAGES_NO_CACHE") == "1":
         cmd.append("--force")
