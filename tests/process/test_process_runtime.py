@@ -248,6 +248,10 @@ def test_a_crash_is_exited_with_its_code_and_the_log_says_why(env: Env) -> None:
     wait_for(lambda: rt.observe(d)["llm"].state is WorkloadState.EXITED, what="crash")
     w = rt.observe(d)["llm"]
     assert (w.state, w.exit_code, w.state.live) == (WorkloadState.EXITED, 3, False)
+    assert w.leftover  # the exit is not recorded yet: observing never writes, a planned cleanup does
+    assert rt.observe(d)["llm"].leftover  # observing twice changed nothing
+    rt.cleanup(d, "llm")
+    assert not rt.observe(d)["llm"].leftover
     tail = rt.logs_tail(d, "llm", 5)
     assert "standin: crashing with exit code 3" in tail
     assert "exited with code 3" in tail[-1]
