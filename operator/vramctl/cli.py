@@ -451,11 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("NODE_NAME"),
         help="act on the ModelDeployments whose spec.nodeName is this (default: $NODE_NAME)",
     )
-    scope = op.add_mutually_exclusive_group()
-    scope.add_argument(
+    op.add_argument(
         "-n", "--namespace", action="append", help="watch this namespace, an exact name (repeatable; default: all namespaces)"
     )
-    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
     op.add_argument(
         "--listen",
         type=_parse_listen,

@@ -12,6 +12,7 @@ Contract for every adapter:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -27,6 +28,15 @@ LABEL_GPU = "vramctl.io/gpu"
 LABEL_CLASS = "vramctl.io/class"
 LABEL_SPEC_HASH = "vramctl.io/spec-hash"
 LABEL_DEPLOYMENT = "vramctl.io/deployment"
+
+
+# An instance name is part of container names and record file names.
+INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def check_instance(instance: str) -> None:
+    if not INSTANCE_RE.match(instance):
+        raise ValueError(f"instance {instance!r} is invalid: use letters, digits, '_', '.' and '-' (at most 63; it is part of names)")
 
 
 class RuntimeFailure(Exception):

@@ -26,7 +26,6 @@ import contextlib
 import functools
 import logging
 import math
-import re
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -56,6 +55,7 @@ from vramctl.runtimes.base import (
     StartEvent,
     StopOutcome,
     TransientError,
+    check_instance,
 )
 from vramctl.runtimes.health import http_ready
 from vramctl.spec import ComposeConfig, DeploymentSpec, ModelSpec, StopSpec
@@ -66,7 +66,6 @@ COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
 COMPOSE_ONEOFF = "com.docker.compose.oneoff"
 
-INSTANCE_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
 _STATES: dict[str, WorkloadState] = {
     "created": WorkloadState.CREATED,
@@ -234,8 +233,7 @@ class DockerRuntime:
         instance: str = "default",
         compose: ComposeConfig | None = None,
     ) -> None:
-        if not INSTANCE_RE.match(instance):
-            raise ValueError(f"instance {instance!r} is invalid: use letters, digits, '_', '.' and '-' (it is part of container names)")
+        check_instance(instance)
         self._owns_client = client is None
         self.client: docker.DockerClient = client if client is not None else docker.from_env()
         self.instance = instance

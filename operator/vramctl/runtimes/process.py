@@ -71,7 +71,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -86,13 +85,12 @@ from typing import Any
 
 from vramctl.observed import Workload, WorkloadState
 from vramctl.procfs import ProcStat, read_stat
-from vramctl.runtimes.base import PermanentError, StartError, StartEvent, StopOutcome, TransientError
+from vramctl.runtimes.base import PermanentError, StartError, StartEvent, StopOutcome, TransientError, check_instance
 from vramctl.runtimes.health import http_ready
 from vramctl.spec import DeploymentSpec, StopSpec
 
 log = logging.getLogger(__name__)
 
-INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 RECORD_VERSION = 1
 LOG_ROTATE_BYTES = 16 * 1024 * 1024
 POLL_SECONDS = 0.02  # how often stop() looks whether the group is gone
@@ -219,8 +217,7 @@ class ProcessRuntime:
     kill_timeout_seconds = 30.0
 
     def __init__(self, state_dir: Path, instance: str = "default") -> None:
-        if not INSTANCE_RE.match(instance):
-            raise ValueError(f"instance {instance!r} is invalid: use 1-63 letters, digits, '_', '.' or '-', first a letter or digit")
+        check_instance(instance)
         self.state_dir = Path(state_dir)
         self.instance = instance
         self._proc_dir = self.state_dir / "proc"
