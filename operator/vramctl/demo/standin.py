@@ -126,6 +126,8 @@ class Settings:
 class _Server(ThreadingHTTPServer):
     # Handler threads must never keep the process alive past its exit.
     daemon_threads = True
+    # socketserver's default backlog of 5 drops connections at 10 concurrent clients.
+    request_queue_size = 128
     ready_at: float = 0.0
 
 
