@@ -10,14 +10,15 @@ Like the planner this module performs no I/O, reads no clock (``now`` is
 passed in) and does not log. Its promises, checked by table tests and a
 hypothesis simulation (tests/unit/test_demand_queue.py):
 
-- **Anti-thrash, bounded.** Demands for the active model are granted at once,
-  but once a demand for another model waits, new ones only until that demand
-  has waited ``maxServeSeconds``; a model with no hold and nothing granted
-  gives way at once. Demands that were waiting for the switch to
-  the active model are always granted when it completes, so every switch
-  serves someone. With two models no demand waits longer than
-  ``maxServeSeconds + drainTimeoutSeconds`` plus one switch (plus the rest of
-  a switch already under way when it came).
+- **Anti-thrash, bounded.** Demands for the active model are granted at
+  once, but once a demand for another model waits, new ones only for
+  ``maxServeSeconds - drainTimeoutSeconds`` more: even a drain that runs to
+  its timeout then ends within ``maxServeSeconds`` of that demand's arrival.
+  A model with no hold and nothing granted gives way at once. Demands that
+  were waiting for the switch to the active model are always granted when it
+  completes, so every switch serves someone. With two models no demand waits
+  longer than ``max(maxServeSeconds, 2 x drainTimeoutSeconds + S) + S`` (S:
+  one switch): ``maxServeSeconds`` plus one switch when that is the larger.
 - **Coalescing.** All waiting demands for one model share one switch.
 - **Drain.** No switch starts while a hold on the active model is live,
   until ``drainTimeoutSeconds`` after the drain began; then the remaining
@@ -272,7 +273,10 @@ def serve_cutoff(state: QueueState) -> float | None:
     others = [d.arrived for d in state.demands if not satisfied(state, d)]
     if state.active is None or not others:
         return None
-    return min(others) + state.policy.max_serve_seconds
+    # New grants end a drain's length early, so that even a drain that runs
+    # to its timeout ends within maxServeSeconds of the first waiter's arrival.
+    pol = state.policy
+    return min(others) + max(0.0, pol.max_serve_seconds - pol.drain_timeout_seconds)
 
 
 def queue_order(state: QueueState, now: float) -> list[Demand]:
@@ -340,14 +344,16 @@ def decide(state: QueueState, now: float) -> Decision:
     in_use = bool(holds) or bool(grant)
     if candidates and (state.active is None or not in_use or cutoff is None or now >= cutoff):
         target = _target(state, candidates, candidates[0].model)
-        mine = holds
+        # Holds granted in this same decision count: they start now.
+        by_id = {d.id: d for d in state.demands}
+        mine = [h.id for h in holds] + [g for g in grant if by_id[g].kind == "hold"]
         if not mine:
             return replace(decision, switch_to=target, wake_at=_first_after(wakes, now))
         since = state.drain_since if state.drain_since is not None else now
         deadline = since + pol.drain_timeout_seconds
         if now >= deadline:
-            return replace(decision, revoke=tuple(h.id for h in mine), switch_to=target, wake_at=_first_after(wakes, now))
-        drain = Drain(target, tuple(h.id for h in mine), since, deadline)
+            return replace(decision, revoke=tuple(mine), switch_to=target, wake_at=_first_after(wakes, now))
+        drain = Drain(target, tuple(mine), since, deadline)
         return replace(decision, drain=drain, wake_at=_first_after([*wakes, deadline], now))
 
     # Idle: nothing held, waiting or switching.
