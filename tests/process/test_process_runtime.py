@@ -475,7 +475,7 @@ def test_leftover_group_members_are_killed_after_the_grace_period(env: Env) -> N
     wait_for(lambda: not running(worker), timeout=1.0, what="worker gone")
 
 
-def test_a_crashed_leaders_leftover_workers_are_killed_when_observed(env: Env) -> None:
+def test_a_crashed_leaders_leftover_workers_are_reported_by_observe_and_killed_by_cleanup(env: Env) -> None:
     script = textwrap.dedent(
         """
         import os, subprocess, sys
@@ -492,8 +492,13 @@ def test_a_crashed_leaders_leftover_workers_are_killed_when_observed(env: Env) -
     worker = worker_pid(rt, d) or 0
     env.pids.append(worker)
     wait_for(lambda: rt.observe(d)["srv"].state is WorkloadState.EXITED, what="leader exit")
-    assert rt.observe(d)["srv"].exit_code == 5
+    w = rt.observe(d)["srv"]
+    assert (w.exit_code, w.leftover) == (5, True)
+    time.sleep(0.2)
+    assert running(worker)  # observing has no side effects: a scrape never kills anything
+    rt.cleanup(d, "srv")  # what the plan does next (Cleanup)
     wait_for(lambda: not running(worker), timeout=1.0, what="worker gone")
+    assert not rt.observe(d)["srv"].leftover
 
 
 def test_observe_sees_only_this_instance_and_gpu(env: Env) -> None:
