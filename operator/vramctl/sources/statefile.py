@@ -73,6 +73,7 @@ class StateFile:
         self.path = Path(path)
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._problem: str | None = None
+        self._gpu_problems: dict[str, str] = {}  # per GPU entry, sticky like _problem
         self._reported: str | None = None  # the damage last logged
         self._write_failed: str | None = None  # the status write failure last logged
 
@@ -138,6 +139,13 @@ class StateFile:
         if why is not None:
             return self._damaged(why)
         data.setdefault("gpus", {})
+        for key, entry in data["gpus"].items():
+            if not isinstance(entry, dict):
+                self._gpu_problems.setdefault(key, f"state file {self.path}: gpus.{key} is a {type(entry).__name__}, not an object")
+            elif "desired" in entry:
+                parsed = _parse_desired(entry["desired"])
+                if isinstance(parsed, str):
+                    self._gpu_problems.setdefault(key, f"state file {self.path}: gpus.{key}.{parsed}")
         return data  # type: ignore[no-any-return]
 
     def _damaged(self, why: str) -> dict[str, Any]:
@@ -157,17 +165,13 @@ class StateFile:
         data = self.read()
         if self._problem is not None:
             return None, self._problem
+        if str(gpu) in self._gpu_problems:
+            return None, self._gpu_problems[str(gpu)]
         raw = data["gpus"].get(str(gpu))
-        if raw is None:
-            return None, None
-        if not isinstance(raw, dict):
-            return None, f"state file {self.path}: gpus.{gpu} is a {type(raw).__name__}, not an object"
-        if "desired" not in raw:
+        if not isinstance(raw, dict) or "desired" not in raw:
             return None, None
         parsed = _parse_desired(raw["desired"])
-        if isinstance(parsed, str):
-            return None, f"state file {self.path}: gpus.{gpu}.{parsed}"
-        return parsed, None
+        return (parsed, None) if isinstance(parsed, Desired) else (None, f"state file {self.path}: gpus.{gpu}.{parsed}")
 
     def desired(self, gpu: int) -> Desired | None:
         return self.desired_or_problem(gpu)[0]
@@ -184,6 +188,10 @@ class StateFile:
         with self._locked():
             data = self.read()
             data["gpus"] = {k: v for k, v in data["gpus"].items() if isinstance(v, dict)}
+            for key in self._gpu_problems:
+                # A damaged desired entry is not carried on as if it were valid.
+                if isinstance(data["gpus"].get(key), dict) and isinstance(_parse_desired(data["gpus"][key].get("desired")), str):
+                    data["gpus"][key].pop("desired", None)
             mutate(data)
             data["version"] = VERSION
             tmp: str | None = None
