@@ -46,3 +46,22 @@ def classify(err: BaseException) -> Classified:
     if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
         return Classified(ErrorClass.TRANSIENT, "RuntimeUnavailable", text)
     return Classified(ErrorClass.FAILURE, "RuntimeError", f"{type(err).__name__}: {text}")
+
+
+@dataclass
+class Outage:
+    """The runtime has been unreachable since ``since``: retried with
+    exponential back-off (0.2 s doubling, at most 5 s) until it answers."""
+
+    error: Classified
+    since: float
+    retry_at: float = 0.0
+    tries: int = 0
+
+    def again(self, err: Classified, now: float) -> float:
+        """One more failed try; returns the delay before the next."""
+        self.tries += 1
+        self.error = err
+        delay = min(0.2 * 2.0 ** (self.tries - 1), 5.0)
+        self.retry_at = now + delay
+        return delay

@@ -22,11 +22,12 @@ from typing import Any
 
 from vramctl import memory_gate
 from vramctl.backoff import Backoff
-from vramctl.errors import Classified, ErrorClass, classify
+from vramctl.errors import Classified, ErrorClass, Outage, classify
+from vramctl.gating import GateDecision, StartGate
 from vramctl.gpu.base import GpuProbe
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.planner import Cleanup, Plan, Start, Stop, WaitForMemory, WaitHealthy, plan
-from vramctl.runtimes.base import Runtime, StopOutcome
+from vramctl.runtimes.base import Runtime, StartEvent, StopOutcome
 from vramctl.runtimes.health import LocalResourceError
 from vramctl.spec import DeploymentSpec
 
@@ -86,7 +87,7 @@ class Actuator:
 class Tracking:
     """What the loop remembers between ticks about its own actions."""
 
-    own_refs: dict[str, str] = field(default_factory=dict)  # model -> ref of vramctl's start, until its start event
+    gate: StartGate = field(default_factory=StartGate)  # vramctl's own starts, by ref
     started_at: dict[str, float] = field(default_factory=dict)  # model -> when vramctl's start returned
     starting: set[str] = field(default_factory=set)  # started by vramctl, not yet healthy
     healthy: set[str] = field(default_factory=set)  # seen healthy since vramctl started or adopted it
@@ -96,7 +97,7 @@ class Tracking:
     ready: dict[str, bool] = field(default_factory=dict)  # last health verdict, kept over local resource errors
 
     def forget(self, model: str) -> None:
-        self.own_refs.pop(model, None)
+        self.gate.forget(model)
         self.started_at.pop(model, None)
         self.starting.discard(model)
         self.healthy.discard(model)
@@ -171,16 +172,6 @@ def states_of(spec: DeploymentSpec, observed: Mapping[str, Workload], failed: se
     return states
 
 
-@dataclass
-class Outage:
-    """The runtime has been unreachable since ``since``; next try at ``retry_at``."""
-
-    error: Classified
-    since: float
-    retry_at: float
-    tries: int = 1
-
-
 class Reconciler:
     """The loop-owned state of one GPU and its tick. Not thread-safe on
     purpose: only the worker's loop (or a test, in its place) calls it.
@@ -198,6 +189,7 @@ class Reconciler:
         self.backoff = Backoff(s.backoff_initial_s, s.backoff_max_s, s.stable_s)
         self.baseline = memory_gate.Baseline(s.baseline_mib, s.baseline_mib is not None, s.baseline_mib is not None)
         self.track = Tracking()
+        self.watch = ModelWatch(ctx, self.backoff, self.track, self._publish_states)
         self.op: Op | None = None
         self.mem_wait: tuple[tuple[int, int], memory_gate.MemoryWait] | None = None
         self.blocked: str | None = None
@@ -207,8 +199,6 @@ class Reconciler:
         self.running: list[str] = []
         self.model_states: Mapping[str, str] = {}
         self.last_release_seconds: float | None = None
-        self.observed_generation = -1
-        self.pending_gates: list[Any] = []
 
     # ------------------------------------------------------------ the tick
 
@@ -227,7 +217,7 @@ class Reconciler:
         except Exception as err:
             return self._runtime_error(classify(err), now)
         self._reachable(now)
-        self._account(observed, now)
+        self.watch.account(self.spec, self.desired, observed, now)
         if self.op is not None:  # _account stopped a model that did not come up
             return self.ctx.settings.poll_interval_s, False
         self._learn_baseline(observed)
@@ -298,11 +288,12 @@ class Reconciler:
                 self.ctx.note("stopped", m, stop_message(result))
             case Start(model=m):
                 ref = str(result)
-                self.track.own_refs[m], self.track.started_at[m] = ref, now
+                self.track.started_at[m] = now
                 self.track.starting.add(m)
                 self.kept = self.kept | {m}  # it stays live through the plan: not a leftover for a companion's wait
                 self.ctx.note("started", m, f"{m!r} started ({ref[:12]})")
-                self._resolve_gates(m, ref)
+                for ev in self.track.gate.started(m, ref):
+                    self._pause(ev)
             case Cleanup(model=m):
                 self.track.exited_at = now
                 self.track.exited = (*self.track.exited, m)
@@ -316,35 +307,16 @@ class Reconciler:
             return
         logs = self.ctx.logs(op.spec, m)
         if isinstance(op.action, Start):
-            self.fail(m, c.reason, f"{m!r} could not be started: {c.message}", logs, now, permanent=c.kind is ErrorClass.PERMANENT)
+            self.watch.fail(m, c.reason, f"{m!r} could not be started: {c.message}", logs, now, permanent=c.kind is ErrorClass.PERMANENT)
             return
         # A stop or cleanup that failed is retried after a back-off of its own;
         # the model stays where it is meanwhile and nothing is started.
         _, delay = self.backoff.fail(f"stop:{m}", now)
         self.stop_retry_at = now + delay
         verb = "stop" if isinstance(op.action, Stop) else "clean up after"
-        self.fail_switch(
+        self.watch.fail_switch(
             "StopFailed", f"could not {verb} {m!r}: {describe_error(c)} (retrying in {delay:.0f}s); nothing is started meanwhile", now
         )
-
-    def fail(self, m: str, reason: str, msg: str, logs: list[str], now: float, permanent: bool = False) -> None:
-        """A model failed: back off before its next start (or until the spec changes)."""
-        if permanent:
-            n, retry = self.backoff.fail(m, now)[0], "not retried until the spec changes"
-            self.backoff.until[m] = float("inf")
-        else:
-            n, delay = self.backoff.fail(m, now)
-            retry = f"retrying in {delay:.0f}s"
-        tail = "\n".join(logs[-10:])
-        text = f"{msg} (attempt {n}; {retry})" + (f"\nlast log lines:\n{tail}" if tail else "")
-        self.ctx.note("failed", m, text)
-        self.fail_switch(reason, text, now)
-        self._publish_states()
-
-    def fail_switch(self, reason: str, text: str, now: float) -> None:
-        self.ctx.phase("Failed", reason, text)
-        self.ctx.finish_switch("failed", now)
-        self.observed_generation = self.desired.generation
 
     # -------------------------------------------------------------- waits
 
@@ -367,7 +339,7 @@ class Reconciler:
             if self.blocked is None:
                 self.ctx.phase("Blocked", "MemoryNotReleased", v.blocked)
                 self.ctx.finish_switch("blocked", now)
-                self.observed_generation = self.desired.generation
+                self.ctx.book.observed_generation = self.desired.generation
             self.blocked = v.blocked
             return max(s.poll_interval_s, 0.25), True
         return s.poll_interval_s, False
@@ -395,41 +367,11 @@ class Reconciler:
         logs = self.ctx.logs(self.spec, m)
         self.ctx.note("stopping", m, f"{m!r} not healthy after {timeout:.0f}s: stopping it")
         self.track.forget(m)
-        self.fail(m, "StartTimeout", f"{m!r} did not become healthy within {timeout:.0f}s", logs, now)
+        self.watch.fail(m, "StartTimeout", f"{m!r} did not become healthy within {timeout:.0f}s", logs, now)
         self._submit(Stop(m, "not healthy in time"))
         return self.ctx.settings.poll_interval_s, False
 
     # -------------------------------------------------------- observation
-
-    def _account(self, observed: Observed, now: float) -> None:
-        """What the observation says about the models vramctl started or
-        watches: became healthy, crashed while starting, exited on their own."""
-        heavy_live = sorted(w.model for w in observed.workloads.values() if w.state is WorkloadState.RUNNING and w.heavy)
-        if len(heavy_live) > 1:
-            self.ctx.violation(heavy_live)
-        for m, w in observed.workloads.items():
-            if w.ready and m not in self.track.healthy:
-                self.track.healthy.add(m)
-                self.backoff.healthy(m, now)
-                self.track.health_since.pop(m, None)
-                if m in self.track.starting:
-                    self.track.starting.discard(m)
-                    self.ctx.note("healthy", m, f"{m!r} is healthy after {now - self.track.started_at.get(m, now):.2f}s")
-        self.backoff.settle(now)
-        for m in sorted(self.track.starting | self.track.healthy):
-            gone = observed.workloads.get(m)
-            if gone is not None and gone.state.live:
-                continue
-            code = gone.exit_code if gone is not None else None
-            was_starting = m in self.track.starting
-            self.track.forget(m)
-            if m not in self.desired.members:
-                continue
-            logs = self.ctx.logs(self.spec, m)
-            if was_starting:
-                self.fail(m, "Crashed", f"{m!r} exited while starting (exit code {code})", logs, now)
-            else:
-                self.fail(m, "Exited", f"{m!r} exited on its own soon after it was healthy (exit code {code})", logs, now)
 
     def _learn_baseline(self, observed: Observed) -> None:
         if self.baseline.configured or self.track.exited_at is not None or self.mem_wait is not None:
@@ -458,7 +400,7 @@ class Reconciler:
         self.model_states = states
 
     def _settle(self, p: Plan, now: float) -> None:
-        self.observed_generation = self.desired.generation
+        self.ctx.book.observed_generation = self.desired.generation
         self.mem_wait, self.blocked = None, None
         self.track.exited_at, self.track.exited = None, ()  # nothing waits for that release
         self.ctx.finish_switch("success", now)
@@ -492,16 +434,11 @@ class Reconciler:
             self.ctx.phase("Failed", c.reason, f"observing the {self.runtime.kind} runtime failed: {c.message}")
             return self.ctx.settings.resync_s, True
         if self.outage is None:
-            self.outage = Outage(c, now, now)
+            self.outage = Outage(c, now)
             msg = f"the {self.runtime.kind} runtime is unreachable ({c.message}); vramctl keeps retrying and changes nothing meanwhile"
             self.ctx.note("runtime-unavailable", None, msg)
             self.ctx.condition("RuntimeUnavailable", True, c.reason, msg)
-        else:
-            self.outage.tries += 1
-            self.outage.error = c
-        delay = min(0.2 * 2 ** (self.outage.tries - 1), 5.0)
-        self.outage.retry_at = now + delay
-        return delay, True
+        return self.outage.again(c, now), True
 
     def _reachable(self, now: float) -> None:
         if self.outage is None:
@@ -514,33 +451,17 @@ class Reconciler:
 
     # ------------------------------------------------------------- gating
 
-    def gate(self, ev: Any) -> None:
-        """A managed workload of this GPU started. vramctl's own start (the
-        ref its start returned): nothing to do. Anything else (``docker
-        compose --profile sdxl up -d``, a restart policy): frozen at once,
+    def gate(self, ev: StartEvent) -> None:
+        """A managed workload of this GPU started (``gating.StartGate`` tells
+        whether it was vramctl's own). Anyone else's start is frozen at once,
         before it can allocate; a heavy one becomes the desired model and the
         plan hands over."""
-        if ev.model not in self.spec.models:
-            return
-        if self.track.own_refs.get(ev.model) == ev.ref:
-            del self.track.own_refs[ev.model]  # seen once: a later start of the same ref is not ours
-            return
         op = self.op
-        if op is not None and isinstance(op.action, Start) and op.action.model == ev.model:
-            self.pending_gates.append(ev)  # decided when the start returns its ref
-            return
-        self._pause(ev)
+        starting = op.action.model if op is not None and isinstance(op.action, Start) else None
+        if self.track.gate.decide(ev, ev.model in self.spec.models, starting) is GateDecision.PAUSE:
+            self._pause(ev)
 
-    def _resolve_gates(self, model: str, ref: str) -> None:
-        mine = [ev for ev in self.pending_gates if ev.model == model]
-        self.pending_gates = [ev for ev in self.pending_gates if ev.model != model]
-        for ev in mine:
-            if ev.ref == ref and self.track.own_refs.get(model) == ref:
-                del self.track.own_refs[model]
-            else:
-                self._pause(ev)
-
-    def _pause(self, ev: Any) -> None:
+    def _pause(self, ev: StartEvent) -> None:
         try:
             self.runtime.pause(self.spec, ev.model)
         except Exception as err:  # it may have exited already: the next tick sees it
@@ -557,3 +478,61 @@ def waiting_message(w: WaitForMemory) -> str:
         + (f"; {', '.join(w.released)} gone from the GPU" if w.released else "")
         + ")"
     )
+
+
+class ModelWatch:
+    """What becomes of the models vramctl started or watches: healthy,
+    crashed while starting, exited on its own; and failures, each with its
+    back-off (a crash loop keeps backing off) and the switch's outcome."""
+
+    def __init__(self, ctx: Any, backoff: Backoff, track: Tracking, changed: Callable[[], None]) -> None:
+        self.ctx, self.backoff, self.track, self.changed = ctx, backoff, track, changed
+
+    def account(self, spec: DeploymentSpec, desired: Desired, observed: Observed, now: float) -> None:
+        """What the observation says about the models vramctl started or
+        watches: became healthy, crashed while starting, exited on their own."""
+        heavy_live = sorted(w.model for w in observed.workloads.values() if w.state is WorkloadState.RUNNING and w.heavy)
+        if len(heavy_live) > 1:
+            self.ctx.violation(heavy_live)
+        for m, w in observed.workloads.items():
+            if w.ready and m not in self.track.healthy:
+                self.track.healthy.add(m)
+                self.backoff.healthy(m, now)
+                self.track.health_since.pop(m, None)
+                if m in self.track.starting:
+                    self.track.starting.discard(m)
+                    self.ctx.note("healthy", m, f"{m!r} is healthy after {now - self.track.started_at.get(m, now):.2f}s")
+        self.backoff.settle(now)
+        for m in sorted(self.track.starting | self.track.healthy):
+            gone = observed.workloads.get(m)
+            if gone is not None and gone.state.live:
+                continue
+            code = gone.exit_code if gone is not None else None
+            was_starting = m in self.track.starting
+            self.track.forget(m)
+            if m not in desired.members:
+                continue
+            logs = self.ctx.logs(spec, m)
+            if was_starting:
+                self.fail(m, "Crashed", f"{m!r} exited while starting (exit code {code})", logs, now)
+            else:
+                self.fail(m, "Exited", f"{m!r} exited on its own after it was healthy (exit code {code})", logs, now)
+
+    def fail(self, m: str, reason: str, msg: str, logs: list[str], now: float, permanent: bool = False) -> None:
+        """A model failed: back off before its next start (or until the spec changes)."""
+        if permanent:
+            n, retry = self.backoff.fail(m, now)[0], "not retried until the spec changes"
+            self.backoff.until[m] = float("inf")
+        else:
+            n, delay = self.backoff.fail(m, now)
+            retry = f"retrying in {delay:.0f}s"
+        tail = "\n".join(logs[-10:])
+        text = f"{msg} (attempt {n}; {retry})" + (f"\nlast log lines:\n{tail}" if tail else "")
+        self.ctx.note("failed", m, text)
+        self.fail_switch(reason, text, now)
+        self.changed()
+
+    def fail_switch(self, reason: str, text: str, now: float) -> None:
+        self.ctx.phase("Failed", reason, text)
+        self.ctx.finish_switch("failed", now)
+

@@ -43,6 +43,7 @@ class StatusBook:
     progress: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=300))
     seq: int = 0
     last_switch: dict[str, Any] | None = None
+    observed_generation: int = -1  # the desired generation the last settled outcome answers
     switch: SwitchRecord | None = None
 
     def __post_init__(self) -> None:

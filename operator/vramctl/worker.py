@@ -351,6 +351,8 @@ class GpuWorker:
         self.phase("Switching", "Switching", f"{source or '(none)'} -> {target or '(none)'}")
 
     def finish_switch(self, outcome: str, now: float) -> None:
+        """Record the outcome (the desired generation it answers, and the switch in progress, if any)."""
+        self.book.observed_generation = self._rec.desired.generation
         sw = self.book.switch
         if sw is None:
             return
@@ -411,7 +413,7 @@ class GpuWorker:
             activeModel=d.active,
             companions=list(d.companions),
             desiredGeneration=d.generation,
-            observedGeneration=rec.observed_generation,
+            observedGeneration=self.book.observed_generation,
             runningModels=list(rec.running),
             runtime=self.runtime.kind,
             gpuProbe=self.probe.kind,
