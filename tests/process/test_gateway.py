@@ -53,10 +53,11 @@ class Backend:
         return f"http://127.0.0.1:{self.port}"
 
 
-def spawn_standin(token_seconds: float = 0.0) -> Backend:
+def spawn_standin(token_seconds: float = 0.0, keepalive: bool = False) -> Backend:
     port = _free_port()
     env = {**os.environ, "STANDIN_PORT": str(port), "STANDIN_LOAD_SECONDS": "0", "STANDIN_STOP_SECONDS": "0"}
     env["STANDIN_TOKEN_SECONDS"] = str(token_seconds)
+    env["STANDIN_KEEPALIVE"] = "1" if keepalive else "0"
     proc = subprocess.Popen([sys.executable, "-m", "vramctl.demo.standin"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -231,7 +232,8 @@ class GatewayThread:
 
 @pytest.fixture(scope="module")
 def backends() -> Iterator[dict[str, Backend]]:
-    b = {"llm": spawn_standin(), "coder": spawn_standin(), "sdxl": spawn_standin(), "slow": spawn_standin(token_seconds=0.02)}
+    # llm keeps connections (HTTP/1.1, as vLLM), the others close after each answer (HTTP/1.0).
+    b = {"llm": spawn_standin(keepalive=True), "coder": spawn_standin(), "sdxl": spawn_standin(), "slow": spawn_standin(token_seconds=0.02)}
     yield b
     for x in b.values():
         stop(x)

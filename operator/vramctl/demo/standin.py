@@ -15,6 +15,9 @@ Environment (same contract as the image):
 ``STANDIN_STOP_SECONDS``
     After SIGTERM or SIGINT the health port closes at once and the process
     exits 0 this long after the signal (default 1).
+``STANDIN_KEEPALIVE=1``
+    Speak HTTP/1.1 and keep connections open between requests, as real model
+    servers do (default: HTTP/1.0, a connection per request).
 ``STANDIN_IGNORE_SIGTERM=1``
     SIGTERM and SIGINT are ignored (as in the image): only SIGKILL ends it.
 ``STANDIN_CRASH_AFTER_SECONDS``
@@ -291,8 +294,13 @@ def run(settings: Settings) -> int:
     """Serve until stopped or crashed; return the exit status (a crash exits
     the process directly, like a real crash would)."""
     t0 = time.monotonic()
+    handler = _Handler
+    if os.environ.get("STANDIN_KEEPALIVE", "").strip() == "1":
+        # TCP_NODELAY: headers and body go out in two writes; with Nagle the
+        # second waits for the client's delayed ACK (40 ms) on a kept connection.
+        handler = type("_KeepAliveHandler", (_Handler,), {"protocol_version": "HTTP/1.1", "disable_nagle_algorithm": True})
     try:
-        server = _Server((settings.host, settings.port), _Handler)
+        server = _Server((settings.host, settings.port), handler)
     except OSError as err:
         log(f"cannot listen on {settings.host}:{settings.port}: {err.strerror or err}")
         return EXIT_CANNOT_LISTEN
