@@ -114,6 +114,9 @@ build_debian() {  # $1: suite
   chroot "$rootfs" /opt/venv/bin/python -c 'import ssl, sys; print(sys.version.split()[0], ssl.OPENSSL_VERSION)' >&2
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
     "$rootfs"/var/log/*.log "$rootfs"/var/log/apt/* "$rootfs"/tmp/* "$rootfs"/root/.cache
+  # debootstrap copied this machine's; the engine provides both in a container.
+  : >"$rootfs/etc/resolv.conf"
+  echo localhost >"$rootfs/etc/hostname"
   tar --numeric-owner --xattrs -C "$rootfs" -c . |
     docker import \
       --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
