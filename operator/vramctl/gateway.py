@@ -45,6 +45,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from vramctl.hold_desk import Refused
+
+__all__ = ["Gateway", "GatewayMetrics", "Holder", "Lease", "ModelInfo", "Refused", "Route", "make_app"]
+
 OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 IMAGES_ROUTE = "/v1/images/generations"
 MODELS_ROUTE = "/v1/models"
@@ -118,17 +122,6 @@ class Holder(Protocol):
         Cancellation (the client went away) must withdraw the demand; a
         grant that races the cancellation must be released by the holder.
         """
-
-
-class Refused(Exception):
-    """The holder will not grant the hold: ``status`` 503 (with
-    ``retry_after`` seconds) or 409, and why."""
-
-    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
 
 
 class GatewayMetrics:

@@ -522,3 +522,54 @@ def test_500_idle_connections_do_not_stop_other_requests(gw: GatewayThread, hold
         for s in idle:
             s.close()
     balanced(holder)
+
+
+# -- the gateway on the real desk (vramctl.hold_desk) and a fake worker thread ------------------
+
+
+def test_gateway_on_the_inbox_holder_twenty_clients_two_models(backends: dict[str, Backend]) -> None:
+    from tests.unit.test_hold_desk import FakeWorker
+    from vramctl import demand_queue as dq
+    from vramctl.hold_desk import HoldDesk, InboxHolder
+
+    routes = routes_for(backends)
+
+    class Holder(InboxHolder):
+        def resolve(self, name: str) -> Route | None:
+            return next((r for r in routes.values() if name in (r.model, r.served_name)), None)
+
+        def models(self) -> Sequence[ModelInfo]:
+            return [ModelInfo(r.model, r.served_name, r.gpu, "Running", r.engine) for r in routes.values()]
+
+    policy = dq.QueuePolicy(max_queue=100, queue_timeout_seconds=60, max_serve_seconds=0.5, drain_timeout_seconds=0.2)
+    worker = FakeWorker(HoldDesk(policy, dq.IdlePolicy(), active="llm"), switch_seconds=0.05)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    registry = CollectorRegistry()
+    gateway = Gateway(Holder(worker.post, gpu_of=lambda _m: "0", clock=worker.now), registry, poll_seconds=0.05)
+    g = GatewayThread(FakeHolder({}))
+    g.gateway, g.registry = gateway, registry
+    try:
+        with g:
+            client = g.client()
+
+            def one(i: int) -> str:
+                model = "qwen-14b" if i % 2 else "qwen-coder"
+                reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": str(i)}], max_tokens=2)
+                return reply.choices[0].message.content or ""
+
+            with ThreadPoolExecutor(20) as pool:
+                texts = list(pool.map(one, range(200)))
+            assert texts == ["tok0 tok1 "] * 200
+            assert worker.violations == []
+            assert 1 <= len(worker.switches) < 100  # coalesced: far fewer than one per request
+            assert g.sample("vramctl_gateway_requests_total", gpu="0", model="coder", code="200") == 100
+            deadline = time.monotonic() + 5
+            while worker.desk.state.holds or not worker.inbox.empty():
+                assert time.monotonic() < deadline, worker.desk.state.holds
+                time.sleep(0.01)
+            assert worker.desk.state.demands == ()
+    finally:
+        stop.set()
+        thread.join(5)

@@ -1,0 +1,219 @@
+"""vramctl.hold_desk: the worker-side desk (answers the futures per decision)
+and InboxHolder (the loop side), wired through a small fake worker thread
+that owns the desk, performs switches in ``switch_seconds`` and records them.
+The last test runs the real gateway on that wiring, with a stand-in backend."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import pytest
+
+from vramctl import demand_queue as dq
+from vramctl.hold_desk import AddDemand, Grant, HoldDesk, InboxHolder, Refused, Release, Renew, Withdraw
+
+POL = dq.QueuePolicy(max_queue=4, queue_timeout_seconds=100, max_serve_seconds=40, drain_timeout_seconds=10)
+
+
+def demand(id: str, model: str, at: float, **kw: object) -> dq.Demand:
+    return dq.Demand(id=id, model=model, arrived=at, **kw)  # type: ignore[arg-type]
+
+
+# -- the desk, by hand -------------------------------------------------------------
+
+
+def test_grant_answers_the_future_and_release_ends_the_hold() -> None:
+    desk = HoldDesk(POL, dq.IdlePolicy(), active="llm", now=0.0)
+    f: Future[Grant] = Future()
+    desk.handle(AddDemand(demand("a", "llm", 1.0, ttl_seconds=30), f), 1.0)
+    assert not f.done()  # answers come with tick
+    d = desk.tick(1.0)
+    assert d.grant == ("a",) and f.result(0) == Grant("a", "llm", 31.0)
+    assert desk.snapshot()["holds"] == {"llm": 1}
+    desk.handle(Release("a", error="backend died"), 2.0)
+    assert desk.state.holds == () and desk.backend_errors == [("a", "backend died")]
+
+
+def test_switch_then_grant_and_failed_switch_refuses() -> None:
+    desk = HoldDesk(POL, dq.IdlePolicy(), active="llm", now=0.0)
+    f1: Future[Grant] = Future()
+    f2: Future[Grant] = Future()
+    desk.handle(AddDemand(demand("a", "sdxl", 1.0), f1), 1.0)
+    desk.handle(AddDemand(demand("b", "flux", 1.5), f2), 1.5)
+    d = desk.tick(1.5)
+    assert d.switch_to == dq.Target("sdxl") and desk.snapshot()["switchingTo"] == "sdxl"
+    desk.switch_done(dq.Target("sdxl"), 5.0)
+    assert desk.tick(5.0).grant == ("a",) and f1.result(0).model == "sdxl"
+    desk.handle(Release("a"), 6.0)
+    assert desk.tick(6.0).switch_to == dq.Target("flux")
+    desk.switch_failed("flux failed to start: exit code 1", 9.0)
+    with pytest.raises(Refused) as info:
+        f2.result(0)
+    assert info.value.status == 503 and "exit code 1" in info.value.message and info.value.retry_after
+
+
+def test_queue_timeout_and_full_queue_refuse_with_retry_after() -> None:
+    desk = HoldDesk(POL, dq.IdlePolicy(), active="llm", now=0.0)
+    hold: Future[Grant] = Future()
+    desk.handle(AddDemand(demand("h", "llm", 0.0), hold), 0.0)
+    desk.tick(0.0)
+    futures = []
+    for i in range(6):
+        f: Future[Grant] = Future()
+        desk.handle(AddDemand(demand(f"s{i}", "sdxl", 1.0 + i), f), 1.0 + i)
+        futures.append(f)
+    desk.tick(7.0)
+    refused = [f for f in futures if f.done()]
+    assert len(refused) == 2  # maxQueue 4
+    err = refused[0].exception()
+    assert isinstance(err, Refused) and err.status == 503 and err.retry_after is not None and "maxQueue 4" in err.message
+    desk.tick(104.0)  # the four queued ones waited queueTimeoutSeconds (llm is still held)
+    assert all(f.done() for f in futures)
+    timed_out = futures[0].exception()
+    assert isinstance(timed_out, Refused) and "queueTimeoutSeconds 100" in timed_out.message
+
+
+def test_a_demand_cancelled_before_the_worker_saw_it_is_ignored() -> None:
+    desk = HoldDesk(POL, dq.IdlePolicy(), active="llm", now=0.0)
+    f: Future[Grant] = Future()
+    f.cancel()
+    desk.handle(AddDemand(demand("a", "sdxl", 1.0), f), 1.0)
+    assert desk.state.demands == () and desk.tick(1.0).switch_to is None
+
+
+def test_withdraw_and_renew_answers() -> None:
+    desk = HoldDesk(POL, dq.IdlePolicy(), active="llm", now=0.0)
+    f: Future[Grant] = Future()
+    desk.handle(AddDemand(demand("h", "llm", 0.0, ttl_seconds=100), f), 0.0)
+    desk.tick(0.0)
+    g: Future[Grant] = Future()
+    desk.handle(AddDemand(demand("w", "sdxl", 1.0), g), 1.0)
+    desk.handle(Withdraw("w"), 2.0)
+    assert desk.tick(50.0).switch_to is None
+    desk.handle(AddDemand(demand("s", "sdxl", 51.0), Future()), 51.0)
+    desk.tick(81.0)  # window (40 - 10) over: drain
+    desk.tick(91.0)  # drain timeout: revoked, switch
+    answers: list[str] = []
+    for hid in ("h", "nope"):
+        r: Future[str] = Future()
+        desk.handle(Renew(hid, 100, r), 92.0)  # type: ignore[arg-type]
+        answers.append(r.result(0))
+    assert answers == ["revoked", "unknown"]
+
+
+# -- InboxHolder through a fake worker thread ------------------------------------------------
+
+
+@dataclass
+class FakeWorker:
+    """Owns one desk on its thread: commands in, tick, switches take ``switch_seconds``."""
+
+    desk: HoldDesk
+    switch_seconds: float = 0.05
+    inbox: queue.Queue[object] = field(default_factory=queue.Queue)
+    switches: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def post(self, gpu: str, cmd: object) -> None:
+        assert gpu == "0"
+        self.inbox.put(cmd)
+
+    def run(self, stop: threading.Event) -> None:
+        switching: tuple[float, dq.Target] | None = None
+        wake: float | None = None
+        while not stop.is_set():
+            deadlines = [t for t in (wake, switching[0] if switching else None) if t is not None]
+            timeout = max(0.0, min(deadlines) - self.now()) if deadlines else 0.05
+            try:
+                cmd = self.inbox.get(timeout=min(timeout, 0.05))
+            except queue.Empty:
+                cmd = None
+            now = self.now()
+            if cmd is not None:
+                self.desk.handle(cmd, now)  # type: ignore[arg-type]
+            if switching is not None and switching[0] <= now:
+                self.desk.switch_done(switching[1], now)
+                switching = None
+            live = {h.id for h in self.desk.state.holds if h.live(now)}
+            d = self.desk.tick(now)
+            if d.switch_to is not None:
+                if live - set(d.revoke) - set(d.expire):
+                    self.violations.append(f"{now:.3f}: switch to {d.switch_to.model} while {live} held")
+                self.switches.append(d.switch_to.model)
+                switching = (now + self.switch_seconds, d.switch_to)
+            wake = d.wake_at
+
+
+@pytest.fixture
+def worker() -> Iterator[FakeWorker]:
+    w = FakeWorker(HoldDesk(POL, dq.IdlePolicy(), active="llm"))
+    stop = threading.Event()
+    t = threading.Thread(target=w.run, args=(stop,), daemon=True)
+    t.start()
+    yield w
+    stop.set()
+    t.join(5)
+
+
+def holder_for(w: FakeWorker) -> InboxHolder:
+    return InboxHolder(w.post, gpu_of=lambda _m: "0", clock=w.now)
+
+
+def test_inbox_holder_acquires_switches_and_releases(worker: FakeWorker) -> None:
+    holder = holder_for(worker)
+
+    async def main() -> None:
+        a = await holder.acquire("llm")
+        assert a.grant.model == "llm" and worker.switches == []
+        b_task = asyncio.create_task(holder.acquire("sdxl"))
+        await asyncio.sleep(0.1)
+        assert not b_task.done()  # llm is held: the switch waits (drain)
+        a.release()
+        b = await asyncio.wait_for(b_task, 5)
+        assert b.grant.model == "sdxl" and worker.switches == ["sdxl"]
+        b.release()
+        b.release()  # idempotent
+
+    asyncio.run(main())
+
+
+def test_inbox_holder_cancelled_while_queued_withdraws_and_causes_no_switch(worker: FakeWorker) -> None:
+    holder = holder_for(worker)
+
+    async def main() -> None:
+        a = await holder.acquire("llm")
+        waiting = asyncio.create_task(holder.acquire("sdxl"))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0.1)
+        a.release()
+        await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+    assert worker.switches == [] and worker.desk.state.demands == () and worker.desk.state.holds == ()
+
+
+def test_inbox_holder_hold_renew_and_release_by_id(worker: FakeWorker) -> None:
+    holder = holder_for(worker)
+
+    async def main() -> tuple[str, str, bool, bool]:
+        grant = await holder.demand("llm", ttl_seconds=30)
+        renewed = await holder.renew(grant.id, 30)
+        released = holder.release(grant.id)
+        again = holder.release(grant.id)
+        unknown = await holder.renew(grant.id, 30)
+        return renewed, unknown, released, again
+
+    assert asyncio.run(main()) == ("renewed", "unknown", True, False)
