@@ -23,6 +23,25 @@ Environment (same contract as the image):
 ``STANDIN_CRASH_AFTER_SECONDS``
     Exit abruptly with ``STANDIN_EXIT_CODE`` (default 1) this long after start.
 
+Sleep, like vLLM's sleep mode (``POST /sleep?level=N``, ``POST /wake_up``,
+``GET /is_sleeping`` answering ``{"is_sleeping": bool, "residue_mib": N,
+"cycles": N, "level": N}``); while not awake ``/health`` still answers 200 and
+model requests get 503 with ``Retry-After``:
+
+``STANDIN_SLEEP_SECONDS`` / ``STANDIN_WAKE_SECONDS``
+    How long a sleep and a wake take before they answer (default 0.2 each).
+``STANDIN_RESIDUE_MIB``
+    The GPU memory it reports keeping while asleep (default 512); the
+    simulated GPU counts it (``sleepctl.asleep_residue``).
+``STANDIN_RESIDUE_GROWTH_MIB``
+    Added to the residue at each further sleep: a leak across cycles (default 0).
+``STANDIN_SLEEP_STATUS``
+    HTTP status ``/sleep`` answers (default 200; e.g. 500 for a failed sleep,
+    which leaves it awake).
+``STANDIN_WAKE_BROKEN=1``
+    ``/wake_up`` answers 200 but ``/health`` answers 503 from then on (an
+    engine that did not survive the cycle).
+
 Log lines go to stdout, flushed one by one, so a log file shows them at once::
 
     standin: loading (N s)
@@ -30,6 +49,10 @@ Log lines go to stdout, flushed one by one, so a log file shows them at once::
     standin: got SIGTERM, stopping in N s
     standin: stopped
     standin: crashing with exit code N
+    standin: sleeping (level N, N s)
+    standin: asleep (residue N MiB)
+    standin: waking (N s)
+    standin: awake
 
 Minimal OpenAI-shaped answers once ready (503 before), for the gateway's
 tests and benchmark: ``POST /v1/chat/completions`` (``"stream": true``: one
@@ -59,6 +82,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 
 EXIT_BAD_SETTING = 2
 EXIT_CANNOT_LISTEN = 70
@@ -83,6 +107,12 @@ class Settings:
     # The values as written, for the log lines: the image prints them verbatim.
     load_text: str
     stop_text: str
+    sleep_seconds: float = 0.2
+    wake_seconds: float = 0.2
+    residue_mib: int = 512
+    residue_growth_mib: int = 0
+    sleep_status: int = 200
+    wake_broken: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -114,6 +144,12 @@ class Settings:
         if env.get("STANDIN_CRASH_AFTER_SECONDS", "").strip():
             crash, _ = number("STANDIN_CRASH_AFTER_SECONDS", "0")
         return cls(
+            sleep_seconds=number("STANDIN_SLEEP_SECONDS", "0.2")[0],
+            wake_seconds=number("STANDIN_WAKE_SECONDS", "0.2")[0],
+            residue_mib=integer("STANDIN_RESIDUE_MIB", "512", 0, 1 << 24),
+            residue_growth_mib=integer("STANDIN_RESIDUE_GROWTH_MIB", "0", 0, 1 << 24),
+            sleep_status=integer("STANDIN_SLEEP_STATUS", "200", 100, 599),
+            wake_broken=env.get("STANDIN_WAKE_BROKEN", "").strip() == "1",
             host=env.get("STANDIN_HOST", "").strip() or "127.0.0.1",
             port=integer("STANDIN_PORT", "8000", 0, 65535),
             load_seconds=load,
@@ -126,20 +162,84 @@ class Settings:
         )
 
 
+class SleepState:
+    """awake -> sleeping -> asleep -> waking -> awake, one transition at a time.
+
+    A second /sleep (or /wake_up) while one runs waits for it and answers the
+    same; a /sleep while asleep (a /wake_up while awake) answers at once.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = "awake"
+        self.level = 0
+        self.cycles = 0
+        self.broken = False
+        self._cond = threading.Condition()
+
+    def residue_mib(self) -> int:
+        return self.settings.residue_mib + self.settings.residue_growth_mib * max(0, self.cycles - 1)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._cond:
+            return self.snapshot_locked()
+
+    def go(self, sleep: bool, level: int) -> dict[str, Any]:
+        """Sleep (``sleep``) or wake; returns the state afterwards."""
+        s = self.settings
+        busy, done = ("sleeping", "asleep") if sleep else ("waking", "awake")
+        with self._cond:
+            # Bounded: each transition takes its delay, and this one waits for at most one.
+            self._cond.wait_for(lambda: self.state not in ("sleeping", "waking"), timeout=s.sleep_seconds + s.wake_seconds + 5)
+            if self.state == done:
+                return self.snapshot_locked()
+            self.state = busy
+            if sleep:
+                self.level = level
+        delay = s.sleep_seconds if sleep else s.wake_seconds
+        log(f"sleeping (level {level}, {delay:g} s)" if sleep else f"waking ({delay:g} s)")
+        time.sleep(delay)
+        with self._cond:
+            self.state = done
+            if sleep:
+                self.cycles += 1
+            elif s.wake_broken:
+                self.broken = True
+            self._cond.notify_all()
+            out = self.snapshot_locked()
+        log(f"asleep (residue {out['residue_mib']} MiB)" if sleep else "awake")
+        return out
+
+    def snapshot_locked(self) -> dict[str, Any]:
+        return {
+            "is_sleeping": self.state == "asleep",
+            "state": self.state,
+            "level": self.level,
+            "cycles": self.cycles,
+            "residue_mib": self.residue_mib(),
+        }
+
+
 class _Server(ThreadingHTTPServer):
     # Handler threads must never keep the process alive past its exit.
     daemon_threads = True
     # socketserver's default backlog of 5 drops connections at 10 concurrent clients.
     request_queue_size = 128
     ready_at: float = 0.0
+    sleep: SleepState
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != "/health":
+        path = self.path.split("?", 1)[0]
+        if path == "/is_sleeping":
+            self._json(200, self.server.sleep.snapshot())
+        elif path != "/health":
             self._answer(404, b"not found\n")
+        elif self.server.sleep.broken:
+            self._answer(503, b"broken after wake\n")
         # Compared here, not via a flag the main loop sets, so /health turns
         # 200 exactly when the load time is over, not one loop turn later.
         elif time.monotonic() >= self.server.ready_at:
@@ -148,13 +248,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(503, b"loading\n")
 
     def do_POST(self) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if 0 < length <= 1 << 20 else b""
-        if path not in OPENAI_PATHS:
+        if path in ("/sleep", "/wake_up"):
+            self._sleep_or_wake(path == "/sleep", query)
+        elif path not in OPENAI_PATHS:
             self._answer(404, b"not found\n")
         elif time.monotonic() < self.server.ready_at:
             self._json(503, {"error": {"message": "loading", "type": "unavailable"}})
+        elif self.server.sleep.state != "awake":
+            self._json(503, {"error": {"message": f"model is {self.server.sleep.state}", "type": "unavailable"}}, retry_after=1)
         else:
             try:
                 doc = json.loads(body or b"null")
@@ -171,9 +275,25 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(delay * _max_tokens(doc))
                 self._json(200, answer)
 
-    def _json(self, status: int, doc: Any) -> None:
+    def _sleep_or_wake(self, sleep: bool, query: str) -> None:
+        if time.monotonic() < self.server.ready_at:
+            self._json(503, {"error": {"message": "loading", "type": "unavailable"}}, retry_after=1)
+            return
+        level_text = parse_qs(query).get("level", ["1"])[0]
+        if sleep and level_text not in ("1", "2"):
+            self._json(400, {"error": {"message": f"level must be 1 or 2, got {level_text!r}", "type": "invalid_request_error"}})
+            return
+        status = self.server.sleep.settings.sleep_status
+        if sleep and status != 200:
+            self._json(status, {"error": {"message": "sleep failed (STANDIN_SLEEP_STATUS)", "type": "server_error"}})
+            return
+        self._json(200, self.server.sleep.go(sleep, int(level_text) if sleep else 0))
+
+    def _json(self, status: int, doc: Any, retry_after: int | None = None) -> None:
         body = json.dumps(doc).encode()
         self.send_response(status)
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -294,17 +414,16 @@ def run(settings: Settings) -> int:
     """Serve until stopped or crashed; return the exit status (a crash exits
     the process directly, like a real crash would)."""
     t0 = time.monotonic()
-    handler = _Handler
+    handler: type[_Handler] = _Handler
     if os.environ.get("STANDIN_KEEPALIVE", "").strip() == "1":
-        # TCP_NODELAY: headers and body go out in two writes; with Nagle the
-        # second waits for the client's delayed ACK (40 ms) on a kept connection.
-        handler = type("_KeepAliveHandler", (_Handler,), {"protocol_version": "HTTP/1.1", "disable_nagle_algorithm": True})
+        handler = _KeepAliveHandler
     try:
         server = _Server((settings.host, settings.port), handler)
     except OSError as err:
         log(f"cannot listen on {settings.host}:{settings.port}: {err.strerror or err}")
         return EXIT_CANNOT_LISTEN
     server.ready_at = t0 + settings.load_seconds
+    server.sleep = SleepState(settings)
     port = server.server_address[1]
 
     # No Python signal handlers: they run only in the main thread, and a
@@ -359,6 +478,13 @@ def run(settings: Settings) -> int:
             info = signal.sigtimedwait(stop_signals, timeout)
             if info is not None and stopped_by is None:
                 stopped_by = signal.Signals(info.si_signo).name
+
+
+class _KeepAliveHandler(_Handler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle the second waits for
+    # the client's delayed ACK (40 ms) on a kept connection.
+    disable_nagle_algorithm = True
 
 
 def _close(server: _Server) -> None:
