@@ -132,10 +132,18 @@ def local_bases() -> dict[str, str]:
     return bases
 
 
+def image_id(tag: str) -> str:
+    res = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", tag], capture_output=True, text=True, check=False)
+    return res.stdout.strip()
+
+
 def built_image(name: str, dockerfile: Path, context: Path, tag: str, args: dict[str, str], logs: Path) -> str:
+    before = image_id(tag)
     rc, seconds, tail = docker_build(dockerfile, context, tag, args, logs / f"{name}.log")
     if rc != 0:
         pytest.fail(f"docker build of {dockerfile.relative_to(ROOT)} failed (exit {rc}):\n{tail}", pytrace=False)
+    if before and before != image_id(tag):  # the image this tag named before, unless a container still uses it
+        subprocess.run(["docker", "image", "rm", before], capture_output=True, check=False)
     size = int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", tag], capture_output=True, text=True, check=True).stdout)
     text = (logs / f"{name}.log").read_text(errors="replace")
     steps = {"steps": len(re.findall(r"^Step \d+/\d+ :", text, re.M)), "steps_from_cache": text.count("Using cache")}
