@@ -93,7 +93,7 @@ def condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
     return next(c for c in status["conditions"] if c["type"] == ctype)
 
 
-def test_spec_reaches_the_worker_and_status_maps_generations() -> None:
+def test_spec_reaches_the_worker_and_status_carries_generations() -> None:
     r = Rig()
     r.apply(1)
     r.reconcile()
@@ -245,13 +245,42 @@ def test_transition_times_move_only_on_flips() -> None:
     assert condition(second, "Progressing")["lastTransitionTime"] != condition(first, "Progressing")["lastTransitionTime"]
 
 
-def test_a_second_deployment_for_the_same_gpu_is_refused() -> None:
+def test_a_second_deployment_for_the_same_gpu_is_a_conflict_on_the_newer() -> None:
     r = Rig()
-    r.apply(1)
-    with pytest.raises(InvalidSpec) as err:
-        r.md.apply("ns", "other", "uid-2", 1, raw_spec())
-    assert err.value.problems[0][0] == "spec.gpu" and "ns/gpu0" in err.value.problems[0][1]
-    assert list(r.supervisor.workers) == [0] and r.md.snapshot()["ns/other"]["gpu"] is None
+    r.md.apply("ns", "gpu0", "uid-1", 1, raw_spec(), created="2026-01-01T00:00:00Z")
+    r.reconcile()
+    r.md.apply("ns", "other", "uid-2", 1, raw_spec(activeModel="sdxl"), created="2026-01-02T00:00:00Z")
+    r.md.apply("ns", "other", "uid-2", 1, raw_spec(activeModel="sdxl"), created="2026-01-02T00:00:00Z")  # the timer: one Event only
+    assert list(r.supervisor.workers) == [0] and r.worker.desired.active == "llm"
+    assert r.md.snapshot()["ns/other"]["gpu"] is None
+    r.md.flush()
+    other = next(st for ns, name, st in r.api.patches if name == "other")
+    degraded = condition(other, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "Conflict" and "ns/gpu0" in degraded["message"]
+    assert condition(other, "Ready")["status"] == "False" and other["phase"] == "Failed"
+    conflicts = [e for e in r.api.events if e["reason"] == "Conflict"]
+    assert len(conflicts) == 1 and conflicts[0]["involvedObject"]["name"] == "other" and "ns/gpu0" in conflicts[0]["message"]
+    assert r.rt.calls == [("start", "llm")]  # nothing ran for the newer one
+
+    # The older one goes: the newer takes the GPU at once, with its own spec.
+    r.md.delete("ns", "gpu0", raw_spec())
+    assert r.md.snapshot()["ns/other"]["gpu"] == 0 and r.worker.desired.active == "sdxl"
+    r.reconcile()
+    assert r.rt.states["sdxl"] is WorkloadState.RUNNING and "llm" not in r.rt.states
+    r.md.flush()
+    st = next(st for ns, name, st in reversed(r.api.patches) if name == "other")
+    assert condition(st, "Degraded")["status"] == "False" and st["runningModels"] == ["sdxl"]
+
+
+def test_an_older_deployment_seen_second_takes_the_gpu() -> None:
+    r = Rig()  # after a restart, kopf may deliver the newer one first
+    r.md.apply("ns", "newer", "uid-2", 1, raw_spec(), created="2026-01-02T00:00:00Z")
+    r.reconcile()
+    r.md.apply("ns", "older", "uid-1", 1, raw_spec(activeModel="sdxl"), created="2026-01-01T00:00:00Z")
+    snap = r.md.snapshot()
+    assert snap["ns/older"]["gpu"] == 0 and snap["ns/newer"]["gpu"] is None
+    assert snap["ns/newer"]["conflict"].name == "older"
+    assert ("remove", "llm") in r.rt.calls and r.worker.desired.active == "sdxl"
 
 
 def test_a_start_behind_our_back_is_overruled_by_the_spec() -> None:

@@ -1,31 +1,28 @@
-"""Kubernetes: ModelDeployment resources in; ``.status`` and Events out.
+"""The bridge between kopf's handlers and this node's GPU workers.
 
 Why it is shaped like this:
 
-- kopf handlers never act. create/update/resume, and a timer every ~10 s,
-  parse ``.spec`` with the same pydantic ``DeploymentSpec`` as the config
-  file and hand the desired state to the GPU's ``GpuWorker``
-  (``update_spec`` + ``request``). The worker thread does everything else,
-  so the invariant (one heavy model per GPU) keeps a single owner whatever
-  kopf delivers, twice or out of order. Level-triggered: a request equal to
-  what the worker already wants is not made at all, so a spec delivered
-  twice (resume, timer, re-listing) bumps nothing and restarts no switch.
-- Each instance sees only the ModelDeployments whose ``spec.nodeName`` is its
-  node: a kopf ``when=`` filter, so kopf itself stores nothing on the others
-  (no annotations, no status, no events). The finalizer names the node,
-  because kopf strips its own finalizer from every object it is blind to:
-  a shared name would let one node's instance release another node's object.
+- The handlers never act. They hand a ModelDeployment's spec to
+  ``ModelDeployments.apply``, which parses it with the same pydantic
+  ``DeploymentSpec`` as the config file and gives the desired state to the
+  GPU's ``GpuWorker`` (``update_spec`` + ``request``). The worker's loop does
+  everything else, so the invariant (one heavy model per GPU) keeps a single
+  owner whatever kopf delivers, twice or out of order. Level-triggered: a
+  request equal to what the worker already wants is not made at all, so a
+  spec delivered twice (resume, timer, re-listing) bumps nothing.
+- The desired state handed over carries the spec's ``metadata.generation``
+  (``status.HandedDesired``), so ``observedGeneration`` is read off it.
 - An invalid spec becomes a Degraded condition and one Warning Event naming
-  the field, then ``kopf.PermanentError``: no retry loop, the next edit is
-  handled afresh, and nothing that runs is stopped (the worker keeps the last
-  valid spec).
-- Status and Events leave through one writer thread (``_Writer``) with a
-  small blocking client (urllib) that uses the credentials kopf logged in
-  with. The workers never wait for the API server: their sink only marks the
-  object dirty. ``.status`` is PATCHed (merge patch) only when the document
-  changed. kopf's own API client is not public, and a thread with a blocking
-  client is simpler and safer than handing coroutines to kopf's event loop
-  from the worker threads.
+  the field; nothing that runs is stopped (the worker keeps the last valid
+  spec).
+- Two ModelDeployments naming this node and the same GPU: the older (by
+  creationTimestamp) keeps the GPU, the newer gets Degraded, reason Conflict,
+  naming the other, and one Event; nothing runs for it. When the older goes
+  (deleted, moved), the newer is applied at once from its last spec.
+- Status and Events leave through one writer thread (``_Writer``) with the
+  blocking client of ``client.py``. The workers never wait for the API
+  server: their sink only marks the object dirty. ``.status`` is PATCHed
+  (merge patch) only when the document changed.
 - Another writer of desired state on the node (a container started by hand,
   seen on the docker event stream) is overruled at once: the spec is the
   desired state here, so the worker is sent back to it before it acts, and a
@@ -35,48 +32,39 @@ Why it is shaped like this:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import os
-import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
+from vramctl.conditions import Condition, rfc3339
 from vramctl.observed import Desired
 from vramctl.runtimes.base import Runtime
+from vramctl.runtimes.kubernetes import KubeApiError, PodOwner, PodRuntime
+from vramctl.sources.kubernetes.client import API_VERSION, KIND, KubeApi, StatusApi, login
+from vramctl.sources.kubernetes.status import Conflict, HandedDesired, StatusSnapshot, conditions_from, render_status
 from vramctl.spec import ConfigError, DeploymentSpec, DesiredStateError, problems_from
-from vramctl.supervisor import PHASE_BLOCKED, PHASE_FAILED, DesiredSink, GpuWorker, StatusSink, Supervisor, rfc3339
+from vramctl.supervisor import PHASE_BLOCKED, DesiredSink, GpuWorker, StatusSink, Supervisor
 
 log = logging.getLogger("vramctl.kubernetes")
 
-GROUP = "vramctl.io"
-VERSION = "v1alpha1"
-PLURAL = "modeldeployments"
-KIND = "ModelDeployment"
-API_VERSION = f"{GROUP}/{VERSION}"
 SOURCE = "kubernetes"  # the `source` of the requests made from a ModelDeployment's spec
 
-TIMER_INTERVAL_S = 10.0
 GPU_REFRESH_S = 10.0  # usedMiB in .status is refreshed at least this often
 _WRITER_PERIOD_S = 2.0  # the writer looks for new progress notes at least this often
 # After a poke the writer waits this long, so that a burst (a request, then
 # the switch's first notes) is one write, and so that it does not compete
-# with the worker for the CPU and the Docker engine while a switch begins.
+# with the worker for the CPU while a switch begins.
 _WRITER_DEBOUNCE_S = 0.1
 _EVENT_ATTEMPTS = 3
 _EVENT_MESSAGE_MAX = 1024  # Kubernetes truncates longer Event messages
-_CONDITION_MESSAGE_MAX = 4096
 
 # Worker progress steps that become Kubernetes Events: (type, reason).
 EVENT_STEPS: dict[str, tuple[str, str]] = {
@@ -91,14 +79,6 @@ EVENT_STEPS: dict[str, tuple[str, str]] = {
 }
 
 WorkerFactory = Callable[[DeploymentSpec, StatusSink, DesiredSink], GpuWorker]
-
-
-def finalizer_for(node: str) -> str:
-    """This node's finalizer: ``vramctl.io/node.<node>`` (a qualified name, at most 63 characters after the slash)."""
-    name = f"node.{node}"
-    if len(name) > 63:
-        name = f"node.{node[:40]}-{hashlib.sha256(node.encode()).hexdigest()[:12]}"
-    return f"{GROUP}/{name}"
 
 
 def _plain(obj: Any) -> Any:
@@ -118,105 +98,6 @@ class InvalidSpec(Exception):
         super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
 
 
-# ------------------------------------------------------------------ API client
-
-
-class KubeApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}" if status else message)
-        self.status = status
-
-
-class StatusApi(Protocol):
-    """Where status and Events go (``KubeApi``; a recording fake in tests)."""
-
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
-
-    def create_event(self, namespace: str, event: dict[str, Any]) -> None: ...
-
-
-class KubeApi:
-    """Blocking JSON requests with kopf's credentials (``kopf.ConnectionInfo``).
-
-    ``credentials`` is read at every request, so a fresh login (kopf calls the
-    login handler again when a token expires) is used at once; on HTTP 401 it
-    calls ``relogin`` once and retries.
-    """
-
-    def __init__(
-        self,
-        credentials: Callable[[], kopf.ConnectionInfo | None],
-        relogin: Callable[[], kopf.ConnectionInfo | None] | None = None,
-        timeout: float = 10.0,
-    ) -> None:
-        self._credentials = credentials
-        self._relogin = relogin
-        self._timeout = timeout
-        self._ssl: tuple[kopf.ConnectionInfo, ssl.SSLContext | None] | None = None
-
-    def _opener(self, info: kopf.ConnectionInfo) -> urllib.request.OpenerDirector:
-        if self._ssl is None or self._ssl[0] is not info:
-            ctx = info.as_ssl_context() if info.server.startswith("https") else None
-            self._ssl = (info, ctx)
-        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler(None if info.trust_env else {})]
-        if self._ssl[1] is not None:
-            handlers.append(urllib.request.HTTPSHandler(context=self._ssl[1]))
-        return urllib.request.build_opener(*handlers)
-
-    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
-        for attempt in (1, 2):
-            info = self._credentials()
-            if info is None:
-                raise KubeApiError(0, "not logged in to the Kubernetes API yet")
-            req = urllib.request.Request(
-                info.server.rstrip("/") + path, data=json.dumps(body).encode() if body is not None else None, method=method
-            )
-            req.add_header("Content-Type", content_type)
-            req.add_header("Accept", "application/json")
-            req.add_header("User-Agent", "vramctl")
-            for k, v in info.as_http_headers().items():
-                req.add_header(k, v)
-            try:
-                with self._opener(info).open(req, timeout=self._timeout) as resp:
-                    raw = resp.read()
-                return json.loads(raw) if raw else None
-            except urllib.error.HTTPError as err:
-                text = err.read().decode("utf-8", "replace")
-                if err.code == 401 and attempt == 1 and self._relogin is not None:
-                    self._relogin()
-                    continue
-                with contextlib.suppress(ValueError, AttributeError):
-                    text = json.loads(text).get("message") or text
-                raise KubeApiError(err.code, text[:500]) from None
-            except (urllib.error.URLError, OSError, ValueError) as err:
-                raise KubeApiError(0, f"{method} {path}: {err}") from None
-        raise KubeApiError(401, "unauthorized after a fresh login")
-
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
-        self.request("PATCH", path, {"status": status}, "application/merge-patch+json")
-
-    def create_event(self, namespace: str, event: dict[str, Any]) -> None:
-        self.request("POST", f"/api/v1/namespaces/{namespace}/events", event)
-
-
-def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    """A kubeconfig when KUBECONFIG is set, else the pod's service account, else ~/.kube/config."""
-    order = (
-        (kopf.login_with_kubeconfig, kopf.login_with_service_account)
-        if os.environ.get("KUBECONFIG")
-        else (kopf.login_with_service_account, kopf.login_with_kubeconfig)
-    )
-    for fn in order:
-        info: kopf.ConnectionInfo | None = fn(settings=settings, **kwargs)
-        if info is not None:
-            return info
-    return None
-
-
-# ------------------------------------------------------------ the controller
-
-
 @dataclass
 class _Entry:
     """What this instance knows about one ModelDeployment of its node."""
@@ -224,16 +105,18 @@ class _Entry:
     namespace: str
     name: str
     uid: str = ""
+    created: str = ""  # metadata.creationTimestamp: the older of two conflicting ones keeps the GPU
+    raw: dict[str, Any] | None = None  # the newest spec, for a hand-over after a conflict ends
+    raw_generation: int | None = None
     spec: DeploymentSpec | None = None  # the last valid spec, handed to the worker
     generation: int | None = None  # metadata.generation of ``spec``
     worker: GpuWorker | None = None
-    # (worker's desired generation, metadata.generation) at each hand-over:
-    # maps what the worker has settled to the spec it came from.
-    handoffs: list[tuple[int, int | None]] = field(default_factory=list)
+    handed: HandedDesired | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
     problem_generation: int | None = None
     reported: tuple[int | None, str] | None = None  # the problems last sent as an Event
-    transitions: dict[str, tuple[str, str]] = field(default_factory=dict)  # condition -> (status, lastTransitionTime)
+    conflict: Conflict | None = None
+    conditions: dict[str, Condition] = field(default_factory=dict)  # as last rendered
     last_switch: dict[str, Any] | None = None  # as published before this process started
     last_written: dict[str, Any] | None = None
     progress_seq: int = 0
@@ -247,6 +130,10 @@ class _Entry:
         if self.uid:
             ref["uid"] = self.uid
         return ref
+
+    def age_key(self) -> tuple[str, str, str]:
+        # RFC 3339 in UTC sorts as text; an unknown time counts as newest.
+        return (self.created or "~", self.namespace, self.name)
 
 
 @dataclass(frozen=True)
@@ -264,7 +151,7 @@ def _shape(spec: DeploymentSpec | None) -> dict[str, Any] | None:
 
 class _Sink:
     """One ModelDeployment's StatusSink and DesiredSink. Called on worker
-    threads, possibly with the worker's lock held: never takes the
+    threads, possibly with the worker's request lock held: never takes the
     controller's lock (the controller takes it before the worker's)."""
 
     def __init__(self, controller: ModelDeployments, entry: _Entry) -> None:
@@ -304,7 +191,7 @@ class ModelDeployments:
         self.make_worker = make_worker
         self.credentials: kopf.ConnectionInfo | None = None
         self.settings: kopf.OperatorSettings | None = None
-        self.api: StatusApi = api or KubeApi(lambda: self.credentials, self._relogin)
+        self.api: StatusApi = api or KubeApi(lambda: self.credentials, self.relogin)
         self.wall, self.clock = wall, clock
         self._lock = threading.RLock()
         self._entries: dict[tuple[str, str], _Entry] = {}
@@ -320,7 +207,7 @@ class ModelDeployments:
         """Stop writing (one last flush); the workers belong to the supervisor."""
         self._writer.stop()
 
-    def _relogin(self) -> kopf.ConnectionInfo | None:
+    def relogin(self) -> kopf.ConnectionInfo | None:
         if self.settings is not None:
             self.credentials = login(settings=self.settings)
         return self.credentials
@@ -342,9 +229,11 @@ class ModelDeployments:
         generation: int | None,
         raw_spec: Mapping[str, Any],
         status: Mapping[str, Any] | None = None,
+        created: str = "",
     ) -> None:
         """Hand this spec to its GPU's worker. Raises InvalidSpec; then nothing
-        was changed or stopped."""
+        was changed or stopped. A conflict (another, older ModelDeployment
+        holds the GPU) is reported on the status, not raised."""
         raw = _plain(raw_spec)
         key = (namespace, name)
         if raw.get("nodeName") != self.node_name:
@@ -355,22 +244,38 @@ class ModelDeployments:
             spec: DeploymentSpec | None = self._parse(name, raw)
         except InvalidSpec as err:
             spec, problems = None, err.problems
-        retiring = None
+        retiring: list[_Retiring] = []
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = _Entry(namespace, name, uid)
-                self._seed_transitions(entry, status)
+                entry.conditions = conditions_from(status)
+                last = (status or {}).get("lastSwitch")
+                entry.last_switch = _plain(last) if isinstance(last, Mapping) else None
             entry.uid = uid or entry.uid
+            entry.created = created or entry.created
+            entry.raw, entry.raw_generation = raw, generation
             if spec is not None and entry.spec is not None and entry.worker is not None and entry.spec.gpu != spec.gpu:
-                retiring = self._detach(entry)  # a GPU index change: the old GPU's models go
-        if retiring is not None:
-            self._retire(retiring)
+                retiring.append(self._detach(entry))  # a GPU index change: the old GPU's models go
+            if spec is not None:
+                holder = self._holder(entry, spec.gpu)
+                if holder is not None and holder.age_key() < entry.age_key():
+                    self._conflicted(entry, holder, spec.gpu, generation)
+                    retiring.append(self._detach(entry))
+                    spec = None
+                elif holder is not None:
+                    # This one is older (seen second, e.g. after a restart): it takes the GPU.
+                    self._conflicted(holder, entry, spec.gpu, holder.raw_generation)
+                    retiring.append(self._detach(holder))
+        for r in retiring:
+            self._retire(r)
+        if spec is None and not problems:
+            return  # conflicted: reported, nothing runs
         with self._lock:
             try:
                 if spec is None:
                     raise InvalidSpec(problems)
-                self._check_gpu_free(entry, spec)
+                entry.conflict = None
                 self._hand_over(entry, spec, generation)
             except InvalidSpec as err:
                 self._invalid(entry, generation, err.problems)
@@ -379,11 +284,11 @@ class ModelDeployments:
                 entry.problems, entry.problem_generation, entry.reported = [], None, None
             self.mark(entry)
 
-    def refresh(self, namespace: str, name: str, uid: str, generation: int | None, raw_spec: Mapping[str, Any]) -> None:
+    def refresh(self, namespace: str, name: str, uid: str, generation: int | None, raw_spec: Mapping[str, Any], created: str = "") -> None:
         """The timer: apply again (a no-op when nothing changed) and let the
         writer refresh the GPU figures."""
         with contextlib.suppress(InvalidSpec):
-            self.apply(namespace, name, uid, generation, raw_spec)
+            self.apply(namespace, name, uid, generation, raw_spec, created=created)
         with self._lock:
             entry = self._entries.get((namespace, name))
             if entry is not None:
@@ -391,8 +296,9 @@ class ModelDeployments:
                 self.mark(entry)
 
     def delete(self, namespace: str, name: str, raw_spec: Mapping[str, Any]) -> None:
-        """Stop and remove this ModelDeployment's containers, nothing else.
-        Raises the runtime's error when a container could not be removed."""
+        """Stop and remove this ModelDeployment's models, nothing else; then a
+        ModelDeployment that waited for its GPU (a conflict) takes over.
+        Raises the runtime's error when a model could not be removed."""
         key = (namespace, name)
         with self._lock:
             entry = self._entries.get(key)
@@ -404,7 +310,8 @@ class ModelDeployments:
         self._retire(retiring)
         with self._lock:
             self._entries.pop(key, None)
-        log.info("%s/%s deleted: its containers are removed", namespace, name)
+        log.info("%s/%s deleted: its models are removed", namespace, name)
+        self._hand_over_waiting()
 
     # -------------------------------------------------------- internals
 
@@ -418,27 +325,44 @@ class ModelDeployments:
             raise InvalidSpec([(_spec_path(p), m) for p, m in problems])
         return spec
 
-    def _check_gpu_free(self, entry: _Entry, spec: DeploymentSpec) -> None:
+    def _holder(self, entry: _Entry, gpu: int) -> _Entry | None:
         for other in self._entries.values():
-            if other is not entry and other.worker is not None and other.worker.gpu == spec.gpu:
-                raise InvalidSpec(
-                    [
-                        (
-                            "spec.gpu",
-                            f"gpu {spec.gpu} of node {self.node_name} is already managed by ModelDeployment "
-                            f"{other.namespace}/{other.name}: one ModelDeployment per GPU",
-                        )
-                    ]
-                )
+            if other is not entry and not other.gone and other.worker is not None and other.worker.gpu == gpu:
+                return other
+        return None
+
+    def _conflicted(self, entry: _Entry, holder: _Entry, gpu: int, generation: int | None) -> None:
+        conflict = Conflict(holder.namespace, holder.name, gpu)
+        if entry.conflict != conflict:
+            self.event(
+                entry.ref(),
+                "Warning",
+                "Conflict",
+                f"gpu {gpu} of node {self.node_name} is already managed by ModelDeployment {holder.namespace}/{holder.name} "
+                "(older): nothing runs for this one until that one is deleted or moved",
+            )
+            log.warning("%s/%s: gpu %d is held by %s/%s: conflict", entry.namespace, entry.name, gpu, holder.namespace, holder.name)
+        entry.conflict, entry.problem_generation = conflict, generation
+        entry.problems, entry.reported = [], None
+        self.mark(entry)
+
+    def _hand_over_waiting(self) -> None:
+        """Apply the conflicted ModelDeployments again: one may now take its GPU."""
+        with self._lock:
+            waiting = sorted((e for e in self._entries.values() if e.conflict is not None and e.raw is not None), key=_Entry.age_key)
+        for e in waiting:
+            with contextlib.suppress(InvalidSpec):
+                self.apply(e.namespace, e.name, e.uid, e.raw_generation, e.raw or {}, created=e.created)
 
     def _hand_over(self, entry: _Entry, spec: DeploymentSpec, generation: int | None) -> None:
         want = (spec.active_model, tuple(spec.companions))
         worker = entry.worker
         if worker is None:
+            self._own(entry, spec)
             sink = _Sink(self, entry)
             worker = self.make_worker(spec, sink, sink)
             entry.worker, entry.spec, entry.generation = worker, spec, generation
-            entry.handoffs = [(worker.desired.generation, generation)]
+            entry.handed = HandedDesired(worker.desired, generation)
             self.supervisor.add_worker(worker)
             log.info("%s/%s: gpu %d handed to a worker, desired %s", entry.namespace, entry.name, spec.gpu, want[0] or "(none)")
             return
@@ -446,6 +370,7 @@ class ModelDeployments:
         desired_changed = (current.active, current.companions) != want
         shape_changed = _shape(entry.spec) != _shape(spec)
         if shape_changed:
+            self._own(entry, spec)
             worker.update_spec(spec)  # before the request: it may name a model only the new spec has
         if desired_changed:
             try:
@@ -455,8 +380,14 @@ class ModelDeployments:
         elif not shape_changed and spec != worker.spec:
             worker.update_spec(spec)  # only activeModel/companions moved back: nothing to plan
         if shape_changed or desired_changed or generation != entry.generation:
-            entry.handoffs = [*entry.handoffs[-19:], (worker.desired.generation, generation)]
+            before = entry.handed.generation_at(worker.published_status().get("observedGeneration")) if entry.handed else None
+            entry.handed = HandedDesired(worker.desired, generation, before)
         entry.spec, entry.generation = spec, generation
+
+    def _own(self, entry: _Entry, spec: DeploymentSpec) -> None:
+        """The Pod runtime makes the ModelDeployment its Pods' owner."""
+        if isinstance(self.runtime, PodRuntime):
+            self.runtime.own(spec.gpu, PodOwner(entry.namespace, entry.name, entry.uid))
 
     def _invalid(self, entry: _Entry, generation: int | None, problems: list[tuple[str, str]]) -> None:
         entry.problems, entry.problem_generation = problems, generation
@@ -470,13 +401,15 @@ class ModelDeployments:
         self.mark(entry)
 
     def _detach(self, entry: _Entry) -> _Retiring:
-        retiring = _Retiring(entry.worker, entry.spec)
-        entry.worker, entry.handoffs = None, []
+        retiring = _Retiring(entry.worker, entry.spec if entry.worker is not None else None)
+        entry.worker, entry.handed = None, None
+        if retiring.spec is not None:
+            entry.spec = None
         return retiring
 
     def _bare(self, name: str, raw: dict[str, Any]) -> _Retiring:
         """A ModelDeployment this process never ran (its spec was never valid
-        here): its GPU's containers, from before a restart, still go, unless
+        here): its GPU's models, from before a restart, still go, unless
         another ModelDeployment holds that GPU."""
         gpu = raw.get("gpu", 0)
         if raw.get("nodeName") != self.node_name or not isinstance(gpu, int) or gpu < 0:
@@ -486,7 +419,7 @@ class ModelDeployments:
         return _Retiring(None, DeploymentSpec.model_construct(name=name, gpu=gpu, models={}, env={}, companions=[]))
 
     def _retire(self, r: _Retiring) -> None:
-        """Stop the worker, then stop and remove every container of its GPU (slow: outside the lock)."""
+        """Stop the worker, then stop and remove every model of its GPU (slow: outside the lock)."""
         if r.worker is not None and self.supervisor.workers.get(r.worker.gpu) is r.worker:
             self.supervisor.remove_worker(r.worker.gpu)
         if r.spec is not None:
@@ -501,18 +434,9 @@ class ModelDeployments:
                 return
             entry.gone = True
             retiring = self._detach(entry)
-        log.info("%s/%s moved to another node: removing its containers here", *key)
+        log.info("%s/%s moved to another node: removing its models here", *key)
         self._retire(retiring)
-
-    def _seed_transitions(self, entry: _Entry, status: Mapping[str, Any] | None) -> None:
-        """Keep what was already published: transition times (an operator
-        restart is no flip) and the last switch (a new worker has none yet)."""
-        for c in (status or {}).get("conditions") or []:
-            if isinstance(c, Mapping) and c.get("type") and c.get("lastTransitionTime"):
-                entry.transitions[str(c["type"])] = (str(c.get("status")), str(c["lastTransitionTime"]))
-        last = (status or {}).get("lastSwitch")
-        if isinstance(last, Mapping):
-            entry.last_switch = _plain(last)
+        self._hand_over_waiting()
 
     # ------------------------------------------------- worker-thread side
 
@@ -525,7 +449,7 @@ class ModelDeployments:
         """Another source asked the worker for ``desired`` (e.g. a container
         started by hand): the ModelDeployment's spec is the desired state, so
         send the worker back to it before it acts. Called with the worker's
-        lock held, on the worker's or the event watcher's thread."""
+        request lock held, on the worker's or the event watcher's thread."""
         spec, worker = entry.spec, entry.worker
         if spec is None or worker is None or entry.gone:
             return
@@ -573,7 +497,7 @@ class ModelDeployments:
                 if kind is not None:
                     message = str(p["message"])
                     if p["step"] == "switch-blocked":
-                        st = worker.status()
+                        st = worker.published_status()
                         if st.get("phase") == PHASE_BLOCKED and st.get("message"):
                             message += f": {st['message']}"
                     self.event(entry.ref(), kind[0], kind[1], message)
@@ -637,75 +561,25 @@ class ModelDeployments:
         }
 
     def render(self, entry: _Entry) -> dict[str, Any]:
-        """The ``.status`` document of ``entry`` (lock held)."""
+        """The ``.status`` document of ``entry`` (lock held); remembers its conditions."""
         worker = entry.worker
-        st = worker.status() if worker is not None else {}
-        observed = self._k8s_generation(entry, st.get("observedGeneration"))
-        conditions: dict[str, dict[str, Any]] = {}
-        for c in st.get("conditions") or []:
-            conditions[c["type"]] = {
-                "type": c["type"],
-                "status": c["status"],
-                "reason": c["reason"] or "Unknown",
-                "message": str(c.get("message") or "")[:_CONDITION_MESSAGE_MAX],
-                "observedGeneration": self._k8s_generation(entry, c.get("observedGeneration")),
-            }
-        phase, message = st.get("phase", PHASE_FAILED), str(st.get("message") or "")
-        if entry.problems:
-            detail = "; ".join(f"{p}: {m}" for p, m in entry.problems)[:_CONDITION_MESSAGE_MAX]
-            if worker is None:
-                phase, message = PHASE_FAILED, f"invalid spec: {detail}"
-                for ctype in ("Ready", "Progressing"):
-                    conditions[ctype] = {"type": ctype, "status": "False", "reason": "InvalidSpec", "message": message}
-            else:
-                message = f"invalid spec (generation {entry.problem_generation}), not applied; running generation {observed}: {detail}"
-            conditions["Degraded"] = {
-                "type": "Degraded",
-                "status": "True",
-                "reason": "InvalidSpec",
-                "message": message,
-                "observedGeneration": entry.problem_generation,
-            }
-        now = rfc3339(self.wall())
-        out_conditions = []
-        for ctype in ("Ready", "Progressing", "Degraded", "ConfigWarnings"):
-            c = conditions.get(ctype) or {"type": ctype, "status": "Unknown", "reason": "Initializing", "message": ""}
-            before = entry.transitions.get(ctype)
-            if before is None or before[0] != c["status"]:
-                entry.transitions[ctype] = (c["status"], now)
-            c["lastTransitionTime"] = entry.transitions[ctype][1]
-            out_conditions.append({k: v for k, v in c.items() if v is not None})
-        last = st.get("lastSwitch")
-        status: dict[str, Any] = {
-            "phase": phase,
-            "message": message,
-            "nodeName": self.node_name,
-            "activeModel": st.get("activeModel"),
-            "companions": list(st.get("companions") or []),
-            "runningModels": list(st.get("runningModels") or []),
-            "observedGeneration": observed,
-            "conditions": out_conditions,
-            "gpu": entry.gpu,
-            "lastSwitch": entry.last_switch
-            if not last
-            else {
-                "from": last.get("from"),
-                "to": last.get("to"),
-                "durationSeconds": last.get("durationSeconds"),
-                "outcome": last.get("outcome"),
-                "finishedAt": last.get("finishedAt"),
-                "generation": self._k8s_generation(entry, last.get("generation")),
-            },
-        }
-        return status
-
-    def _k8s_generation(self, entry: _Entry, worker_generation: Any) -> int | None:
-        """The metadata.generation whose desired state the worker had settled
-        when it reached ``worker_generation``."""
-        if not isinstance(worker_generation, int):
-            return None
-        gens = [g for wg, g in entry.handoffs if wg <= worker_generation and g is not None]
-        return max(gens) if gens else None
+        rendered = render_status(
+            StatusSnapshot(
+                node_name=self.node_name,
+                now=self.wall(),
+                worker=worker.published_status() if worker is not None else None,
+                handed=entry.handed,
+                problems=tuple(entry.problems),
+                problem_generation=entry.problem_generation,
+                conflict=entry.conflict,
+                conflict_generation=entry.problem_generation,
+                gpu=entry.gpu,
+                last_switch=entry.last_switch,
+                conditions=entry.conditions,
+            )
+        )
+        entry.conditions = rendered.conditions
+        return rendered.status
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """For tests and debugging: each entry's state."""
@@ -715,6 +589,7 @@ class ModelDeployments:
                     "gpu": e.worker.gpu if e.worker else None,
                     "generation": e.generation,
                     "problems": list(e.problems),
+                    "conflict": e.conflict,
                 }
                 for e in self._entries.values()
             }
@@ -758,7 +633,7 @@ class _Writer:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        backoff = 0.0  # after a failed write: 1, 2, 4 ... 30 s, pokes or not
+        backoff = 0.0  # after a failed round: 1, 2, 4 ... 30 s, pokes or not
         while not self._stop.is_set():
             if backoff:
                 self._stop.wait(backoff)
@@ -773,93 +648,3 @@ class _Writer:
             backoff = 0.0 if ok else min(30.0, max(1.0, backoff * 2))
         with contextlib.suppress(Exception):
             self.controller.flush()
-
-
-# ------------------------------------------------------------ kopf's wiring
-
-
-def build_registry(
-    controller: ModelDeployments, *, clusterwide: bool = True, timer_interval: float = TIMER_INTERVAL_S
-) -> kopf.OperatorRegistry:
-    """kopf's handlers for ``controller``'s node. They only hand state over.
-
-    Namespaced (not ``clusterwide``): the namespaces are exact names, and kopf
-    does not scan the cluster (no list/watch of namespaces and CRDs), so a
-    namespaced Role is enough; the CRD must exist when the operator starts.
-    """
-    registry = kopf.OperatorRegistry()
-    resource = (GROUP, VERSION, PLURAL)
-
-    def concerns(spec: kopf.Spec, namespace: str | None = None, name: str | None = None, **_: Any) -> bool:
-        return controller.concerns(namespace, name, spec)
-
-    @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = finalizer_for(controller.node_name)
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
-        # Our own Events say what happened; kopf's "Handler succeeded" ones would drown them.
-        settings.posting.level = logging.WARNING
-        settings.posting.reporting_component = "vramctl.io/operator"
-        settings.scanning.disabled = not clusterwide
-        controller.settings = settings
-        controller.start()
-
-    @kopf.on.login(registry=registry)
-    def log_in(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
-        info = login(settings=settings, **kwargs)
-        controller.credentials = info
-        return info
-
-    @kopf.on.resume(*resource, id="reconcile", registry=registry, when=concerns)
-    @kopf.on.create(*resource, id="reconcile", registry=registry, when=concerns)
-    @kopf.on.update(*resource, id="reconcile", registry=registry, when=concerns)
-    def reconcile(
-        spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, namespace: str | None, name: str | None, uid: str | None, **_: Any
-    ) -> None:
-        try:
-            controller.apply(namespace or "", name or "", uid or "", meta.get("generation"), spec, status)
-        except InvalidSpec as err:
-            raise kopf.PermanentError(f"invalid spec: {err}") from None
-
-    @kopf.timer(*resource, id="resync", registry=registry, interval=timer_interval, when=concerns)
-    def resync(spec: kopf.Spec, meta: kopf.Meta, namespace: str | None, name: str | None, uid: str | None, **_: Any) -> None:
-        controller.refresh(namespace or "", name or "", uid or "", meta.get("generation"), spec)
-
-    @kopf.on.delete(*resource, id="remove", registry=registry, when=concerns)
-    def remove(spec: kopf.Spec, namespace: str | None, name: str | None, **_: Any) -> None:
-        try:
-            controller.delete(namespace or "", name or "", spec)
-        except Exception as err:
-            raise kopf.TemporaryError(f"the containers could not be removed yet: {err}", delay=5) from err
-
-    @kopf.on.cleanup(registry=registry)
-    def stop_writing(**_: Any) -> None:
-        controller.close()
-
-    return registry
-
-
-def run(
-    controller: ModelDeployments,
-    *,
-    clusterwide: bool,
-    namespaces: Collection[str] = (),
-    stop_flag: threading.Event | None = None,
-    ready_flag: threading.Event | None = None,
-    timer_interval: float = TIMER_INTERVAL_S,
-) -> None:
-    """Run kopf in this thread until SIGINT/SIGTERM (main thread) or ``stop_flag``.
-
-    Standalone: every node runs its own instance, each acting on other
-    objects, so kopf's peering (one active operator per cluster) must not
-    pause them.
-    """
-    kopf.run(
-        registry=build_registry(controller, clusterwide=clusterwide, timer_interval=timer_interval),
-        standalone=True,
-        clusterwide=clusterwide,
-        namespaces=list(namespaces),
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-    )

@@ -1,0 +1,558 @@
+"""The Pod runtime: each model runs as a Pod that this node's vramctl creates.
+
+For clusters without a Docker socket (k3s, containerd): models run as Pods
+through the Kubernetes API, the way KubeAI and LLMKube run them, while
+vramctl keeps what they lack (stop, confirm the memory is free, then start).
+
+- A Pod per model: ``<deployment>-<model>`` in the ModelDeployment's
+  namespace, bound to this node (``spec.nodeName``: no scheduler involved),
+  owned by the ModelDeployment (``ownerReferences``: deleting it
+  garbage-collects the Pods), labelled like the Docker containers, and
+  annotated with the spec hash: a Pod whose hash differs is deleted and
+  created again on the next start.
+- The GPU: ``runtimeClass`` (default; ``runtimeClassName: nvidia`` plus
+  ``NVIDIA_VISIBLE_DEVICES`` set to the GPU's UUID, so light companions can
+  share the card), ``resource`` (``nvidia.com/gpu: 1``, the heavy model
+  only), or ``none``. A model with ``gpuRequest: never`` gets none.
+- Start = create, then wait until the Pod runs (or fails: ImagePullBackOff,
+  CrashLoopBackOff, OOMKilled, Unschedulable, with its last log lines). The
+  health check is vramctl's own, at the Pod's IP.
+- Stop = delete with the model's grace period, then wait until the Pod object
+  is gone: the kubelet removes it only once its containers have exited.
+- Kubernetes cannot pause a Pod, and nothing starts our Pods behind our back:
+  ``watch_starts`` returns at once.
+
+Only this module and ``sources.kubernetes`` talk to the API. It takes a
+small client (``KubeRequests``: one ``request`` method) so that it needs
+neither kopf nor the official client; ``sources.kubernetes.client.KubeApi``
+is the real one. Errors: the server not reached, 429 and 5xx are
+``TransientError``; what the spec must fix is ``StartError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from vramctl.observed import Workload, WorkloadState
+from vramctl.runtimes.base import (
+    LABEL_CLASS,
+    LABEL_DEPLOYMENT,
+    LABEL_GPU,
+    LABEL_INSTANCE,
+    LABEL_MODEL,
+    LABEL_SPEC_HASH,
+    MANAGED_BY,
+    MANAGED_BY_VALUE,
+    PermanentError,
+    RuntimeFailure,
+    StartError,
+    StartEvent,
+    StopOutcome,
+    TransientError,
+    check_instance,
+)
+from vramctl.runtimes.health import http_ready
+from vramctl.spec import DeploymentSpec
+
+log = logging.getLogger(__name__)
+
+GpuMode = Literal["runtimeClass", "resource", "none"]
+GPU_MODES: tuple[str, ...] = ("runtimeClass", "resource", "none")
+GPU_RESOURCE = "nvidia.com/gpu"
+LABEL_NODE = "vramctl.io/node"
+ANNOTATION_SPEC_HASH = LABEL_SPEC_HASH
+OWNER_API_VERSION = "vramctl.io/v1alpha1"
+OWNER_KIND = "ModelDeployment"
+
+# Waiting reasons of a container (or Pod reasons) that do not go away by waiting.
+_STUCK = {
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+    "RunContainerError",
+}
+_GONE_WAIT_EXTRA_S = 30.0  # beyond the grace period: the kubelet's own work
+_LOG_LINES = 15
+
+
+class KubeApiError(RuntimeFailure):
+    """An API call failed: ``status`` is the HTTP status, 0 when the server was not reached."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        return self.status == 0 or self.status == 429 or self.status >= 500
+
+
+class KubeRequests(Protocol):
+    """What the runtime needs of an API client. Raises KubeApiError."""
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json", raw: bool = False) -> Any: ...
+
+
+@dataclass(frozen=True)
+class PodOwner:
+    """The ModelDeployment whose Pods these are (namespace, and the owner reference)."""
+
+    namespace: str
+    name: str
+    uid: str
+
+
+def _dns_label(text: str) -> str:
+    out = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return out or "x"
+
+
+def pod_name(deployment: str, model: str) -> str:
+    """``<deployment>-<model>`` as a DNS label (at most 63 characters)."""
+    name = f"{_dns_label(deployment)}-{_dns_label(model)}"
+    return name[:63].rstrip("-")
+
+
+def _volumes(specs: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``SRC:DST[:ro]``: an absolute SRC is a hostPath, any other a PersistentVolumeClaim's name."""
+    volumes, mounts = [], []
+    for i, v in enumerate(specs):
+        parts = v.split(":")
+        src, dst, mode = parts[0], parts[1], parts[2] if len(parts) == 3 else "rw"
+        name = f"vol{i}"
+        if src.startswith("/"):
+            volumes.append({"name": name, "hostPath": {"path": src}})
+        else:
+            volumes.append({"name": name, "persistentVolumeClaim": {"claimName": src, "readOnly": mode == "ro"}})
+        mounts.append({"name": name, "mountPath": dst, "readOnly": mode == "ro"})
+    return volumes, mounts
+
+
+def render_pod(
+    deployment: DeploymentSpec,
+    model: str,
+    owner: PodOwner,
+    node: str,
+    instance: str,
+    gpu_mode: GpuMode = "runtimeClass",
+    runtime_class: str = "nvidia",
+    gpu_uuid: str | None = None,
+) -> dict[str, Any]:
+    """The Pod of ``model``. Pure: tests read it, ``start`` creates it."""
+    m = deployment.models[model]
+    labels = {
+        MANAGED_BY: MANAGED_BY_VALUE,
+        LABEL_INSTANCE: instance,
+        LABEL_MODEL: _dns_label(model),
+        LABEL_GPU: str(deployment.gpu),
+        LABEL_CLASS: m.model_class,
+        LABEL_DEPLOYMENT: _dns_label(deployment.display_name),
+        LABEL_NODE: node[:63],
+    }
+    env = deployment.merged_env(model)
+    mode: GpuMode = "none" if m.gpu_request == "never" else gpu_mode
+    resources: dict[str, Any] = {}
+    if mode == "runtimeClass":
+        env.setdefault("NVIDIA_VISIBLE_DEVICES", gpu_uuid or str(deployment.gpu))
+    elif mode == "resource" and m.heavy:
+        resources = {"limits": {GPU_RESOURCE: 1}}
+    elif mode == "none":
+        env.setdefault("NVIDIA_VISIBLE_DEVICES", "void")
+    volumes, mounts = _volumes(list(m.volumes))
+    container: dict[str, Any] = {
+        "name": "model",
+        "image": m.image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+    }
+    command = deployment.container_command(model)
+    if command:
+        container["args"] = command  # like docker's command: the image's entrypoint stays
+    if mounts:
+        container["volumeMounts"] = mounts
+    if resources:
+        container["resources"] = resources
+    host_network = m.network_mode == "host"
+    if not host_network:
+        container["ports"] = [{"containerPort": int(p.split(":")[1]), "hostPort": int(p.split(":")[0])} for p in m.ports]
+    pod_spec: dict[str, Any] = {
+        "nodeName": node,
+        "restartPolicy": "Never",  # vramctl restarts, with its own back-off and exclusivity
+        "terminationGracePeriodSeconds": math.ceil(m.stop.grace_period_seconds),
+        "hostNetwork": host_network,
+        "enableServiceLinks": False,
+        "containers": [container],
+    }
+    if host_network:
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    if m.ipc_mode == "host":
+        pod_spec["hostIPC"] = True
+    if mode == "runtimeClass":
+        pod_spec["runtimeClassName"] = runtime_class
+    if volumes:
+        pod_spec["volumes"] = volumes
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(deployment.display_name, model),
+            "namespace": owner.namespace,
+            "labels": labels,
+            "annotations": {ANNOTATION_SPEC_HASH: deployment.spec_hash(model), "vramctl.io/model-name": model},
+            "ownerReferences": [
+                {
+                    "apiVersion": OWNER_API_VERSION,
+                    "kind": OWNER_KIND,
+                    "name": owner.name,
+                    "uid": owner.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": pod_spec,
+    }
+
+
+# ----------------------------------------------------------------- reading Pods
+
+
+def _meta(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    return pod.get("metadata") or {}
+
+
+def _container_status(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return statuses[0] if statuses else {}
+
+
+def pod_state(pod: Mapping[str, Any]) -> tuple[WorkloadState, int | None]:
+    """The workload state of a Pod, and its container's exit code when it ended.
+
+    A Pod being deleted, or still pending, counts as live: its containers may
+    hold, or be about to take, GPU memory until the object is gone.
+    """
+    status = pod.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    term = (_container_status(pod).get("state") or {}).get("terminated")
+    code = term.get("exitCode") if isinstance(term, Mapping) else None
+    code = int(code) if isinstance(code, int) else None
+    if _meta(pod).get("deletionTimestamp"):
+        return (WorkloadState.EXITED, code) if phase in ("Succeeded", "Failed") else (WorkloadState.RUNNING, None)
+    if phase == "Running":
+        return WorkloadState.RUNNING, None
+    if phase in ("Succeeded", "Failed"):
+        return WorkloadState.EXITED, code
+    if failure_reason(pod) is not None:
+        return WorkloadState.EXITED, code  # will not run until vramctl replaces it
+    return WorkloadState.RESTARTING, None  # Pending: being created, about to run
+
+
+def failure_reason(pod: Mapping[str, Any]) -> str | None:
+    """Why this Pod cannot run, in Kubernetes' words (reason: message), or None."""
+    status = pod.get("status") or {}
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+            return f"Unschedulable: {c.get('message') or 'the Pod cannot be placed on its node'}"
+    state = _container_status(pod).get("state") or {}
+    waiting = state.get("waiting") or {}
+    if waiting.get("reason") in _STUCK:
+        return f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+    term = state.get("terminated") or {}
+    if term:
+        reason = term.get("reason") or "Error"
+        detail = f"exit code {term.get('exitCode')}"
+        if term.get("message"):
+            detail += f": {term['message']}"
+        return f"{reason}: {detail}"
+    last = (_container_status(pod).get("lastState") or {}).get("terminated") or {}
+    if last.get("reason") == "OOMKilled":
+        return "OOMKilled: the container ran out of memory"
+    if status.get("phase") == "Failed":
+        return f"{status.get('reason') or 'Failed'}: {status.get('message') or 'the kubelet rejected the Pod'}"
+    return None
+
+
+_PERMANENT_REASONS = ("ImagePullBackOff", "ErrImagePull", "ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError", "Unschedulable")
+
+
+class PodRuntime:
+    """Runs each model as a Pod bound to this node (see the module docstring)."""
+
+    kind = "kubernetes"
+
+    def __init__(
+        self,
+        api: KubeRequests,
+        node: str,
+        instance: str = "default",
+        *,
+        gpu_mode: GpuMode = "runtimeClass",
+        runtime_class: str = "nvidia",
+        gpu_uuid: Callable[[int], str | None] | None = None,
+        poll_s: float = 0.05,
+    ) -> None:
+        check_instance(instance)
+        if not node:
+            raise ValueError("the Pod runtime needs the node's name")
+        if gpu_mode not in GPU_MODES:
+            raise ValueError(f"gpu mode {gpu_mode!r}: use one of {', '.join(GPU_MODES)}")
+        self.api, self.node, self.instance = api, node, instance
+        self.gpu_mode: GpuMode = gpu_mode
+        self.runtime_class = runtime_class
+        self.gpu_uuid = gpu_uuid
+        self.poll_s = poll_s
+        self._owners: dict[int, PodOwner] = {}
+
+    # -------------------------------------------------------------- owners
+
+    def own(self, gpu: int, owner: PodOwner) -> None:
+        """The ModelDeployment of ``gpu`` on this node: its namespace holds the Pods, it owns them."""
+        self._owners[gpu] = owner
+
+    def _owner(self, deployment: DeploymentSpec) -> PodOwner | None:
+        return self._owners.get(deployment.gpu)
+
+    # ---------------------------------------------------------------- API
+
+    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json", raw: bool = False) -> Any:
+        try:
+            return self.api.request(method, path, body, content_type, raw)
+        except KubeApiError as err:
+            if err.transient:
+                raise TransientError(f"the Kubernetes API: {err}") from None
+            raise
+
+    @staticmethod
+    def _pods_path(namespace: str, name: str | None = None) -> str:
+        path = f"/api/v1/namespaces/{urllib.parse.quote(namespace)}/pods"
+        return f"{path}/{urllib.parse.quote(name)}" if name else path
+
+    def _get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            pod: dict[str, Any] = self._call("GET", self._pods_path(namespace, name))
+        except KubeApiError as err:
+            if err.status == 404:
+                return None
+            raise
+        return pod
+
+    def _ours(self, pod: Mapping[str, Any], gpu: int) -> bool:
+        labels = _meta(pod).get("labels") or {}
+        return (
+            labels.get(MANAGED_BY) == MANAGED_BY_VALUE
+            and labels.get(LABEL_INSTANCE) == self.instance
+            and labels.get(LABEL_GPU) == str(gpu)
+            and (pod.get("spec") or {}).get("nodeName") == self.node
+        )
+
+    def _pods(self, deployment: DeploymentSpec) -> dict[str, dict[str, Any]]:
+        """Our Pods of this deployment's GPU, by model name."""
+        owner = self._owner(deployment)
+        if owner is None:
+            return {}
+        selector = f"{MANAGED_BY}={MANAGED_BY_VALUE},{LABEL_INSTANCE}={self.instance},{LABEL_GPU}={deployment.gpu}"
+        query = urllib.parse.urlencode({"labelSelector": selector})
+        listing = self._call("GET", f"{self._pods_path(owner.namespace)}?{query}") or {}
+        out: dict[str, dict[str, Any]] = {}
+        for pod in listing.get("items") or []:
+            if not self._ours(pod, deployment.gpu):
+                continue  # the selector is a hint: the labels are checked here
+            meta = _meta(pod)
+            model = (meta.get("annotations") or {}).get("vramctl.io/model-name") or (meta.get("labels") or {}).get(LABEL_MODEL)
+            if model:
+                out[str(model)] = pod
+        return out
+
+    # ------------------------------------------------------------ observe
+
+    def observe(self, deployment: DeploymentSpec) -> dict[str, Workload]:
+        out: dict[str, Workload] = {}
+        for model, pod in self._pods(deployment).items():
+            state, code = pod_state(pod)
+            labels = _meta(pod).get("labels") or {}
+            spec_model = deployment.models.get(model)
+            drifted = spec_model is not None and (_meta(pod).get("annotations") or {}).get(ANNOTATION_SPEC_HASH) != deployment.spec_hash(
+                model
+            )
+            out[model] = Workload(
+                model=model,
+                state=state,
+                ref=str(_meta(pod).get("uid") or _meta(pod).get("name")),
+                drifted=drifted,
+                exit_code=code,
+                heavy=labels.get(LABEL_CLASS) != "light" if labels.get(LABEL_CLASS) else (spec_model.heavy if spec_model else True),
+            )
+        return out
+
+    # -------------------------------------------------------------- start
+
+    def start(self, deployment: DeploymentSpec, model: str) -> str:
+        m = deployment.models.get(model)
+        if m is None:
+            raise StartError(f"model {model!r} is not in the spec of {deployment.display_name}")
+        if m.image is None:
+            raise StartError(f"model {model!r} has no image: the Pod runtime needs one")
+        owner = self._owner(deployment)
+        if owner is None:
+            raise TransientError(f"gpu {deployment.gpu}: no ModelDeployment owns it on this node yet")
+        name = pod_name(deployment.display_name, model)
+        pod = self._get(owner.namespace, name)
+        if pod is not None and not self._ours(pod, deployment.gpu):
+            raise PermanentError(f"Pod {owner.namespace}/{name} exists and is not vramctl's ({self.instance}, node {self.node}): not touched")
+        if pod is not None:
+            state, _ = pod_state(pod)
+            hash_now = (_meta(pod).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+            if state is WorkloadState.RUNNING and not _meta(pod).get("deletionTimestamp") and hash_now == deployment.spec_hash(model):
+                return str(_meta(pod).get("uid") or name)
+            if state is WorkloadState.RESTARTING and hash_now == deployment.spec_hash(model):
+                return self._wait_running(deployment, model, owner, name, m.start_timeout_seconds)
+            log.info("%s: replacing Pod %s/%s (%s)", model, owner.namespace, name, "spec changed" if hash_now != deployment.spec_hash(model) else state)
+            self._delete_and_wait(owner.namespace, name, m.stop.grace_period_seconds)
+        uuid = self.gpu_uuid(deployment.gpu) if self.gpu_uuid is not None else None
+        body = render_pod(deployment, model, owner, self.node, self.instance, self.gpu_mode, self.runtime_class, uuid)
+        try:
+            self._call("POST", self._pods_path(owner.namespace), body)
+        except KubeApiError as err:
+            if err.status == 409:
+                raise TransientError(f"Pod {owner.namespace}/{name} still exists (being deleted?): {err}") from None
+            raise StartError(f"the Pod of {model!r} could not be created: {err}") from None
+        return self._wait_running(deployment, model, owner, name, m.start_timeout_seconds)
+
+    def _wait_running(self, deployment: DeploymentSpec, model: str, owner: PodOwner, name: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            pod = self._get(owner.namespace, name)
+            if pod is None:
+                raise StartError(f"Pod {owner.namespace}/{name} was deleted while it started")
+            state, _ = pod_state(pod)
+            if state is WorkloadState.RUNNING:
+                return str(_meta(pod).get("uid") or name)
+            reason = failure_reason(pod)
+            if reason is not None:
+                tail = self._logs(owner.namespace, name, _LOG_LINES)
+                text = f"Pod {owner.namespace}/{name}: {reason}" + ("\nlast log lines:\n" + "\n".join(tail) if tail else "")
+                if reason.startswith(_PERMANENT_REASONS):
+                    # It will not run as it is: remove it, so nothing lingers pending.
+                    self._delete_and_wait(owner.namespace, name, 0)
+                raise StartError(text)
+            if time.monotonic() >= deadline:
+                raise StartError(f"Pod {owner.namespace}/{name} did not run within {timeout:.0f}s (phase {(pod.get('status') or {}).get('phase')})")
+            time.sleep(self.poll_s)
+
+    # --------------------------------------------------------------- stop
+
+    def _delete(self, namespace: str, name: str, grace: float) -> bool:
+        """Ask for the Pod's deletion; False when it was already gone."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": math.ceil(grace), "propagationPolicy": "Background"}
+        try:
+            self._call("DELETE", self._pods_path(namespace, name), body)
+        except KubeApiError as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def _delete_and_wait(self, namespace: str, name: str, grace: float) -> tuple[bool, int | None]:
+        """Delete, then wait until the object is gone. Returns (was there, last exit code)."""
+        was = self._delete(namespace, name, grace)
+        deadline = time.monotonic() + grace + _GONE_WAIT_EXTRA_S
+        code: int | None = None
+        while was:
+            pod = self._get(namespace, name)
+            if pod is None:
+                break
+            code = pod_state(pod)[1] if pod_state(pod)[1] is not None else code
+            if time.monotonic() >= deadline:
+                raise TransientError(f"Pod {namespace}/{name} is still there {grace + _GONE_WAIT_EXTRA_S:.0f}s after its deletion")
+            time.sleep(self.poll_s)
+        return was, code
+
+    def stop(self, deployment: DeploymentSpec, model: str) -> StopOutcome:
+        t0 = time.monotonic()
+        owner = self._owner(deployment)
+        pod = self._pods(deployment).get(model)
+        if owner is None or pod is None:
+            return StopOutcome(model, False, False, time.monotonic() - t0)
+        m = deployment.models.get(model)
+        grace = m.stop.grace_period_seconds if m is not None else 10.0
+        live = pod_state(pod)[0].live
+        _, code = self._delete_and_wait(owner.namespace, str(_meta(pod).get("name")), grace)
+        return StopOutcome(model, live, code == 137, time.monotonic() - t0, code)
+
+    def remove(self, deployment: DeploymentSpec, model: str) -> None:
+        self.stop(deployment, model)
+
+    def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
+        """Nothing to do: an ended Pod's containers are gone; ``start`` replaces it."""
+
+    def pause(self, deployment: DeploymentSpec, model: str) -> None:
+        raise PermanentError("Kubernetes cannot pause a Pod")
+
+    # ------------------------------------------------------- health, logs
+
+    def check_health(self, deployment: DeploymentSpec, model: str) -> bool:
+        pod = self._pods(deployment).get(model)
+        if pod is None or pod_state(pod)[0] is not WorkloadState.RUNNING or _meta(pod).get("deletionTimestamp"):
+            return False
+        health = deployment.health_of(model) if model in deployment.models else None
+        if health is None:
+            return True
+        if health.path is not None and health.port is not None:
+            host = (pod.get("status") or {}).get("podIP") or health.host
+            return http_ready(host, health.port, health.path, timeout=1.0)
+        ready = [c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"]
+        return bool(ready) and ready[0].get("status") == "True"
+
+    def _logs(self, namespace: str, name: str, lines: int) -> list[str]:
+        try:
+            text = self._call("GET", f"{self._pods_path(namespace, name)}/log?tailLines={int(lines)}", raw=True)
+        except (KubeApiError, TransientError):
+            return []
+        return str(text or "").splitlines()[-lines:]
+
+    def logs_tail(self, deployment: DeploymentSpec, model: str, lines: int = 20) -> list[str]:
+        owner = self._owner(deployment)
+        if owner is None or lines <= 0:
+            return []
+        return self._logs(owner.namespace, pod_name(deployment.display_name, model), lines)
+
+    # ------------------------------------------------------------ the rest
+
+    def validate(self, deployment: DeploymentSpec) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        for name, m in deployment.models.items():
+            if m.image is None:
+                problems.append((f"models.{name}.image", "the Pod runtime needs an image (composeService and command are for docker and process)"))
+        return problems
+
+    def owners(self, deployment: DeploymentSpec) -> dict[str, str]:
+        """Live models by container id (``containerd://<id>`` without its scheme) and Pod UID."""
+        out: dict[str, str] = {}
+        for model, pod in self._pods(deployment).items():
+            if not pod_state(pod)[0].live:
+                continue
+            uid = _meta(pod).get("uid")
+            if uid:
+                out[str(uid)] = model
+            cid = str(_container_status(pod).get("containerID") or "")
+            if "://" in cid:
+                out[cid.split("://", 1)[1]] = model
+        return out
+
+    def watch_starts(self, on_start: Callable[[StartEvent], None], stop: Callable[[], bool]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,39 @@
+"""Kubernetes: ModelDeployment resources in; ``.status`` and Events out.
+
+- ``client``: the blocking API client with kopf's credentials (retries with
+  back-off through tenacity);
+- ``status``: the ``.status`` document, rendered by a pure function;
+- ``controller``: the bridge from specs to this node's GPU workers, and the
+  writer thread for status and Events;
+- ``handlers``: kopf's wiring (the only place that registers handlers).
+
+Only this package imports kopf (an import-linter contract).
+"""
+
+from vramctl.sources.kubernetes.client import API_VERSION, GROUP, KIND, PLURAL, VERSION, KubeApi, KubeApiError, StatusApi, login
+from vramctl.sources.kubernetes.controller import EVENT_STEPS, SOURCE, InvalidSpec, ModelDeployments
+from vramctl.sources.kubernetes.handlers import TIMER_INTERVAL_S, build_registry, finalizer_for, run
+from vramctl.sources.kubernetes.status import HandedDesired, StatusSnapshot, render_status
+
+__all__ = [
+    "API_VERSION",
+    "EVENT_STEPS",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SOURCE",
+    "TIMER_INTERVAL_S",
+    "VERSION",
+    "HandedDesired",
+    "InvalidSpec",
+    "KubeApi",
+    "KubeApiError",
+    "ModelDeployments",
+    "StatusApi",
+    "StatusSnapshot",
+    "build_registry",
+    "finalizer_for",
+    "login",
+    "render_status",
+    "run",
+]
