@@ -318,8 +318,10 @@ def test_supervisor_image_switches_the_standins_through_the_socket(
             assert time.monotonic() < deadline, f"llm never came up: {running()}\n" + docker(*compose, "logs", "vramctl").stdout[-3000:]
             time.sleep(0.2)
         out = switch("sdxl")
-        out = out[out.index("switch llm -> sdxl started") :]
-        assert out.index("stopping") < out.index("memory-free") < out.index("starting") < out.index("healthy"), out
+        for step in ("stopping", "stopped", "memory-free", "starting", "healthy"):
+            assert step in out, f"no {step!r} in the switch's progress:\n{out}"
+        out = out[out.index("stopping") :]  # the progress before it may be llm's own start
+        assert out.index("memory-free") < out.index("starting") < out.index("healthy"), out
         assert running() == {"sdxl"}
         assert get(f"http://127.0.0.1:{sdxl}/health")[0] == 200
         switch("llm")
