@@ -194,6 +194,7 @@ class Reconciler:
         self.mem_wait: tuple[tuple[int, int], memory_gate.MemoryWait] | None = None
         self.blocked: str | None = None
         self.outage: Outage | None = None
+        self.after_outage = False
         self.stop_retry_at = 0.0
         self.kept: frozenset[str] = frozenset()
         self.running: list[str] = []
@@ -403,6 +404,7 @@ class Reconciler:
         self.ctx.book.observed_generation = self.desired.generation
         self.mem_wait, self.blocked = None, None
         self.track.exited_at, self.track.exited = None, ()  # nothing waits for that release
+        self.after_outage = False
         self.ctx.finish_switch("success", now)
         d = self.desired
         if p.deferred:
@@ -445,6 +447,7 @@ class Reconciler:
             return
         gone = now - self.outage.since
         self.outage = None
+        self.after_outage = True  # until the next settled state
         msg = f"the {self.runtime.kind} runtime answers again after {gone:.1f}s; reconciling"
         self.ctx.note("runtime-available", None, msg)
         self.ctx.condition("RuntimeUnavailable", False, "Reachable", msg)
@@ -456,10 +459,29 @@ class Reconciler:
         whether it was vramctl's own). Anyone else's start is frozen at once,
         before it can allocate; a heavy one becomes the desired model and the
         plan hands over."""
+        if ev.action != "start":
+            return  # the next tick (this one's poke) observes the change
         op = self.op
         starting = op.action.model if op is not None and isinstance(op.action, Start) else None
-        if self.track.gate.decide(ev, ev.model in self.spec.models, starting) is GateDecision.PAUSE:
+        decision = self.track.gate.decide(ev, ev.model in self.spec.models, starting)
+        if decision is GateDecision.PAUSE:
             self._pause(ev)
+        elif decision is GateDecision.RESTARTED:
+            self._restarted(ev)
+
+    def _restarted(self, ev: StartEvent) -> None:
+        """vramctl's own container of ``ev.model`` was started again by its
+        restart policy: the model crashed. Wanted: a failure (crash loop,
+        back-off) and stopped, never taken for an intruder; not wanted: frozen."""
+        m = ev.model
+        if m not in self.desired.members or self.op is not None:
+            self._pause(ev)
+            return
+        now = self.ctx.clock()
+        logs = self.ctx.logs(self.spec, m)
+        self.track.forget(m)
+        self.watch.fail(m, "CrashLoop", f"{m!r} crashed and its restart policy started it again", logs, now)
+        self._submit(Stop(m, "crash loop: its restart policy restarted it"))
 
     def _pause(self, ev: StartEvent) -> None:
         try:
@@ -468,7 +490,10 @@ class Reconciler:
             log.warning("gpu%d: could not pause %r: %s", self.spec.gpu, ev.model, err)
         else:
             self.model_states = {**self.model_states, ev.model: "paused"}
-        self.ctx.gated(ev)
+        # After an engine outage the daemon restarts containers on its own
+        # (restart policies): frozen like any other start, but an engine
+        # restart never changes the desired state.
+        self.ctx.gated(ev, adopt=not self.after_outage)
 
 
 def waiting_message(w: WaitForMemory) -> str:

@@ -149,8 +149,12 @@ class Supervisor:
 
     def _on_start(self, ev: StartEvent) -> None:
         w = self._workers.get(ev.gpu)
-        if w is not None:
+        if w is None:
+            return
+        if ev.action == "start":
             w.gate_start(ev)
+        else:
+            w.poke()
 
     def stop(self) -> None:
         self._stop.set()

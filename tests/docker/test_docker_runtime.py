@@ -242,9 +242,10 @@ def test_pause_then_start_unpauses(runtime: DockerRuntime, free_port: Callable[[
     wait_until(lambda: runtime.check_health(d, "llm"), SLACK, "llm healthy after unpause")
 
     runtime.pause(d, "llm")
-    out = runtime.stop(d, "llm")  # a paused container is thawed so it gets the signal
-    assert out.was_running and not out.killed and out.exit_code == 0
-    assert 0.25 <= out.seconds < 1.5
+    out = runtime.stop(d, "llm")  # frozen: SIGKILLed as it is, never thawed to run beside the GPU's holder
+    assert out.was_running and out.killed and out.exit_code == 137
+    assert out.seconds < 0.3 + 1.0  # not its 0.3 s graceful stop after a thaw
+    assert "got SIGTERM" not in "\n".join(runtime.logs_tail(d, "llm", 20))
 
 
 def test_missing_image_is_a_clear_start_error(runtime: DockerRuntime) -> None:

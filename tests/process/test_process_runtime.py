@@ -275,14 +275,20 @@ def test_pause_freezes_the_group_and_start_resumes_it(env: Env) -> None:
     wait_for(healthy(rt, d, "llm"), what="health after resume")
 
 
-def test_stopping_a_paused_model_continues_it_so_it_can_stop_gracefully(env: Env) -> None:
+def test_a_paused_model_is_killed_frozen_never_thawed_to_stop(env: Env) -> None:
+    """A gated (paused) start must not run again beside the GPU's holder for
+    its grace period: it is SIGKILLed while stopped."""
     rt = env.runtime()
-    d = deployment(llm=standin(free_port(), load=0.05, stop=0.1, grace=3.0))
-    rt.start(d, "llm")
+    d = deployment(llm=standin(free_port(), load=0.05, stop=2.0, grace=3.0))
+    ref = rt.start(d, "llm")
     wait_for(healthy(rt, d, "llm"), what="health")
     rt.pause(d, "llm")
+    t0 = time.monotonic()
     out = rt.stop(d, "llm")
-    assert (out.was_running, out.killed, out.exit_code) == (True, False, 0)
+    assert (out.was_running, out.killed) == (True, True)
+    assert time.monotonic() - t0 < 1.0  # not its 2 s graceful stop, nor the 3 s grace period
+    assert "got SIGTERM" not in "\n".join(rt.logs_tail(d, "llm", 20))  # it never ran again to handle a signal
+    assert not running(int(ref))
 
 
 def test_spec_drift_restarts_with_a_new_pid(env: Env) -> None:

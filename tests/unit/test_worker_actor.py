@@ -73,14 +73,15 @@ class CountingRuntime(FakeRuntime):
         return super().check_health(deployment, model)
 
 
-def started(rt: FakeRuntime, d: DeploymentSpec | None = None, **kw: object) -> tuple[GpuWorker, FakeGpu]:
+def started(rt: FakeRuntime, d: DeploymentSpec | None = None, run: bool = True, **kw: object) -> tuple[GpuWorker, FakeGpu]:
     d = d or spec()
     gpu = FakeGpu(rt, d)
     s = WorkerSettings(poll_interval_s=0.02, memory_timeout_s=30, backoff_initial_s=30, resync_s=5, baseline_mib=0)
     for k, v in kw.items():
         setattr(s, k, v)
     w = GpuWorker(d, rt, gpu, s)
-    w.start()
+    if run:
+        w.start()
     return w, gpu
 
 
@@ -181,20 +182,41 @@ def test_a_spec_change_during_a_health_wait_starts_the_new_spec_at_once() -> Non
 
 def test_own_starts_are_known_by_ref_and_a_hand_start_of_the_same_model_is_gated() -> None:
     rt = FakeRuntime()
-    w, _ = started(rt)
+    w, _ = started(rt, run=False)
 
     def echo(verb: str, model: str) -> None:
         if verb == "start":
             w.gate_start(StartEvent(model, 0, model, True))  # the engine's event for vramctl's own start
 
     rt.on_call = echo
+    w.start()
     assert wait_for(lambda: w.status()["phase"] == "Ready")
     assert ("pause", "llm") not in rt.calls
     # Seconds later (inside any time window), someone restarts a container of
     # the same model: another ref. It is paused, whatever the time since.
     rt.on_call = None
-    w.gate_start(StartEvent("llm", 0, "llm", True))  # the same ref again: its one event was already seen
+    w.gate_start(StartEvent("llm", 0, "llm-by-hand", True))  # another container of llm, not vramctl's start
     assert wait_for(lambda: ("pause", "llm") in rt.calls)
+    w.stop()
+
+
+def test_a_restart_of_vramctls_own_container_is_a_crash_not_an_intruder() -> None:
+    """A restart policy starts vramctl's own container again (same ref): the
+    model crashed. It is a failure with back-off, and stopped; never paused
+    as "started outside vramctl"."""
+    rt = FakeRuntime()
+    w, _ = started(rt, run=False)
+    rt.on_call = lambda verb, m: w.gate_start(StartEvent(m, 0, m, True)) if verb == "start" else None  # the engine's event
+    w.start()
+    assert wait_for(lambda: w.status()["phase"] == "Ready")
+    rt.on_call = None
+    w.gate_start(StartEvent("llm", 0, "llm", True))  # the same ref again: its restart policy
+    assert wait_for(lambda: w.status()["phase"] == "Failed")
+    assert "CrashLoop" in [c["reason"] for c in w.status()["conditions"] if c["type"] == "Degraded"]
+    assert wait_for(lambda: ("stop", "llm") in rt.calls)
+    assert ("pause", "llm") not in rt.calls
+    assert "llm" in w.status()["backoff"]
+    assert not any(p["step"] == "gated" for p in w.progress())
     w.stop()
 
 

@@ -66,12 +66,14 @@ class StopOutcome:
 
 @dataclass(frozen=True)
 class StartEvent:
-    """A managed heavy workload started (docker 'start' event), possibly behind our back."""
+    """A managed workload started (docker 'start' event), possibly behind our back, or changed state."""
 
     model: str
     gpu: int
     ref: str
     heavy: bool
+    # "start"; or "die", "destroy", "pause", "unpause": the worker only looks again at once.
+    action: str = "start"
 
 
 @runtime_checkable

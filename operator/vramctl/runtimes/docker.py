@@ -215,6 +215,11 @@ def _classified(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+# 'start' is gated; the others only make the worker look again at once
+# (a container removed or paused by hand shows in the status immediately).
+_WATCHED_EVENTS = ("start", "die", "destroy", "pause", "unpause")
+
+
 @dataclass(frozen=True)
 class _Found:
     model: str
@@ -616,12 +621,18 @@ class DockerRuntime:
                 c.stop(timeout=math.ceil(grace))
             except docker.errors.APIError as err:
                 log.debug("stop of restarting %s: %s", _name(c), _explain(err))
+        elif status == "paused":
+            # Frozen (gated before it could allocate, or paused by hand): thawing
+            # it for a graceful stop would let it run beside the GPU's holder
+            # for its whole grace period. SIGKILL works on a frozen container.
+            try:
+                c.kill(signal="SIGKILL")
+                killed = True
+            except docker.errors.NotFound:
+                return StopOutcome(model, True, False, time.monotonic() - t0)
+            except docker.errors.APIError as err:
+                log.debug("SIGKILL to paused %s: %s", _name(c), _explain(err))
         else:
-            if status == "paused":
-                try:
-                    c.unpause()  # a frozen process cannot receive signals
-                except docker.errors.APIError as err:
-                    log.debug("unpause before stop of %s: %s", _name(c), _explain(err))
             deadline = time.monotonic() + grace  # the grace period counts from the signal
             try:
                 c.kill(signal=sig)
@@ -776,7 +787,7 @@ class DockerRuntime:
         """
         since = time.time()
         seen: dict[tuple[str, int], float] = {}
-        filters = {"type": "container", "event": ["start"], "label": [f"{MANAGED_BY}={MANAGED_BY_VALUE}"]}
+        filters = {"type": "container", "event": list(_WATCHED_EVENTS), "label": [f"{MANAGED_BY}={MANAGED_BY_VALUE}"]}
         while not stop():
             until = time.time() + _EVENT_WINDOW_SECONDS
             try:
@@ -793,7 +804,8 @@ class DockerRuntime:
                 del seen[k]
 
     def _handle_start_event(self, ev: dict[str, Any], seen: dict[tuple[str, int], float], on_start: Callable[[StartEvent], None]) -> None:
-        if ev.get("Type") != "container" or (ev.get("Action") or ev.get("status")) != "start":
+        action = str(ev.get("Action") or ev.get("status") or "")
+        if ev.get("Type") != "container" or action not in _WATCHED_EVENTS:
             return
         actor = ev.get("Actor") or {}
         cid = str(actor.get("ID") or ev.get("id") or "")
@@ -812,7 +824,7 @@ class DockerRuntime:
         if not model or gpu < 0:
             log.warning("start of %s: vramctl labels without %s/%s; ignored", attrs.get("name", cid), LABEL_MODEL, LABEL_GPU)
             return
-        event = StartEvent(model=model, gpu=gpu, ref=cid, heavy=attrs.get(LABEL_CLASS, "heavy") != "light")
+        event = StartEvent(model=model, gpu=gpu, ref=cid, heavy=attrs.get(LABEL_CLASS, "heavy") != "light", action=action)
         try:
             on_start(event)
         except Exception:

@@ -560,13 +560,17 @@ class ProcessRuntime:
         leader, _ = _leader(rec, self._boot_id)
         was_running = leader in (_Leader.ALIVE, _Leader.STOPPED)
         alive, seen = self._group_alive(rec, None)
-        if alive:
-            if leader is _Leader.STOPPED:
-                self._killpg(rec, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            self._killpg(rec, stop.signum)
         deadline = t0 + stop.grace_period_seconds
         killed = False
-        kill_deadline = 0.0
+        if alive and leader is _Leader.STOPPED:
+            # Frozen (gated before it could allocate, or paused): continuing it
+            # for a graceful stop would let it run beside the GPU's holder for
+            # its whole grace period. SIGKILL ends a stopped process at once.
+            self._killpg(rec, signal.SIGKILL)
+            killed = True
+        elif alive:
+            self._killpg(rec, stop.signum)
+        kill_deadline = t0 + self.kill_timeout_seconds
         while alive:
             now = time.monotonic()
             if not killed and now >= deadline:
