@@ -346,8 +346,10 @@ class ProcessRuntime:
             return WorkloadState.EXITED, None, False  # stop() cleans up and reaps
         # A zombie pins the group id: whatever is still in the group is ours,
         # and useless without its main process.
-        left = leader is _Leader.ZOMBIE and bool(_group_members(rec.pgid, exclude=rec.pid))
-        return WorkloadState.EXITED, self._reap(rec, persist=False), True if left else self._child(rec) is not None
+        # Not reaped then: the zombie must keep pinning the group until cleanup kills it.
+        if leader is _Leader.ZOMBIE and _group_members(rec.pgid, exclude=rec.pid):
+            return WorkloadState.EXITED, None, True
+        return WorkloadState.EXITED, self._reap(rec, persist=False), self._child(rec) is not None
 
     def _workload(self, deployment: DeploymentSpec, rec: _Record) -> Workload | None:
         state, code, leftover = self._status(rec)
