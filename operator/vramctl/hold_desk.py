@@ -211,7 +211,7 @@ class InboxHolder:
         self.priority_of = priority_of
         self.clock = clock
         self._ids = itertools.count(1)
-        self._holds: dict[str, str] = {}  # granted hold id -> gpu, for renew and release by id
+        self._holds: dict[str, tuple[str, float | None]] = {}  # granted hold id -> (gpu, ttl), for renew and release by id
 
     def new_id(self) -> str:
         return f"h{next(self._ids)}-{time.time_ns() % 1_000_000_000:09d}"
@@ -250,7 +250,7 @@ class InboxHolder:
             self.post(gpu, Release(d.id))
             raise
         if kind == "hold":
-            self._holds[grant.id] = gpu
+            self._holds[grant.id] = (gpu, ttl_seconds)
         return grant
 
     async def acquire(self, model: str) -> DeskLease:
@@ -258,13 +258,15 @@ class InboxHolder:
         grant = await self.demand(model)
         return DeskLease(self, grant)
 
-    async def renew(self, hold_id: str, ttl_seconds: float) -> RenewAnswer:
-        """``POST /holds/{id}/renew``: renewed (200), revoked (409), unknown (404)."""
-        gpu = self._holds.get(hold_id)
-        if gpu is None:
+    async def renew(self, hold_id: str, ttl_seconds: float | None = None) -> RenewAnswer:
+        """``POST /holds/{id}/renew`` (by default for the ttl it was granted
+        with): renewed (200), revoked (409), unknown (404)."""
+        known = self._holds.get(hold_id)
+        if known is None:
             return "unknown"
+        gpu, ttl = known
         reply: Future[RenewAnswer] = Future()
-        self.post(gpu, Renew(hold_id, ttl_seconds, reply))
+        self.post(gpu, Renew(hold_id, ttl_seconds or ttl or 0.0, reply))
         answer = await asyncio.wrap_future(reply)
         if answer != "renewed":
             self._holds.pop(hold_id, None)
@@ -272,7 +274,7 @@ class InboxHolder:
 
     def release(self, hold_id: str, error: str | None = None) -> bool:
         """``DELETE /holds/{id}``; False: no such hold here (404)."""
-        gpu = self._holds.pop(hold_id, None)
-        if gpu is not None:
-            self.post(gpu, Release(hold_id, error))
-        return gpu is not None
+        known = self._holds.pop(hold_id, None)
+        if known is not None:
+            self.post(known[0], Release(hold_id, error))
+        return known is not None
