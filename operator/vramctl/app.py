@@ -197,28 +197,32 @@ class BuiltOperator:
     make_worker: Callable[[DeploymentSpec, StatusSink, DesiredSink], GpuWorker]
 
 
-def build_operator(instance: str, gpu_probe: GpuProbeConfig | None = None, dcgm_compat: bool = False) -> BuiltOperator:
-    """The docker runtime and a supervisor with no workers yet: the operator
-    adds one per ModelDeployment of its node (``make_worker``), each with its
-    GPU's probe chosen as in compose mode."""
+def build_operator(
+    instance: str, gpu_probe: GpuProbeConfig | None = None, dcgm_compat: bool = False, runtime: Runtime | None = None
+) -> BuiltOperator:
+    """A runtime (``runtime``, e.g. the Pod runtime; default docker) and a
+    supervisor with no workers yet: the operator adds one per ModelDeployment
+    of its node (``make_worker``), each with its GPU's probe chosen as in
+    compose mode."""
     notes: list[str] = []
     probe_config = gpu_probe or GpuProbeConfig()
 
     def config_for(d: DeploymentSpec) -> Config:
         return Config(runtime="docker", gpu_probe=probe_config, gpus=[d])
 
-    try:
-        from vramctl.runtimes.docker import DockerRuntime, docker_problem
+    if runtime is None:
+        try:
+            from vramctl.runtimes.docker import DockerRuntime, docker_problem
 
-        problem = docker_problem()
-    except ImportError as err:
-        problem = f"the docker SDK is not installed ({err})"
-    if problem is not None:
-        raise ConfigError(
-            "runtime", [("runtime", f"the operator runs the models as docker containers, but {problem}: mount the node's Docker socket")]
-        )
-    runtime: Runtime = DockerRuntime(instance=instance)
-    notes.append(f"runtime: docker (instance {instance})")
+            problem = docker_problem()
+        except ImportError as err:
+            problem = f"the docker SDK is not installed ({err})"
+        if problem is not None:
+            raise ConfigError(
+                "runtime", [("runtime", f"the operator runs the models as docker containers, but {problem}: mount the node's Docker socket")]
+            )
+        runtime = DockerRuntime(instance=instance)
+    notes.append(f"runtime: {runtime.kind} (instance {instance})")
     metrics = Metrics()
     supervisor = Supervisor([], runtime, metrics, notes)
     register_collector(supervisor, dcgm_compat=dcgm_compat)

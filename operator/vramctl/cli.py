@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +343,19 @@ SWITCH_IN_KUBERNETES = (
 )
 
 
+def _gpu_uuid_of(built: Callable[[], Any]) -> Callable[[int], str | None]:
+    """The Pod runtime's NVIDIA_VISIBLE_DEVICES: the GPU's UUID as its worker's probe reports it."""
+
+    def uuid(gpu: int) -> str | None:
+        w = built().supervisor.workers.get(gpu)
+        try:
+            return (w.probe.info().uuid or None) if w is not None else None
+        except Exception:
+            return None
+
+    return uuid
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     """Act on the ModelDeployments whose spec.nodeName is this node, until SIGTERM."""
     from vramctl.api import ApiServer
@@ -367,8 +381,16 @@ def cmd_operator(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"vramctl operator needs kopf: pip install 'vramctl[kubernetes]' ({err})", file=sys.stderr)
         return EXIT_USAGE
+    session = kubernetes.Session()
+    pod_runtime = None
+    if args.runtime == "kubernetes":
+        from vramctl.runtimes.kubernetes import PodRuntime
+
+        pod_runtime = PodRuntime(
+            session.api, args.node_name, args.instance, gpu_mode=args.pod_gpu, runtime_class=args.runtime_class, gpu_uuid=_gpu_uuid_of(lambda: built)
+        )
     try:
-        built = build_operator(args.instance, GpuProbeConfig(kind=args.gpu_probe), dcgm_compat=args.dcgm_compat)
+        built = build_operator(args.instance, GpuProbeConfig(kind=args.gpu_probe), dcgm_compat=args.dcgm_compat, runtime=pod_runtime)
     except (ConfigError, ValueError) as err:
         print(err.render() if isinstance(err, ConfigError) else f"vramctl operator: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -380,7 +402,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         print(f"vramctl: cannot listen on {host}:{port}: {err}", file=sys.stderr)
         built.supervisor.runtime.close()
         return EXIT_USAGE
-    controller = kubernetes.ModelDeployments(args.node_name, built.supervisor, built.runtime, built.make_worker)
+    controller = kubernetes.ModelDeployments(args.node_name, built.supervisor, built.runtime, built.make_worker, session=session)
     api.start()
     built.supervisor.start()
     where = "all namespaces" if not args.namespace else "namespace(s) " + ", ".join(args.namespace)
@@ -461,7 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"HOST:PORT of /metrics and /healthz (default {DEFAULT_LISTEN})",
     )
     op.add_argument("--token", help="bearer token for the HTTP API (or VRAMCTL_TOKEN); POST /switch is refused in this mode")
-    op.add_argument("--instance", default="k8s", help="label value marking this operator's containers on the Docker engine (default k8s)")
+    op.add_argument("--instance", default="k8s", help="label value marking this operator's containers or Pods (default k8s)")
+    op.add_argument(
+        "--runtime",
+        choices=("docker", "kubernetes"),
+        default=os.environ.get("VRAMCTL_RUNTIME") or "docker",
+        help="kubernetes: models run as Pods bound to this node (no Docker socket); docker: as containers through the node's socket (default docker, or $VRAMCTL_RUNTIME)",
+    )
+    op.add_argument(
+        "--pod-gpu",
+        choices=("runtimeClass", "resource", "none"),
+        default="runtimeClass",
+        help="how a model Pod gets the GPU: runtimeClass (NVIDIA_VISIBLE_DEVICES=<uuid>, shared by companions), resource (nvidia.com/gpu: 1, heavy only), none",
+    )
+    op.add_argument("--runtime-class", default="nvidia", help="the RuntimeClass of model Pods with --pod-gpu runtimeClass (default nvidia)")
     op.add_argument("--gpu-probe", choices=("auto", "nvml", "simulated"), default="auto", help="GPU memory source (default auto)")
     op.add_argument(
         "--dcgm-compat",

@@ -42,6 +42,7 @@ import asyncio
 import copy
 import datetime
 import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -59,6 +60,8 @@ from kmock._internal import dicts as kmock_dicts  # merge-patch exactly as kmock
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "manifests" / "crds" / "modeldeployments.vramctl.io.yaml"
 MD = "vramctl.io/v1alpha1/modeldeployments"
+MD_POD_RESOURCE = "v1/pods"
+_POD_LOG_RE = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/log/?$")
 _ALL_VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 
 
@@ -74,6 +77,8 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._rv = 0
         self._mutations = asyncio.Lock()  # created on the emulator's own loop
+        # (namespace, pod name) -> the file holding its container's output (tests/k8s/kubelet.py)
+        self.pod_logs: dict[tuple[str, str], Path] = {}
 
     def _next_rv(self) -> str:
         self._rv += 1
@@ -81,6 +86,9 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         self._forget_old_requests()
+        log_path = _POD_LOG_RE.match(raw_request.path)
+        if log_path is not None and raw_request.method == "GET":
+            return self._serve_pod_log(log_path["ns"], log_path["name"], raw_request.query.get("tailLines"))
         if raw_request.path.rstrip("/") == "/api/v1/namespaces":
             await raw_request.read()
             status = {
@@ -94,6 +102,17 @@ class Emulator(kmock.KubernetesEmulator):
             }
             return aiohttp.web.json_response(status, status=403)
         return await super().__call__(raw_request)
+
+    def _serve_pod_log(self, namespace: str, name: str, tail: str | None) -> aiohttp.web.StreamResponse:
+        """``pods/log`` as text, from the file a test kubelet registered (kmock has no subresource routes)."""
+        path = self.pod_logs.get((namespace, name))
+        if path is None:
+            status = {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404, "message": f'pods "{name}" not found'}
+            return aiohttp.web.json_response(status, status=404)
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        if tail is not None and tail.isdigit():
+            lines = lines[-int(tail) :] if int(tail) else []
+        return aiohttp.web.Response(text="".join(line + "\n" for line in lines), content_type="text/plain")
 
     def _forget_old_requests(self, keep: int = 50, limit: int = 300) -> None:
         """kmock logs every request for assertions and routes each new one by
@@ -206,6 +225,9 @@ def register_resources(emu: Emulator, crd: dict[str, Any] | None) -> None:
     )
     emu.resources["v1/namespaces"] = ResourceInfo(kind="Namespace", singular="namespace", namespaced=False, verbs=_ALL_VERBS)
     emu.resources["v1/events"] = ResourceInfo(kind="Event", singular="event", namespaced=True, verbs=_ALL_VERBS)
+    emu.resources[MD_POD_RESOURCE] = ResourceInfo(
+        kind="Pod", singular="pod", namespaced=True, shortnames={"po"}, subresources={"status", "log"}, verbs=_ALL_VERBS
+    )
     if crd is None:
         emu.resources[MD] = ResourceInfo(
             kind="ModelDeployment",
@@ -248,6 +270,7 @@ class EmulatorThread:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
+        self.emu: Emulator | None = None
         self._thread = threading.Thread(target=self._run, name="kmock-emulator", daemon=True)
 
     @property
@@ -281,6 +304,7 @@ class EmulatorThread:
         self._stop = asyncio.Event()
         async with Emulator() as emu, kmock.Server(emu, host="127.0.0.1") as server:
             register_resources(emu, self.crd)
+            self.emu = emu
             self.port = server.port
             self._ready.set()
             await self._stop.wait()

@@ -39,7 +39,7 @@ PLURAL = "modeldeployments"
 KIND = "ModelDeployment"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-__all__ = ["API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "KubeApi", "KubeApiError", "StatusApi", "login", "retryable"]
+__all__ = ["API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "KubeApi", "KubeApiError", "Session", "StatusApi", "login", "retryable"]
 
 
 class StatusApi(Protocol):
@@ -139,6 +139,21 @@ class KubeApi:
 
     def create_event(self, namespace: str, event: dict[str, Any]) -> None:
         self.request("POST", f"/api/v1/namespaces/{urllib.parse.quote(namespace)}/events", event)
+
+
+class Session:
+    """kopf's login, shared by everything that calls the API on this node
+    (the status writer, the Pod runtime): the login handler stores it here."""
+
+    def __init__(self) -> None:
+        self.info: kopf.ConnectionInfo | None = None
+        self.settings: kopf.OperatorSettings | None = None
+        self.api = KubeApi(lambda: self.info, self.relogin)
+
+    def relogin(self) -> kopf.ConnectionInfo | None:
+        if self.settings is not None:
+            self.info = login(settings=self.settings)
+        return self.info
 
 
 def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:

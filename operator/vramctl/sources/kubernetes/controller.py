@@ -48,7 +48,7 @@ from vramctl.conditions import Condition, rfc3339
 from vramctl.observed import Desired
 from vramctl.runtimes.base import Runtime
 from vramctl.runtimes.kubernetes import KubeApiError, PodOwner, PodRuntime
-from vramctl.sources.kubernetes.client import API_VERSION, KIND, KubeApi, StatusApi, login
+from vramctl.sources.kubernetes.client import API_VERSION, KIND, Session, StatusApi
 from vramctl.sources.kubernetes.status import Conflict, HandedDesired, StatusSnapshot, conditions_from, render_status
 from vramctl.spec import ConfigError, DeploymentSpec, DesiredStateError, problems_from
 from vramctl.supervisor import PHASE_BLOCKED, DesiredSink, GpuWorker, StatusSink, Supervisor
@@ -180,6 +180,7 @@ class ModelDeployments:
         make_worker: WorkerFactory,
         *,
         api: StatusApi | None = None,
+        session: Session | None = None,
         wall: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -189,9 +190,8 @@ class ModelDeployments:
         self.supervisor = supervisor
         self.runtime = runtime
         self.make_worker = make_worker
-        self.credentials: kopf.ConnectionInfo | None = None
-        self.settings: kopf.OperatorSettings | None = None
-        self.api: StatusApi = api or KubeApi(lambda: self.credentials, self.relogin)
+        self.session = session or Session()
+        self.api: StatusApi = api or self.session.api
         self.wall, self.clock = wall, clock
         self._lock = threading.RLock()
         self._entries: dict[tuple[str, str], _Entry] = {}
@@ -207,10 +207,9 @@ class ModelDeployments:
         """Stop writing (one last flush); the workers belong to the supervisor."""
         self._writer.stop()
 
-    def relogin(self) -> kopf.ConnectionInfo | None:
-        if self.settings is not None:
-            self.credentials = login(settings=self.settings)
-        return self.credentials
+    def logged_in(self, settings: kopf.OperatorSettings, info: kopf.ConnectionInfo | None) -> None:
+        """kopf logged in (at start, and again when a token expired)."""
+        self.session.settings, self.session.info = settings, info
 
     # ------------------------------------------------------- kopf's side
 

@@ -62,13 +62,13 @@ def build_registry(
         settings.posting.level = logging.WARNING
         settings.posting.reporting_component = "vramctl.io/operator"
         settings.scanning.disabled = not clusterwide
-        controller.settings = settings
+        controller.session.settings = settings
         controller.start()
 
     @kopf.on.login(registry=registry)
     def log_in(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
         info = login(settings=settings, **kwargs)
-        controller.credentials = info
+        controller.logged_in(settings, info)
         return info
 
     @kopf.on.resume(*resource, id="reconcile", registry=registry, when=concerns)
