@@ -21,18 +21,26 @@ What each engine renders (the contract its image must keep):
 
 - ``vllm``: flags for the ``vllm/vllm-openai`` image, whose entrypoint is the
   OpenAI server (``vllm serve``), so the flags are the container's command.
-  Health ``GET /health`` on ``port``. ``enableSleepMode`` also sets
-  ``VLLM_SERVER_DEV_MODE=1``, which the ``/sleep`` and ``/wake_up`` endpoints
-  need.
+  Health ``GET /health`` on ``port``. ``enableSleepMode`` (or the model's
+  ``switchStrategy: sleep``) also sets ``VLLM_SERVER_DEV_MODE=1``, which the
+  ``/sleep``, ``/wake_up`` and ``/is_sleeping`` endpoints need.
 - ``sdxl``: environment for the ``images/sdxl`` server (its ``server.py``
   documents the same names): ``SDXL_MODEL``, ``SDXL_DTYPE`` (only when set:
   the server picks float16 on CUDA), ``SDXL_VAE_SLICING`` (``1``/``0``),
   ``SDXL_VAE_TILING`` (``auto``: tile only above 1024 px on a side; ``1``/
   ``0``), ``SDXL_LORAS`` (``path:weight,...``, only when set) and ``PORT``.
-  Health ``GET /health``.
+  Health ``GET /health``. ``switchStrategy: sleep`` with level 1 also sets
+  ``SDXL_SLEEP=1``: the server pins host buffers for its weights at load
+  time, so a sleep is a copy, not an allocation.
 - ``sovits``: ``python api_v2.py -a BIND -p PORT [-c CONFIG]`` (GPT-SoVITS's
   API server binds 127.0.0.1 unless told otherwise). It has no health
   endpoint: ``GET /docs`` answers once the server is up.
+
+How each engine sleeps (``sleep_api``): vllm and sdxl ``POST /sleep?level=N``
+(vllm also ``mode=wait``: in-flight requests finish first; versions without
+modes ignore the parameter), ``POST /wake_up``, ``GET /is_sleeping``
+answering ``{"is_sleeping": bool}``; container the paths the user declares;
+sovits cannot sleep.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from pydantic.alias_generators import to_camel
 
 EngineName = Literal["container", "vllm", "sdxl", "sovits"]
+# Engines whose server has a sleep API of its own (container: when declared).
+SLEEPING_ENGINES: frozenset[str] = frozenset({"vllm", "sdxl"})
 AttentionBackend = Literal["FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION"]
 VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 SdxlDtype = Literal["float16", "bfloat16", "float32"]
@@ -309,14 +319,63 @@ class Rendering:
 CONTAINER = Rendering()
 
 
-def render_vllm(v: VllmSpec) -> Rendering:
+def render_vllm(v: VllmSpec, sleep: bool = False) -> Rendering:
+    """``sleep``: the model's switchStrategy is sleep (renders the sleep mode
+    whatever ``enableSleepMode`` says)."""
+    if sleep and not v.enable_sleep_mode:
+        v = v.model_copy(update={"enable_sleep_mode": True})
     env = {"VLLM_SERVER_DEV_MODE": "1"} if v.enable_sleep_mode else {}
     return Rendering(args=tuple(v.flags()), env=env, health_path="/health", port=v.port)
 
 
-def render_sdxl(s: SdxlSpec) -> Rendering:
-    return Rendering(env=s.env(), health_path="/health", port=s.port)
+def render_sdxl(s: SdxlSpec, pin_for_sleep: bool = False) -> Rendering:
+    """``pin_for_sleep``: level-1 sleeps are expected, so the server pins host
+    buffers for its weights at load time (SDXL_SLEEP=1)."""
+    env = s.env()
+    if pin_for_sleep:
+        env["SDXL_SLEEP"] = "1"
+    return Rendering(env=env, health_path="/health", port=s.port)
 
 
 def render_sovits(s: SovitsSpec) -> Rendering:
     return Rendering(program=SOVITS_PROGRAM, args=tuple(s.flags()), health_path="/docs", port=s.port, health_host=s.health_host)
+
+
+# ------------------------------------------------------------------ sleep
+
+
+@dataclass(frozen=True)
+class SleepApi:
+    """How to put one engine's server to sleep, wake it, and ask which it is.
+
+    Paths are relative to the server's base URL. ``sleep_path`` is POSTed with
+    ``level=N`` (and ``mode=wait`` when ``wait_mode``) appended to its query;
+    ``wake_path`` is POSTed as is; ``state_path`` (GET) answers JSON with a
+    boolean ``is_sleeping`` (None: the server cannot say).
+    """
+
+    sleep_path: str
+    wake_path: str
+    state_path: str | None
+    wait_mode: bool = False
+
+    def sleep_target(self, level: int) -> str:
+        """The path and query of a sleep at ``level``."""
+        query = f"level={level}" + ("&mode=wait" if self.wait_mode else "")
+        return self.sleep_path + ("&" if "?" in self.sleep_path else "?") + query
+
+
+VLLM_SLEEP_API = SleepApi("/sleep", "/wake_up", "/is_sleeping", wait_mode=True)
+SDXL_SLEEP_API = SleepApi("/sleep", "/wake_up", "/is_sleeping")
+
+
+def sleep_api(engine: str, path: str | None = None, wake_path: str | None = None, state_path: str | None = None) -> SleepApi | None:
+    """The sleep API of ``engine``; for ``container`` the declared paths
+    (None unless both ``path`` and ``wake_path`` are given). None: cannot sleep."""
+    if engine == "vllm":
+        return VLLM_SLEEP_API
+    if engine == "sdxl":
+        return SDXL_SLEEP_API
+    if engine == "container" and path is not None and wake_path is not None:
+        return SleepApi(path, wake_path, state_path)
+    return None

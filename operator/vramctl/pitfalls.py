@@ -53,11 +53,20 @@ class Finding:
         return f"{'ERROR' if self.severity == 'error' else 'WARN'} {path}: {self.message}"
 
 
-def env_pitfalls(deployment: DeploymentSpec, total_mib: int | None = None) -> list[Finding]:
+def env_pitfalls(
+    deployment: DeploymentSpec,
+    total_mib: int | None = None,
+    *,
+    wsl2: bool = False,
+    compute_capability: tuple[int, int] | None = None,
+) -> list[Finding]:
     """Every known pitfall of one GPU's spec, in the order of the fields.
 
     ``total_mib``: the GPU's total memory when known (the probe, or a
     simulated GPU's totalMiB); without it the reservation check is skipped.
+    ``wsl2``: the machine is WSL2 (``gpu.nvml.running_under_wsl2``);
+    ``compute_capability``: the GPU's (NVML's
+    ``nvmlDeviceGetCudaComputeCapability``), for the Blackwell sleep leak.
     """
     d = deployment
     vllm_models = sorted(n for n, m in d.models.items() if m.engine == "vllm")
@@ -66,6 +75,7 @@ def env_pitfalls(deployment: DeploymentSpec, total_mib: int | None = None) -> li
         out += _env_findings(f"models.{name}.env", m.env, vllm_models)
         out += _arg_findings(name, m)
         out += _sleep_mode_findings(d, name, m)
+        out += _sleep_strategy_findings(name, m, wsl2, compute_capability)
         out += _reservation_findings(d, name, m, total_mib)
     return out
 
@@ -201,22 +211,79 @@ def _alloc_conf_expandable(value: str) -> bool:
     return False
 
 
-def _sleep_mode_findings(d: DeploymentSpec, name: str, m: ModelSpec) -> list[Finding]:
-    sleeping = (m.vllm is not None and m.vllm.enable_sleep_mode) or any(
+def _vllm_sleeps(name: str, m: ModelSpec) -> bool:
+    if m.engine == "vllm" and m.switch_strategy == "sleep":
+        return True
+    return (m.vllm is not None and m.vllm.enable_sleep_mode) or any(
         _norm(f) == "enable-sleep-mode" for _, args in _arg_sources(name, m) for f, _ in _flags(args)
     )
-    conf = d.merged_env(name).get("PYTORCH_CUDA_ALLOC_CONF", "")
-    if not sleeping or not _alloc_conf_expandable(conf):
+
+
+def _sleep_mode_findings(d: DeploymentSpec, name: str, m: ModelSpec) -> list[Finding]:
+    if not _vllm_sleeps(name, m):
         return []
-    where = f"models.{name}.env" if "PYTORCH_CUDA_ALLOC_CONF" in m.env else "env"
-    return [
-        Finding(
-            "warning",
-            f"{where}.PYTORCH_CUDA_ALLOC_CONF",
-            f"PYTORCH_CUDA_ALLOC_CONF={conf} with vLLM sleep mode on {name}: with expandable_segments:True, POST /sleep frees "
-            "nothing on the GPU; drop expandable_segments (e.g. max_split_size_mb:512), or turn vllm.enableSleepMode off",
+    env = d.merged_env(name)
+    off = "set switchStrategy: stop" if m.switch_strategy == "sleep" else "turn vllm.enableSleepMode off"
+    out = []
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        conf = env.get(var, "")
+        if not _alloc_conf_expandable(conf):
+            continue
+        where = f"models.{name}.env" if var in m.env else "env"
+        # PyTorch reads PYTORCH_ALLOC_CONF as the newer name of the same
+        # setting; vLLM's own guard looks only at the old one, so it stays quiet.
+        unseen = (
+            " (PyTorch reads PYTORCH_ALLOC_CONF, but vLLM checks only PYTORCH_CUDA_ALLOC_CONF, so it does not warn)"
+            if var == "PYTORCH_ALLOC_CONF"
+            else ""
         )
-    ]
+        out.append(
+            Finding(
+                "warning",
+                f"{where}.{var}",
+                f"{var}={conf} with vLLM sleep mode on {name}: with expandable_segments:True, POST /sleep frees "
+                f"nothing on the GPU{unseen}; drop expandable_segments (e.g. max_split_size_mb:512), or {off}",
+            )
+        )
+    return out
+
+
+# Blackwell: compute capability 10.x (B200) and 12.x (RTX 50, SM120).
+_BLACKWELL_MAJORS = frozenset({10, 12})
+BLACKWELL_SAFE_CYCLES = 3
+
+
+def _sleep_strategy_findings(name: str, m: ModelSpec, wsl2: bool, cc: tuple[int, int] | None) -> list[Finding]:
+    if m.switch_strategy != "sleep":
+        return []
+    s = m.sleep_settings
+    out = []
+    if wsl2 and s.level == 1:
+        out.append(
+            Finding(
+                "warning",
+                f"models.{name}.sleep.level",
+                f"sleep level 1 on WSL2 ({name}): WSL2 pins little or no host memory, so a sleep copies the weights into pageable "
+                "memory (about 10 s for 14 GiB instead of 0.3 s, wake 2 s); expect slow warm switches, or use level: 2, or switchStrategy: stop",
+            )
+        )
+    if (
+        m.engine == "vllm"
+        and cc is not None
+        and cc[0] in _BLACKWELL_MAJORS
+        and (s.max_cycles is None or s.max_cycles > BLACKWELL_SAFE_CYCLES)
+    ):
+        now = "unbounded" if s.max_cycles is None else f"{s.max_cycles}"
+        out.append(
+            Finding(
+                "warning",
+                f"models.{name}.sleep.maxCycles",
+                f"vLLM sleep on Blackwell (compute capability {cc[0]}.{cc[1]}): repeated sleep/wake cycles have leaked memory and produced "
+                f"garbage by the 4th; maxCycles is {now}: set sleep.maxCycles to {BLACKWELL_SAFE_CYCLES} or fewer "
+                "(vramctl then stops the model and starts it cold)",
+            )
+        )
+    return out
 
 
 # ------------------------------------------------------------------ reservation

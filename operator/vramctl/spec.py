@@ -31,17 +31,20 @@ from pydantic.alias_generators import to_camel
 from vramctl import yamlfile
 from vramctl.engines import (
     CONTAINER,
+    SLEEPING_ENGINES,
     SOVITS_OWNED_FLAGS,
     VLLM_OWNED_FLAGS,
     EngineName,
     Rendering,
     SdxlSpec,
+    SleepApi,
     SovitsSpec,
     VllmSpec,
     owned_flag_problems,
     render_sdxl,
     render_sovits,
     render_vllm,
+    sleep_api,
 )
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -149,6 +152,41 @@ class StopSpec(_Model):
         return _signal_number(self.signal)
 
 
+class SleepSpec(_Model):
+    """How a model with ``switchStrategy: sleep`` sleeps, and the limits that
+    make vramctl stop it instead (a residue over the limit, too many cycles)."""
+
+    level: Literal[1, 2] = Field(
+        default=1,
+        description="1: weights copied to host memory, KV cache dropped (wake: a copy back). 2: weights dropped too (wake: reload from disk).",
+    )
+    max_residue_mib: int = Field(
+        default=1536,
+        ge=0,
+        description="VRAM the model may keep while asleep (CUDA context, graphs), in MiB; more after a sleep means stop it instead.",
+    )
+    host_memory_mib: int | None = Field(
+        default=None,
+        ge=0,
+        description="Level 1: host RAM the weights take while asleep, in MiB (about their size); counted against hostMemoryBudgetMiB.",
+    )
+    max_cycles: int | None = Field(
+        default=None,
+        ge=1,
+        description="Sleeps before the model is stopped and started cold instead (bounds leaks across cycles); unset: no bound.",
+    )
+    path: str | None = Field(default=None, description="engine container: the path POSTed to sleep (level=N is added to its query).")
+    wake_path: str | None = Field(default=None, description="engine container: the path POSTed to wake the model.")
+    state_path: str | None = Field(default=None, description='engine container: a GET path answering {"is_sleeping": true|false}.')
+
+    @field_validator("path", "wake_path", "state_path")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"{v!r} must start with '/': write /{v}")
+        return v
+
+
 class ModelSpec(_Model):
     """One model server: how to run it, how to know it is ready, what it costs."""
 
@@ -216,6 +254,11 @@ class ModelSpec(_Model):
         min_length=1,
         description="Name clients use for this model at the gateway (the body's model). Default: vllm.servedModelName, else vllm.model, else the model's name.",
     )
+    switch_strategy: Literal["stop", "sleep"] = Field(
+        default="stop",
+        description="How the model gives the GPU away. stop: the server is stopped. sleep: it is put to sleep (vllm, sdxl, or a container with sleep paths), its memory checked down to sleep.maxResidueMiB, and woken when wanted again.",
+    )
+    sleep: SleepSpec | None = Field(default=None, description="switchStrategy sleep: the level and limits (default: level 1).")
 
     @field_validator("env")
     @classmethod
@@ -274,6 +317,7 @@ class ModelSpec(_Model):
                 "use image (vramctl creates the container), or engine: container and set them in the compose file",
                 "engine",
             )
+        self._check_sleep_fields()
         owned = {"vllm": VLLM_OWNED_FLAGS, "sovits": SOVITS_OWNED_FLAGS}.get(self.engine)
         if owned is not None:
             problems = owned_flag_problems(self.args, owned, "args")
@@ -285,16 +329,77 @@ class ModelSpec(_Model):
                 raise FieldProblem("; ".join(problems), "command")
         return self
 
+    def _check_sleep_fields(self) -> None:
+        if self.switch_strategy != "sleep":
+            if self.sleep is not None:
+                raise FieldProblem("sleep is set but switchStrategy is stop: add `switchStrategy: sleep`, or remove sleep", "sleep")
+            return
+        s = self.sleep_settings
+        paths = {"path": s.path, "wakePath": s.wake_path, "statePath": s.state_path}
+        if not self.heavy:
+            raise FieldProblem("switchStrategy sleep is for heavy models (they take turns on the GPU); use stop", "switchStrategy")
+        if self.engine in SLEEPING_ENGINES:
+            for field, value in paths.items():
+                if value is not None:
+                    raise FieldProblem(
+                        f"engine {self.engine} has its own sleep endpoints (/sleep, /wake_up, /is_sleeping): remove sleep.{field}",
+                        f"sleep.{field}",
+                    )
+        elif self.engine == "container":
+            for field in ("path", "wakePath"):
+                if paths[field] is None:
+                    raise FieldProblem(
+                        f"switchStrategy sleep with engine container needs the server's sleep API: set sleep.{field} "
+                        "(e.g. path: /sleep, wakePath: /wake_up, statePath: /is_sleeping)",
+                        f"sleep.{field}",
+                    )
+            if self.health is None or self.health.port is None:
+                raise FieldProblem(
+                    "switchStrategy sleep with engine container calls the sleep paths on the health port: set health.path and health.port",
+                    "health",
+                )
+        else:
+            raise FieldProblem(
+                f"engine {self.engine} cannot sleep (its server has no sleep API): use switchStrategy stop", "switchStrategy"
+            )
+        if s.level == 1 and s.host_memory_mib is None:
+            raise FieldProblem(
+                "sleep level 1 keeps the weights in host memory: set sleep.hostMemoryMiB to about their size "
+                "(e.g. 16000 for an 8B model in bf16, 7000 for SDXL in fp16), or use level: 2 (weights reloaded from disk)",
+                "sleep.hostMemoryMiB",
+            )
+
     @property
     def heavy(self) -> bool:
         return self.model_class == "heavy"
 
+    @property
+    def sleep_settings(self) -> SleepSpec:
+        """``sleep``, or its defaults."""
+        return self.sleep or SleepSpec()
+
+    @property
+    def sleep_api(self) -> SleepApi | None:
+        """How to sleep, wake and query this model; None unless switchStrategy is sleep."""
+        if self.switch_strategy != "sleep":
+            return None
+        s = self.sleep_settings
+        return sleep_api(self.engine, s.path, s.wake_path, s.state_path)
+
+    @property
+    def host_memory_asleep_mib(self) -> int:
+        """Host RAM this model's weights hold for sleeping (level 1), in MiB; 0 otherwise."""
+        if self.switch_strategy != "sleep" or self.sleep_settings.level != 1:
+            return 0
+        return self.sleep_settings.host_memory_mib or 0
+
     def rendering(self) -> Rendering:
         """What the model's engine contributes (nothing for engine container)."""
+        sleeps = self.switch_strategy == "sleep"
         if self.vllm is not None:
-            return render_vllm(self.vllm)
+            return render_vllm(self.vllm, sleep=sleeps)
         if self.sdxl is not None:
-            return render_sdxl(self.sdxl)
+            return render_sdxl(self.sdxl, pin_for_sleep=sleeps and self.sleep_settings.level == 1)
         if self.engine == "sovits":
             return render_sovits(self.sovits or SovitsSpec())
         return CONTAINER
@@ -397,6 +502,14 @@ class DeploymentSpec(_Model):
     vram_budget_mib: int | None = Field(
         default=None, ge=1, description="VRAM vramctl may plan with, in MiB. Default: total minus a 512 MiB margin."
     )
+    host_memory_budget_mib: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Host RAM the sleeping models' weights may take, in MiB (the sum of their sleep.hostMemoryMiB, level 1). "
+            "Default: MemAvailable at start minus a margin (vramctl doctor shows it)."
+        ),
+    )
     env: dict[str, EnvValue] = Field(
         default_factory=dict,
         description="Environment injected into every model; overrides the SDPA defaults, a model's env and its engine's override it.",
@@ -431,6 +544,7 @@ class DeploymentSpec(_Model):
     def _references(self) -> DeploymentSpec:
         check_desired(self, self.active_model, self.companions)
         self._check_switching()
+        check_sleep(self)
         return self
 
     def _check_switching(self) -> None:
@@ -537,7 +651,17 @@ class DeploymentSpec(_Model):
         means recreate."""
         m = self.models[model]
         # Not in the hash: what only vramctl reads (a change must not recreate the container).
-        vramctl_only = {"health", "start_timeout_seconds", "vram_mib", "model_class", "priority", "served_model_name"}
+        # switchStrategy and sleep reach the server only through the rendering (hashed below).
+        vramctl_only = {
+            "health",
+            "start_timeout_seconds",
+            "vram_mib",
+            "model_class",
+            "priority",
+            "served_model_name",
+            "switch_strategy",
+            "sleep",
+        }
         payload = m.model_dump(mode="json", by_alias=True, exclude=vramctl_only)
         payload["env"] = self.merged_env(model)
         payload["containerCommand"] = self.container_command(model)
@@ -592,6 +716,56 @@ def check_desired(spec: DeploymentSpec, active: str | None, companions: Iterable
                 f"drop a companion, {lower}, or raise vramBudgetMiB",
                 "companions",
             )
+
+
+def check_sleep(spec: DeploymentSpec, total_mib: int | None = None, host_budget_mib: int | None = None) -> None:
+    """Raise FieldProblem when the sleeping models cannot fit.
+
+    Host memory: the level-1 sleepers' ``hostMemoryMiB``, all together (their
+    host buffers are pinned at load and held while awake too), must fit
+    ``hostMemoryBudgetMiB``, else ``host_budget_mib`` (the default read from
+    MemAvailable; unchecked when neither is known). VRAM: for each heavy
+    model, its reservation plus every other sleeper's ``maxResidueMiB`` must
+    fit the VRAM budget (vramBudgetMiB, else total minus the margin; unchecked
+    while neither is known). The worst case is spelled out.
+    """
+    sleepers = sorted(n for n, m in spec.models.items() if m.switch_strategy == "sleep")
+    if not sleepers:
+        return
+    host = [(n, spec.models[n].host_memory_asleep_mib) for n in sleepers if spec.models[n].host_memory_asleep_mib]
+    budget_host = spec.host_memory_budget_mib or host_budget_mib
+    if budget_host is not None and sum(mib for _, mib in host) > budget_host:
+        what = f"hostMemoryBudgetMiB {budget_host}" if spec.host_memory_budget_mib else f"the default host memory budget {budget_host}"
+        arithmetic = " + ".join(f"{n} {mib}" for n, mib in host)
+        raise FieldProblem(
+            f"sleeping models' weights do not fit host memory: {arithmetic} = {sum(mib for _, mib in host)} MiB (sleep.hostMemoryMiB, level 1) "
+            f"> {what} MiB; use sleep level 2 or switchStrategy stop for one of them, or raise hostMemoryBudgetMiB",
+            "hostMemoryBudgetMiB",
+        )
+    budget = spec.vram_budget_mib
+    if budget is None and total_mib is not None:
+        budget = total_mib - DEFAULT_MARGIN_MIB
+    if budget is None:
+        return
+    worst: tuple[int, str] | None = None
+    for name in sorted(n for n, m in spec.models.items() if m.heavy):
+        r = spec.reservation(name, total_mib)
+        if r is None:
+            continue
+        residues = [(s, spec.models[s].sleep_settings.max_residue_mib) for s in sleepers if s != name]
+        if not residues:
+            continue
+        total = r.mib + sum(mib for _, mib in residues)
+        if worst is None or total > worst[0]:
+            parts = [f"{name} {r.describe()}", *(f"{s} asleep {mib}" for s, mib in residues)]
+            worst = (total, " + ".join(parts))
+    if worst is not None and worst[0] > budget:
+        where = f"vramBudgetMiB {budget}" if spec.vram_budget_mib is not None else f"the budget {budget} (total minus {DEFAULT_MARGIN_MIB})"
+        raise FieldProblem(
+            f"sleeping models' residues do not fit beside the largest heavy model: {worst[1]} = {worst[0]} MiB > {where} MiB; "
+            "lower sleep.maxResidueMiB, use switchStrategy stop for a model, or lower the largest model's reservation",
+            f"models.{sleepers[0]}.sleep.maxResidueMiB",
+        )
 
 
 class GpuProbeConfig(_Model):

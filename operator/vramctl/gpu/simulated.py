@@ -24,6 +24,12 @@ What ``snapshot`` reports:
   ``GpuProcess(pid, model=None)`` per foreign process (``add_foreign``), which
   is how tests make memory held by "someone else" appear.
 
+Sleeping models: ``with_residues`` wraps ``holders`` so that a model whose
+server says it sleeps holds only its residue. A holder whose memory shrinks
+(a model going to sleep) releases the difference ``release_delay_seconds``
+after the snapshot that first sees it smaller, as for a departure; growth (a
+wake) counts at once.
+
 Thread-safe: every method takes one lock. ``holders`` is called with that lock
 held, so that "noticing" a departure and reading the clock happen as one step;
 it must therefore never call back into this probe.
@@ -92,8 +98,9 @@ class SimulatedGpu:
             current = self._read_holders()
             now = self._clock()
             for model, mib in self._last.items():
-                if model not in current and mib > 0:
-                    self._releasing.append(_Releasing(model, mib, now))
+                freed = mib - current.get(model, 0)
+                if freed > 0:
+                    self._releasing.append(_Releasing(model, freed, now))
             self._last = current
             # Strictly less: at exactly since + delay the memory is free.
             self._releasing = [r for r in self._releasing if now - r.since < self.release_delay_seconds]
@@ -126,3 +133,30 @@ class SimulatedGpu:
             # start beside one that may still be running.
             log.warning("simulated gpu %d: could not read the running models (%s); keeping the last known ones", self.index, err)
             return dict(self._last)
+
+
+def with_residues(holders: Callable[[], Mapping[str, int]], residue: Callable[[str], int | None]) -> Callable[[], Mapping[str, int]]:
+    """``holders`` where each model for which ``residue(model)`` answers a
+    number (it sleeps) holds that number instead (never more than before).
+
+    ``residue`` is ``sleepctl.asleep_residue(spec_of)`` in ``vramctl up``:
+    it asks the model's server, so a server that answers its /sleep but keeps
+    its memory (or reports a growing residue) shows that here, as NVML would.
+    Called with the probe's lock held: it must answer quickly (the stand-ins
+    answer in a millisecond; the default timeout is 0.5 s) and must never
+    call back into the probe. A ``residue`` that raises counts as awake.
+    """
+
+    def sleep_aware() -> Mapping[str, int]:
+        out = dict(holders())
+        for model, mib in out.items():
+            try:
+                kept = residue(model)
+            except Exception as err:
+                log.warning("simulated gpu: could not ask whether %s sleeps (%s); counting all of its memory", model, err)
+                kept = None
+            if kept is not None:
+                out[model] = min(mib, max(0, kept))
+        return out
+
+    return sleep_aware

@@ -1,0 +1,62 @@
+"""How much host RAM sleeping models may take when the spec does not say.
+
+A level-1 sleep moves a model's weights into host memory (pinned, for a fast
+wake). Pinned pages cannot be swapped or reclaimed, so over-committing them
+starves the machine rather than slowing it down. The default budget is what
+the kernel calls available (``MemAvailable``: free plus reclaimable cache) at
+the moment vramctl starts, less a margin for everything else: 10% of the
+total, at least 2 GiB. ``vramctl doctor`` states the reading and its
+arithmetic, because a figure read once at start is only a guess about later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MEMINFO = Path("/proc/meminfo")
+MIN_MARGIN_MIB = 2048
+MARGIN_FRACTION = 0.10
+
+
+@dataclass(frozen=True)
+class HostMemoryReading:
+    """``/proc/meminfo`` at one moment and the default budget derived from it."""
+
+    total_mib: int
+    available_mib: int
+    margin_mib: int
+
+    @property
+    def budget_mib(self) -> int:
+        return max(0, self.available_mib - self.margin_mib)
+
+    def describe(self) -> str:
+        """``MemAvailable 60000 MiB - margin 6400 MiB (10% of MemTotal 64000 MiB, at least 2048) = 53600 MiB``."""
+        return (
+            f"MemAvailable {self.available_mib} MiB - margin {self.margin_mib} MiB "
+            f"({MARGIN_FRACTION:.0%} of MemTotal {self.total_mib} MiB, at least {MIN_MARGIN_MIB}) = {self.budget_mib} MiB"
+        )
+
+
+def parse_meminfo(text: str) -> HostMemoryReading | None:
+    """The reading from ``/proc/meminfo``'s text; None without MemTotal and MemAvailable (kernels before 3.14)."""
+    kib: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            kib[key.strip()] = int(fields[0])
+    if "MemTotal" not in kib or "MemAvailable" not in kib:
+        return None
+    total = kib["MemTotal"] // 1024
+    margin = max(MIN_MARGIN_MIB, int(total * MARGIN_FRACTION))
+    return HostMemoryReading(total_mib=total, available_mib=kib["MemAvailable"] // 1024, margin_mib=margin)
+
+
+def read_host_memory(path: Path = MEMINFO) -> HostMemoryReading | None:
+    """The reading now; None where ``path`` cannot be read or says too little."""
+    try:
+        return parse_meminfo(path.read_text())
+    except OSError:
+        return None
