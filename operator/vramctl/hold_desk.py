@@ -28,6 +28,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
 from vramctl import demand_queue as dq
 
 RenewAnswer = Literal["renewed", "revoked", "unknown"]
@@ -51,6 +53,23 @@ class Grant:
     id: str
     model: str
     expires: float | None
+
+
+class QueueMetrics:
+    """The queue's series (one set for all GPUs), updated by each desk's ``tick``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.depth = Gauge("vramctl_queue_depth", "Demands waiting for a model, per GPU.", ["gpu"], registry=registry)
+        self.wait = Histogram(
+            "vramctl_queue_wait_seconds",
+            "How long a granted demand waited (queue, drain and switch).",
+            ["gpu", "model"],
+            buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
+            registry=registry,
+        )
+        self.holds = Gauge(
+            "vramctl_holds", "Live holds (API holds and gateway requests), per GPU and model.", ["gpu", "model"], registry=registry
+        )
 
 
 # -- inbox commands ----------------------------------------------------------------
@@ -86,8 +105,20 @@ DeskCommand = AddDemand | Withdraw | Release | Renew
 class HoldDesk:
     """One GPU's queue state and the clients waiting on it (worker thread only)."""
 
-    def __init__(self, policy: dq.QueuePolicy, idle: dq.IdlePolicy, *, active: str | None = None, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        policy: dq.QueuePolicy,
+        idle: dq.IdlePolicy,
+        *,
+        active: str | None = None,
+        now: float = 0.0,
+        gpu: str = "0",
+        metrics: QueueMetrics | None = None,
+    ) -> None:
         self.state = dq.QueueState(policy=policy, idle=idle, active=active, active_since=now, last_activity=now)
+        self.gpu = gpu
+        self.metrics = metrics
+        self._held_models: set[str] = set()
         self._replies: dict[str, Future[Grant]] = {}
         self.backend_errors: list[tuple[str, str]] = []  # (hold id, error) since the worker last looked
 
@@ -120,7 +151,20 @@ class HoldDesk:
             self._answer(did, Grant(did, d.model, expires))
         for r in decision.reject:
             self._fail(r.demand_id, Refused(503, r.message, r.retry_after_seconds))
+        if self.metrics is not None:
+            self._observe(self.metrics, decision, by_id, now)
         return decision
+
+    def _observe(self, m: QueueMetrics, decision: dq.Decision, by_id: dict[str, dq.Demand], now: float) -> None:
+        for did in decision.grant:
+            m.wait.labels(self.gpu, by_id[did].model).observe(now - by_id[did].arrived)
+        m.depth.labels(self.gpu).set(len(self.state.demands))
+        counts: dict[str, int] = {}
+        for h in self.state.holds:
+            counts[h.model] = counts.get(h.model, 0) + 1
+        for model in self._held_models | set(counts):
+            m.holds.labels(self.gpu, model).set(counts.get(model, 0))
+        self._held_models |= set(counts)
 
     def switch_done(self, target: dq.Target, now: float) -> None:
         self.state = dq.switch_done(self.state, target, now)

@@ -14,9 +14,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from vramctl import demand_queue as dq
-from vramctl.hold_desk import AddDemand, Grant, HoldDesk, InboxHolder, Refused, Release, Renew, Withdraw
+from vramctl.hold_desk import AddDemand, Grant, HoldDesk, InboxHolder, QueueMetrics, Refused, Release, Renew, Withdraw
 
 POL = dq.QueuePolicy(max_queue=4, queue_timeout_seconds=100, max_serve_seconds=40, drain_timeout_seconds=10)
 
@@ -38,6 +39,29 @@ def test_grant_answers_the_future_and_release_ends_the_hold() -> None:
     assert desk.snapshot()["holds"] == {"llm": 1}
     desk.handle(Release("a", error="backend died"), 2.0)
     assert desk.state.holds == () and desk.backend_errors == [("a", "backend died")]
+
+
+def test_metrics_depth_wait_and_holds() -> None:
+    registry = CollectorRegistry()
+    desk = HoldDesk(POL, dq.IdlePolicy(), active="llm", now=0.0, gpu="1", metrics=QueueMetrics(registry))
+    desk.handle(AddDemand(demand("a", "llm", 0.0), Future()), 0.0)
+    desk.handle(AddDemand(demand("b", "sdxl", 1.0), Future()), 1.0)
+    desk.tick(2.0)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("vramctl_queue_depth", gpu="1") == 1
+    assert value("vramctl_holds", gpu="1", model="llm") == 1
+    assert value("vramctl_queue_wait_seconds_sum", gpu="1", model="llm") == 2.0
+    desk.handle(Release("a"), 3.0)
+    desk.tick(3.0)  # switch to sdxl
+    desk.switch_done(dq.Target("sdxl"), 4.0)
+    desk.tick(4.0)
+    assert value("vramctl_holds", gpu="1", model="llm") == 0 and value("vramctl_holds", gpu="1", model="sdxl") == 1
+    assert value("vramctl_queue_depth", gpu="1") == 0
+    assert value("vramctl_queue_wait_seconds_count", gpu="1", model="sdxl") == 1
+    assert value("vramctl_queue_wait_seconds_sum", gpu="1", model="sdxl") == 3.0
 
 
 def test_switch_then_grant_and_failed_switch_refuses() -> None:
