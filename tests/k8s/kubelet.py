@@ -35,7 +35,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,7 +154,9 @@ class TestKubelet:
         )
         self.runs[uid] = run
         finalizers = [*(meta.get("finalizers") or []), FINALIZER]
-        self.kube.request("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}", {"metadata": {"finalizers": finalizers}}, "application/merge-patch+json")
+        self.kube.request(
+            "PATCH", f"/api/v1/namespaces/{ns}/pods/{name}", {"metadata": {"finalizers": finalizers}}, "application/merge-patch+json"
+        )
         log.write_text("")
         assert self.emulator.emu is not None
         self.emulator.emu.pod_logs[(ns, name)] = log
@@ -165,7 +166,10 @@ class TestKubelet:
                 run,
                 {
                     "phase": "Pending",
-                    "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
+                    "conditions": [
+                        {"type": "PodScheduled", "status": "True"},
+                        {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
+                    ],
                     "containerStatuses": [
                         {
                             "name": container["name"],

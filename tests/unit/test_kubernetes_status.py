@@ -68,7 +68,12 @@ HANDED = HandedDesired(Desired("llm", (), 3), generation=7, before=6)
             ("True", "InvalidSpec"),
         ),
         # invalid from the start
-        (StatusSnapshot("n", NOW, problems=(("spec.activeModel", "no such model"),), problem_generation=1), "Failed", None, ("True", "InvalidSpec")),
+        (
+            StatusSnapshot("n", NOW, problems=(("spec.activeModel", "no such model"),), problem_generation=1),
+            "Failed",
+            None,
+            ("True", "InvalidSpec"),
+        ),
         # a conflict: nothing runs, the other one named
         (StatusSnapshot("n", NOW, conflict=Conflict("ai", "older", 0), conflict_generation=2), "Failed", None, ("True", "Conflict")),
     ],
@@ -120,4 +125,6 @@ def test_parse_rfc3339(text: Any, want: float | None) -> None:
 def test_a_published_condition_without_a_time_is_not_seeded() -> None:
     assert conditions_from({"conditions": [{"type": "Ready", "status": "True"}, "junk"]}) == {}
     assert conditions_from(None) == {}
-    assert isinstance(conditions_from({"conditions": [{"type": "Ready", "lastTransitionTime": "2027-01-15T08:00:00Z"}]})["Ready"], Condition)
+    assert isinstance(
+        conditions_from({"conditions": [{"type": "Ready", "lastTransitionTime": "2027-01-15T08:00:00Z"}]})["Ready"], Condition
+    )

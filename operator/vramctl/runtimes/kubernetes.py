@@ -284,7 +284,14 @@ def failure_reason(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
-_PERMANENT_REASONS = ("ImagePullBackOff", "ErrImagePull", "ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError", "Unschedulable")
+_PERMANENT_REASONS = (
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "Unschedulable",
+)
 
 
 class PodRuntime:
@@ -410,7 +417,9 @@ class PodRuntime:
         name = pod_name(deployment.display_name, model)
         pod = self._get(owner.namespace, name)
         if pod is not None and not self._ours(pod, deployment.gpu):
-            raise PermanentError(f"Pod {owner.namespace}/{name} exists and is not vramctl's ({self.instance}, node {self.node}): not touched")
+            raise PermanentError(
+                f"Pod {owner.namespace}/{name} exists and is not vramctl's ({self.instance}, node {self.node}): not touched"
+            )
         if pod is not None:
             state, _ = pod_state(pod)
             hash_now = (_meta(pod).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
@@ -418,7 +427,13 @@ class PodRuntime:
                 return str(_meta(pod).get("uid") or name)
             if state is WorkloadState.RESTARTING and hash_now == deployment.spec_hash(model):
                 return self._wait_running(deployment, model, owner, name, m.start_timeout_seconds)
-            log.info("%s: replacing Pod %s/%s (%s)", model, owner.namespace, name, "spec changed" if hash_now != deployment.spec_hash(model) else state)
+            log.info(
+                "%s: replacing Pod %s/%s (%s)",
+                model,
+                owner.namespace,
+                name,
+                "spec changed" if hash_now != deployment.spec_hash(model) else state,
+            )
             self._delete_and_wait(owner.namespace, name, m.stop.grace_period_seconds)
         uuid = self.gpu_uuid(deployment.gpu) if self.gpu_uuid is not None else None
         body = render_pod(deployment, model, owner, self.node, self.instance, self.gpu_mode, self.runtime_class, uuid)
@@ -448,7 +463,9 @@ class PodRuntime:
                     self._delete_and_wait(owner.namespace, name, 0)
                 raise StartError(text)
             if time.monotonic() >= deadline:
-                raise StartError(f"Pod {owner.namespace}/{name} did not run within {timeout:.0f}s (phase {(pod.get('status') or {}).get('phase')})")
+                raise StartError(
+                    f"Pod {owner.namespace}/{name} did not run within {timeout:.0f}s (phase {(pod.get('status') or {}).get('phase')})"
+                )
             time.sleep(self.poll_s)
 
     # --------------------------------------------------------------- stop
@@ -534,7 +551,9 @@ class PodRuntime:
         problems: list[tuple[str, str]] = []
         for name, m in deployment.models.items():
             if m.image is None:
-                problems.append((f"models.{name}.image", "the Pod runtime needs an image (composeService and command are for docker and process)"))
+                problems.append(
+                    (f"models.{name}.image", "the Pod runtime needs an image (composeService and command are for docker and process)")
+                )
         return problems
 
     def owners(self, deployment: DeploymentSpec) -> dict[str, str]:

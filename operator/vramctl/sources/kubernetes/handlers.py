@@ -36,8 +36,6 @@ def finalizer_for(node: str) -> str:
     return f"{GROUP}/{name}"
 
 
-
-
 def build_registry(
     controller: ModelDeployments, *, clusterwide: bool = True, timer_interval: float = TIMER_INTERVAL_S
 ) -> kopf.OperatorRegistry:
@@ -78,7 +76,9 @@ def build_registry(
         spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, namespace: str | None, name: str | None, uid: str | None, **_: Any
     ) -> None:
         try:
-            controller.apply(namespace or "", name or "", uid or "", meta.get("generation"), spec, status, meta.get("creationTimestamp") or "")
+            controller.apply(
+                namespace or "", name or "", uid or "", meta.get("generation"), spec, status, meta.get("creationTimestamp") or ""
+            )
         except InvalidSpec as err:
             raise kopf.PermanentError(f"invalid spec: {err}") from None
 

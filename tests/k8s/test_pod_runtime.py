@@ -1,0 +1,312 @@
+"""The Pod runtime (vramctl.runtimes.kubernetes) against the API emulator and
+the test kubelet (tests/k8s/kubelet.py): real HTTP, real stand-in processes.
+
+Each test has its own namespace and node, so kubelets never see each other's
+Pods.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+
+from tests.k8s.emulator import EmulatorThread, KubeClient
+from tests.k8s.kubelet import TestKubelet
+from vramctl.observed import WorkloadState
+from vramctl.runtimes.base import PermanentError, StartError, TransientError
+from vramctl.runtimes.kubernetes import GPU_RESOURCE, KubeApiError, PodOwner, PodRuntime, failure_reason, pod_state, render_pod
+from vramctl.sources.kubernetes.client import KubeApi
+from vramctl.spec import DeploymentSpec
+
+STANDIN = "vramctl-standin:test"
+UUID = "GPU-8f6c0000-1111-2222-3333-444455556666"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def model(port: int, cls: str = "heavy", load: float = 0.1, stop: float = 0.05, grace: float = 5, **env: str) -> dict[str, Any]:
+    return {
+        "class": cls,
+        "image": STANDIN,
+        "env": {"STANDIN_PORT": str(port), "STANDIN_LOAD_SECONDS": str(load), "STANDIN_STOP_SECONDS": str(stop), **env},
+        "health": {"path": "/health", "port": port},
+        "stop": {"gracePeriodSeconds": grace},
+        "startTimeoutSeconds": 20,
+        "vramMiB": 3000 if cls == "light" else 9000,
+    }
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[EmulatorThread]:
+    with EmulatorThread() as emu:
+        yield emu
+
+
+class Rig:
+    def __init__(self, emulator: EmulatorThread, tmp: Path) -> None:
+        self.ns = f"t{uuid.uuid4().hex[:8]}"
+        self.node = f"node-{self.ns}"
+        self.kube = KubeClient(emulator.url)
+        self.api = KubeApi(lambda: kopf.ConnectionInfo(server=emulator.url))
+        self.rt = PodRuntime(self.api, self.node, "test", gpu_uuid=lambda gpu: UUID, poll_s=0.02)
+        self.kubelet = TestKubelet(emulator, self.node, tmp)
+        self.md: dict[str, Any] = {}
+
+    def deploy(self, models: dict[str, Any], **fields: Any) -> DeploymentSpec:
+        raw = {"nodeName": self.node, "gpu": 0, "activeModel": next(iter(models)), "models": models, **fields}
+        if not self.md:
+            self.md = self.kube.create_md(self.ns, "gpu0", raw)
+            self.rt.own(0, PodOwner(self.ns, "gpu0", self.md["metadata"]["uid"]))
+        return DeploymentSpec.model_validate({**raw, "name": "gpu0"})
+
+    def pod(self, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self.kube.request("GET", f"/api/v1/namespaces/{self.ns}/pods/{name}")
+        except Exception:
+            return None
+        return obj
+
+
+@pytest.fixture
+def rig(emulator: EmulatorThread, tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(emulator, tmp_path)
+    with r.kubelet:
+        yield r
+        r.kubelet.assert_exclusive()
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+# ----------------------------------------------------------------- rendering
+
+
+def spec_of(models: dict[str, Any], **fields: Any) -> DeploymentSpec:
+    return DeploymentSpec.model_validate(
+        {"name": "gpu0", "nodeName": "n", "gpu": 1, "activeModel": next(iter(models)), "models": models, **fields}
+    )
+
+
+OWNER = PodOwner("ai", "gpu0", "uid-1")
+
+
+def test_the_pod_is_bound_owned_labelled_and_rendered() -> None:
+    spec = spec_of(
+        {"llm": {**model(8000), "volumes": ["/srv/models:/models:ro", "hf-cache:/root/.cache"], "args": ["--x"]}},
+        env={"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"},
+    )
+    pod = render_pod(spec, "llm", OWNER, "node-a", "k8s", gpu_uuid=UUID)
+    meta, ps = pod["metadata"], pod["spec"]
+    assert meta["name"] == "gpu0-llm" and meta["namespace"] == "ai"
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "vramctl.io/v1alpha1",
+            "kind": "ModelDeployment",
+            "name": "gpu0",
+            "uid": "uid-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "vramctl" and meta["labels"]["vramctl.io/gpu"] == "1"
+    assert meta["labels"]["vramctl.io/instance"] == "k8s" and meta["labels"]["vramctl.io/deployment"] == "gpu0"
+    assert meta["annotations"]["vramctl.io/spec-hash"] == spec.spec_hash("llm")
+    assert ps["nodeName"] == "node-a" and ps["restartPolicy"] == "Never" and ps["terminationGracePeriodSeconds"] == 5
+    assert ps["runtimeClassName"] == "nvidia" and ps["hostNetwork"] is True
+    (c,) = ps["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == UUID and env["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    assert env["STANDIN_PORT"] == "8000" and c["args"] == ["--x"] and c["image"] == STANDIN
+    assert ps["volumes"] == [
+        {"name": "vol0", "hostPath": {"path": "/srv/models"}},
+        {"name": "vol1", "persistentVolumeClaim": {"claimName": "hf-cache", "readOnly": False}},
+    ]
+    assert c["volumeMounts"] == [
+        {"name": "vol0", "mountPath": "/models", "readOnly": True},
+        {"name": "vol1", "mountPath": "/root/.cache", "readOnly": False},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "name", "runtime_class", "limits", "visible"),
+    [
+        ("runtimeClass", "llm", "nvidia", None, UUID),
+        ("runtimeClass", "tts", "nvidia", None, UUID),  # companions share the card
+        ("resource", "llm", None, {GPU_RESOURCE: 1}, None),
+        ("resource", "tts", None, None, None),  # one device: the heavy model's
+        ("none", "llm", None, None, "void"),
+    ],
+)
+def test_gpu_request_modes(mode: Any, name: str, runtime_class: str | None, limits: Any, visible: str | None) -> None:
+    spec = spec_of({"llm": model(8000), "tts": model(8001, cls="light")})
+    pod = render_pod(spec, name, OWNER, "node-a", "k8s", gpu_mode=mode, gpu_uuid=UUID)
+    c = pod["spec"]["containers"][0]
+    assert pod["spec"].get("runtimeClassName") == runtime_class
+    assert (c.get("resources") or {}).get("limits") == limits
+    assert {e["name"]: e["value"] for e in c["env"]}.get("NVIDIA_VISIBLE_DEVICES") == visible
+
+
+@pytest.mark.parametrize(
+    ("status", "deleting", "state", "reason"),
+    [
+        ({"phase": "Pending"}, False, WorkloadState.RESTARTING, None),
+        ({"phase": "Running"}, False, WorkloadState.RUNNING, None),
+        ({"phase": "Running"}, True, WorkloadState.RUNNING, None),  # terminating: still holds the GPU
+        (
+            {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]},
+            False,
+            WorkloadState.EXITED,
+            "OOMKilled",
+        ),
+        (
+            {"phase": "Pending", "containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff", "message": "no"}}}]},
+            False,
+            WorkloadState.EXITED,
+            "ImagePullBackOff",
+        ),
+        (
+            {"phase": "Pending", "containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]},
+            False,
+            WorkloadState.EXITED,
+            "CrashLoopBackOff",
+        ),
+        (
+            {
+                "phase": "Pending",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes: nvidia.com/gpu"}
+                ],
+            },
+            False,
+            WorkloadState.EXITED,
+            "Unschedulable",
+        ),
+        (
+            {"phase": "Failed", "reason": "UnexpectedAdmissionError", "message": "no device"},
+            False,
+            WorkloadState.EXITED,
+            "UnexpectedAdmissionError",
+        ),
+    ],
+)
+def test_pod_states_and_failure_reasons(status: dict[str, Any], deleting: bool, state: WorkloadState, reason: str | None) -> None:
+    pod = {"metadata": {"deletionTimestamp": "x"} if deleting else {}, "status": status}
+    assert pod_state(pod)[0] is state
+    why = failure_reason(pod)
+    assert (why.split(":")[0] if why else None) == reason
+
+
+# ------------------------------------------------------- against the emulator
+
+
+def test_start_runs_the_pod_and_stop_waits_until_it_is_gone(rig: Rig) -> None:
+    port = free_port()
+    spec = rig.deploy({"llm": model(port, stop=0.3)})
+    ref = rig.rt.start(spec, "llm")
+    pod = rig.pod("gpu0-llm")
+    assert pod is not None and ref == pod["metadata"]["uid"]
+    assert pod["spec"]["nodeName"] == rig.node and pod["metadata"]["ownerReferences"][0]["uid"] == rig.md["metadata"]["uid"]
+    observed = rig.rt.observe(spec)
+    assert observed["llm"].state is WorkloadState.RUNNING and not observed["llm"].drifted
+    wait_for(lambda: rig.rt.check_health(spec, "llm"))
+    assert any("ready on" in line for line in rig.rt.logs_tail(spec, "llm"))
+    assert set(rig.rt.owners(spec).values()) == {"llm"} and ref in rig.rt.owners(spec)
+    assert rig.rt.start(spec, "llm") == ref  # idempotent
+
+    out = rig.rt.stop(spec, "llm")
+    assert out.was_running and out.seconds >= 0.3  # the stand-in took 0.3 s after SIGTERM
+    assert rig.pod("gpu0-llm") is None and rig.kubelet.alive() == {}
+    assert rig.rt.observe(spec) == {}
+    assert not rig.rt.stop(spec, "llm").was_running  # idempotent
+
+
+def test_a_changed_spec_replaces_the_pod(rig: Rig) -> None:
+    port = free_port()
+    spec = rig.deploy({"llm": model(port)})
+    first = rig.rt.start(spec, "llm")
+    changed = spec.model_copy(update={"env": {"EXTRA": "1"}})
+    assert rig.rt.observe(changed)["llm"].drifted
+    second = rig.rt.start(changed, "llm")
+    assert second != first and not rig.rt.observe(changed)["llm"].drifted
+    env = {e["name"]: e["value"] for e in (rig.pod("gpu0-llm") or {})["spec"]["containers"][0]["env"]}
+    assert env["EXTRA"] == "1"
+    assert len(rig.kubelet.alive()) == 1
+
+
+def test_an_image_that_cannot_run_fails_the_start_and_leaves_nothing(rig: Rig) -> None:
+    spec = rig.deploy({"llm": {**model(free_port()), "image": "registry.invalid/nope:1"}})
+    with pytest.raises(StartError, match="ImagePullBackOff") as err:
+        rig.rt.start(spec, "llm")
+    assert "registry.invalid/nope:1" in str(err.value)
+    assert rig.pod("gpu0-llm") is None and rig.rt.observe(spec) == {}
+
+
+def test_a_crash_is_observed_with_its_exit_code_and_logs(rig: Rig) -> None:
+    spec = rig.deploy({"llm": model(free_port(), STANDIN_CRASH_AFTER_SECONDS="0.3", STANDIN_EXIT_CODE="3")})
+    rig.rt.start(spec, "llm")
+    wait_for(lambda: rig.rt.observe(spec)["llm"].state is WorkloadState.EXITED)
+    w = rig.rt.observe(spec)["llm"]
+    assert w.exit_code == 3
+    assert any("crashing with exit code 3" in line for line in rig.rt.logs_tail(spec, "llm"))
+    assert rig.rt.owners(spec) == {}
+    rig.rt.start(spec, "llm")  # an ended Pod is replaced
+    assert rig.rt.observe(spec)["llm"].state is WorkloadState.RUNNING
+
+
+def test_oom_killed_start_names_the_reason(rig: Rig) -> None:
+    spec = rig.deploy(
+        {"llm": model(free_port(), load=5, STANDIN_CRASH_AFTER_SECONDS="0.05", STANDIN_EXIT_CODE="137", TEST_KUBELET_OOM="1")}
+    )
+    rig.rt.start(spec, "llm")
+    wait_for(lambda: rig.rt.observe(spec)["llm"].state is WorkloadState.EXITED)
+    assert failure_reason(rig.pod("gpu0-llm") or {}) == "OOMKilled: exit code 137"
+
+
+def test_a_pod_that_is_not_ours_is_not_touched(rig: Rig) -> None:
+    spec = rig.deploy({"llm": model(free_port())})
+    rig.kube.request(
+        "POST",
+        f"/api/v1/namespaces/{rig.ns}/pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "gpu0-llm"},
+            "spec": {"nodeName": "elsewhere", "containers": [{"name": "x", "image": "y"}]},
+        },
+    )
+    with pytest.raises(PermanentError, match="not vramctl's"):
+        rig.rt.start(spec, "llm")
+    assert rig.rt.observe(spec) == {}
+    assert rig.pod("gpu0-llm") is not None
+
+
+def test_an_unreachable_api_is_transient() -> None:
+    port = free_port()  # nothing listens there
+    api = KubeApi(lambda: kopf.ConnectionInfo(server=f"http://127.0.0.1:{port}"), retry_s=0.3, attempts=3)
+    rt = PodRuntime(api, "n", "test")
+    rt.own(0, PodOwner("ns", "gpu0", "uid"))
+    spec = spec_of({"llm": model(port)}, gpu=0)
+    t0 = time.monotonic()
+    with pytest.raises(TransientError):
+        rt.observe(spec)
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(KubeApiError) as err:
+        api.request("GET", "/api/v1/pods")
+    assert err.value.status == 0 and err.value.transient
