@@ -88,6 +88,25 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], int | None, list[tuple[st
         [("models.llm.env.PYTORCH_CUDA_ALLOC_CONF", ("frees nothing",))],
     ),
     (
+        "expandable-segments-through-pytorch-alloc-conf-which-vllm-does-not-check",
+        {"llm": vllm(), "sdxl": {"image": "i"}},
+        {"env": {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}},
+        None,
+        [],  # no sleep mode, no pitfall
+    ),
+    (
+        "sleep-strategy-with-expandable-segments-in-pytorch-alloc-conf",
+        {"llm": {**vllm(), "switchStrategy": "sleep", "sleep": {"level": 2}, "env": {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}}},
+        {},
+        None,
+        [
+            (
+                "models.llm.env.PYTORCH_ALLOC_CONF",
+                ("frees nothing", "vLLM checks only PYTORCH_CUDA_ALLOC_CONF", "does not warn", "switchStrategy: stop"),
+            )
+        ],
+    ),
+    (
         "num-scheduler-steps-in-extra-args",
         {"llm": vllm(extraArgs=["--num-scheduler-steps", "10"])},
         {},
@@ -272,3 +291,40 @@ def test_status_command_shows_the_config_warnings(tmp_path: Path, capsys: pytest
     state.write_text(json.dumps({"gpus": {"0": {"status": {"phase": "Ready", "activeModel": "llm", "configWarnings": [warning]}}}}))
     assert main(["status", "--url", "http://127.0.0.1:1", "--state", str(state)]) == 0
     assert "  WARN env.VLLM_USE_V1: delete it" in capsys.readouterr().out
+
+
+SLEEPY = {"switchStrategy": "sleep", "sleep": {"level": 1, "hostMemoryMiB": 15000}}
+
+
+@pytest.mark.parametrize(
+    ("models", "wsl2", "cc", "expected"),
+    [
+        ({"llm": {**vllm(), **SLEEPY}}, True, None, [("models.llm.sleep.level", ("WSL2", "pageable", "level: 2"))]),
+        ({"llm": {**vllm(), "switchStrategy": "sleep", "sleep": {"level": 2}}}, True, None, []),
+        ({"llm": vllm()}, True, None, []),
+        (
+            {"llm": {**vllm(), **SLEEPY}},
+            False,
+            (12, 0),
+            [("models.llm.sleep.maxCycles", ("Blackwell", "12.0", "4th", "maxCycles is unbounded", "3 or fewer"))],
+        ),
+        (
+            {"llm": {**vllm(), "switchStrategy": "sleep", "sleep": {**SLEEPY["sleep"], "maxCycles": 5}}},
+            False,
+            (10, 0),
+            [("models.llm.sleep.maxCycles", ("maxCycles is 5",))],
+        ),
+        ({"llm": {**vllm(), "switchStrategy": "sleep", "sleep": {**SLEEPY["sleep"], "maxCycles": 3}}}, False, (12, 0), []),
+        ({"llm": {**vllm(), **SLEEPY}}, False, (9, 0), []),  # Hopper
+    ],
+    ids=["wsl2-level-1", "wsl2-level-2", "wsl2-no-sleep", "blackwell-unbounded", "blackwell-5", "blackwell-3", "hopper"],
+)
+def test_sleep_pitfalls_of_the_machine(
+    models: dict[str, dict[str, Any]], wsl2: bool, cc: tuple[int, int] | None, expected: list[tuple[str, tuple[str, ...]]]
+) -> None:
+    found = env_pitfalls(deployment(models), None, wsl2=wsl2, compute_capability=cc)
+    assert [f.path for f in found] == [path for path, _ in expected], found
+    for f, (_, words) in zip(found, expected, strict=True):
+        assert f.severity == "warning"
+        for w in words:
+            assert w in f.message, (w, f.message)

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from vramctl.gpu.base import GpuInfo, GpuProbe
-from vramctl.gpu.simulated import SimulatedGpu
+from vramctl.gpu.simulated import SimulatedGpu, with_residues
 from vramctl.observed import GpuProcess
 
 
@@ -164,3 +164,32 @@ def test_concurrent_snapshots_stay_consistent() -> None:
     for t in threads:
         t.join(timeout=10)
     assert not errors
+
+
+def test_a_model_going_to_sleep_keeps_its_residue_and_frees_the_rest_after_the_delay() -> None:
+    holders = {"llm": 12000, "sdxl": 9000}
+    asleep: dict[str, int] = {}
+    clock = FakeClock()
+    gpu = SimulatedGpu(1, 24000, 300, 0.5, with_residues(lambda: holders, asleep.get), clock=clock)
+    assert gpu.snapshot().memory.used_mib == 300 + 21000
+    asleep["llm"] = 600
+    # Noticed now; the 11400 MiB freed by the sleep are torn down like an exit.
+    assert gpu.snapshot().memory.used_mib == 300 + 21000
+    clock.t += 0.49
+    assert gpu.snapshot().memory.used_mib == 300 + 21000
+    clock.t += 0.01
+    snap = gpu.snapshot()
+    assert snap.memory.used_mib == 300 + 600 + 9000
+    assert GpuProcess(pid=0, used_mib=600, model="llm") in snap.processes
+    del asleep["llm"]  # a wake takes its memory back at once
+    assert gpu.snapshot().memory.used_mib == 300 + 21000
+
+
+def test_a_residue_is_never_more_than_the_reservation_and_a_failing_question_counts_all() -> None:
+    def residue(model: str) -> int | None:
+        if model == "sdxl":
+            raise RuntimeError("no answer")
+        return 99999
+
+    sleepy = with_residues(lambda: {"llm": 12000, "sdxl": 9000}, residue)
+    assert sleepy() == {"llm": 12000, "sdxl": 9000}

@@ -173,3 +173,41 @@ def test_settings_defaults_match_the_image() -> None:
 def test_settings_name_the_bad_variable(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         Settings.from_env(env)
+
+
+def test_sleep_settings_are_read_and_checked() -> None:
+    s = Settings.from_env({"STANDIN_SLEEP_SECONDS": "0.5", "STANDIN_RESIDUE_MIB": "900", "STANDIN_WAKE_BROKEN": "1"})
+    assert (s.sleep_seconds, s.wake_seconds, s.residue_mib, s.residue_growth_mib, s.sleep_status, s.wake_broken) == (
+        0.5,
+        0.2,
+        900,
+        0,
+        200,
+        True,
+    )
+    with pytest.raises(ValueError, match="STANDIN_SLEEP_STATUS"):
+        Settings.from_env({"STANDIN_SLEEP_STATUS": "42"})
+    with pytest.raises(ValueError, match="STANDIN_WAKE_SECONDS"):
+        Settings.from_env({"STANDIN_WAKE_SECONDS": "-1"})
+
+
+def test_sleep_while_loading_is_503_with_retry_after_and_the_cycle_is_logged(spawn: Callable[..., subprocess.Popen[str]]) -> None:
+    port = free_port()
+    p = spawn(port=str(port), load_seconds="0.5", stop_seconds="0", sleep_seconds="0", wake_seconds="0", residue_mib="300")
+    wait_for(lambda: status(port) is not None)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    conn.request("POST", "/sleep?level=1")
+    r = conn.getresponse()
+    assert (r.status, r.getheader("Retry-After")) == (503, "1")
+    conn.close()
+    wait_for(lambda: status(port) == 200)
+    for path in ("/sleep?level=2", "/wake_up"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("POST", path)
+        assert conn.getresponse().status == 200
+        conn.close()
+    p.terminate()
+    out, _ = p.communicate(timeout=5)
+    assert "standin: sleeping (level 2, 0 s)" in out
+    assert "standin: asleep (residue 300 MiB)" in out
+    assert "standin: awake" in out
