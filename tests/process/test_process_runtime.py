@@ -554,3 +554,43 @@ def test_watch_starts_returns_at_once(env: Env) -> None:
     t0 = time.monotonic()
     rt.watch_starts(lambda ev: None, lambda: False)
     assert time.monotonic() - t0 < 0.1
+
+
+def _processes_of(instance: str) -> list[int]:
+    """Pids whose environment carries this instance's ownership mark."""
+    out = []
+    mark = f"VRAMCTL_INSTANCE={instance}".encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if mark in (d / "environ").read_bytes().split(b"\0"):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_a_supervisor_killed_between_spawn_and_record_leaves_no_orphan(tmp_path: Path) -> None:
+    """The supervisor dies right after the child exists and before its pid
+    record is written (SIGKILL within milliseconds of "starting"): the child
+    must not go on to run the model unrecorded."""
+    instance = "orph" + uuid.uuid4().hex[:8]
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from vramctl.runtimes.process import ProcessRuntime
+        from vramctl.spec import DeploymentSpec
+        rt = ProcessRuntime({str(tmp_path)!r}, instance={instance!r})
+        rt._write = lambda rec: os._exit(9)  # killed before the record reaches the disk
+        d = DeploymentSpec.model_validate({{"gpu": 0, "models": {{"llm": {{"command": [sys.executable, "-c", "import time; time.sleep(60)"]}}}}}})
+        rt.start(d, "llm")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 9, r.stderr
+    try:
+        wait_for(lambda: not _processes_of(instance), timeout=3.0, what="no unrecorded child left running")
+    finally:
+        for pid in _processes_of(instance):
+            os.kill(pid, signal.SIGKILL)
+    assert not list((tmp_path / "proc").glob("*.json"))

@@ -486,21 +486,27 @@ class ProcessRuntime:
         # One line per event in the log, even for a `python -c` script argument.
         shown = shlex.join(argv).replace("\n", "\\n")
         self._log_line(deployment.gpu, model, f"starting {model} (spec {spec_hash}): {shown}")
+        # Record before exec: the child waits on a pipe until its record is
+        # written, and only then execs the model. A supervisor killed in
+        # between closes the pipe, and the child exits without running
+        # anything: no child of vramctl can outlive its record unseen.
+        go_r, go_w = os.pipe()
         try:
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
+                    [*_GATE, *argv],
+                    stdin=go_r,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env=env,
                     start_new_session=True,  # own group: the stop signal reaches its workers too
                     close_fds=True,
                 )
-        except FileNotFoundError as err:
-            raise StartError(f"cannot start {model}: executable {argv[0]!r} not found ({err.strerror})") from err
         except OSError as err:
+            os.close(go_w)
             raise StartError(f"cannot start {model}: {argv[0]!r}: {err.strerror or err}") from err
+        finally:
+            os.close(go_r)
 
         try:
             # Until we reap it the child exists (at worst as a zombie), so its
@@ -526,9 +532,14 @@ class ProcessRuntime:
             self._write(rec)
         except OSError as err:
             # Untracked, it could never be stopped after a restart: undo.
+            os.close(go_w)  # the gate sees EOF: it never execs the model
             proc.kill()
             proc.wait()
             raise StartError(f"cannot start {model}: cannot record its process in {self._proc_dir}: {err}") from err
+        try:
+            os.write(go_w, b"go\n")  # recorded: let it exec the model
+        finally:
+            os.close(go_w)
         with self._lock:
             old = self._children.get(self._key(deployment.gpu, model))
             self._children[self._key(deployment.gpu, model)] = proc
@@ -676,6 +687,13 @@ class ProcessRuntime:
             children = list(self._children.values())
         for proc in children:
             proc.poll()
+
+
+# The exec gate: wait for one line on stdin (written once the pid record is
+# on disk), then exec the model with stdin from /dev/null; EOF (the
+# supervisor died first) exits 111 without running it. Same pid, group and
+# start time as the model, so the record proves the model.
+_GATE = ["/bin/sh", "-c", 'read -r _ || exit 111; exec "$@" </dev/null', "vramctl-exec-gate"]
 
 
 def _check_executable(model: str, exe: str, path: str) -> None:
