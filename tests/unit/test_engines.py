@@ -10,7 +10,18 @@ import pytest
 
 from tests.unit.builders import deployment, desired, heavy, light, obs
 from tests.unit.fakes import FakeGpu, FakeRuntime
-from vramctl.engines import SdxlSpec, SovitsSpec, VllmSpec, render_sdxl, render_sovits, render_vllm
+from vramctl.engines import (
+    SDXL_SLEEP_API,
+    VLLM_SLEEP_API,
+    SdxlSpec,
+    SleepApi,
+    SovitsSpec,
+    VllmSpec,
+    render_sdxl,
+    render_sovits,
+    render_vllm,
+    sleep_api,
+)
 from vramctl.observed import WorkloadState
 from vramctl.planner import WaitForMemory, plan
 from vramctl.spec import SDPA_DEFAULT_ENV, ConfigError, DeploymentSpec, DesiredStateError, HealthSpec, check_desired, parse_config
@@ -486,3 +497,28 @@ def test_worker_waits_for_the_vllm_reservation_of_the_probes_total() -> None:
     w.reconcile_once()
     assert rt.calls == [("stop", "sdxl"), ("start", "llm")]
     assert any("need 13600 MiB free" in p["message"] for p in w.progress())  # 0.85 x 16000
+
+
+def test_switch_strategy_sleep_renders_vllm_sleep_mode_and_sdxl_pinning() -> None:
+    r = render_vllm(VllmSpec(model="m"), sleep=True)
+    assert r.args.count("--enable-sleep-mode") == 1 and dict(r.env) == {"VLLM_SERVER_DEV_MODE": "1"}
+    assert render_vllm(VllmSpec(model="m", enable_sleep_mode=True), sleep=True).args.count("--enable-sleep-mode") == 1
+    assert "--enable-sleep-mode" not in render_vllm(VllmSpec(model="m")).args
+    assert render_sdxl(SdxlSpec(model_path="/m"), pin_for_sleep=True).env["SDXL_SLEEP"] == "1"
+    assert "SDXL_SLEEP" not in render_sdxl(SdxlSpec(model_path="/m")).env
+
+
+@pytest.mark.parametrize(
+    ("engine", "paths", "expected"),
+    [
+        ("vllm", {}, VLLM_SLEEP_API),
+        ("sdxl", {}, SDXL_SLEEP_API),
+        ("sovits", {}, None),
+        ("container", {}, None),
+        ("container", {"path": "/s"}, None),
+        ("container", {"path": "/s", "wake_path": "/w"}, SleepApi("/s", "/w", None)),
+        ("container", {"path": "/s", "wake_path": "/w", "state_path": "/q"}, SleepApi("/s", "/w", "/q")),
+    ],
+)
+def test_each_engine_says_how_it_sleeps(engine: str, paths: dict[str, str], expected: SleepApi | None) -> None:
+    assert sleep_api(engine, **paths) == expected
