@@ -1,0 +1,304 @@
+"""End to end with the Pod runtime: the real ``vramctl operator --runtime
+kubernetes`` (kopf inside) as a subprocess, the API emulator, and the test
+kubelet running each Pod as a local stand-in process (tests/k8s/kubelet.py).
+No Docker engine, no socket.
+
+Each test has its own namespace, node and kubelet. The kubelet records an
+exclusivity violation whenever a heavy stand-in starts while another heavy one
+of the same GPU still runs; every test asserts there was none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.k8s.emulator import EmulatorThread, KubeClient
+from tests.k8s.kubelet import GarbageCollector, TestKubelet
+
+STANDIN = "vramctl-standin:test"
+TIMER_S = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def model(port: int, vram: int, cls: str = "heavy", load: float = 0.2, stop: float = 0.1, grace: float = 5, **env: str) -> dict[str, Any]:
+    return {
+        "class": cls,
+        "image": STANDIN,
+        "env": {"STANDIN_PORT": str(port), "STANDIN_LOAD_SECONDS": str(load), "STANDIN_STOP_SECONDS": str(stop), **env},
+        "health": {"path": "/health", "port": port, "intervalSeconds": 0.05},
+        "stop": {"gracePeriodSeconds": grace},
+        "startTimeoutSeconds": 20,
+        "vramMiB": vram,
+    }
+
+
+class PodOperator:
+    """``vramctl operator --runtime kubernetes`` as the DaemonSet runs it."""
+
+    def __init__(self, tmp: Path, kubeconfig: Path, namespace: str, node: str) -> None:
+        self.tmp, self.kubeconfig, self.namespace, self.node = tmp, kubeconfig, namespace, node
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[Path] = []
+
+    def start(self) -> PodOperator:
+        log = self.tmp / f"operator-{len(self.logs)}.log"
+        self.logs.append(log)
+        cmd = [
+            *(sys.executable, "-m", "vramctl", "operator", "--runtime", "kubernetes"),
+            *("--node-name", self.node, "--instance", "k8s", "--namespace", self.namespace),
+            *("--listen", f"127.0.0.1:{self.port}", "--gpu-probe", "simulated", "--kubeconfig", str(self.kubeconfig)),
+            *("--timer-seconds", str(TIMER_S)),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vramctl operator exited {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=0.5).read()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"vramctl operator did not answer /healthz within 30 s:\n{self.log_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+
+class Cluster:
+    def __init__(self, emulator: EmulatorThread, tmp: Path) -> None:
+        self.ns = f"p{uuid.uuid4().hex[:8]}"
+        self.node = f"node-{self.ns}"
+        self.kube = KubeClient(emulator.url)
+        self.kubelet = TestKubelet(emulator, self.node, tmp)
+        self.op = PodOperator(tmp, emulator.kubeconfig(tmp / "kubeconfig"), self.ns, self.node)
+        self.ports = {m: free_port() for m in ("llm", "sdxl", "tts")}
+
+    def spec(self, **fields: Any) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "nodeName": self.node,
+            "gpu": 0,
+            "activeModel": "llm",
+            "vramBudgetMiB": 15000,
+            "models": {
+                "llm": model(self.ports["llm"], 9000),
+                "sdxl": model(self.ports["sdxl"], 10000),
+                "tts": model(self.ports["tts"], 3000, cls="light"),
+            },
+        }
+        spec.update(fields)
+        return spec
+
+    def pods(self) -> dict[str, dict[str, Any]]:
+        items = self.kube.request("GET", f"/api/v1/namespaces/{self.ns}/pods")["items"]
+        return {p["metadata"]["name"]: p for p in items}
+
+    def wait_md(self, name: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        obj: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            obj = self.kube.get_md(self.ns, name)
+            if obj is not None and pred(obj):
+                return obj
+            time.sleep(0.05)
+        raise AssertionError(
+            f"{self.ns}/{name} not as expected within {timeout}s; last: {json.dumps(obj, indent=1)[-3000:]}\n"
+            f"operator log:\n{self.op.log_text()[-4000:]}\nkubelet: {self.kubelet.errors}"
+        )
+
+    def events(self, name: str) -> list[tuple[str, str, str]]:
+        return [
+            (e["type"], e["reason"], e["message"])
+            for e in self.kube.events(self.ns, name)
+            if e.get("reportingComponent") == "vramctl.io/operator"
+        ]
+
+    def wait_events(
+        self, name: str, pred: Callable[[list[tuple[str, str, str]]], bool], timeout: float = 10.0
+    ) -> list[tuple[str, str, str]]:
+        deadline = time.monotonic() + timeout
+        ev = self.events(name)
+        while time.monotonic() < deadline and not pred(ev):
+            time.sleep(0.05)
+            ev = self.events(name)
+        assert pred(ev), f"events of {name}: {ev}\n{self.op.log_text()[-3000:]}"
+        return ev
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[EmulatorThread]:
+    with EmulatorThread() as emu:
+        yield emu
+
+
+@pytest.fixture
+def cluster(emulator: EmulatorThread, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(emulator, tmp_path)
+    with c.kubelet, GarbageCollector(emulator):
+        try:
+            yield c
+        finally:
+            c.op.stop()
+        c.kubelet.assert_exclusive()
+
+
+def status(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj.get("status") or {}
+
+
+def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next(c for c in status(obj).get("conditions") or [] if c["type"] == ctype)
+
+
+def settled(generation: int, running: list[str]) -> Callable[[dict[str, Any]], bool]:
+    def pred(obj: dict[str, Any]) -> bool:
+        st = status(obj)
+        return (
+            st.get("observedGeneration") == generation and st.get("phase") == "Ready" and sorted(st.get("runningModels") or []) == running
+        )
+
+    return pred
+
+
+# --------------------------------------------------------------------- tests
+
+
+def test_switch_back_and_forth_with_a_companion(cluster: Cluster) -> None:
+    c = cluster
+    c.kube.create_md(c.ns, "gpu0", c.spec(companions=["tts"]))
+    c.op.start()
+    obj = c.wait_md("gpu0", settled(1, ["llm", "tts"]))
+    pods = c.pods()
+    assert sorted(pods) == ["gpu0-llm", "gpu0-tts"]
+    owner = pods["gpu0-llm"]["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("ModelDeployment", "gpu0", obj["metadata"]["uid"])
+    assert pods["gpu0-llm"]["spec"]["nodeName"] == c.node and pods["gpu0-llm"]["spec"]["runtimeClassName"] == "nvidia"
+    tts_uid = pods["gpu0-tts"]["metadata"]["uid"]
+
+    for gen, target in ((2, "sdxl"), (3, "llm"), (4, "sdxl")):
+        c.kube.patch_md(c.ns, "gpu0", {"spec": {"activeModel": target}})
+        obj = c.wait_md("gpu0", settled(gen, sorted([target, "tts"])))
+        assert sorted(c.pods()) == sorted([f"gpu0-{target}", "gpu0-tts"])
+        last = status(obj)["lastSwitch"]
+        assert (last["to"], last["outcome"], last["generation"]) == (target, "success", gen)
+    assert c.pods()["gpu0-tts"]["metadata"]["uid"] == tts_uid  # the companion stayed through every switch
+    c.wait_events("gpu0", lambda ev: sum(r == "SwitchFinished" for _, r, _ in ev) >= 4)
+    heavy_starts = [m for _, m in c.kubelet.started if m != "tts"]
+    assert heavy_starts == ["llm", "sdxl", "llm", "sdxl"]
+
+
+def test_a_crash_and_an_image_that_cannot_run_are_failures(cluster: Cluster) -> None:
+    c = cluster
+    spec = c.spec()
+    spec["models"]["llm"] = model(c.ports["llm"], 9000, STANDIN_CRASH_AFTER_SECONDS="1", STANDIN_EXIT_CODE="3")
+    spec["models"]["sdxl"]["image"] = "registry.invalid/sdxl:nope"
+    c.kube.create_md(c.ns, "gpu0", spec)
+    c.op.start()
+    # llm comes up, then crashes: reported with its exit code and log lines.
+    ev = c.wait_events("gpu0", lambda ev: any(r == "ModelFailed" and "llm" in m for _, r, m in ev), timeout=20)
+    failed = next(m for _, r, m in ev if r == "ModelFailed")
+    assert "crashing with exit code 3" in failed or "exit code 3" in failed, failed
+
+    c.kube.patch_md(c.ns, "gpu0", {"spec": {"activeModel": "sdxl"}})
+    obj = c.wait_md("gpu0", lambda o: status(o).get("observedGeneration") == 2 and status(o).get("phase") == "Failed")
+    assert condition(obj, "Degraded")["status"] == "True"
+    assert "ImagePullBackOff" in status(obj)["message"], status(obj)
+    ev = c.wait_events("gpu0", lambda ev: any(r == "ModelFailed" and "ImagePullBackOff" in m for _, r, m in ev))
+    assert "gpu0-sdxl" not in c.pods()  # nothing lingers pending
+    assert not any(m == "sdxl" for _, m in c.kubelet.started)
+
+
+def test_delete_removes_the_pods_and_the_owner_reference_collects_them(cluster: Cluster) -> None:
+    c = cluster
+    c.kube.create_md(c.ns, "gpu0", c.spec(companions=["tts"]))
+    c.op.start()
+    c.wait_md("gpu0", settled(1, ["llm", "tts"]))
+    c.kube.delete_md(c.ns, "gpu0")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (c.kube.get_md(c.ns, "gpu0") is not None or c.pods()):
+        time.sleep(0.05)
+    assert c.kube.get_md(c.ns, "gpu0") is None and c.pods() == {}, c.op.log_text()[-3000:]
+    assert c.kubelet.alive() == {}
+
+    # Without the operator: only the owner reference is left to do it.
+    c.kube.create_md(c.ns, "gpu1", c.spec(gpu=1))
+    c.op.start()
+    c.wait_md("gpu1", settled(1, ["llm"]))
+    c.op.stop()
+    c.kube.patch_md(c.ns, "gpu1", {"metadata": {"finalizers": None}})
+    c.kube.delete_md(c.ns, "gpu1")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and c.pods():
+        time.sleep(0.05)
+    assert c.pods() == {} and c.kubelet.alive() == {}
+
+
+def test_an_operator_killed_mid_switch_converges_after_a_restart(cluster: Cluster) -> None:
+    c = cluster
+    spec = c.spec()
+    spec["models"]["llm"] = model(c.ports["llm"], 9000, stop=1.5)
+    c.kube.create_md(c.ns, "gpu0", spec)
+    c.op.start()
+    c.wait_md("gpu0", settled(1, ["llm"]))
+    c.kube.patch_md(c.ns, "gpu0", {"spec": {"activeModel": "sdxl"}})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (c.pods().get("gpu0-llm") or {}).get("metadata", {}).get("deletionTimestamp"):
+        time.sleep(0.02)
+    assert (c.pods().get("gpu0-llm") or {}).get("metadata", {}).get("deletionTimestamp"), "the stop never began"
+    c.op.stop(signal.SIGKILL)  # mid-switch: llm is still stopping
+    c.op.start()
+    c.wait_md("gpu0", settled(2, ["sdxl"]))
+    assert sorted(c.pods()) == ["gpu0-sdxl"]
+    assert [m for _, m in c.kubelet.started] == ["llm", "sdxl"]
+
+
+def test_two_deployments_for_one_gpu_the_newer_is_a_conflict(cluster: Cluster) -> None:
+    c = cluster
+    c.kube.create_md(c.ns, "first", c.spec())
+    time.sleep(1.1)  # creationTimestamp has whole seconds
+    c.kube.create_md(c.ns, "second", c.spec(activeModel="sdxl"))
+    c.op.start()
+    c.wait_md("first", settled(1, ["llm"]))
+    obj = c.wait_md("second", lambda o: status(o).get("phase") == "Failed")
+    degraded = condition(obj, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "Conflict" and f"{c.ns}/first" in degraded["message"]
+    ev = c.wait_events("second", lambda ev: any(r == "Conflict" for _, r, _ in ev))
+    assert any(f"{c.ns}/first" in m for _, r, m in ev if r == "Conflict")
+    time.sleep(2 * TIMER_S)
+    assert sorted(c.pods()) == ["first-llm"]  # nothing ran for the newer one
+    assert len([e for e in c.events("second") if e[1] == "Conflict"]) == 1
+
+    c.kube.delete_md(c.ns, "first")  # the older goes: the newer takes over cleanly
+    obj = c.wait_md("second", settled(1, ["sdxl"]))
+    assert condition(obj, "Degraded")["status"] == "False"
+    assert sorted(c.pods()) == ["second-sdxl"]
+    assert c.pods()["second-sdxl"]["metadata"]["ownerReferences"][0]["name"] == "second"
