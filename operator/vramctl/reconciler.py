@@ -28,7 +28,7 @@ from vramctl.gpu.base import GpuProbe
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.planner import Cleanup, Plan, Start, Stop, WaitForMemory, WaitHealthy, plan
 from vramctl.runtimes.base import Runtime, StartEvent, StopOutcome
-from vramctl.runtimes.health import LocalResourceError
+from vramctl.runtimes.health import LocalResourceError, http_ready
 from vramctl.spec import DeploymentSpec
 
 log = logging.getLogger("vramctl.supervisor")
@@ -195,6 +195,8 @@ class Reconciler:
         self.blocked: str | None = None
         self.outage: Outage | None = None
         self.after_outage = False
+        self.refused: tuple[int, str, str] | None = None
+        self._observed = Observed()
         self.stop_retry_at = 0.0
         self.kept: frozenset[str] = frozenset()
         self.running: list[str] = []
@@ -240,11 +242,16 @@ class Reconciler:
             self.ctx.begin_switch(self._holder(), self.desired.active, now)
         elif self.ctx.book.phase in ("Idle", "Ready") and not p.switching:
             self.ctx.phase("Switching", "Starting", "; ".join(p.describe()))
+        refused = self._unrunnable(p, now)
+        if refused is not None:
+            return refused
         for action in p.actions:
             match action:
                 case Cleanup() | Stop() | Start():
                     if isinstance(action, Stop) and now < self.stop_retry_at:
                         return self.stop_retry_at - now, True
+                    if isinstance(action, Start) and self._port_taken(action.model, now):
+                        return s.poll_interval_s, False
                     self._submit(action)
                     return s.poll_interval_s, False
                 case WaitForMemory():
@@ -254,6 +261,46 @@ class Reconciler:
                 case WaitHealthy(model=m, timeout_seconds=timeout):
                     return self._wait_health(m, timeout, now)
         return s.poll_interval_s, False
+
+    def _unrunnable(self, p: Plan, now: float) -> tuple[float, bool] | None:
+        """Before anything is stopped for them: can the models this plan starts
+        run at all (image present, executable found)? If not, nothing of the
+        plan is done, the models that run keep running, and the phase says why
+        until the desired state or the spec changes."""
+        observed = self._observed
+        for a in p.actions:
+            if not isinstance(a, Start) or observed.state(a.model).live:
+                continue
+            try:
+                problem = self.runtime.preflight(self.spec, a.model)
+            except Exception:
+                problem = None  # cannot tell (an outage): the start itself will say
+            if problem is not None:
+                key = (self.desired.generation, a.model, problem)
+                if self.refused != key:
+                    self.refused = key
+                    msg = f"{a.model!r} cannot start: {problem}; nothing was stopped for it"
+                    self.ctx.note("failed", a.model, msg)
+                    self.watch.fail_switch("NotRunnable", msg, now)
+                return self.ctx.settings.resync_s, True
+        self.refused = None
+        return None
+
+    def _port_taken(self, m: str, now: float) -> bool:
+        """Health must come from the workload vramctl starts: a health port that
+        already answers before the model runs is served by something else."""
+        h = self.spec.health_of(m)
+        if h is None or h.path is None or h.port is None or self._observed.state(m).live:
+            return False
+        try:
+            answered = http_ready(h.host, h.port, h.path, timeout=0.5)
+        except LocalResourceError:
+            return False
+        if not answered:
+            return False
+        msg = f"port {h.port} ({h.host}) already answers {h.path} before {m!r} was started: something else serves it; not started"
+        self.watch.fail(m, "PortInUse", msg, [], now)
+        return True
 
     # ------------------------------------------------------------ actions
 
@@ -393,7 +440,7 @@ class Reconciler:
     def _publish_states(self) -> None:
         """Model states for readers: the last observation, overlaid with the
         action in flight. Replaced whole, never mutated."""
-        observed = getattr(self, "_observed", Observed())
+        observed = self._observed
         states = states_of(self.spec, observed.workloads, set(self.backoff.failures) & set(self.backoff.until))
         if self.op is not None:
             m = self.op.action.model
@@ -419,8 +466,7 @@ class Reconciler:
             self.ctx.phase("Ready", "ModelReady", f"{', '.join(d.members)} ready")
 
     def _holder(self) -> str | None:
-        observed = getattr(self, "_observed", Observed())
-        for w in observed.workloads.values():
+        for w in self._observed.workloads.values():
             if w.state.live and w.heavy:
                 return w.model
         return None

@@ -219,6 +219,7 @@ class GpuWorker:
                 # current companions that still fit beside the new model.
                 companions, dropped = ((), ()) if active is None else fitting(self.spec, active, self._desired.companions, self.total_mib())
             check_desired(self.spec, active, companions, self.total_mib())
+            self._preflight(active, companions)
             desired = Desired(active or None, tuple(companions), self._desired.generation + 1)
             if self.desired_sink is not None:
                 before = self._desired
@@ -228,6 +229,20 @@ class GpuWorker:
             self._desired = desired
             self._inbox.put(_Request(desired, source, dropped))
         return desired
+
+    def _preflight(self, active: str | None, companions: tuple[str, ...]) -> None:
+        """Refuse a request whose new models cannot start here (image missing,
+        executable not found) before anything is stopped for it."""
+        running = self._rec.model_states
+        for path, m in [("activeModel", active), *((f"companions[{i}]", c) for i, c in enumerate(companions))]:
+            if m is None or running.get(m) in ("running", "starting", "paused"):
+                continue
+            try:
+                problem = self.runtime.preflight(self.spec, m)
+            except Exception:
+                continue  # the runtime cannot tell now (an outage): the start will say
+            if problem is not None:
+                raise DesiredStateError(f"{m!r} cannot start: {problem}; nothing was stopped", path)
 
     def update_spec(self, deployment: DeploymentSpec) -> None:
         with self._request_lock:

@@ -23,6 +23,7 @@ class FakeRuntime:
     crash_on_start: set[str] = field(default_factory=set)
     fail_start: dict[str, str] = field(default_factory=dict)
     never_healthy: set[str] = field(default_factory=set)
+    unrunnable: set[str] = field(default_factory=set)  # preflight says fail_start[model]
     on_call: Callable[[str, str], None] | None = None
 
     def _rec(self, verb: str, model: str) -> None:
@@ -50,6 +51,9 @@ class FakeRuntime:
         if model in self.states:
             self.states[model] = WorkloadState.EXITED
         return StopOutcome(model, was, False, 0.0)
+
+    def preflight(self, deployment: DeploymentSpec, model: str) -> str | None:
+        return self.fail_start.get(model) if model in self.unrunnable else None
 
     def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
         self._rec("cleanup", model)

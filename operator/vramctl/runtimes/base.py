@@ -94,6 +94,12 @@ class Runtime(Protocol):
         """Stop signal, wait the model's grace period, then SIGKILL; return once exited."""
         ...
 
+    def preflight(self, deployment: DeploymentSpec, model: str) -> str | None:
+        """Why ``model`` cannot start here (image missing, compose service or
+        executable not found), checked before anything is stopped for it; None
+        when nothing known stands in the way. Cheap and read-only."""
+        ...
+
     def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
         """Remove what an exited workload left behind (a Workload observed with
         ``leftover``): processes still in its group, its record. Observation

@@ -686,6 +686,25 @@ class DockerRuntime:
 
     # ------------------------------------------------------- pause, logs
 
+    @_classified
+    def preflight(self, deployment: DeploymentSpec, model: str) -> str | None:
+        """The image is present locally (vramctl never pulls), or the compose
+        service's container exists or its project can create it."""
+        m = deployment.models.get(model)
+        if m is None:
+            return f"{model!r} is not in the spec"
+        if m.compose_service is not None:
+            if self.compose is None:
+                return f"{model!r} names composeService {m.compose_service!r} but no compose project is configured"
+            return None  # compose creates it on start; a missing service is a start error naming it
+        if m.image is None:
+            return f"{model!r} has no image"
+        try:
+            self.client.images.get(m.image)
+        except docker.errors.ImageNotFound:
+            return f"image {m.image} of {model!r} is not present locally (vramctl never pulls: build or pull it first)"
+        return None
+
     def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
         """Nothing to do: an exited container leaves no processes behind."""
 

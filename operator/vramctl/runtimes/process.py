@@ -363,6 +363,18 @@ class ProcessRuntime:
             model=rec.model, state=state, ref=rec.ref, drifted=drifted, exit_code=code, heavy=rec.model_class == "heavy", leftover=leftover
         )
 
+    def preflight(self, deployment: DeploymentSpec, model: str) -> str | None:
+        """The command's executable can be found and run."""
+        spec = deployment.models.get(model)
+        if spec is None or not spec.command:
+            return f"{model!r} has no `command`: the process runtime runs `command` + `args` as a local process"
+        env = {**os.environ, **deployment.merged_env(model)}
+        try:
+            _check_executable(model, deployment.process_argv(model)[0], env.get("PATH", os.defpath))
+        except StartError as err:
+            return str(err)
+        return None
+
     def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
         """Kill what an exited model left in its process group and record its
         exit. Only a group pinned by the model's own zombie leader is touched."""

@@ -1,0 +1,144 @@
+"""Faults found when vramctl was tried as a user would, on the real engine
+and the real `vramctl up`: each test failed on the supervisor before the
+worker became an actor (or before the fix it names)."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import docker
+import pytest
+
+from tests.conftest import ExclusivityRecorder
+from tests.e2e.conftest import VramctlProc, standin_model
+
+pytestmark = pytest.mark.docker
+
+
+def config(ports: dict[str, int], **gpu: Any) -> dict[str, Any]:
+    models = {
+        "llm": standin_model(ports["llm"], 9000),
+        "sdxl": standin_model(ports["sdxl"], 10000),
+    }
+    models.update(gpu.pop("models", {}))
+    return {
+        "runtime": "docker",
+        "gpuProbe": {"kind": "simulated", "totalMiB": 16384, "releaseDelaySeconds": 0.1},
+        "backoffInitialSeconds": 1,
+        "gpus": [{"gpu": 0, "activeModel": "llm", "vramBudgetMiB": 15000, "models": models, **gpu}],
+    }
+
+
+@pytest.fixture
+def ports(free_port: Callable[[], int]) -> dict[str, int]:
+    return {m: free_port() for m in ("llm", "sdxl", "ghost", "busy")}
+
+
+def live(client: docker.DockerClient, instance: str) -> dict[str, str]:
+    cs = client.containers.list(all=True, filters={"label": [f"vramctl.io/instance={instance}"]})
+    return {c.labels["vramctl.io/model"]: c.status for c in cs}
+
+
+def test_a_missing_image_is_refused_before_the_working_model_is_stopped(
+    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+) -> None:
+    ghost = {**standin_model(ports["ghost"], 9000), "image": "vramctl/no-such-image:never"}
+    v = vramctl(config(ports, models={"ghost": ghost}))
+    v.start()
+    v.wait(lambda g: g["phase"] == "Ready")
+    r = v.cli("switch", "ghost", "--wait", "--timeout", "20")
+    assert r.returncode != 0
+    said = r.stdout + r.stderr
+    assert "vramctl/no-such-image:never" in said and "not present locally" in said, said
+    time.sleep(0.5)
+    g = v.gpu()
+    assert g["activeModel"] == "llm" and g["runningModels"] == ["llm"] and g["phase"] == "Ready"
+    assert live(docker_client, instance).get("llm") == "running"
+
+
+def test_a_port_served_by_something_else_is_not_taken_for_health(
+    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+) -> None:
+    """Something already answers sdxl's health port: vramctl must not call
+    sdxl healthy (its own container cannot even bind the port)."""
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    squatter = http.server.ThreadingHTTPServer(("127.0.0.1", ports["sdxl"]), Ok)
+    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+    try:
+        v = vramctl(config(ports))
+        v.start()
+        v.wait(lambda g: g["phase"] == "Ready")
+        r = v.cli("switch", "sdxl", "--wait", "--timeout", "20")
+        assert r.returncode != 0, r.stdout
+        g = v.wait(lambda g: g["phase"] == "Failed")
+        assert f"port {ports['sdxl']}" in g["message"] and "something else serves it" in g["message"], g["message"]
+        assert live(docker_client, instance).get("sdxl") != "running"
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
+
+
+def test_a_crash_soon_after_healthy_backs_off_with_its_exit_code(
+    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int]
+) -> None:
+    flaky = standin_model(ports["llm"], 9000, load=0.2, STANDIN_CRASH_AFTER_SECONDS="1.5", STANDIN_EXIT_CODE="7")
+    v = vramctl(config(ports, models={"llm": flaky}))
+    v.start(wait_ready=False)
+    g = v.wait(lambda g: g["phase"] == "Failed", timeout=30)
+    assert "exit code 7" in g["message"] and "attempt 1" in g["message"], g["message"]
+    # The next crash after the retry counts on: a crash loop backs off longer, never "Ready / Switching" forever.
+    g = v.wait(lambda g: g["phase"] == "Failed" and "attempt 2" in g["message"], timeout=30)
+    assert "retrying in 2s" in g["message"]
+    assert "crashing with exit code 7" in g["message"]  # its last log lines
+
+
+def test_a_hand_start_right_after_vramctls_own_start_is_gated(
+    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    ports: dict[str, int],
+    docker_client: docker.DockerClient,
+    instance: str,
+    exclusivity: ExclusivityRecorder,
+) -> None:
+    """vramctl started llm; within its old 10 s own-start window someone
+    starts sdxl's container by hand: it is paused at once, not run beside llm."""
+    v = vramctl(config(ports))
+    v.start()
+    v.wait(lambda g: g["phase"] == "Ready")
+    r = v.cli("switch", "sdxl", "--wait", "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = v.cli("switch", "llm", "--wait", "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    sdxl = next(c for c in docker_client.containers.list(all=True, filters={"label": [f"vramctl.io/instance={instance}"]}) if c.labels["vramctl.io/model"] == "sdxl")
+    sdxl.start()  # by hand, a second after vramctl's own start of llm
+    exclusivity.settle()
+    assert not exclusivity.violations_for(instance), exclusivity.violations_for(instance)
+    lat = [s for name, s in exclusivity.gate_latencies if "sdxl" in name]
+    assert lat, "the hand start was not paused"
+    v.wait(lambda g: g["activeModel"] == "sdxl" and g["phase"] == "Ready", timeout=30)
+
+
+def test_a_container_removed_by_hand_moves_the_status_at_once(
+    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+) -> None:
+    v = vramctl({**config(ports), "resyncSeconds": 30})
+    v.start()
+    v.wait(lambda g: g["phase"] == "Ready")
+    llm = next(c for c in docker_client.containers.list(filters={"label": [f"vramctl.io/instance={instance}"]}))
+    t0 = time.monotonic()
+    llm.remove(force=True)
+    v.wait(lambda g: g["phase"] != "Ready" or "llm" not in g["runningModels"], timeout=5)
+    assert time.monotonic() - t0 < 2.0  # docker's events, not the 30 s resync
+
