@@ -4,6 +4,7 @@ used to spin on its interrupt, about a million health checks a second)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -99,7 +100,5 @@ def test_sigterm_during_a_health_wait_exits_promptly_without_spinning(tmp_path: 
         # The model outlives the supervisor by design (adopted by the next one): end it here.
         for rec in (tmp_path / "proc").glob("*.json"):
             data = json.loads(rec.read_text())
-            try:
+            with contextlib.suppress(ProcessLookupError, KeyError, ValueError):
                 os.killpg(int(data["pgid"]), signal.SIGKILL)
-            except (ProcessLookupError, KeyError, ValueError):
-                pass
