@@ -18,6 +18,17 @@ this file, with no download and no weights on disk:
   text encoders, the 83 M VAE), for GPU benchmarks: same shapes, same kernels,
   same VRAM as the real model, only the numbers in the weights differ.
 
+Sleep (``Engine.sleep`` / ``Engine.wake``, behind the server's ``POST /sleep``):
+level 1 copies every weight into host buffers and frees the device's copy and
+the allocator's cache; level 2 drops the weights and rebuilds the pipeline on
+wake (from disk; a random pipeline from its seed). With ``SDXL_SLEEP=1`` the
+host buffers are allocated and pinned once, at load: a pinned copy moves
+14 GiB in 0.3 s, a pageable one takes 10 s, and pinning at sleep time costs
+seconds the first time (DESIGN.md measured all three). Pinning registers one
+exactly-sized buffer with ``cudaHostRegister`` (torch's pinned allocator would
+round it up to a power of two); where that fails, torch's ``pin_memory``,
+and where that fails too, pageable memory with a logged warning.
+
 Both use a minimal byte-level CLIP vocabulary (every byte, alone and as an
 end of word, and the two special tokens) written at start-up: a prompt
 tokenises into one token a byte, and is still padded to 77 tokens like the
@@ -26,6 +37,7 @@ real tokenizer does.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -345,6 +357,14 @@ def encode_png(image: Any, level: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 0)) + chunk(b"IEND", b"")
 
 
+class Asleep(RuntimeError):
+    """A generate() while the weights are not on the device."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(f"the pipeline is asleep (level {level}): POST /wake_up first")
+        self.level = level
+
+
 @dataclass(frozen=True)
 class Generated:
     png: bytes
@@ -367,42 +387,197 @@ class Settings:
     vae_tiling: str = "auto"  # auto: only above 1024 px on a side; on; off
     loras: Sequence[tuple[str, float]] = ()
     png_compress_level: int = 0
+    sleep_pinned: bool = False  # SDXL_SLEEP=1: host buffers for a level-1 sleep, pinned at load
+
+
+# The pipeline parts that hold weights, in a fixed order.
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_ALIGN = 256  # bytes: every view into the host buffer starts on a boundary any dtype accepts
+
+
+def weight_tensors(pipe: StableDiffusionXLPipeline) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter and buffer of the pipeline's parts, each tensor once."""
+    out: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+    for comp in COMPONENTS:
+        module = getattr(pipe, comp, None)
+        if module is None:
+            continue
+        for kind, named in (("p", module.named_parameters()), ("b", module.named_buffers())):
+            for name, t in named:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    out.append((f"{comp}.{kind}.{name}", t))
+    return out
+
+
+class HostBuffers:
+    """One host buffer, cut into a view per weight tensor: where a sleeping pipeline's weights live.
+
+    ``how`` says what the memory is: ``registered`` (pinned with
+    cudaHostRegister, exactly its size), ``pinned`` (torch's pinned allocator)
+    or ``pageable`` (copies are slow; logged once as a warning).
+    """
+
+    def __init__(self, tensors: list[tuple[str, torch.Tensor]], pin: bool) -> None:
+        layout: dict[str, tuple[int, torch.Size, torch.dtype]] = {}
+        offset = 0
+        for name, t in tensors:
+            layout[name] = (offset, t.shape, t.dtype)
+            offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        self.nbytes = offset
+        self.flat, self.how = _host_memory(offset, pin)
+        self.views = {
+            name: self.flat[off : off + _nbytes(shape, dtype)].view(dtype).view(shape) for name, (off, shape, dtype) in layout.items()
+        }
+
+
+def _nbytes(shape: torch.Size, dtype: torch.dtype) -> int:
+    return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+
+
+def _host_memory(nbytes: int, pin: bool) -> tuple[torch.Tensor, str]:
+    if pin and torch.cuda.is_available():
+        flat = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        try:
+            cudart = torch.cuda.cudart()
+            if cudart.cudaHostRegister(flat.data_ptr(), flat.numel(), 0) == cudart.cudaError.success:
+                return flat, "registered"
+        except Exception as exc:  # an old torch without cudart bindings, a driver that refuses
+            log.info("cudaHostRegister failed (%s); trying torch's pinned allocator", exc)
+        try:
+            return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True), "pinned"
+        except Exception as exc:  # WSL2 and locked-memory limits refuse large pinned buffers
+            log.warning("cannot pin %d MiB of host memory for sleeping (%s): sleeps copy into pageable memory (slow)", nbytes >> 20, exc)
+    elif pin:
+        log.warning("no CUDA here: SDXL_SLEEP host buffers are pageable memory")
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8), "pageable"
+
+
+def build_pipe(settings: Settings) -> StableDiffusionXLPipeline:
+    """The pipeline as ``settings`` say: built or loaded, SDPA, slicing, LoRAs."""
+    if settings.random_init:
+        pipe = build_random_pipeline(settings.random_init, settings.device, settings.dtype)
+    elif settings.model:
+        pipe = load_pipeline(settings.model, settings.device, settings.dtype)
+    else:
+        raise ValueError("set SDXL_MODEL (a diffusers folder or a .safetensors file) or SDXL_RANDOM_INIT=tiny|full")
+    use_sdpa(pipe)
+    if settings.vae_slicing:
+        pipe.vae.enable_slicing()
+    if settings.loras:
+        names = []
+        for i, (path, weight) in enumerate(settings.loras):
+            name = f"lora{i}"
+            pipe.load_lora_weights(path, adapter_name=name)
+            names.append(name)
+            log.info("LoRA %s loaded from %s (weight %s)", name, path, weight)
+        pipe.set_adapters(names, adapter_weights=[w for _, w in settings.loras])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 class Engine:
-    """One loaded pipeline; ``generate`` runs one image at a time (a lock), the rest is read-only."""
+    """One loaded pipeline; ``generate``, ``sleep`` and ``wake`` run one at a time (a lock)."""
 
     def __init__(self, pipe: StableDiffusionXLPipeline, settings: Settings) -> None:
         self.pipe = pipe
         self.settings = settings
         self.device = settings.device
         self._lock = threading.Lock()
+        self.asleep: int = 0  # the level slept at; 0: awake
+        self.host: HostBuffers | None = None
+        if settings.sleep_pinned:
+            started = time.monotonic()
+            self.host = HostBuffers(weight_tensors(pipe), pin=True)
+            log.info(
+                "sleep: %d MiB of %s host memory for the weights in %.2f s",
+                self.host.nbytes >> 20,
+                self.host.how,
+                time.monotonic() - started,
+            )
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
         started = time.monotonic()
-        if settings.random_init:
-            pipe = build_random_pipeline(settings.random_init, settings.device, settings.dtype)
-        elif settings.model:
-            pipe = load_pipeline(settings.model, settings.device, settings.dtype)
-        else:
-            raise ValueError("set SDXL_MODEL (a diffusers folder or a .safetensors file) or SDXL_RANDOM_INIT=tiny|full")
-        use_sdpa(pipe)
-        if settings.vae_slicing:
-            pipe.vae.enable_slicing()
-        if settings.loras:
-            names = []
-            for i, (path, weight) in enumerate(settings.loras):
-                name = f"lora{i}"
-                pipe.load_lora_weights(path, adapter_name=name)
-                names.append(name)
-                log.info("LoRA %s loaded from %s (weight %s)", name, path, weight)
-            pipe.set_adapters(names, adapter_weights=[w for _, w in settings.loras])
-        pipe.set_progress_bar_config(disable=True)
+        pipe = build_pipe(settings)
         if settings.device.startswith("cuda"):
             torch.cuda.synchronize()
         log.info("pipeline on %s (%s) in %.1f s", settings.device, str(settings.dtype).removeprefix("torch."), time.monotonic() - started)
         return cls(pipe, settings)
+
+    def sleep(self, level: int) -> dict[str, Any]:
+        """Free the device: level 1 keeps the weights in host memory, level 2 drops them.
+
+        Waits for an image in progress (the lock). Sleeping again while
+        asleep does nothing. Returns what was done, for the HTTP answer.
+        """
+        if level not in (1, 2):
+            raise ValueError(f"level must be 1 or 2, got {level}")
+        with self._lock:
+            if self.asleep:
+                return {
+                    "level": self.asleep,
+                    "seconds": 0.0,
+                    "host_bytes": self.host.nbytes if self.host else 0,
+                    "host_memory": self._how(),
+                }
+            started = time.perf_counter()
+            tensors = weight_tensors(self.pipe)
+            if level == 1:
+                if self.host is None:
+                    log.warning("sleep level 1 without SDXL_SLEEP=1: the host buffers are allocated now, pageable (slow)")
+                    self.host = HostBuffers(tensors, pin=False)
+                for name, t in tensors:
+                    self.host.views[name].copy_(t, non_blocking=True)
+                self._sync()
+            for _, t in tensors:
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            self._free_cache()
+            self.asleep = level
+            seconds = time.perf_counter() - started
+            log.info("asleep (level %d) in %.3f s", level, seconds)
+            return {
+                "level": level,
+                "seconds": seconds,
+                "host_bytes": self.host.nbytes if self.host and level == 1 else 0,
+                "host_memory": self._how(),
+            }
+
+    def wake(self) -> dict[str, Any]:
+        """Bring the weights back: a copy from host memory (level 1) or a rebuild (level 2)."""
+        with self._lock:
+            if not self.asleep:
+                return {"level": 0, "seconds": 0.0}
+            level, started = self.asleep, time.perf_counter()
+            if level == 1:
+                assert self.host is not None
+                for name, t in weight_tensors(self.pipe):
+                    src = self.host.views[name]
+                    t.data = torch.empty(src.shape, dtype=src.dtype, device=self.device).copy_(src, non_blocking=True)
+            else:
+                old = self.pipe
+                self.pipe = build_pipe(self.settings)
+                del old
+                self._free_cache()
+            self._sync()
+            self.asleep = 0
+            seconds = time.perf_counter() - started
+            log.info("awake (from level %d) in %.3f s", level, seconds)
+            return {"level": level, "seconds": seconds}
+
+    def _how(self) -> str:
+        return self.host.how if self.host is not None else "none"
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _free_cache(self) -> None:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
     def wants_tiling(self, width: int, height: int) -> bool:
         mode = self.settings.vae_tiling
@@ -420,6 +595,8 @@ class Engine:
     ) -> Generated:
         """One PNG. The same arguments give the same bytes on the same device and software."""
         with self._lock:
+            if self.asleep:
+                raise Asleep(self.asleep)
             started = time.perf_counter()
             cuda = self.device.startswith("cuda")
             if cuda:

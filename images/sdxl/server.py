@@ -14,6 +14,15 @@
                     negative_prompt, steps, seed, guidance -> 200 {"created", "data":
                     [{"b64_json", "revised_prompt"}]}; errors as {"error": {"message",
                     "type", "param", "code"}} with param naming the field.
+    POST /sleep?level=1|2  free the GPU: level 1 moves the weights to host memory (pinned
+                    at load with SDXL_SLEEP=1), level 2 drops them (wake rebuilds the
+                    pipeline from disk); waits for an image in progress; 200 {"is_sleeping":
+                    true, "level", "seconds", "host_bytes", "host_memory"}. (vLLM's mode=
+                    is accepted and ignored: this server always waits.)
+    POST /wake_up   weights back on the GPU; 200 {"is_sleeping": false, "level", "seconds"}.
+    GET  /is_sleeping  {"is_sleeping": bool, "state": awake|sleeping|asleep|waking, "level"}.
+                    While not awake, /health answers 200 {"status": <state>} and image
+                    requests 503 with Retry-After (never a wait for a wake).
 
 The HTTP side is the standard library only and serves from background threads
 at once, while the main thread imports torch and diffusers and loads the
@@ -32,6 +41,9 @@ Environment:
     SDXL_VAE_SLICING    1 (default) or 0
     SDXL_VAE_TILING     auto (default: only above 1024 px on a side) | 1 | 0
     SDXL_LORAS          path[:weight],path[:weight]  (weight defaults to 1.0)
+    SDXL_SLEEP          1: allocate and pin host buffers for the weights at load, so a
+                        level-1 sleep is a fast copy (0 default: a level-1 sleep
+                        allocates pageable buffers then, slowly, and warns)
     SDXL_PNG_COMPRESS   zlib level 0-9 for the PNG (default 0: stored, about 5 ms and 3 MB for
                         1024x1024; 6 makes ~1.5 MB photos for 0.1-0.2 s of CPU)
     HOST, PORT          where to listen (default 127.0.0.1:7860)
@@ -50,6 +62,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -236,6 +249,7 @@ def model_settings(env: Mapping[str, str]) -> Any:
         vae_tiling={"1": "on", "0": "off"}.get(tiling, tiling),
         loras=sp.parse_loras(env.get("SDXL_LORAS", "")),
         png_compress_level=int(compress),
+        sleep_pinned=_flag(env, "SDXL_SLEEP", "0", ("1", "0")) == "1",
     )
 
 
@@ -259,6 +273,18 @@ class EngineLike(Protocol):
     def vram(self) -> dict[str, Any]: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    def sleep(self, level: int) -> dict[str, Any]: ...
+
+    def wake(self) -> dict[str, Any]: ...
+
+
+class NotAwake(RuntimeError):
+    """An image asked for while the pipeline sleeps, goes to sleep or wakes."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(f"the pipeline is {state}: POST /wake_up first (vramctl wakes it when this model is wanted)")
+        self.state = state
 
 
 def check_model_source(env: Mapping[str, str]) -> None:
@@ -297,7 +323,10 @@ class App:
         self.load_seconds: float | None = None
         self.loaded = threading.Event()  # set when loading ends, either way
         self.last: GeneratedLike | None = None
-        self._jobs: queue.Queue[tuple[Future[GeneratedLike], GenerateRequest, int] | None] = queue.Queue()
+        # awake | sleeping | asleep | waking; changed only on the GPU thread, between jobs.
+        self.sleep_state = "awake"
+        self.sleep_level = 0
+        self._jobs: queue.Queue[tuple[Future[Any], Callable[[], Any]] | None] = queue.Queue()
 
     def load(self) -> None:
         try:
@@ -322,14 +351,11 @@ class App:
                 continue
             if item is None:
                 return
-            future, req, seed = item
+            future, job = item
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                assert self.engine is not None  # nothing is queued before loading succeeded
-                result = self.engine.generate(req.prompt, req.negative_prompt, req.steps, req.width, req.height, seed, req.guidance)
-                self.last = result
-                future.set_result(result)
+                future.set_result(job())
             except Exception as exc:  # OOM and the like: the caller reports it; keep serving
                 future.set_exception(exc)
 
@@ -341,13 +367,69 @@ class App:
     def stop(self) -> None:
         self._jobs.put(None)
 
-    def generate(self, req: GenerateRequest, seed: int) -> GeneratedLike:
-        """Queue one image for the GPU thread and wait for it."""
-        future: Future[GeneratedLike] = Future()
-        self._jobs.put((future, req, seed))
+    def _submit(self, job: Callable[[], Any]) -> Any:
+        """Run ``job`` on the GPU thread, after what is queued before it; its result or exception."""
+        future: Future[Any] = Future()
+        self._jobs.put((future, job))
         return future.result()
 
+    def generate(self, req: GenerateRequest, seed: int) -> GeneratedLike:
+        """Queue one image for the GPU thread and wait for it; NotAwake when the
+        pipeline went to sleep before its turn (checked on the GPU thread, so an
+        image never runs on dropped weights)."""
+
+        def job() -> GeneratedLike:
+            if self.sleep_state != "awake":
+                raise NotAwake(self.sleep_state)
+            assert self.engine is not None  # nothing is queued before loading succeeded
+            result = self.engine.generate(req.prompt, req.negative_prompt, req.steps, req.width, req.height, seed, req.guidance)
+            self.last = result
+            return result
+
+        result: GeneratedLike = self._submit(job)
+        return result
+
+    def sleep(self, level: int) -> dict[str, Any]:
+        """Put the pipeline to sleep after the images queued before; idempotent."""
+
+        def job() -> dict[str, Any]:
+            assert self.engine is not None
+            if self.sleep_state == "asleep":
+                return {"level": self.sleep_level, "seconds": 0.0}
+            self.sleep_state = "sleeping"
+            try:
+                doc = self.engine.sleep(level)
+            except BaseException:
+                self.sleep_state = "asleep" if getattr(self.engine, "asleep", 0) else "awake"
+                raise
+            self.sleep_state, self.sleep_level = "asleep", level
+            return doc
+
+        doc: dict[str, Any] = self._submit(job)
+        return doc
+
+    def wake(self) -> dict[str, Any]:
+        """Bring the weights back; idempotent."""
+
+        def job() -> dict[str, Any]:
+            assert self.engine is not None
+            if self.sleep_state == "awake":
+                return {"level": 0, "seconds": 0.0}
+            self.sleep_state = "waking"
+            try:
+                doc = self.engine.wake()
+            except BaseException:
+                self.sleep_state = "asleep" if getattr(self.engine, "asleep", 1) else "awake"
+                raise
+            self.sleep_state, self.sleep_level = "awake", 0
+            return doc
+
+        doc: dict[str, Any] = self._submit(job)
+        return doc
+
     def health(self) -> tuple[int, dict[str, Any]]:
+        if self.engine is not None and self.sleep_state != "awake":
+            return 200, {"status": self.sleep_state, "level": self.sleep_level}
         if self.engine is not None:
             return 200, {"status": "ready", "load_seconds": round(self.load_seconds or 0.0, 3), **self.engine.describe()}
         if self.error is not None:
@@ -396,13 +478,53 @@ class Handler(BaseHTTPRequestHandler):
             self._json(status, doc, {"Retry-After": "1"} if status == 503 else None)
         elif path == "/vram":
             self._json(200, self.app.vram())
+        elif path == "/is_sleeping":
+            state = self.app.sleep_state
+            self._json(200, {"is_sleeping": state == "asleep", "state": state, "level": self.app.sleep_level})
         else:
             self._json(404, {"error": f"no such path {path}; try GET /health, GET /vram, POST /generate"})
 
     do_HEAD = do_GET
 
+    def _not_awake(self, openai: bool, state: str | None = None) -> bool:
+        """Answer 503 with Retry-After when the pipeline is not awake, or was
+        ``state`` when the request's turn came (True: answered)."""
+        state = state or self.app.sleep_state
+        if state == "awake":
+            return False
+        message = str(NotAwake(state))
+        doc: dict[str, Any] = (
+            {"error": {"message": message, "type": "server_error", "param": None, "code": "model_asleep"}}
+            if openai
+            else {"error": message, "status": state}
+        )
+        self._json(503, doc, {"Retry-After": "1"})
+        return True
+
+    def _sleep_or_wake(self, sleep: bool) -> None:
+        self._drain()
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        level_s = query.get("level", ["1"])[0]
+        if sleep and level_s not in ("1", "2"):
+            self._json(400, {"error": f"level must be 1 or 2, got {level_s!r}", "field": "level"})
+            return
+        if self.app.engine is None:
+            status, doc = self.app.health()
+            self._json(503 if status == 503 else 500, doc, {"Retry-After": "1"})
+            return
+        try:
+            doc = self.app.sleep(int(level_s)) if sleep else self.app.wake()
+        except Exception as exc:
+            log.error("%s failed: %s\n%s", "sleep" if sleep else "wake", exc, "".join(traceback.format_exception(exc)))
+            self._json(500, {"error": f"{type(exc).__name__}: {exc}", "state": self.app.sleep_state})
+            return
+        self._json(200, {"is_sleeping": self.app.sleep_state == "asleep", **doc})
+
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
+        if path in ("/sleep", "/wake_up"):
+            self._sleep_or_wake(path == "/sleep")
+            return
         if path == IMAGES_PATH:
             self._images()
             return
@@ -429,9 +551,14 @@ class Handler(BaseHTTPRequestHandler):
             status, doc = self.app.health()
             self._json(503 if status == 503 else 500, doc, {"Retry-After": "1"})
             return
+        if self._not_awake(openai=False):
+            return
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         try:
             out = self.app.generate(req, seed)
+        except NotAwake as exc:
+            self._not_awake(openai=False, state=exc.state)
+            return
         except Exception as exc:  # OOM and the like: report it, keep serving
             log.error("generate failed: %s\n%s", exc, "".join(traceback.format_exception(exc)))
             self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
@@ -475,6 +602,8 @@ class Handler(BaseHTTPRequestHandler):
             status, doc = self.app.health()
             error(503 if status == 503 else 500, f"the pipeline is {doc['status']}", None, "server_error", {"Retry-After": "1"})
             return
+        if self._not_awake(openai=True):
+            return
         seed = req.seed if req.seed is not None else secrets.randbits(62)
         data = []
         t0 = time.monotonic()
@@ -482,6 +611,9 @@ class Handler(BaseHTTPRequestHandler):
             for i in range(n):
                 out = self.app.generate(req, seed + i)
                 data.append({"b64_json": base64.b64encode(out.png).decode(), "revised_prompt": req.prompt})
+        except NotAwake as exc:
+            self._not_awake(openai=True, state=exc.state)
+            return
         except Exception as exc:  # OOM and the like: report it, keep serving
             log.error("generate failed: %s\n%s", exc, "".join(traceback.format_exception(exc)))
             error(500, f"{type(exc).__name__}: {exc}", None, "server_error")

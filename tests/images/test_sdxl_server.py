@@ -163,6 +163,26 @@ class FakeEngine:
     def describe(self) -> dict[str, Any]:
         return {"device": "cpu", "attention": ["AttnProcessor2_0"]}
 
+    sleep_gate: threading.Event = field(default_factory=lambda: _opened())
+    asleep: int = 0
+
+    def sleep(self, level: int) -> dict[str, Any]:
+        assert self.sleep_gate.wait(30), "the test never opened the sleep gate"
+        self.calls.append(("sleep", level, threading.current_thread().name))
+        self.asleep = level
+        return {"level": level, "seconds": 0.01, "host_bytes": 0, "host_memory": "none"}
+
+    def wake(self) -> dict[str, Any]:
+        self.calls.append(("wake", threading.current_thread().name))
+        self.asleep = 0
+        return {"level": 1, "seconds": 0.01}
+
+
+def _opened() -> threading.Event:
+    e = threading.Event()
+    e.set()
+    return e
+
 
 @pytest.fixture
 def gated() -> Iterator[tuple[str, threading.Event, FakeEngine, Any]]:
@@ -451,3 +471,113 @@ def test_loras_load_with_their_weights(sp: Any, tmp_path: Path) -> None:
     base = image(())
     assert image(((lora, 1.0),)) != base
     assert image(((lora, 0.0),)) == base
+
+
+# -- sleep and wake ---------------------------------------------------------
+
+
+def test_sleep_and_wake_over_http_with_503_while_asleep(gated: tuple[str, threading.Event, FakeEngine, Any]) -> None:
+    base, gate, engine, app = gated
+    r = request(base, "/sleep?level=1", raw=b"")
+    assert r.status == 503 and r.headers["Retry-After"] == "1"  # still loading
+    gate.set()
+    assert app.loaded.wait(5)
+    assert request(base, "/is_sleeping").json() == {"is_sleeping": False, "state": "awake", "level": 0}
+    assert request(base, "/sleep?level=3", raw=b"").json()["field"] == "level"
+    r = request(base, "/sleep?level=2&mode=wait", raw=b"")
+    assert r.status == 200 and r.json()["is_sleeping"] is True and r.json()["level"] == 2
+    assert request(base, "/is_sleeping").json() == {"is_sleeping": True, "state": "asleep", "level": 2}
+    h = request(base, "/health")
+    assert h.status == 200 and h.json()["status"] == "asleep"
+    r = request(base, "/generate", {"prompt": "a cat", "seed": 1})
+    assert r.status == 503 and r.headers["Retry-After"] == "1" and "asleep" in r.json()["error"]
+    r = request(base, "/v1/images/generations", {"prompt": "a cat"})
+    assert r.status == 503 and r.json()["error"]["code"] == "model_asleep"
+    assert request(base, "/sleep?level=1", raw=b"").json()["level"] == 2  # asleep already: nothing done
+    r = request(base, "/wake_up", raw=b"")
+    assert r.status == 200 and r.json()["is_sleeping"] is False
+    assert request(base, "/wake_up", raw=b"").json()["seconds"] == 0.0  # awake already
+    assert request(base, "/generate", {"prompt": "a cat", "seed": 1}).status == 200
+    assert [c[0] for c in engine.calls] == ["sleep", "wake", "a cat"]
+    assert all(c[-1] == "sdxl-gpu" for c in engine.calls)  # torch's one thread does it all
+
+
+def test_an_image_queued_behind_a_sleep_gets_503_not_a_hang(gated: tuple[str, threading.Event, FakeEngine, Any]) -> None:
+    base, gate, engine, app = gated
+    gate.set()
+    assert app.loaded.wait(5)
+    engine.sleep_gate = threading.Event()
+    sleeper = threading.Thread(target=request, args=(base, "/sleep?level=1"), kwargs={"raw": b""})
+    sleeper.start()
+    deadline = time.monotonic() + 5
+    while app.sleep_state != "sleeping" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert app.sleep_state == "sleeping"
+    # Asked while it goes to sleep: refused at once.
+    started = time.monotonic()
+    r = request(base, "/generate", {"prompt": "late", "seed": 2}, timeout=5)
+    assert r.status == 503 and r.json()["status"] == "sleeping" and time.monotonic() - started < 2
+    engine.sleep_gate.set()
+    sleeper.join(10)
+    # An image that reached the queue before the sleep's state changed is refused on the GPU thread.
+    app.sleep_state = "awake"  # as if the handler's check ran just before the sleep job
+    engine.asleep = 0
+    threading.Thread(target=app.sleep, args=(1,)).start()
+    with pytest.raises(server.NotAwake):
+        for _ in range(50):  # bounded: the sleep job runs within a few of these
+            app.generate(server.GenerateRequest("x", seed=3), 3)
+    assert engine.calls[-1][0] == "sleep"  # no image ran after the sleep
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_engine_output_is_identical_after_a_sleep_cycle(sp: Any, level: int) -> None:
+    import torch
+
+    engine = sp.Engine.load(sp.Settings(random_init="tiny", device="cpu", dtype=torch.float32, sleep_pinned=True))
+    # No CUDA here: the host buffers cannot be pinned, and it says so.
+    assert engine.host is not None and engine.host.how == "pageable"
+    assert engine.host.nbytes >= sum(t.numel() * t.element_size() for _, t in sp.weight_tensors(engine.pipe))
+    before = engine.generate("a lighthouse", "", 2, 64, 64, 11, 5.0).png
+    weights = sum(t.numel() for _, t in sp.weight_tensors(engine.pipe))
+    doc = engine.sleep(level)
+    assert doc["level"] == level and doc["host_bytes"] == (engine.host.nbytes if level == 1 else 0)
+    assert sum(t.numel() for _, t in sp.weight_tensors(engine.pipe)) == 0  # nothing left of the weights
+    with pytest.raises(sp.Asleep):
+        engine.generate("a lighthouse", "", 2, 64, 64, 11, 5.0)
+    assert engine.sleep(level)["seconds"] == 0.0  # asleep already
+    assert engine.wake()["level"] == level
+    assert sum(t.numel() for _, t in sp.weight_tensors(engine.pipe)) == weights
+    assert engine.generate("a lighthouse", "", 2, 64, 64, 11, 5.0).png == before
+    # A second cycle too (host buffers reused; for level 2 the rebuilt pipeline's names match).
+    engine.sleep(1)
+    engine.wake()
+    assert engine.generate("a lighthouse", "", 2, 64, 64, 11, 5.0).png == before
+
+
+def test_level_1_without_pinned_buffers_allocates_them_at_sleep_and_warns(sp: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    engine = sp.Engine.load(sp.Settings(random_init="tiny", device="cpu", dtype=torch.float32))
+    assert engine.host is None
+    before = engine.generate("a cat", "", 2, 64, 64, 5, 5.0).png
+    with caplog.at_level("WARNING", logger="sdxl"):
+        assert engine.sleep(1)["host_memory"] == "pageable"
+    assert "without SDXL_SLEEP=1" in caplog.text
+    engine.wake()
+    assert engine.generate("a cat", "", 2, 64, 64, 5, 5.0).png == before
+
+
+@pytest.mark.parametrize("level", ["1", "2"])
+def test_real_server_sleeps_wakes_and_draws_the_same_image(real: RealServer, level: str) -> None:
+    before = generate(real, seed=21)
+    assert before.status == 200
+    r = request(real.base, f"/sleep?level={level}", raw=b"")
+    assert r.status == 200 and r.json()["is_sleeping"] is True, r.body
+    assert request(real.base, "/is_sleeping").json()["is_sleeping"] is True
+    asleep = generate(real, seed=21)
+    assert asleep.status == 503 and asleep.headers["Retry-After"] == "1"
+    assert request(real.base, "/health").status == 200
+    r = request(real.base, "/wake_up", raw=b"")
+    assert r.status == 200 and r.json()["is_sleeping"] is False
+    after = generate(real, seed=21)
+    assert after.status == 200 and after.body == before.body
