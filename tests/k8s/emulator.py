@@ -79,6 +79,8 @@ class Emulator(kmock.KubernetesEmulator):
         self._mutations = asyncio.Lock()  # created on the emulator's own loop
         # (namespace, pod name) -> the file holding its container's output (tests/k8s/kubelet.py)
         self.pod_logs: dict[tuple[str, str], Path] = {}
+        # (API group, resource[/subresource], verb) of every request vramctl or kopf made (tests/k8s/test_pod_operator.py: RBAC)
+        self.recorded: set[tuple[str, str, str]] = set()
 
     def _next_rv(self) -> str:
         self._rv += 1
@@ -86,6 +88,11 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         self._forget_old_requests()
+        agent = raw_request.headers.get("User-Agent", "")
+        if agent.startswith(("vramctl", "kopf/")):
+            access = rbac_access(raw_request.method, raw_request.path, raw_request.query.get("watch"))
+            if access is not None:
+                self.recorded.add(access)
         log_path = _POD_LOG_RE.match(raw_request.path)
         if log_path is not None and raw_request.method == "GET":
             return self._serve_pod_log(log_path["ns"], log_path["name"], raw_request.query.get("tailLines"))
@@ -206,6 +213,32 @@ class Emulator(kmock.KubernetesEmulator):
         payload["kind"] = f"{kind}List" if kind else "List"
         payload["metadata"] = {"resourceVersion": str(self._rv)}
         return payload
+
+
+def rbac_access(method: str, path: str, watch: str | None = None) -> tuple[str, str, str] | None:
+    """The (API group, resource[/subresource], verb) an RBAC rule must grant
+    for this request; None for discovery (/api, /apis, /version)."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:2] == ["api", "v1"]:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if len(rest) >= 2 and rest[0] == "namespaces" and len(rest) != 2:
+        rest = rest[2:]  # namespaced: namespaces/<ns>/<resource>...
+    if not rest:
+        return None
+    resource = rest[0] + (f"/{rest[2]}" if len(rest) >= 3 else "")
+    named = len(rest) >= 2
+    verb = {
+        "GET": "get" if named else ("watch" if watch in ("true", "1") else "list"),
+        "POST": "create",
+        "PUT": "update",
+        "PATCH": "patch",
+        "DELETE": "delete" if named else "deletecollection",
+    }.get(method.upper())
+    return (group, resource, verb) if verb else None
 
 
 def _with_data(request: kmock.Request, data: Any) -> kmock.Request:

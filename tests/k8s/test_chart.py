@@ -12,7 +12,7 @@ import helm_python as helm
 import pytest
 
 from tests.k8s.chart import CHART_DIR, NAMESPACE, chart, manifest_objects, render
-from tests.k8s.test_manifests import EXPECTED_RULES
+from tests.k8s.test_manifests import EXPECTED_RULES, POD_RULES
 from tests.k8s.validation import ROOT, load_yaml_docs, validate
 from vramctl.crd import COMMITTED_PATHS, REGENERATE
 
@@ -122,6 +122,8 @@ def test_servicemonitor_scrapes_the_metrics_service() -> None:
         ({"modelDeployments": [{"name": "gpu0"}]}, "spec"),
         ({"modelDeployments": [{"name": "GPU_0", "spec": {"models": {"llm": {"image": "x"}}}}]}, "/modelDeployments/0/name"),
         ({"modelDeployment": []}, "modelDeployment"),
+        ({"runtime": "containerd"}, "/runtime"),
+        ({"podGpu": "all"}, "/podGpu"),
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
@@ -180,7 +182,28 @@ def test_chart_defaults_match_the_manifests() -> None:
     assert set(chart_objs) == set(plain)
     for kind, obj in plain.items():
         assert _without_labels(chart_objs[kind]) == _without_labels(obj), f"{kind}: charts/vramctl and manifests/ differ"
-    assert chart_objs["ClusterRole"]["rules"] == EXPECTED_RULES
+    assert chart_objs["ClusterRole"]["rules"] == EXPECTED_RULES + POD_RULES
     # Selector labels are the same, so either can take over the other's pods.
     assert chart_objs["DaemonSet"]["spec"]["selector"] == plain["DaemonSet"]["spec"]["selector"]
     assert chart_objs["Service"]["spec"]["selector"] == plain["Service"]["spec"]["selector"]
+
+
+def test_runtime_docker_mounts_the_socket_runs_as_root_and_needs_no_pod_rights() -> None:
+    rendered = render({"runtime": "docker"})
+    pod = rendered.one("DaemonSet")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert "--runtime=docker" in c["args"] and not [a for a in c["args"] if a.startswith("--pod-gpu")]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["docker-sock"]["hostPath"] == {"path": "/var/run/docker.sock", "type": "Socket"}
+    assert {m["mountPath"]: m["name"] for m in c["volumeMounts"]}["/var/run/docker.sock"] == "docker-sock"
+    sc = c["securityContext"]
+    assert (sc["runAsUser"], sc["runAsNonRoot"]) == (0, False)
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}  # the rest stays locked down
+    assert rendered.one("ClusterRole")["rules"] == EXPECTED_RULES
+    assert _checked(rendered.objects)["DaemonSet", K8S] == 1
+
+
+@pytest.mark.parametrize("mode", ["runtimeClass", "resource", "none"])
+def test_pod_gpu_mode_reaches_the_operator(mode: str) -> None:
+    (c,) = render({"podGpu": mode, "modelRuntimeClass": "nvidia-cdi"}).one("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert f"--pod-gpu={mode}" in c["args"] and "--runtime-class=nvidia-cdi" in c["args"]

@@ -11,11 +11,16 @@ from tests.k8s.validation import load_yaml_docs, validate
 
 # The rules vramctl and kopf need (see manifests/rbac.yaml for why each is there).
 EXPECTED_RULES = [
-    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments"], "verbs": ["list", "watch", "patch"]},
     {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/status"], "verbs": ["update", "patch"]},
     {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/finalizers"], "verbs": ["update", "patch"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]
+# The Pod runtime's (the default): what tests/k8s/test_rbac.py records it calling.
+POD_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
 ]
 
 
@@ -67,7 +72,7 @@ def test_daemonset_is_wired_for_the_operator() -> None:
     pod = ds["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["image"] == "vramctl/vramctl:0.1.0"
-    assert c["args"][0] == "operator" and "--listen=0.0.0.0:9400" in c["args"]
+    assert c["args"][0] == "operator" and "--listen=0.0.0.0:9400" in c["args"] and "--runtime=kubernetes" in c["args"]
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["VRAMCTL_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "vramctl-api-token", "key": "token"}
@@ -78,11 +83,12 @@ def test_daemonset_is_wired_for_the_operator() -> None:
     assert pod["hostPID"] is True and pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["nodeSelector"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["docker-sock"]["hostPath"] == {"path": "/var/run/docker.sock", "type": "Socket"}
+    # The Pod runtime: no Docker socket, no root.
+    assert not [v for v in pod["volumes"] if "hostPath" in v], "no host paths (no Docker socket)"
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    assert mounts["/var/run/docker.sock"] == "docker-sock" and "/tmp" in mounts
+    assert "/var/run/docker.sock" not in mounts and "/tmp" in mounts
     sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -105,11 +111,12 @@ def test_service_selects_the_daemonset() -> None:
 def test_rbac_is_least_privilege() -> None:
     objects = manifest_objects()
     role, binding, sa = _one(objects, "ClusterRole"), _one(objects, "ClusterRoleBinding"), _one(objects, "ServiceAccount")
-    assert role["rules"] == EXPECTED_RULES
+    assert role["rules"] == EXPECTED_RULES + POD_RULES
     flat = [(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]]
     assert not [x for x in flat if "*" in x], "no wildcards"
-    assert not [x for x in flat if x[1] in ("secrets", "pods", "nodes", "namespaces", "configmaps")]
-    assert not [x for x in flat if x[2] in ("delete", "deletecollection", "escalate", "bind", "impersonate")]
+    assert not [x for x in flat if x[1] in ("secrets", "nodes", "namespaces", "configmaps")]
+    assert not [x for x in flat if x[2] in ("deletecollection", "escalate", "bind", "impersonate")]
+    assert [x for x in flat if x[2] == "delete"] == [("", "pods", "delete")], "only the Pod runtime deletes, and only Pods"
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}]
     assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
