@@ -95,6 +95,7 @@ class Tracking:
     exited_at: float | None = None  # the last stop's return (the runtime saw the exit)
     exited: tuple[str, ...] = ()  # the models of that stop (and any cleaned up since)
     ready: dict[str, bool] = field(default_factory=dict)  # last health verdict, kept over local resource errors
+    exited_on_its_own: set[str] = field(default_factory=set)  # failed as "Exited": a removal if it disappears next
 
     def forget(self, model: str) -> None:
         self.gate.forget(model)
@@ -224,6 +225,8 @@ class Reconciler:
         if self.op is not None:  # _account stopped a model that did not come up
             return self.ctx.settings.poll_interval_s, False
         self._learn_baseline(observed)
+        if self.ctx.has_commands():
+            return 0.0, False  # a newer command (maybe from this look) is applied before anything is done
         p = plan_for(
             self.spec, self.desired, observed, now, self.backoff, self.baseline.mib, self.ctx.settings.margin_mib, self.ctx.total_mib()
         )
@@ -574,6 +577,15 @@ class ModelWatch:
                     self.track.starting.discard(m)
                     self.ctx.note("healthy", m, f"{m!r} is healthy after {now - self.track.started_at.get(m, now):.2f}s")
         self.backoff.settle(now)
+        for m in sorted(self.track.exited_on_its_own):
+            # Exited, then removed (``docker rm -f`` and ``compose down`` kill
+            # first): not a crash after all, but a removal outside vramctl.
+            w = observed.workloads.get(m)
+            if w is None or w.state.live:
+                self.track.exited_on_its_own.discard(m)
+            if w is None and m in desired.members:
+                self.backoff.reset(m)
+                self._removed(spec, desired, m)
         for m in sorted(self.track.starting | self.track.healthy):
             gone = observed.workloads.get(m)
             if gone is not None and gone.state.live:
@@ -583,11 +595,29 @@ class ModelWatch:
             self.track.forget(m)
             if m not in desired.members:
                 continue
+            if gone is None:
+                self._removed(spec, desired, m)
+                continue
             logs = self.ctx.logs(spec, m)
             if was_starting:
                 self.fail(m, "Crashed", f"{m!r} exited while starting (exit code {code})", logs, now)
             else:
+                self.track.exited_on_its_own.add(m)
                 self.fail(m, "Exited", f"{m!r} exited on its own after it was healthy (exit code {code})", logs, now)
+
+    def _removed(self, spec: DeploymentSpec, desired: Desired, m: str) -> None:
+        """A wanted model's workload was removed outside vramctl (``docker
+        compose down``, ``docker rm``): said, then recreated or released as
+        the spec's onRemoved says. Not a crash: no back-off."""
+        what = f"{m!r} was removed outside vramctl (docker compose down or docker rm; run `vramctl switch ''` first to free the GPU)"
+        if spec.on_removed == "release" and m == desired.active:
+            self.ctx.note("removed-outside", m, f"{what}: freeing the GPU (onRemoved: release)")
+            self.ctx.request(None, (), source="removed-outside")
+        elif spec.on_removed == "release":
+            self.ctx.note("removed-outside", m, f"{what}: dropped from the companions (onRemoved: release)")
+            self.ctx.request(desired.active, tuple(c for c in desired.companions if c != m), source="removed-outside")
+        else:
+            self.ctx.note("removed-outside", m, f"{what}: recreating it (onRemoved: recreate)")
 
     def fail(self, m: str, reason: str, msg: str, logs: list[str], now: float, permanent: bool = False) -> None:
         """A model failed: back off before its next start (or until the spec changes)."""

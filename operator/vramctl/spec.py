@@ -519,6 +519,13 @@ class DeploymentSpec(_Model):
     switching: SwitchingSpec = Field(default_factory=SwitchingSpec, description="Who decides which model runs.")
     queue: QueueSpec = Field(default_factory=QueueSpec, description="The demand queue (onDemand switching, holds, the gateway).")
     idle: IdleSpec = Field(default_factory=IdleSpec, description="What to do after a quiet period.")
+    on_removed: Literal["recreate", "release"] = Field(
+        default="recreate",
+        description=(
+            "A running model's container removed outside vramctl (docker compose down, docker rm): "
+            "recreate it (said in status and log), or release: free the GPU (run `vramctl switch ''` before `down` either way)."
+        ),
+    )
 
     @field_validator("env")
     @classmethod

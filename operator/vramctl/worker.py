@@ -402,6 +402,9 @@ class GpuWorker:
         except Exception as err:  # the desired state could not be recorded
             self.note("rejected", ev.model, f"{ev.model!r} could not be made the desired model: {err}; it stays paused and will be stopped")
 
+    def has_commands(self) -> bool:
+        return not self._inbox.empty()
+
     def logs(self, spec: DeploymentSpec, model: str) -> list[str]:
         try:
             return self.runtime.logs_tail(spec, model, 15)

@@ -142,3 +142,27 @@ def test_a_container_removed_by_hand_moves_the_status_at_once(
     v.wait(lambda g: g["phase"] != "Ready" or "llm" not in g["runningModels"], timeout=5)
     assert time.monotonic() - t0 < 2.0  # docker's events, not the 30 s resync
 
+
+
+@pytest.mark.parametrize("on_removed", ["recreate", "release"])
+def test_compose_down_is_said_and_handled_as_configured(
+    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    ports: dict[str, int],
+    docker_client: docker.DockerClient,
+    instance: str,
+    on_removed: str,
+) -> None:
+    v = vramctl(config(ports, onRemoved=on_removed))
+    v.start()
+    v.wait(lambda g: g["phase"] == "Ready")
+    for c in docker_client.containers.list(filters={"label": [f"vramctl.io/instance={instance}"]}):
+        c.remove(force=True)  # what `docker compose down` does
+    if on_removed == "recreate":
+        v.wait(lambda g: g["phase"] == "Ready" and g["runningModels"] == ["llm"], timeout=20)
+    else:
+        v.wait(lambda g: g["phase"] == "Idle" and g["activeModel"] is None, timeout=20)
+        time.sleep(1.0)
+        assert "llm" not in live(docker_client, instance)  # not recreated
+    said = [p for p in v.status_progress() if p["step"] == "removed-outside"]
+    assert said and "removed outside vramctl" in said[0]["message"] and f"onRemoved: {on_removed}" in said[0]["message"]
+    assert "removed outside vramctl" in v.log_text()
