@@ -72,6 +72,11 @@ class IdlePolicy:
     default_model: str | None = None
 
 
+def light_models(spec: DeploymentSpec) -> frozenset[str]:
+    """The models that run beside the active one (``QueueState.light``)."""
+    return frozenset(name for name, m in spec.models.items() if not m.heavy)
+
+
 def policies_of(spec: DeploymentSpec) -> tuple[QueuePolicy, IdlePolicy]:
     """The GPU's ``queue`` and ``idle`` settings as the policy takes them."""
     q = spec.queue
@@ -144,7 +149,10 @@ class QueueState:
     target of a switch the worker is performing. ``last_activity``: when a
     demand, grant or release last happened (the idle clock).
     ``switch_estimate_seconds``: what the worker expects a switch to take
-    (for Retry-After).
+    (for Retry-After). ``light``: the light models; a demand for one is
+    served by running it beside the active model (``Decision.companions``,
+    no drain, no window: it disturbs nobody); ``companions_pending``: such a
+    change the worker is making.
     """
 
     policy: QueuePolicy = field(default_factory=QueuePolicy)
@@ -160,6 +168,8 @@ class QueueState:
     idled: bool = False
     revoked: tuple[str, ...] = ()
     switch_estimate_seconds: float = 30.0
+    light: frozenset[str] = frozenset()
+    companions_pending: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,8 @@ class Decision:
     ``drain``: a switch waits for holds. ``idle``: the idle action to take
     (``switch_to`` carries the default model for action default).
     ``wake_at``: call ``decide`` again at this time even if nothing happens.
+    ``companions``: run exactly these light models beside the active one
+    (report back with ``companions_done`` or ``companions_failed``).
     """
 
     grant: tuple[str, ...] = ()
@@ -183,10 +195,11 @@ class Decision:
     drain: Drain | None = None
     idle: IdleAction | None = None
     wake_at: float | None = None
+    companions: tuple[str, ...] | None = None
 
     @property
     def empty(self) -> bool:
-        return not (self.grant or self.reject or self.expire or self.revoke or self.switch_to or self.idle)
+        return not (self.grant or self.reject or self.expire or self.revoke or self.switch_to or self.idle or self.companions is not None)
 
 
 # -- events: the worker's inbox commands fold into the state ---------------
@@ -247,6 +260,20 @@ def switch_failed(state: QueueState, now: float) -> tuple[QueueState, tuple[str,
     return replace(state, active=None, active_companions=(), switching_to=None, demands=kept, last_activity=now), failed
 
 
+def companions_done(state: QueueState, companions: tuple[str, ...], now: float) -> QueueState:
+    """The light models beside the active one are now ``companions``."""
+    return replace(state, active_companions=companions, companions_pending=None, last_activity=max(state.last_activity, now))
+
+
+def companions_failed(state: QueueState, now: float) -> tuple[QueueState, tuple[str, ...]]:
+    """Starting the companions failed: the demands for the ones that are not
+    running are returned for the worker to answer."""
+    missing = set(state.companions_pending or ()) - set(state.active_companions)
+    failed = tuple(d.id for d in state.demands if d.model in missing)
+    kept = tuple(d for d in state.demands if d.id not in failed)
+    return replace(state, demands=kept, companions_pending=None, last_activity=now), failed
+
+
 def went_away(state: QueueState, now: float) -> QueueState:
     """The active model stopped by itself (crash, an outside stop): its holds end."""
     return replace(
@@ -264,13 +291,17 @@ def went_away(state: QueueState, now: float) -> QueueState:
 
 
 def satisfied(state: QueueState, d: Demand) -> bool:
-    return state.switching_to is None and d.model == state.active and set(d.companions) <= set(state.active_companions)
+    if state.switching_to is not None:
+        return False
+    if d.model in state.light:
+        return d.model in state.active_companions
+    return d.model == state.active and set(d.companions) <= set(state.active_companions)
 
 
 def serve_cutoff(state: QueueState) -> float | None:
     """Until when demands for the active model are granted; None: no limit
     (no demand for another model waits)."""
-    others = [d.arrived for d in state.demands if not satisfied(state, d)]
+    others = [d.arrived for d in state.demands if d.model not in state.light and not satisfied(state, d)]
     if state.active is None or not others:
         return None
     # New grants end a drain's length early, so that even a drain that runs
@@ -315,7 +346,8 @@ def decide(state: QueueState, now: float) -> Decision:
                 )
             )
             continue
-        if satisfied(state, d) and (d.kind == "switch" or cutoff is None or now < cutoff or d.arrived <= state.active_since):
+        free_pass = d.kind == "switch" or d.model in state.light  # neither holds the GPU's heavy model
+        if satisfied(state, d) and (free_pass or cutoff is None or now < cutoff or d.arrived <= state.active_since):
             grant.append(d.id)
             if d.kind == "hold" and d.ttl_seconds is not None:
                 wakes.append(now + d.ttl_seconds)
@@ -334,19 +366,32 @@ def decide(state: QueueState, now: float) -> Decision:
     if state.switching_to is not None:
         return replace(decision, wake_at=_first_after(wakes, now))
 
-    candidates = [d for d in queue_order(replace(state, demands=tuple(waiting)), now) if not satisfied(state, d)]
+    by_id = {d.id: d for d in state.demands}
+    light_wanted = [d.model for d in waiting if d.model in state.light and not satisfied(state, d)]
+    # Holds granted in this same decision count: they start now.
+    new_holds = [(g, by_id[g].model) for g in grant if by_id[g].kind == "hold"]
+    all_holds = [(h.id, h.model) for h in holds] + new_holds
+    # A switch keeps the light models that are held or wanted (they fit, or the switch fails).
+    keep = tuple(
+        m
+        for m in (*state.active_companions, *light_wanted)
+        if m in state.light and (m in light_wanted or any(m == hm for _, hm in all_holds))
+    )
+    candidates = [
+        d for d in queue_order(replace(state, demands=tuple(waiting)), now) if d.model not in state.light and not satisfied(state, d)
+    ]
     forced = [d for d in candidates if d.force]
     if forced:
-        target = _target(state, candidates, forced[0].model)
-        revoke = tuple(h.id for h in holds)
-        return replace(decision, revoke=revoke, switch_to=target, wake_at=_first_after(wakes, now))
+        target = _target(state, candidates, forced[0].model, keep)
+        # No new hold on the model being forced off: those demands wait for its return.
+        still = tuple(g for g in grant if by_id[g].kind == "switch" or by_id[g].model in target.companions)
+        revoke = tuple(h.id for h in holds if h.model not in target.companions)
+        return replace(decision, grant=still, revoke=revoke, switch_to=target, wake_at=_first_after(wakes, now))
     # The window protects a model in use; an unused one gives way at once.
-    in_use = bool(holds) or bool(grant)
+    in_use = any(m not in state.light for _, m in all_holds)
     if candidates and (state.active is None or not in_use or cutoff is None or now >= cutoff):
-        target = _target(state, candidates, candidates[0].model)
-        # Holds granted in this same decision count: they start now.
-        by_id = {d.id: d for d in state.demands}
-        mine = [h.id for h in holds] + [g for g in grant if by_id[g].kind == "hold"]
+        target = _target(state, candidates, candidates[0].model, keep)
+        mine = [hid for hid, m in all_holds if m not in target.companions]
         if not mine:
             return replace(decision, switch_to=target, wake_at=_first_after(wakes, now))
         since = state.drain_since if state.drain_since is not None else now
@@ -355,6 +400,10 @@ def decide(state: QueueState, now: float) -> Decision:
             return replace(decision, revoke=tuple(mine), switch_to=target, wake_at=_first_after(wakes, now))
         drain = Drain(target, tuple(mine), since, deadline)
         return replace(decision, drain=drain, wake_at=_first_after([*wakes, deadline], now))
+
+    if light_wanted and state.companions_pending is None:
+        wanted = _union(state.active_companions, light_wanted)
+        return replace(decision, companions=wanted, wake_at=_first_after(wakes, now))
 
     # Idle: nothing held, waiting or switching.
     idle = state.idle
@@ -391,11 +440,14 @@ def apply(state: QueueState, decision: Decision, now: float) -> QueueState:
         last_activity=now if (decision.grant or ended) else state.last_activity,
     )
     if decision.switch_to is not None:
-        out = replace(out, active=None, active_companions=(), switching_to=decision.switch_to, holds=(), drain_since=None)
+        kept = tuple(h for h in out.holds if h.model in decision.switch_to.companions)
+        out = replace(out, active=None, active_companions=(), switching_to=decision.switch_to, holds=kept, drain_since=None)
     elif decision.drain is not None:
         out = replace(out, drain_since=decision.drain.since)
     else:
         out = replace(out, drain_since=None)
+    if decision.companions is not None:
+        out = replace(out, companions_pending=decision.companions)
     if decision.idle is not None:
         out = replace(out, idled=True)
         if decision.idle in ("sleep", "free"):
@@ -412,13 +464,20 @@ def step(state: QueueState, now: float) -> tuple[QueueState, Decision]:
 # -- helpers -------------------------------------------------------------------
 
 
-def _target(state: QueueState, candidates: list[Demand], model: str) -> Target:
-    """Coalesce: one switch for every waiting demand of ``model``, their companions united."""
+def _target(state: QueueState, candidates: list[Demand], model: str, keep: tuple[str, ...] = ()) -> Target:
+    """Coalesce: one switch for every waiting demand of ``model``, their
+    companions united, plus the light models to keep."""
     companions: list[str] = []
     for d in candidates:
         if d.model == model:
             companions += [c for c in d.companions if c not in companions]
-    return Target(model, tuple(companions))
+    return Target(model, _union(tuple(companions), keep))
+
+
+def _union(first: tuple[str, ...], more: Iterable[str]) -> tuple[str, ...]:
+    out = list(first)
+    out += [m for m in more if m not in out]
+    return tuple(out)
 
 
 def _retry_after(state: QueueState, now: float) -> int:

@@ -4,9 +4,10 @@
 on the worker's one thread: the ``QueueState``, and for every demand the
 future its client waits on. The worker passes it the commands from its inbox
 (``AddDemand``, ``Withdraw``, ``Release``, ``Renew``) and its own news
-(``switch_done``, ``switch_failed``, ``went_away``), then calls ``tick(now)``,
-which answers the granted and refused clients itself and returns the
-``Decision`` for the worker to act on: ``switch_to``, ``idle``, ``wake_at``
+(``switch_done``, ``switch_failed``, ``companions_done``, ``companions_failed``,
+``went_away``), then calls ``tick(now)``, which answers the granted and
+refused clients itself and returns the ``Decision`` for the worker to act
+on: ``switch_to``, ``companions``, ``idle``, ``wake_at``
 (revoked holds are recorded, so their renew answers 409).
 
 The other side, ``InboxHolder``, is what the gateway (and the ``/holds``
@@ -114,8 +115,12 @@ class HoldDesk:
         now: float = 0.0,
         gpu: str = "0",
         metrics: QueueMetrics | None = None,
+        light: frozenset[str] = frozenset(),
+        companions: tuple[str, ...] = (),
     ) -> None:
-        self.state = dq.QueueState(policy=policy, idle=idle, active=active, active_since=now, last_activity=now)
+        self.state = dq.QueueState(
+            policy=policy, idle=idle, active=active, active_companions=companions, active_since=now, last_activity=now, light=light
+        )
         self.gpu = gpu
         self.metrics = metrics
         self._held_models: set[str] = set()
@@ -175,6 +180,15 @@ class HoldDesk:
         for did in failed:
             self._fail(did, Refused(503, reason, max(1, round(self.state.switch_estimate_seconds))))
 
+    def companions_done(self, companions: tuple[str, ...], now: float) -> None:
+        self.state = dq.companions_done(self.state, companions, now)
+
+    def companions_failed(self, reason: str, now: float) -> None:
+        """Starting light models failed: their demands are refused (503)."""
+        self.state, failed = dq.companions_failed(self.state, now)
+        for did in failed:
+            self._fail(did, Refused(503, reason, max(1, round(self.state.switch_estimate_seconds))))
+
     def went_away(self, now: float) -> None:
         self.state = dq.went_away(self.state, now)
 
@@ -183,7 +197,12 @@ class HoldDesk:
         for did in list(self._replies):
             self._fail(did, Refused(status, message))
         self.state = dq.QueueState(
-            policy=self.state.policy, idle=self.state.idle, active=self.state.active, active_since=self.state.active_since
+            policy=self.state.policy,
+            idle=self.state.idle,
+            active=self.state.active,
+            active_companions=self.state.active_companions,
+            active_since=self.state.active_since,
+            light=self.state.light,
         )
 
     def snapshot(self) -> dict[str, object]:

@@ -28,10 +28,14 @@ from vramctl.demand_queue import (
     Target,
     add_demand,
     apply,
+    companions_done,
+    companions_failed,
     decide,
+    light_models,
     policies_of,
     release,
     renew,
+    serve_cutoff,
     step,
     switch_done,
     switch_failed,
@@ -171,6 +175,59 @@ def test_force_switch_skips_the_drain() -> None:
     assert d.revoke == ("h1",) and d.switch_to == Target("sdxl")
 
 
+def test_force_switch_grants_no_new_hold_on_the_model_it_stops() -> None:
+    s = with_demands(st_(), dem("late", "llm", 1.0), dem("sw", "sdxl", 1.0, kind="switch", force=True))
+    s, d = step(s, 1.0)
+    assert d.grant == () and d.switch_to == Target("sdxl") and [x.id for x in s.demands] == ["late", "sw"]
+
+
+LIGHT = frozenset({"tts"})
+
+
+def test_light_model_is_added_beside_the_active_one_without_a_drain() -> None:
+    s = with_demands(st_(light=LIGHT), dem("h", "llm", 0.0))
+    s, _ = step(s, 0.0)
+    s = add_demand(s, dem("t", "tts", 1.0))
+    s, d = step(s, 1.0)
+    assert d.companions == ("tts",) and d.switch_to is None and d.drain is None and d.grant == ()
+    assert s.companions_pending == ("tts",) and [h.id for h in s.holds] == ["h"]  # the LLM's hold is untouched
+    s = add_demand(s, dem("t2", "tts", 1.5))
+    s, d = step(s, 1.5)
+    assert d.companions is None  # one change at a time
+    s = companions_done(s, ("tts",), 3.0)
+    s, d = step(s, 3.0)
+    assert sorted(d.grant) == ["t", "t2"]
+
+
+def test_light_demand_does_not_open_the_anti_thrash_window() -> None:
+    s = with_demands(st_(light=LIGHT, active_companions=("tts",)), dem("h", "llm", 0.0), dem("t", "tts", 0.0))
+    s, d = step(s, 0.0)
+    assert sorted(d.grant) == ["h", "t"]
+    assert serve_cutoff(add_demand(s, dem("t3", "tts", 1.0))) is None
+
+
+def test_a_heavy_switch_keeps_the_held_light_model_and_its_hold() -> None:
+    s = with_demands(st_(light=LIGHT, active_companions=("tts",)), dem("t", "tts", 0.0))
+    s, _ = step(s, 0.0)
+    s = add_demand(s, dem("img", "sdxl", 1.0))
+    s, d = step(s, 1.0)  # llm is not in use: switch at once, tts stays (held)
+    assert d.switch_to == Target("sdxl", ("tts",)) and d.revoke == ()
+    assert [h.id for h in s.holds] == ["t"]
+
+
+def test_failed_companion_start_returns_its_demands() -> None:
+    s = with_demands(st_(light=LIGHT), dem("t", "tts", 1.0))
+    s, d = step(s, 1.0)
+    assert d.companions == ("tts",)
+    s, failed = companions_failed(s, 2.0)
+    assert failed == ("t",) and s.companions_pending is None and s.demands == ()
+
+
+def test_light_models_come_from_the_spec() -> None:
+    spec = DeploymentSpec.model_validate({"models": {"llm": {"image": "x"}, "tts": {"class": "light", "image": "y"}}})
+    assert light_models(spec) == frozenset({"tts"})
+
+
 def test_expired_hold_is_released_and_renew_then_is_unknown() -> None:
     s = with_demands(st_(), dem("h1", "llm", 0.0, ttl_seconds=10))
     s, d = step(s, 0.0)
@@ -301,11 +358,14 @@ class Outcome:
     violations: list[str] = field(default_factory=list)
 
 
-def simulate(reqs: list[Req], policy: QueuePolicy, switch_seconds: float, horizon: float = 1e6) -> Outcome:
+def simulate(
+    reqs: list[Req], policy: QueuePolicy, switch_seconds: float, horizon: float = 1e6, light: frozenset[str] = frozenset()
+) -> Outcome:
     """Discrete events: arrivals, withdrawals, hold ends, switch completions and
     the policy's own wake-ups. Checks the drain promise at every switch."""
     out = Outcome()
-    state = QueueState(policy=policy, switch_estimate_seconds=switch_seconds)
+    state = QueueState(policy=policy, switch_estimate_seconds=switch_seconds, light=light)
+    pending_companions: tuple[float, tuple[str, ...]] | None = None
     events: list[tuple[float, int, str, str]] = []  # (time, order, kind, id)
     by_id = {r.id: r for r in reqs}
     for r in reqs:
@@ -320,6 +380,8 @@ def simulate(reqs: list[Req], policy: QueuePolicy, switch_seconds: float, horizo
             times.append(wake)
         if pending_switch is not None:
             times.append(pending_switch[0])
+        if pending_companions is not None:
+            times.append(pending_companions[0])
         if not times:
             break
         now = min(times)
@@ -328,6 +390,9 @@ def simulate(reqs: list[Req], policy: QueuePolicy, switch_seconds: float, horizo
         if pending_switch is not None and pending_switch[0] <= now:
             state = switch_done(state, pending_switch[1], now)
             pending_switch = None
+        if pending_companions is not None and pending_companions[0] <= now:
+            state = companions_done(state, pending_companions[1], now)
+            pending_companions = None
         while events and events[0][0] <= now:
             _, _, kind, rid = heapq.heappop(events)
             r = by_id[rid]
@@ -349,6 +414,8 @@ def simulate(reqs: list[Req], policy: QueuePolicy, switch_seconds: float, horizo
         if decision.switch_to is not None:
             out.switches.append((now, decision.switch_to, decision.revoke))
             pending_switch = (now + switch_seconds, decision.switch_to)
+        if decision.companions is not None:
+            pending_companions = (now + switch_seconds / 4, decision.companions)
         wake = decision.wake_at
     return out
 
@@ -356,8 +423,9 @@ def simulate(reqs: list[Req], policy: QueuePolicy, switch_seconds: float, horizo
 def _check_drain(state: QueueState, decision: Decision, now: float, out: Outcome) -> None:
     if decision.switch_to is None:
         return
-    live = {h.id for h in state.holds if h.live(now)} - set(decision.expire)
-    live |= {d.id for d in state.demands if d.id in decision.grant and d.kind == "hold"}  # granted in this decision
+    kept = set(decision.switch_to.companions)  # light models the switch keeps running
+    live = {h.id for h in state.holds if h.live(now) and h.model not in kept} - set(decision.expire)
+    live |= {d.id for d in state.demands if d.id in decision.grant and d.kind == "hold" and d.model not in kept}  # granted in this decision
     if live - set(decision.revoke):
         out.violations.append(f"{now}: switch to {decision.switch_to} with live holds {live} neither revoked nor expired")
     if decision.revoke:
@@ -422,6 +490,15 @@ def test_many_models_with_priorities_nothing_starves(reqs: list[Req], policy: Qu
     drain, serve, s = policy.drain_timeout_seconds, policy.max_serve_seconds, switch_seconds
     bound = serve + 4 * (max(serve, drain + s) + drain + s) + 1e-6
     assert max(out.waits.values(), default=0.0) <= bound
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=traffic(["llm", "sdxl", "tts"], priorities=True), policy=policies, switch_seconds=st.floats(0.1, 40))
+def test_with_a_light_model_nothing_starves_and_no_heavy_hold_is_cut(reqs: list[Req], policy: QueuePolicy, switch_seconds: float) -> None:
+    out = simulate(reqs, policy, switch_seconds, light=frozenset({"tts"}))
+    assert out.violations == []
+    assert set(out.waits) | out.withdrawn == {r.id for r in reqs}
+    assert all(t.model != "tts" for _, t, _ in out.switches)  # a light model is never the heavy target
 
 
 @settings(max_examples=100, deadline=None)

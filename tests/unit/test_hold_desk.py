@@ -64,6 +64,22 @@ def test_metrics_depth_wait_and_holds() -> None:
     assert value("vramctl_queue_wait_seconds_sum", gpu="1", model="sdxl") == 3.0
 
 
+def test_light_model_demands_start_companions_and_failures_refuse() -> None:
+    desk = HoldDesk(POL, dq.IdlePolicy(), active="llm", now=0.0, light=frozenset({"tts", "asr"}))
+    tts: Future[Grant] = Future()
+    desk.handle(AddDemand(demand("t", "tts", 1.0), tts), 1.0)
+    assert desk.tick(1.0).companions == ("tts",)
+    desk.companions_done(("tts",), 2.0)
+    desk.tick(2.0)
+    assert tts.result(0).model == "tts"
+    asr: Future[Grant] = Future()
+    desk.handle(AddDemand(demand("a", "asr", 3.0), asr), 3.0)
+    assert desk.tick(3.0).companions == ("tts", "asr")
+    desk.companions_failed("asr and tts do not fit: 3500 + 4000 > 2048 MiB", 4.0)
+    with pytest.raises(Refused, match="do not fit"):
+        asr.result(0)
+
+
 def test_switch_then_grant_and_failed_switch_refuses() -> None:
     desk = HoldDesk(POL, dq.IdlePolicy(), active="llm", now=0.0)
     f1: Future[Grant] = Future()
@@ -143,6 +159,7 @@ class FakeWorker:
     inbox: queue.Queue[object] = field(default_factory=queue.Queue)
     switches: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    companions: list[tuple[str, ...]] = field(default_factory=list)
     t0: float = field(default_factory=time.monotonic)
 
     def now(self) -> float:
@@ -170,6 +187,10 @@ class FakeWorker:
                 switching = None
             live = {h.id for h in self.desk.state.holds if h.live(now)}
             d = self.desk.tick(now)
+            if d.companions is not None:
+                self.companions.append(d.companions)
+                self.desk.companions_done(d.companions, now)  # a light start is quick here
+                d = self.desk.tick(now)
             if d.switch_to is not None:
                 if live - set(d.revoke) - set(d.expire):
                     self.violations.append(f"{now:.3f}: switch to {d.switch_to.model} while {live} held")
