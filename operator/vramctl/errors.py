@@ -51,7 +51,8 @@ def classify(err: BaseException) -> Classified:
 @dataclass
 class Outage:
     """The runtime has been unreachable since ``since``: retried with
-    exponential back-off (0.2 s doubling, at most 5 s) until it answers."""
+    exponential back-off (0.2 s doubling, at most 1 s: converge within a
+    second of its return) until it answers."""
 
     error: Classified
     since: float
@@ -62,6 +63,6 @@ class Outage:
         """One more failed try; returns the delay before the next."""
         self.tries += 1
         self.error = err
-        delay = min(0.2 * 2.0 ** (self.tries - 1), 5.0)
+        delay = min(0.2 * 2.0 ** (self.tries - 1), 1.0)
         self.retry_at = now + delay
         return delay

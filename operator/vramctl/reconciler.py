@@ -542,7 +542,7 @@ class Reconciler:
         # After an engine outage the daemon restarts containers on its own
         # (restart policies): frozen like any other start, but an engine
         # restart never changes the desired state.
-        self.ctx.gated(ev, adopt=not self.after_outage)
+        self.ctx.gated(ev, adopt=self.outage is None and not self.after_outage)
 
 
 def waiting_message(w: WaitForMemory) -> str:
@@ -580,10 +580,10 @@ class ModelWatch:
         for m in sorted(self.track.exited_on_its_own):
             # Exited, then removed (``docker rm -f`` and ``compose down`` kill
             # first): not a crash after all, but a removal outside vramctl.
-            w = observed.workloads.get(m)
-            if w is None or w.state.live:
+            now_seen = observed.workloads.get(m)
+            if now_seen is None or now_seen.state.live:
                 self.track.exited_on_its_own.discard(m)
-            if w is None and m in desired.members:
+            if now_seen is None and m in desired.members:
                 self.backoff.reset(m)
                 self._removed(spec, desired, m)
         for m in sorted(self.track.starting | self.track.healthy):

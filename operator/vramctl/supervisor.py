@@ -132,7 +132,7 @@ class Supervisor:
 
         retrying = Retrying(
             retry=retry_if_exception_type(Exception),
-            wait=wait_exponential(multiplier=0.2, max=5.0),
+            wait=wait_exponential(multiplier=0.2, max=1.0),
             stop=stop_when_event_set(self._stop),
             before_sleep=again,
             reraise=False,

@@ -606,6 +606,7 @@ class DockerRuntime:
             code = c.attrs["State"].get("ExitCode")
             return StopOutcome(model, False, False, time.monotonic() - t0, int(code) if code is not None else None)
         self._require_owned(c, "stop")
+        self._keep_stopped(c)
         config = c.attrs.get("Config") or {}
         if stop is not None:
             sig, grace = stop.signal, stop.grace_period_seconds
@@ -656,6 +657,20 @@ class DockerRuntime:
         if not killed and exit_code == 137 and not state.get("OOMKilled"):
             killed = True  # killed by someone else's SIGKILL (e.g. docker's own stop timeout)
         return StopOutcome(model, True, killed, time.monotonic() - t0, exit_code)
+
+    def _keep_stopped(self, c: Container) -> None:
+        """``restart: always`` brings back, at the next daemon restart, a
+        container that vramctl stopped: beside the model that holds the GPU.
+        ``unless-stopped`` still restarts it after a crash, but leaves it
+        stopped when it was stopped on purpose."""
+        policy = ((c.attrs.get("HostConfig") or {}).get("RestartPolicy") or {}).get("Name")
+        if policy != "always":
+            return
+        try:
+            c.update(restart_policy={"Name": "unless-stopped", "MaximumRetryCount": 0})
+            log.info("%s: restart policy always -> unless-stopped, so a daemon restart leaves it stopped", _name(c))
+        except docker.errors.APIError as err:
+            log.warning("%s: could not change its restart policy (%s): a daemon restart may start it again", _name(c), _explain(err))
 
     @_classified
     def stop(self, deployment: DeploymentSpec, model: str) -> StopOutcome:
