@@ -290,3 +290,82 @@ async def ahold(
     finally:
         if own:
             await s.close()
+
+
+# -- the command line: hold a model for a command's life ------------------------------
+
+
+def run_held(
+    model: str,
+    command: Sequence[str],
+    *,
+    url: str = DEFAULT_URL,
+    ttl: float = DEFAULT_TTL,
+    companions: Sequence[str] = (),
+    token: str | None = None,
+    wait: float = DEFAULT_WAIT,
+) -> int:
+    """Run ``command`` while holding ``model``; its exit status (128 + N when
+    killed by signal N). SIGINT and SIGTERM are passed on to it; the hold is
+    released when it ends. A hold lost meanwhile is reported on stderr."""
+    import signal
+    import subprocess
+    import sys
+
+    with hold(model, url=url, ttl=ttl, companions=companions, token=token, wait=wait) as h:
+        proc = subprocess.Popen(list(command))
+        forward = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            rc = proc.wait()
+        finally:
+            for sig, previous in forward.items():
+                signal.signal(sig, previous)
+        if h.lost.is_set():
+            sys.stderr.write(f"vramctl hold: the hold on {model} was lost while the command ran: {h.lost_reason}\n")
+    return 128 - rc if rc < 0 else rc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vramctl hold MODEL [--ttl S] [--url URL] [--companions a,b] [--wait S] -- COMMAND...``
+    (everything after ``--`` is the command)."""
+    import argparse
+    import os
+    import sys
+
+    ap = argparse.ArgumentParser(prog="vramctl hold", description="Hold MODEL on its GPU while COMMAND runs.")
+    ap.add_argument("model")
+    ap.add_argument(
+        "--url", default=os.environ.get("VRAMCTL_URL", DEFAULT_URL), help=f"vramctl's API (default {DEFAULT_URL}, or VRAMCTL_URL)"
+    )
+    ap.add_argument("--ttl", type=float, default=DEFAULT_TTL, help="seconds a hold lives un-renewed (renewed every ttl/3)")
+    ap.add_argument("--companions", default="", help="light models to run beside it, comma-separated")
+    ap.add_argument("--wait", type=float, default=DEFAULT_WAIT, help="give up after this many seconds of 503s")
+    ap.add_argument("--token", default=None, help="bearer token (or VRAMCTL_TOKEN)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        ap.error("give the command after --, e.g. vramctl hold sdxl -- python draw.py")
+    cut = argv.index("--")
+    args = ap.parse_args(argv[:cut])
+    command = argv[cut + 1 :]
+    if not command:
+        ap.error("give the command after --, e.g. vramctl hold sdxl -- python draw.py")
+    try:
+        return run_held(
+            args.model,
+            command,
+            url=args.url,
+            ttl=args.ttl,
+            companions=[c for c in args.companions.split(",") if c],
+            token=args.token or os.environ.get("VRAMCTL_TOKEN") or None,
+            wait=args.wait,
+        )
+    except HoldRefused as exc:
+        sys.stderr.write(f"vramctl hold: {exc}\n")
+        return 75  # EX_TEMPFAIL: try again later
+    except (HoldError, OSError, ValueError) as exc:
+        sys.stderr.write(f"vramctl hold: {exc}\n")
+        return 69  # EX_UNAVAILABLE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -196,3 +198,29 @@ def test_async_client_going_away_while_queued_causes_no_switch(stack: Stack) -> 
 async def _ahold(url: str, model: str) -> None:
     async with client.ahold(model, url=url, ttl=5):
         pytest.fail("granted")
+
+
+# -- `vramctl hold MODEL -- COMMAND` (vramctl.client.main) ------------------------------------
+
+
+def _hold_cli(url: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vramctl.client", *args[:1], "--url", url, *args[1:]], stderr=subprocess.PIPE, text=True)
+
+
+def test_hold_command_holds_for_the_commands_life_and_passes_its_status(stack: Stack) -> None:
+    proc = _hold_cli(stack.url, "llm", "--ttl", "0.3", "--", sys.executable, "-c", "import sys, time; time.sleep(0.8); sys.exit(3)")
+    deadline = time.monotonic() + 10
+    while not stack.worker.desk.state.holds:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    assert [h.model for h in stack.worker.desk.state.holds] == ["llm"]
+    assert proc.wait(10) == 3
+    stack.settle()
+    assert stack.worker.desk.state.holds == ()
+
+
+def test_hold_command_refused_exits_75() -> None:
+    with Stack(POLICY, refusal=lambda m: Refused(409, f"declared mode: no holds for {m}")) as s:
+        proc = _hold_cli(s.url, "sdxl", "--", sys.executable, "-c", "raise SystemExit(0)")
+        assert proc.wait(10) == 75
+        assert proc.stderr is not None and "declared mode" in proc.stderr.read()
