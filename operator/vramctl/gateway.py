@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from yarl import URL
 
 from vramctl.hold_desk import Refused
 
@@ -204,6 +205,7 @@ class Gateway:
                 connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_seconds),
                 auto_decompress=False,  # pass bodies through as the backend encoded them
+                cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             )
 
@@ -236,14 +238,16 @@ class Gateway:
                 if doc.get("model") != route.served_name:
                     doc["model"] = route.served_name
                     body = json.dumps(doc).encode()
-                return await self._proxy(request, route, path, body)
+                return await self._proxy(request, route, request.raw_path, body)
             if path.startswith(PASSTHROUGH_PREFIX):
-                name, _, tail = path[len(PASSTHROUGH_PREFIX) :].partition("/")
+                name = path[len(PASSTHROUGH_PREFIX) :].partition("/")[0]
                 target = self.holder.resolve(name)
                 if target is None:
                     raise self._unknown(name, "path")
+                raw_path, question, query = request.raw_path.partition("?")
+                tail = "/" + raw_path[len(PASSTHROUGH_PREFIX) :].partition("/")[2]
                 raw = await request.read() if request.can_read_body else None
-                return await self._proxy(request, target, "/" + tail, raw)
+                return await self._proxy(request, target, tail + question + query, raw)
         except _BadRequest as exc:
             return _error(exc.status, exc.message, "invalid_request_error", exc.param, exc.code)
         except web.HTTPRequestEntityTooLarge:
@@ -363,9 +367,8 @@ class Gateway:
         self, request: web.BaseRequest, route: Route, path: str, body: bytes | None
     ) -> tuple[web.StreamResponse, str, str | None]:
         assert self._session is not None, "Gateway.start() was not called"
-        url = route.base_url.rstrip("/") + path
-        if request.query_string:
-            url += "?" + request.query_string
+        # ``path``: the backend's path and query, as the client encoded them (no re-quoting).
+        url = URL(route.base_url.rstrip("/") + path, encoded=True)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         if self.token is not None:
             headers.pop("Authorization", None)
