@@ -21,6 +21,8 @@ window, and the start->pause delay is recorded as a gate latency.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -234,6 +236,27 @@ class ExclusivityRecorder:
             else:
                 self._release(cid, at)
 
+    def _resync(self) -> None:
+        """The event stream broke (a daemon restart): the events of the gap
+        are lost, so start again from what holds a GPU now. With live-restore
+        off, every container stopped with the daemon: spans end at the break."""
+        try:
+            running = self._client.containers.list(filters={"label": MANAGED, "status": "running"}, ignore_removed=True)
+        except Exception as err:
+            self.errors.append(repr(err))
+            return
+        now = time.time()
+        with self._lock:
+            for spans in self._spans.values():
+                for sp in spans:
+                    if sp.until is None:
+                        sp.until = now
+            self._pending.clear()
+            for c in running:
+                dom = self._domain(c.labels)
+                if dom is not None:
+                    self._hold(dom, c.id, c.name, now)
+
     def _run(self) -> None:
         filters = {"type": "container", "label": MANAGED, "event": ["start", "pause", "unpause", "die", "kill", "stop", "destroy"]}
         since = self._since
@@ -246,6 +269,7 @@ class ExclusivityRecorder:
             except Exception as err:  # keep recording; report at the check
                 self.errors.append(repr(err))
                 time.sleep(self.EVENT_WINDOW)
+                self._resync()
             with self._lock:
                 self._promote(until)
                 self._through = until
@@ -350,3 +374,33 @@ def _exclusivity_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     start = rec.seq
     yield
     rec.assert_no_violations(since_seq=start)
+
+
+def restart_docker_daemon(timeout: float = 90.0) -> float:
+    """Stop the Docker daemon with SIGTERM (as systemd does), start it again
+    with the same command line, and wait until it answers; returns the
+    seconds it was gone. Containers with restart policies come back by the
+    daemon's own doing."""
+    pid = int(subprocess.check_output(["pidof", "dockerd"], text=True).split()[0])
+    argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    deadline = t0 + timeout
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            raise AssertionError("dockerd did not stop")
+        time.sleep(0.05)
+    with open("/var/log/vramctl-dockerd.log", "ab") as log:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = docker.from_env(timeout=5)
+    try:
+        while True:
+            try:
+                client.ping()
+                return time.monotonic() - t0
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise AssertionError("dockerd did not come back") from None
+                time.sleep(0.1)
+    finally:
+        client.close()
