@@ -326,7 +326,8 @@ def test_chaos_process_runtime(vramctl: Callable[[dict[str, Any]], VramctlProc],
         v.stop()
     print(
         f"\n[chaos process] {len(d.sent)} requests ({len(d.accepted)} accepted), {kills} SIGKILLs in {chaos_s:.0f}s; "
-        f"{sampler.samples} samples every 5 ms, overlaps {len(sampler.overlaps)}; converged to the last request in {took:.2f}s"
+        f"{sampler.samples} samples (one every {1000 * (chaos_s + took) / max(1, sampler.samples):.1f} ms), "
+        f"overlaps {len(sampler.overlaps)}; converged to the last request in {took:.2f}s"
     )
     assert not sampler.overlaps, sampler.overlaps[:5]
     assert kills >= KILLS and len(d.sent) >= REQUESTS
