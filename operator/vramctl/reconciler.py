@@ -197,6 +197,7 @@ class Reconciler:
         self.outage: Outage | None = None
         self.after_outage = False
         self.refused: tuple[int, str, str] | None = None
+        self.invalid: str | None = None  # the initial desired state failed validation
         self._observed = Observed()
         self.stop_retry_at = 0.0
         self.kept: frozenset[str] = frozenset()
@@ -210,6 +211,8 @@ class Reconciler:
         """One step. Returns (seconds until the next look, settled): settled
         when nothing more happens before then unless something arrives."""
         now = self.ctx.clock()
+        if self.invalid is not None:
+            return self.ctx.settings.resync_s, True  # nothing is done for a refused desired state
         if self.op is not None:
             if not self.op.future.done():
                 return self.ctx.settings.poll_interval_s, False  # its completion pokes the loop

@@ -64,7 +64,10 @@ class Metrics:
             registry=self.registry,
         )
         self.violations = Counter(
-            "vramctl_exclusivity_violations", "Times two heavy workloads of one GPU were seen live at once.", ["gpu"], registry=self.registry
+            "vramctl_exclusivity_violations",
+            "Times two heavy workloads of one GPU were seen live at once.",
+            ["gpu"],
+            registry=self.registry,
         )
         self.gated = Counter("vramctl_gated_starts", "Heavy starts made behind vramctl's back and paused.", ["gpu"], registry=self.registry)
 
@@ -184,6 +187,7 @@ class GpuWorker:
         self._status: Mapping[str, Any] = {}
         self.metrics.init_gpu(self.gpu)
         self._check_config(deployment)
+        self._check_initial()
         self.publish()
 
     # --------------------------------------------------------- commands
@@ -337,16 +341,15 @@ class GpuWorker:
             case _Request(desired=d, source=source, dropped=dropped):
                 for c in dropped:
                     self.note("dropped", c, f"companion {c!r} does not fit beside {d.active!r}: not kept")
-                rec.desired = d
+                rec.desired, rec.invalid = d, None
                 members = (d.active or "(none)") + (f" + {', '.join(d.companions)}" if d.companions else "")
                 self.note("requested", d.active, f"desired: {members} ({source})")
             case _UpdateSpec(spec=spec):
-                rec.spec = spec
+                rec.spec, rec.invalid = spec, None
                 rec.backoff.reset()  # a fixed spec deserves a try at once
                 self._check_config(spec)
             case _Gate(event=ev):
                 rec.gate(ev)
-
 
     # ----------------------------------- what the reconciler asks of its worker
 
@@ -424,6 +427,22 @@ class GpuWorker:
                 log.warning("gpu%d: config: %s", self.gpu, f.render())
         else:
             self.condition("ConfigWarnings", False, "NoPitfalls", "no known pitfalls in the spec")
+
+    def _check_initial(self) -> None:
+        """The desired state handed in at start (state file, config) gets the
+        same validation as a request: invalid, nothing is done for it and the
+        status says why in the same words (a request or a spec change lifts it)."""
+        d = self._desired
+        try:
+            check_desired(self.spec, d.active, d.companions, self.total_mib())
+        except DesiredStateError as err:
+            self._rec.invalid = (
+                f"the desired state {d.active or '(none)'}"
+                + (f" + {', '.join(d.companions)}" if d.companions else "")
+                + f" is refused: {err}"
+            )
+            self.note("rejected", d.active, self._rec.invalid)
+            self.phase("Failed", "InvalidDesiredState", self._rec.invalid)
 
     def publish(self) -> None:
         """Render the snapshot readers see; write the status sink when it changed."""

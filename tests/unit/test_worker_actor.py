@@ -351,3 +351,24 @@ def test_many_requests_coalesce_into_few_switches(n: int) -> None:
     assert starts < n / 4, f"{starts} starts for {n} queued requests: not coalesced"
     assert rt.violations == []
     w.stop()
+
+
+def test_an_initial_desired_state_that_does_not_fit_is_refused_like_a_request() -> None:
+    """A state file or config naming a companion that cannot fit: the same
+    message as the API's 422, nothing started, no Switching/Blocked loop."""
+    from vramctl.observed import Desired
+    from vramctl.spec import DesiredStateError, check_desired
+
+    d = spec()
+    d = d.model_copy(update={"models": {**d.models, "big": d.models["tts"].model_copy(update={"vram_mib": 6000})}})
+    rt = FakeRuntime()
+    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0), initial=Desired("llm", ("big",), 3))
+    with pytest.raises(DesiredStateError) as api:
+        check_desired(d, "llm", ["big"], 16000)
+    w.reconcile_once()
+    st = w.status()
+    assert st["phase"] == "Failed" and str(api.value) in st["message"]
+    assert rt.calls == []
+    w.request("llm", ())
+    w.reconcile_once()
+    assert w.status()["phase"] == "Ready" and rt.calls == [("start", "llm")]
