@@ -459,6 +459,7 @@ class Reconciler:
         self.track.exited_at, self.track.exited = None, ()  # nothing waits for that release
         self.after_outage = False
         self.ctx.finish_switch("success", now)
+        self.ctx.settled(now, ok=not p.deferred)
         d = self.desired
         if p.deferred:
             failed = ", ".join(repr(m) for m in sorted(p.deferred))

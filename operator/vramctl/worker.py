@@ -383,6 +383,9 @@ class GpuWorker:
             "switch-" + outcome, sw.target, f"switch {sw.source or '(none)'} -> {sw.target or '(none)'}: {outcome} in {duration:.2f}s"
         )
 
+    def settled(self, now: float, ok: bool) -> None:
+        """The desired state is reached (``ok``) or its models are backing off."""
+
     def violation(self, heavy_live: list[str]) -> None:
         self.metrics.violations.labels(str(self.gpu)).inc()
         self.note("violation", None, f"two heavy workloads running on gpu {self.gpu}: {', '.join(heavy_live)}")
