@@ -14,7 +14,8 @@ process. The proof reads that line to time release detection from the exit.
 
 Environment: ``VRAM_MIB`` (required), ``PORT`` (required), ``CUDA_WORKLOAD_FAKE=1``
 to run without torch or a GPU (the proof's --dry-run: nothing is allocated,
-/vram reports the requested size).
+/vram reports the requested size; in llm mode /is_sleeping also reports
+``residue_mib``, ``FAKE_RESIDUE_MIB`` default 300, which the simulated GPU counts).
 
 ``WORKLOAD_MODE=llm`` makes it an LLM stand-in for benchmarks/warm_proof.py
 that speaks vLLM's sleep API: ``WEIGHTS_MIB`` of weights in ``TENSORS``
@@ -310,6 +311,8 @@ def serve_llm(port: int, fake: bool) -> int:
                         "level": llm.level,
                         "host_bytes": llm.host_bytes,
                         "host_memory": llm.host_memory,
+                        # For vramctl's simulated GPU (the dry run): what this stand-in pretends to keep asleep.
+                        **({"residue_mib": int(os.environ.get("FAKE_RESIDUE_MIB", "300"))} if fake else {}),
                     },
                 )
             else:

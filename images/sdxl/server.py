@@ -20,7 +20,8 @@
                     true, "level", "seconds", "host_bytes", "host_memory"}. (vLLM's mode=
                     is accepted and ignored: this server always waits.)
     POST /wake_up   weights back on the GPU; 200 {"is_sleeping": false, "level", "seconds"}.
-    GET  /is_sleeping  {"is_sleeping": bool, "state": awake|sleeping|asleep|waking, "level"}.
+    GET  /is_sleeping  {"is_sleeping": bool, "state": awake|sleeping|asleep|waking, "level",
+                    "host_bytes", "host_memory": registered|pinned|pageable|none}.
                     While not awake, /health answers 200 {"status": <state>} and image
                     requests 503 with Retry-After (never a wait for a wake).
 
@@ -480,7 +481,10 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, self.app.vram())
         elif path == "/is_sleeping":
             state = self.app.sleep_state
-            self._json(200, {"is_sleeping": state == "asleep", "state": state, "level": self.app.sleep_level})
+            host = getattr(self.app.engine, "host", None)  # the sleep buffers, when allocated
+            doc = {"is_sleeping": state == "asleep", "state": state, "level": self.app.sleep_level}
+            doc |= {"host_bytes": getattr(host, "nbytes", 0), "host_memory": getattr(host, "how", "none")}
+            self._json(200, doc)
         else:
             self._json(404, {"error": f"no such path {path}; try GET /health, GET /vram, POST /generate"})
 
