@@ -19,12 +19,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from vramctl import demand_queue as dq
 from vramctl.gpu.base import GpuProbe
+from vramctl.hold_desk import AddDemand, HoldDesk, QueueMetrics, Release, Renew, Withdraw
 from vramctl.observed import Desired
 from vramctl.pitfalls import Finding, env_pitfalls
 from vramctl.reconciler import MODEL_STATES, Actuator, Reconciler
@@ -70,6 +72,7 @@ class Metrics:
             registry=self.registry,
         )
         self.gated = Counter("vramctl_gated_starts", "Heavy starts made behind vramctl's back and paused.", ["gpu"], registry=self.registry)
+        self.queue = QueueMetrics(self.registry)
 
     def init_gpu(self, gpu: int) -> None:
         """Create a GPU's label sets at zero: rates and dashboards then show 0, not "no data"."""
@@ -182,6 +185,7 @@ class GpuWorker:
         self.book = StatusBook(self.gpu, wall())
         self.actuator = Actuator(runtime, self.poke)
         self._rec = Reconciler(deployment, self._desired, runtime, probe, self)
+        self.queue = _Queue(self, deployment)
         self._findings: list[Finding] = []
         self._last_written: dict[str, Any] | None = None
         self._status: Mapping[str, Any] = {}
@@ -206,6 +210,10 @@ class GpuWorker:
 
     def poke(self) -> None:
         self._inbox.put(_POKE)
+
+    def post(self, cmd: AddDemand | Withdraw | Release | Renew) -> None:
+        """A hold or demand command (``hold_desk.InboxHolder``): queued, answered by the loop."""
+        self._inbox.put(cmd)
 
     @property
     def desired(self) -> Desired:
@@ -322,18 +330,20 @@ class GpuWorker:
             try:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
+                self.queue.step()
                 self.publish()
                 return True
 
     def _tick(self) -> tuple[float, bool]:
         try:
-            result = self._rec.tick()
+            delay, settled = self._rec.tick()
         except Exception:  # never die: report and retry at the next resync
             log.exception("gpu%d: reconcile tick failed", self.gpu)
             self.phase("Failed", "ReconcileError", "internal error; see the log")
-            result = (self.settings.resync_s, True)
+            delay, settled = self.settings.resync_s, True
+        delay = self.queue.due(delay)
         self.publish()
-        return result
+        return delay, settled
 
     def _apply(self, cmd: object) -> None:
         rec = self._rec
@@ -346,10 +356,13 @@ class GpuWorker:
                 self.note("requested", d.active, f"desired: {members} ({source})")
             case _UpdateSpec(spec=spec):
                 rec.spec, rec.invalid = spec, None
+                self.queue.update_spec(spec)
                 rec.backoff.reset()  # a fixed spec deserves a try at once
                 self._check_config(spec)
             case _Gate(event=ev):
                 rec.gate(ev)
+            case AddDemand() | Withdraw() | Release() | Renew():
+                self.queue.desk.handle(cmd, self.clock())
 
     # ----------------------------------- what the reconciler asks of its worker
 
@@ -371,6 +384,8 @@ class GpuWorker:
     def finish_switch(self, outcome: str, now: float) -> None:
         """Record the outcome (the desired generation it answers, and the switch in progress, if any)."""
         self.book.observed_generation = self._rec.desired.generation
+        if outcome != "success":
+            self.queue.failed(now, self.book.message)
         sw = self.book.switch
         if sw is None:
             return
@@ -385,6 +400,7 @@ class GpuWorker:
 
     def settled(self, now: float, ok: bool) -> None:
         """The desired state is reached (``ok``) or its models are backing off."""
+        self.queue.settled(now, ok)
 
     def violation(self, heavy_live: list[str]) -> None:
         self.metrics.violations.labels(str(self.gpu)).inc()
@@ -460,6 +476,7 @@ class GpuWorker:
             runningModels=list(rec.running),
             runtime=self.runtime.kind,
             gpuProbe=self.probe.kind,
+            queue=self.queue.desk.snapshot(),
             backoff={m: round(t, 1) for m, t in rec.backoff.remaining(now).items() if not m.startswith("stop:") and t != float("inf")},
             configWarnings=[f.as_dict() for f in self._findings],
         )
@@ -471,3 +488,95 @@ class GpuWorker:
                 self.status_sink.write_status(self.gpu, dict(status))
             except Exception:
                 log.exception("gpu%d: could not write status", self.gpu)
+
+
+class _Queue:
+    """The worker's side of its hold queue (``hold_desk.HoldDesk``, loop thread
+    only): demands and holds arrive in the inbox; each decision to switch
+    becomes a request of its own, and the switch's outcome goes back to the
+    desk, which answers the waiting clients."""
+
+    def __init__(self, worker: GpuWorker, spec: DeploymentSpec) -> None:
+        self.w = worker
+        policy, idle = dq.policies_of(spec)
+        d = worker.desired
+        self.desk = HoldDesk(
+            policy,
+            idle,
+            active=d.active,
+            companions=d.companions,
+            now=worker.clock(),
+            gpu=str(worker.gpu),
+            metrics=worker.metrics.queue,
+            light=dq.light_models(spec),
+        )
+        self.target: tuple[dq.Target, int] | None = None  # the queue's switch and the generation that carries it
+        self.companions: tuple[tuple[str, ...], int] | None = None
+        self.wake_at: float | None = None
+
+    def update_spec(self, spec: DeploymentSpec) -> None:
+        policy, idle = dq.policies_of(spec)
+        self.desk.state = replace(self.desk.state, policy=policy, idle=idle, light=dq.light_models(spec))
+
+    def due(self, delay: float) -> float:
+        """The loop's next look, no later than the queue's own next decision."""
+        if self.wake_at is None:
+            return delay
+        now = self.w.clock()
+        if now >= self.wake_at:
+            self.step()
+        return max(0.0, min(delay, (self.wake_at or now + delay) - now))
+
+    def step(self) -> None:
+        now = self.w.clock()
+        decision = self.desk.tick(now)
+        self.wake_at = decision.wake_at
+        d = self.w.desired
+        try:
+            if decision.switch_to is not None:
+                t = decision.switch_to
+                self.target = (t, self.w.request(t.model, t.companions, source="queue").generation)
+            elif decision.companions is not None:
+                self.companions = (decision.companions, self.w.request(d.active, decision.companions, source="queue").generation)
+            elif decision.idle in ("sleep", "free"):
+                self.w.request(None, (), source=f"idle ({decision.idle})")
+        except DesiredStateError as err:
+            if decision.switch_to is not None:
+                self.desk.switch_failed(str(err), now)
+            elif decision.companions is not None:
+                self.desk.companions_failed(str(err), now)
+
+    def settled(self, now: float, ok: bool) -> None:
+        d = self.w._rec.desired
+        if self.target is not None and d.generation >= self.target[1]:
+            target, _ = self.target
+            self.target = None
+            if ok and d.active == target.model and set(target.companions) <= set(d.companions):
+                self.desk.switch_done(dq.Target(target.model, d.companions), now)
+            else:
+                self.desk.switch_failed(f"{target.model!r} is not what runs now (superseded or failed)", now)
+        elif self.companions is not None and d.generation >= self.companions[1]:
+            wanted, _ = self.companions
+            self.companions = None
+            if ok and set(wanted) <= set(d.companions):
+                self.desk.companions_done(d.companions, now)
+            else:
+                self.desk.companions_failed(f"{', '.join(wanted)} not running beside {d.active!r}", now)
+        elif ok and self.desk.state.switching_to is None and self._moved(d):
+            # Another source (POST /switch, a gated start, the spec) moved the GPU: the queue follows what runs.
+            if d.active is None:
+                self.desk.went_away(now)
+            else:
+                self.desk.switch_done(dq.Target(d.active, d.companions), now)
+        self.step()
+
+    def _moved(self, d: Desired) -> bool:
+        st = self.desk.state
+        return (st.active, st.active_companions) != (d.active, d.companions)
+
+    def failed(self, now: float, reason: str) -> None:
+        if self.target is not None:
+            self.target = None
+            self.desk.switch_failed(reason, now)
+        elif self.desk.state.active is not None and self.desk.state.holds:
+            self.desk.went_away(now)  # the active model failed under its holds

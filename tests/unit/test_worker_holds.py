@@ -1,0 +1,112 @@
+"""Holds and the demand queue on the real worker (its loop thread, the
+recording fake runtime): a hold switches the GPU and is answered once the
+model is healthy; a switch away waits for live holds (drain); a client that
+goes away while queued causes no switch; the queue shows in /status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.unit.fakes import FakeGpu, FakeRuntime
+from tests.unit.test_worker_actor import spec, wait_for
+from vramctl.hold_desk import InboxHolder, Refused
+from vramctl.observed import WorkloadState
+from vramctl.spec import DeploymentSpec
+from vramctl.worker import GpuWorker, WorkerSettings
+
+RUN = WorkloadState.RUNNING
+
+
+def queued(**queue: float) -> DeploymentSpec:
+    d = spec()
+    return DeploymentSpec.model_validate(
+        {**d.model_dump(by_alias=True, exclude_none=True), "queue": {"maxServeSeconds": 2, "drainTimeoutSeconds": 1, **queue}}
+    )
+
+
+def start(d: DeploymentSpec) -> tuple[GpuWorker, FakeRuntime, InboxHolder]:
+    rt = FakeRuntime(states={"llm": RUN})
+    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1))
+    w.start()
+    assert wait_for(lambda: w.status()["phase"] == "Ready")
+    return w, rt, InboxHolder(lambda _gpu, cmd: w.post(cmd), gpu_of=lambda _m: "0", clock=w.clock)
+
+
+def test_a_hold_switches_and_is_granted_once_the_model_is_healthy() -> None:
+    w, rt, holder = start(queued())
+
+    async def go() -> None:
+        g = await asyncio.wait_for(holder.demand("sdxl", ttl_seconds=30), 5)
+        assert g.model == "sdxl"
+        assert rt.states.get("sdxl") is RUN and rt.states.get("llm") is not RUN  # healthy and alone when granted
+        assert w.status()["queue"]["holds"] == {"sdxl": 1}
+        assert holder.release(g.id)
+
+    try:
+        asyncio.run(go())
+        assert wait_for(lambda: w.status()["queue"]["holds"] == {})
+        assert [p["message"] for p in w.progress() if p["step"] == "requested"][-1].endswith("(queue)")
+    finally:
+        w.stop()
+
+
+def test_a_switch_away_waits_for_a_live_hold_then_the_drain_timeout() -> None:
+    w, rt, holder = start(queued(maxServeSeconds=3, drainTimeoutSeconds=1))
+
+    async def go() -> None:
+        g = await asyncio.wait_for(holder.demand("llm", ttl_seconds=30), 5)
+        t0 = time.monotonic()
+        other = asyncio.ensure_future(holder.demand("sdxl", ttl_seconds=30))
+        await asyncio.sleep(0.5)
+        assert not other.done() and ("start", "sdxl") not in rt.calls  # no switch while the llm hold is live
+        g2 = await asyncio.wait_for(other, 10)
+        waited = time.monotonic() - t0
+        assert g2.model == "sdxl" and waited >= 0.9  # the drain ran its course (drainTimeoutSeconds 1)
+        assert await holder.renew(g.id) == "revoked"  # the llm holder learns its hold ended: 409
+
+    try:
+        asyncio.run(go())
+    finally:
+        w.stop()
+
+
+def test_a_client_gone_while_queued_causes_no_switch() -> None:
+    w, rt, holder = start(queued(maxServeSeconds=30, drainTimeoutSeconds=30))
+
+    async def go() -> None:
+        g = await asyncio.wait_for(holder.demand("llm", ttl_seconds=30), 5)
+        waiting = asyncio.ensure_future(holder.demand("sdxl", ttl_seconds=30))
+        await asyncio.sleep(0.3)
+        waiting.cancel()  # the client closed its connection
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        holder.release(g.id)
+        await asyncio.sleep(0.5)
+
+    try:
+        asyncio.run(go())
+        assert ("start", "sdxl") not in rt.calls
+        assert w.status()["queue"]["queueDepth"] == 0 and w.desired.active == "llm"
+    finally:
+        w.stop()
+
+
+def test_a_full_queue_answers_503_with_retry_after() -> None:
+    w, _, holder = start(queued(maxQueue=1, maxServeSeconds=30, drainTimeoutSeconds=30))
+
+    async def go() -> None:
+        await asyncio.wait_for(holder.demand("llm", ttl_seconds=30), 5)
+        first = asyncio.ensure_future(holder.demand("sdxl", ttl_seconds=30))
+        await asyncio.sleep(0.2)
+        with pytest.raises(Refused) as refused:
+            await asyncio.wait_for(holder.demand("img", ttl_seconds=30), 5)
+        assert refused.value.status == 503 and refused.value.retry_after
+        first.cancel()
+
+    try:
+        asyncio.run(go())
+    finally:
+        w.stop()
