@@ -12,8 +12,122 @@
 #   STANDIN_CRASH_AFTER_SECONDS  exit with STANDIN_EXIT_CODE (default 1) this
 #                                long after starting.
 #
+# Sleep, like vLLM's sleep mode, with STANDIN_SLEEP=1 (the server is then
+# busybox nc running this script per connection instead of httpd):
+#   POST /sleep?level=1|2  answers after STANDIN_SLEEP_SECONDS (default 0.2)
+#                          {"is_sleeping": true, ..., "residue_mib": N};
+#                          STANDIN_SLEEP_STATUS (default 200) makes it fail.
+#   POST /wake_up          answers after STANDIN_WAKE_SECONDS (default 0.2);
+#                          with STANDIN_WAKE_BROKEN=1 /health is 503 after it.
+#   GET  /is_sleeping      {"is_sleeping", "state", "level", "cycles", "residue_mib"}:
+#                          STANDIN_RESIDUE_MIB (default 512) plus
+#                          STANDIN_RESIDUE_GROWTH_MIB for each further cycle.
+#   POST /v1/...           200 {"object": "standin"} when awake; 503 with
+#                          Retry-After while loading, asleep or in between.
+#   GET  /health           still 404 while loading, 200 when loaded (asleep too).
+#
 # Meant to run as PID 1: every sleep is `sleep N & wait $!`, so a trapped
 # signal interrupts it at once.
+
+WWW="${STANDIN_WWW:-/tmp/standin-www}"
+
+# ---------------------------------------------------------------- one request
+# `standin.sh --serve`: run by nc for each connection (STANDIN_SLEEP=1),
+# stdin/stdout are the socket. HTTP/1.0, one request, then close.
+if [ "${1:-}" = --serve ]; then
+  CR="$(printf '\r')"
+  answer() { # status, body, [extra header line]
+    printf 'HTTP/1.0 %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\nConnection: close\r\n' "$1" "${#2}"
+    [ -n "${3:-}" ] && printf '%s\r\n' "$3"
+    printf '\r\n%s' "$2"
+  }
+  state() { cat "$WWW/state" 2>/dev/null || echo awake; }
+  # The main script's stdout (the container's log), not the socket.
+  say() { [ -n "${STANDIN_LOG:-}" ] && echo "standin: $*" >>"$STANDIN_LOG"; }
+  num() { cat "$WWW/$1" 2>/dev/null || echo 0; }
+  snapshot() {
+    st="$(state)"
+    cycles="$(num cycles)"
+    residue=$(( ${STANDIN_RESIDUE_MIB:-512} + ${STANDIN_RESIDUE_GROWTH_MIB:-0} * (cycles > 0 ? cycles - 1 : 0) ))
+    asleep=false
+    [ "$st" = asleep ] && asleep=true
+    printf '{"is_sleeping": %s, "state": "%s", "level": %s, "cycles": %s, "residue_mib": %s}' "$asleep" "$st" "$(num level)" "$cycles" "$residue"
+  }
+  settle() { # wait (bounded) while a sleep or wake runs
+    n=0
+    while :; do
+      case "$(state)" in sleeping|waking) ;; *) return ;; esac
+      n=$((n + 1))
+      [ "$n" -gt 600 ] && return
+      sleep 0.05
+    done
+  }
+  IFS= read -r line || exit 0
+  line="${line%"$CR"}"
+  method="${line%% *}"
+  target="${line#* }"
+  target="${target%% *}"
+  path="${target%%\?*}"
+  query=""
+  case "$target" in *\?*) query="${target#*\?}" ;; esac
+  len=0
+  while IFS= read -r h; do
+    h="${h%"$CR"}"
+    [ -z "$h" ] && break
+    case "$h" in [Cc]ontent-[Ll]ength:*) len="${h#*:}"; len="${len# }" ;; esac
+  done
+  case "$len" in '' | *[!0-9]*) len=0 ;; esac
+  [ "$len" -gt 0 ] && [ "$len" -le 1048576 ] && head -c "$len" >/dev/null
+  loaded=0
+  [ -f "$WWW/health" ] && loaded=1
+  case "$method $path" in
+    "GET /health")
+      if [ -f "$WWW/broken" ]; then answer "503 Service Unavailable" '{"status": "broken after wake"}'
+      elif [ "$loaded" = 1 ]; then answer "200 OK" '{"status": "ok"}'
+      else answer "404 Not Found" '{"status": "loading"}'; fi ;;
+    "GET /is_sleeping") answer "200 OK" "$(snapshot)" ;;
+    "POST /sleep")
+      level=1
+      case "&$query&" in *"&level=2&"*) level=2 ;; *"&level=1&"* | "&&") level=1 ;; *"&level="*) level=bad ;; esac
+      if [ "$loaded" = 0 ]; then answer "503 Service Unavailable" '{"error": "loading"}' "Retry-After: 1"
+      elif [ "$level" = bad ]; then answer "400 Bad Request" '{"error": "level must be 1 or 2"}'
+      elif [ "${STANDIN_SLEEP_STATUS:-200}" != 200 ]; then answer "${STANDIN_SLEEP_STATUS} Sleep Failed" '{"error": "sleep failed (STANDIN_SLEEP_STATUS)"}'
+      else
+        settle
+        if [ "$(state)" != asleep ]; then
+          echo sleeping >"$WWW/state"
+          say "sleeping (level $level, ${STANDIN_SLEEP_SECONDS:-0.2} s)"
+          sleep "${STANDIN_SLEEP_SECONDS:-0.2}"
+          echo "$level" >"$WWW/level"
+          echo $(( $(num cycles) + 1 )) >"$WWW/cycles"
+          echo asleep >"$WWW/state"
+          snapshot >/dev/null
+          say "asleep (residue $residue MiB)"
+        fi
+        answer "200 OK" "$(snapshot)"
+      fi ;;
+    "POST /wake_up")
+      if [ "$loaded" = 0 ]; then answer "503 Service Unavailable" '{"error": "loading"}' "Retry-After: 1"
+      else
+        settle
+        if [ "$(state)" != awake ]; then
+          echo waking >"$WWW/state"
+          say "waking (${STANDIN_WAKE_SECONDS:-0.2} s)"
+          sleep "${STANDIN_WAKE_SECONDS:-0.2}"
+          [ "${STANDIN_WAKE_BROKEN:-0}" = 1 ] && touch "$WWW/broken"
+          echo 0 >"$WWW/level"
+          echo awake >"$WWW/state"
+          say awake
+        fi
+        answer "200 OK" "$(snapshot)"
+      fi ;;
+    "POST /v1/"*)
+      if [ "$loaded" = 1 ] && [ "$(state)" = awake ]; then answer "200 OK" '{"object": "standin"}'
+      else answer "503 Service Unavailable" "{\"error\": \"model is $(state)\"}" "Retry-After: 1"; fi ;;
+    *) answer "404 Not Found" '{"error": "not found"}' ;;
+  esac
+  exit 0
+fi
 
 PORT="${STANDIN_PORT:-8000}"
 HOST="${STANDIN_HOST:-127.0.0.1}"
@@ -21,7 +135,6 @@ LOAD="${STANDIN_LOAD_SECONDS:-2}"
 STOP="${STANDIN_STOP_SECONDS:-1}"
 CRASH="${STANDIN_CRASH_AFTER_SECONDS:-}"
 CODE="${STANDIN_EXIT_CODE:-1}"
-WWW="${STANDIN_WWW:-/tmp/standin-www}"
 
 HTTPD_PID=""
 SLEEP_PID=""
@@ -78,8 +191,15 @@ if [ -n "$CRASH" ]; then
 fi
 
 mkdir -p "$WWW" || exit 70
-rm -f "$WWW/health"
-httpd -f -p "$HOST:$PORT" -h "$WWW" &
+rm -f "$WWW/health" "$WWW/state" "$WWW/level" "$WWW/cycles" "$WWW/broken"
+if [ "${STANDIN_SLEEP:-0}" = 1 ]; then
+  # One sh per connection, a backlog of 16 (one per -l).
+  STANDIN_LOG="/proc/$$/fd/1"
+  export STANDIN_LOG
+  nc -llllllllllllllll -p "$PORT" "$HOST" -e /bin/sh "$0" --serve &
+else
+  httpd -f -p "$HOST:$PORT" -h "$WWW" &
+fi
 HTTPD_PID=$!
 
 log "loading ($LOAD s)"
