@@ -543,10 +543,24 @@ class Reconciler:
             log.warning("gpu%d: could not pause %r: %s", self.spec.gpu, ev.model, err)
         else:
             self.model_states = {**self.model_states, ev.model: "paused"}
-        # After an engine outage the daemon restarts containers on its own
-        # (restart policies): frozen like any other start, but an engine
-        # restart never changes the desired state.
-        self.ctx.gated(ev, adopt=self.outage is None and not self.after_outage)
+        self.ctx.gated(ev, self._not_adopted(ev))
+
+    def _not_adopted(self, ev: StartEvent) -> str | None:
+        """Why a gated start does not become the desired state (None: it does).
+
+        - After an engine outage the daemon restarts containers on its own
+          (restart policies): an engine restart never changes the desired state.
+        - One `docker compose --profile X up -d` also starts every service
+          without a profile: such an incidental start never takes the GPU from
+          a heavy model that is desired; a service named by a profile does
+          (of several, the last one started).
+        """
+        if self.outage is not None or self.after_outage:
+            return "it was started by the engine after its restart; the desired state stays"
+        active = self.desired.active
+        if ev.incidental and ev.heavy and active is not None and active != ev.model:
+            return f"`docker compose up` starts it with any profile (it has none); {active!r} keeps the GPU"
+        return None
 
 
 def waiting_message(w: WaitForMemory) -> str:

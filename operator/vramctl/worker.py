@@ -406,11 +406,11 @@ class GpuWorker:
         self.metrics.violations.labels(str(self.gpu)).inc()
         self.note("violation", None, f"two heavy workloads running on gpu {self.gpu}: {', '.join(heavy_live)}")
 
-    def gated(self, ev: StartEvent, adopt: bool = True) -> None:
-        """A start made behind vramctl's back was paused; ``adopt``: make it the desired state."""
+    def gated(self, ev: StartEvent, not_adopted: str | None = None) -> None:
+        """A start made behind vramctl's back was paused: it becomes the desired state, unless ``not_adopted`` says why not."""
         self.metrics.gated.labels(str(self.gpu)).inc()
-        if not adopt:
-            self.note("gated", ev.model, f"{ev.model!r} was started by the engine after its restart: paused; the desired state stays")
+        if not_adopted is not None:
+            self.note("gated", ev.model, f"{ev.model!r} was started outside vramctl: paused and not kept, since {not_adopted}")
             return
         self.note("gated", ev.model, f"{ev.model!r} was started outside vramctl: paused until the GPU is free")
         d = self._rec.desired

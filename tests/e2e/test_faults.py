@@ -5,13 +5,16 @@ worker became an actor (or before the fix it names)."""
 from __future__ import annotations
 
 import http.server
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
+import yaml
 
 from tests.conftest import ExclusivityRecorder
 from tests.e2e.conftest import VramctlProc, standin_model
@@ -121,7 +124,11 @@ def test_a_hand_start_right_after_vramctls_own_start_is_gated(
     assert r.returncode == 0, r.stdout + r.stderr
     r = v.cli("switch", "llm", "--wait", "--timeout", "30")
     assert r.returncode == 0, r.stdout + r.stderr
-    sdxl = next(c for c in docker_client.containers.list(all=True, filters={"label": [f"vramctl.io/instance={instance}"]}) if c.labels["vramctl.io/model"] == "sdxl")
+    sdxl = next(
+        c
+        for c in docker_client.containers.list(all=True, filters={"label": [f"vramctl.io/instance={instance}"]})
+        if c.labels["vramctl.io/model"] == "sdxl"
+    )
     sdxl.start()  # by hand, a second after vramctl's own start of llm
     exclusivity.settle()
     assert not exclusivity.violations_for(instance), exclusivity.violations_for(instance)
@@ -141,7 +148,6 @@ def test_a_container_removed_by_hand_moves_the_status_at_once(
     llm.remove(force=True)
     v.wait(lambda g: g["phase"] != "Ready" or "llm" not in g["runningModels"], timeout=5)
     assert time.monotonic() - t0 < 2.0  # docker's events, not the 30 s resync
-
 
 
 @pytest.mark.parametrize("on_removed", ["recreate", "release"])
@@ -166,3 +172,69 @@ def test_compose_down_is_said_and_handled_as_configured(
     said = [p for p in v.status_progress() if p["step"] == "removed-outside"]
     assert said and "removed outside vramctl" in said[0]["message"] and f"onRemoved: {on_removed}" in said[0]["message"]
     assert "removed outside vramctl" in v.log_text()
+
+
+def test_a_profile_up_that_also_starts_a_service_without_profile_keeps_the_active_model(
+    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    free_port: Callable[[], int],
+    docker_client: docker.DockerClient,
+    instance: str,
+    exclusivity: ExclusivityRecorder,
+    tmp_path: Path,
+) -> None:
+    """painter (profile img) holds the GPU; `docker compose --profile img
+    --profile tts up -d` also starts chat (no profile): painter keeps it."""
+    ports = {"chat": free_port(), "painter": free_port(), "tts": free_port()}
+
+    def svc(model: str, cls: str, profile: str | None) -> dict[str, Any]:
+        s: dict[str, Any] = {
+            "image": "vramctl/standin:dev",
+            "network_mode": "host",
+            "environment": {"STANDIN_PORT": str(ports[model]), "STANDIN_LOAD_SECONDS": "0.3", "STANDIN_STOP_SECONDS": "0.2"},
+            "labels": {
+                "app.kubernetes.io/managed-by": "vramctl",
+                "vramctl.io/model": model,
+                "vramctl.io/gpu": "0",
+                "vramctl.io/class": cls,
+            },
+        }
+        if profile:
+            s["profiles"] = [profile]
+        return s
+
+    cf = tmp_path / "docker-compose.yml"
+    cf.write_text(
+        yaml.safe_dump(
+            {"services": {"chat": svc("chat", "heavy", None), "painter": svc("painter", "heavy", "img"), "tts": svc("tts", "light", "tts")}}
+        )
+    )
+    models = {
+        m: {
+            "class": "light" if m == "tts" else "heavy",
+            "composeService": m,
+            "health": {"path": "/health", "port": ports[m], "intervalSeconds": 0.05},
+            "vramMiB": 3000 if m == "tts" else 11000,
+        }
+        for m in ports
+    }
+    v = vramctl(
+        {
+            "runtime": "docker",
+            "compose": {"project": instance, "files": [str(cf)]},
+            "gpuProbe": {"kind": "simulated", "releaseDelaySeconds": 0.05},
+            "gpus": [{"gpu": 0, "activeModel": "painter", "vramBudgetMiB": 15000, "models": models}],
+        }
+    )
+    v.start()
+    v.wait(lambda g: g["phase"] == "Ready" and g["runningModels"] == ["painter"])
+    subprocess.run(
+        ["docker", "compose", "-p", instance, "-f", str(cf), "--profile", "img", "--profile", "tts", "up", "-d"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    g = v.wait(lambda g: g["phase"] == "Ready" and "chat" not in g["runningModels"] and "tts" in g["runningModels"], timeout=20)
+    assert g["activeModel"] == "painter" and "painter" in g["runningModels"]
+    notes = [p["message"] for p in v.status_progress() if p["step"] == "gated" and p["model"] == "chat"]
+    assert notes and "painter' keeps the GPU" in notes[0], notes
+    exclusivity.assert_no_violations(instance)

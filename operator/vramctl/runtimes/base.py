@@ -74,6 +74,9 @@ class StartEvent:
     heavy: bool
     # "start"; or "die", "destroy", "pause", "unpause": the worker only looks again at once.
     action: str = "start"
+    # Started only because every `docker compose up` starts it (a compose
+    # service without a profile), not because someone asked for it by name.
+    incidental: bool = False
 
 
 @runtime_checkable

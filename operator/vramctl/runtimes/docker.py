@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import subprocess
@@ -244,6 +245,7 @@ class DockerRuntime:
         self.instance = instance
         self.compose = compose
         self._nvidia: bool | None = None
+        self._profiles: dict[str, tuple[str, ...]] | None = None
 
     # ------------------------------------------------------------ naming
 
@@ -533,6 +535,34 @@ class DockerRuntime:
             tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-5:])
             raise StartError(f"`{' '.join(cmd)}` failed with exit code {res.returncode}: {tail}")
 
+    def _compose_profiles(self, refresh: bool = False) -> dict[str, tuple[str, ...]]:
+        """Each service of the compose project and its profiles (cached;
+        `docker compose config` takes about 0.1 s, read before any event needs it)."""
+        if self.compose is None:
+            return {}
+        if self._profiles is None or refresh:
+            profiles: dict[str, tuple[str, ...]] = {}
+            try:
+                res = self._compose_run(self._compose_cmd("--profile", "*", "config", "--format", "json"))
+                if res.returncode == 0:
+                    services = (json.loads(res.stdout) or {}).get("services") or {}
+                    profiles = {str(k): tuple(v.get("profiles") or ()) for k, v in services.items()}
+            except (StartError, ValueError, AttributeError) as err:
+                log.debug("compose config: %s", err)
+            self._profiles = profiles
+        return self._profiles
+
+    def _without_profile(self, attrs: dict[str, str]) -> bool:
+        """A container of our compose project whose service has no profile:
+        `docker compose --profile X up -d` starts it along with X."""
+        service = attrs.get(COMPOSE_SERVICE)
+        if self.compose is None or service is None or attrs.get(COMPOSE_PROJECT) != self.compose.project:
+            return False
+        profiles = self._compose_profiles()
+        if service not in profiles:
+            profiles = self._compose_profiles(refresh=True)
+        return service in profiles and not profiles[service]
+
     def _compose_label_problems(self, deployment: DeploymentSpec, model: str, c: Container) -> list[str]:
         labels = _labels(c)
         problems = []
@@ -819,6 +849,7 @@ class DockerRuntime:
         (``since``/``until``), so ``stop()`` is noticed within one window and
         no event falls between two windows.
         """
+        self._compose_profiles()  # before the first start event needs it
         since = time.time()
         seen: dict[tuple[str, int], float] = {}
         filters = {"type": "container", "event": list(_WATCHED_EVENTS), "label": [f"{MANAGED_BY}={MANAGED_BY_VALUE}"]}
@@ -858,7 +889,14 @@ class DockerRuntime:
         if not model or gpu < 0:
             log.warning("start of %s: vramctl labels without %s/%s; ignored", attrs.get("name", cid), LABEL_MODEL, LABEL_GPU)
             return
-        event = StartEvent(model=model, gpu=gpu, ref=cid, heavy=attrs.get(LABEL_CLASS, "heavy") != "light", action=action)
+        event = StartEvent(
+            model=model,
+            gpu=gpu,
+            ref=cid,
+            heavy=attrs.get(LABEL_CLASS, "heavy") != "light",
+            action=action,
+            incidental=action == "start" and self._without_profile(attrs),
+        )
         try:
             on_start(event)
         except Exception:

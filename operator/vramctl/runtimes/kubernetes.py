@@ -34,11 +34,14 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
 from vramctl.observed import Workload, WorkloadState
 from vramctl.runtimes.base import (
@@ -102,6 +105,148 @@ class KubeRequests(Protocol):
     """What the runtime needs of an API client. Raises KubeApiError."""
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json", raw: bool = False) -> Any: ...
+
+    def stream(self, path: str, timeout: float) -> WatchEvents:
+        """A watch's events, one per line, until the server ends it."""
+        ...
+
+
+class WatchEvents(Protocol):
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def close(self) -> None:
+        """Ends the read at once, from any thread."""
+        ...
+
+
+class _WatchEnded(Exception):
+    """The watch must start again from a fresh listing (410 Gone, an ERROR event)."""
+
+
+class PodCache:
+    """Our Pods on this node, kept by one listing and a watch (an informer).
+
+    Why: the worker observes at every tick, and a switch's first action
+    should not wait behind a listing; reading a local copy costs nothing.
+    Why it stays safe: the copy is used only while the watch is up (after a
+    failure the runtime lists directly until a new listing succeeded), our
+    own writes are applied to it at once, and a stop still waits for the
+    Pod object to be gone by asking the API server itself.
+
+    The watch is resumed from the last resourceVersion when the server ends
+    it; on errors it lists again, with back-off (tenacity) until ``close``.
+    """
+
+    def __init__(self, api: KubeRequests, node: str, instance: str, watch_timeout_s: int = 60) -> None:
+        self.api, self.node, self.instance = api, node, instance
+        self.watch_timeout_s = watch_timeout_s
+        self._pods: dict[str, dict[str, Any]] = {}  # uid -> Pod
+        self._lock = threading.Lock()
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stream: WatchEvents | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vramctl-pod-watch", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.synced.clear()
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _query(self, **extra: str) -> str:
+        return urllib.parse.urlencode(
+            {
+                "labelSelector": f"{MANAGED_BY}={MANAGED_BY_VALUE},{LABEL_INSTANCE}={self.instance}",
+                "fieldSelector": f"spec.nodeName={self.node}",
+                **extra,
+            }
+        )
+
+    def _ours(self, pod: Mapping[str, Any]) -> bool:
+        labels = _meta(pod).get("labels") or {}
+        return (
+            labels.get(MANAGED_BY) == MANAGED_BY_VALUE
+            and labels.get(LABEL_INSTANCE) == self.instance
+            and (pod.get("spec") or {}).get("nodeName") == self.node
+        )
+
+    def _run(self) -> None:
+        def again(state: RetryCallState) -> None:
+            err = state.outcome.exception() if state.outcome else None
+            level = logging.WARNING if state.attempt_number == 1 else logging.DEBUG
+            log.log(level, "Pod watch: %s; listing again with back-off (direct reads meanwhile)", err)
+
+        Retrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_exponential(multiplier=0.1, max=10.0),
+            stop=stop_when_event_set(self._stop),
+            before_sleep=again,
+            reraise=False,
+            retry_error_callback=lambda _: None,
+        )(self._list_and_watch)
+
+    def _list_and_watch(self) -> None:
+        self.synced.clear()
+        listing = self.api.request("GET", f"/api/v1/pods?{self._query()}") or {}
+        rv = str((listing.get("metadata") or {}).get("resourceVersion") or "")
+        with self._lock:
+            self._pods = {str(_meta(p).get("uid")): p for p in listing.get("items") or [] if self._ours(p)}
+        self.synced.set()
+        while not self._stop.is_set():
+            query = self._query(
+                watch="true",
+                timeoutSeconds=str(self.watch_timeout_s),
+                allowWatchBookmarks="true",
+                **({"resourceVersion": rv} if rv else {}),
+            )
+            self._stream = self.api.stream(f"/api/v1/pods?{query}", timeout=self.watch_timeout_s + 30)
+            if self._stop.is_set():
+                self._stream.close()
+                return
+            for ev in self._stream:
+                if self._stop.is_set():
+                    return
+                kind, obj = ev.get("type"), ev.get("object") or {}
+                if kind == "ERROR":
+                    raise _WatchEnded(f"the watch ended: {obj.get('message') or obj}")
+                rv = str(_meta(obj).get("resourceVersion") or rv)
+                if kind == "BOOKMARK" or not self._ours(obj):
+                    continue
+                uid = str(_meta(obj).get("uid"))
+                with self._lock:
+                    if kind == "DELETED":
+                        self._pods.pop(uid, None)
+                    else:
+                        self._pods[uid] = obj
+
+    def pods(self, namespace: str) -> list[dict[str, Any]] | None:
+        """Our Pods of ``namespace`` as last seen; None while the watch is not up."""
+        if not self.synced.is_set():
+            return None
+        with self._lock:
+            return [p for p in self._pods.values() if _meta(p).get("namespace") == namespace]
+
+    def put(self, pod: Mapping[str, Any]) -> None:
+        """Our own write, applied before the watch brings it."""
+        uid = _meta(pod).get("uid")
+        if uid and self._ours(pod):
+            with self._lock:
+                self._pods[str(uid)] = dict(pod)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The API server said the Pod is gone."""
+        with self._lock:
+            for uid, p in list(self._pods.items()):
+                if _meta(p).get("namespace") == namespace and _meta(p).get("name") == name:
+                    del self._pods[uid]
 
 
 @dataclass(frozen=True)
@@ -309,6 +454,7 @@ class PodRuntime:
         runtime_class: str = "nvidia",
         gpu_uuid: Callable[[int], str | None] | None = None,
         poll_s: float = 0.05,
+        watch: bool = True,
     ) -> None:
         check_instance(instance)
         if not node:
@@ -321,12 +467,18 @@ class PodRuntime:
         self.gpu_uuid = gpu_uuid
         self.poll_s = poll_s
         self._owners: dict[int, PodOwner] = {}
+        # (namespace, Pod name) -> uid of our Pods as last listed or created: a
+        # stop deletes with a uid precondition without reading the Pod first.
+        self._known: dict[tuple[str, str], str] = {}
+        self.cache = PodCache(api, node, instance) if watch else None
 
     # -------------------------------------------------------------- owners
 
     def own(self, gpu: int, owner: PodOwner) -> None:
         """The ModelDeployment of ``gpu`` on this node: its namespace holds the Pods, it owns them."""
         self._owners[gpu] = owner
+        if self.cache is not None:
+            self.cache.start()
 
     def _owner(self, deployment: DeploymentSpec) -> PodOwner | None:
         return self._owners.get(deployment.gpu)
@@ -347,12 +499,17 @@ class PodRuntime:
         return f"{path}/{urllib.parse.quote(name)}" if name else path
 
     def _get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Pod as the API server has it now (never the cache), which the cache then takes."""
         try:
             pod: dict[str, Any] = self._call("GET", self._pods_path(namespace, name))
         except KubeApiError as err:
             if err.status == 404:
+                if self.cache is not None:
+                    self.cache.forget(namespace, name)
                 return None
             raise
+        if self.cache is not None:
+            self.cache.put(pod)
         return pod
 
     def _ours(self, pod: Mapping[str, Any], gpu: int) -> bool:
@@ -369,17 +526,21 @@ class PodRuntime:
         owner = self._owner(deployment)
         if owner is None:
             return {}
-        selector = f"{MANAGED_BY}={MANAGED_BY_VALUE},{LABEL_INSTANCE}={self.instance},{LABEL_GPU}={deployment.gpu}"
-        query = urllib.parse.urlencode({"labelSelector": selector})
-        listing = self._call("GET", f"{self._pods_path(owner.namespace)}?{query}") or {}
+        items = self.cache.pods(owner.namespace) if self.cache is not None else None
+        if items is None:
+            selector = f"{MANAGED_BY}={MANAGED_BY_VALUE},{LABEL_INSTANCE}={self.instance},{LABEL_GPU}={deployment.gpu}"
+            query = urllib.parse.urlencode({"labelSelector": selector})
+            items = (self._call("GET", f"{self._pods_path(owner.namespace)}?{query}") or {}).get("items") or []
         out: dict[str, dict[str, Any]] = {}
-        for pod in listing.get("items") or []:
+        for pod in items:
             if not self._ours(pod, deployment.gpu):
                 continue  # the selector is a hint: the labels are checked here
             meta = _meta(pod)
             model = (meta.get("annotations") or {}).get("vramctl.io/model-name") or (meta.get("labels") or {}).get(LABEL_MODEL)
             if model:
                 out[str(model)] = pod
+                if meta.get("uid") and meta.get("name"):
+                    self._known[(owner.namespace, str(meta["name"]))] = str(meta["uid"])
         return out
 
     # ------------------------------------------------------------ observe
@@ -438,7 +599,12 @@ class PodRuntime:
         uuid = self.gpu_uuid(deployment.gpu) if self.gpu_uuid is not None else None
         body = render_pod(deployment, model, owner, self.node, self.instance, self.gpu_mode, self.runtime_class, uuid)
         try:
-            self._call("POST", self._pods_path(owner.namespace), body)
+            created = self._call("POST", self._pods_path(owner.namespace), body)
+            uid = _meta(created or {}).get("uid")
+            if uid:
+                self._known[(owner.namespace, name)] = str(uid)
+                if self.cache is not None:
+                    self.cache.put(created)
         except KubeApiError as err:
             if err.status == 409:
                 raise TransientError(f"Pod {owner.namespace}/{name} still exists (being deleted?): {err}") from None
@@ -470,46 +636,89 @@ class PodRuntime:
 
     # --------------------------------------------------------------- stop
 
-    def _delete(self, namespace: str, name: str, grace: float) -> bool:
-        """Ask for the Pod's deletion; False when it was already gone."""
-        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": math.ceil(grace), "propagationPolicy": "Background"}
-        try:
-            self._call("DELETE", self._pods_path(namespace, name), body)
-        except KubeApiError as err:
-            if err.status == 404:
-                return False
-            raise
-        return True
+    def _delete(
+        self, namespace: str, name: str, grace: float, expect: Callable[[Mapping[str, Any]], bool] | None = None
+    ) -> dict[str, Any] | None:
+        """Ask for the Pod's deletion; returns it as the server answered, None when it was already gone.
 
-    def _delete_and_wait(self, namespace: str, name: str, grace: float) -> tuple[bool, int | None]:
-        """Delete, then wait until the object is gone. Returns (was there, last exit code)."""
-        was = self._delete(namespace, name, grace)
+        ``expect``: the Pod must pass it (ours), checked on the server's copy
+        through a precondition on its uid, so a Pod that is not ours is never
+        deleted even when it carries our name.
+        """
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": math.ceil(grace),
+            "propagationPolicy": "Background",
+        }
+        if expect is not None:
+            current = self._get(namespace, name) if self._known.get((namespace, name)) is None else None
+            uid = self._known.get((namespace, name)) or (_meta(current).get("uid") if current is not None and expect(current) else None)
+            if uid is None:
+                if current is not None:
+                    log.warning("Pod %s/%s is not vramctl's: not deleted", namespace, name)
+                return None
+            body["preconditions"] = {"uid": uid}
+        try:
+            answer = self._call("DELETE", self._pods_path(namespace, name), body)
+        except KubeApiError as err:
+            if err.status in (404, 409):  # gone, or replaced by another Pod of that name (the uid precondition)
+                self._known.pop((namespace, name), None)
+                return None
+            raise
+        return answer if isinstance(answer, dict) else {}
+
+    def _wait_gone(self, namespace: str, name: str, grace: float) -> tuple[bool, int | None]:
+        """Wait until the Pod object is gone. Returns (it was there, its last exit code)."""
         deadline = time.monotonic() + grace + _GONE_WAIT_EXTRA_S
         code: int | None = None
-        while was:
+        while True:
             pod = self._get(namespace, name)
             if pod is None:
-                break
+                self._known.pop((namespace, name), None)
+                return True, code
             code = pod_state(pod)[1] if pod_state(pod)[1] is not None else code
             if time.monotonic() >= deadline:
                 raise TransientError(f"Pod {namespace}/{name} is still there {grace + _GONE_WAIT_EXTRA_S:.0f}s after its deletion")
             time.sleep(self.poll_s)
-        return was, code
+
+    def _delete_and_wait(self, namespace: str, name: str, grace: float) -> tuple[bool, int | None]:
+        """Delete, then wait until the object is gone. Returns (was there, last exit code)."""
+        if self._delete(namespace, name, grace) is None:
+            return False, None
+        return self._wait_gone(namespace, name, grace)
 
     def stop(self, deployment: DeploymentSpec, model: str) -> StopOutcome:
+        """Delete at once (no listing first: the first action of a switch
+        should reach the API server without a round trip before it), then wait
+        until the Pod object is gone."""
         t0 = time.monotonic()
         owner = self._owner(deployment)
-        pod = self._pods(deployment).get(model)
-        if owner is None or pod is None:
+        if owner is None:
             return StopOutcome(model, False, False, time.monotonic() - t0)
         m = deployment.models.get(model)
         grace = m.stop.grace_period_seconds if m is not None else 10.0
+        name = pod_name(deployment.display_name, model)
+        pod = self._delete(owner.namespace, name, grace, expect=lambda p: self._ours(p, deployment.gpu))
+        if pod is None:
+            return StopOutcome(model, False, False, time.monotonic() - t0)
         live = pod_state(pod)[0].live
-        _, code = self._delete_and_wait(owner.namespace, str(_meta(pod).get("name")), grace)
+        _, code = self._wait_gone(owner.namespace, name, grace)
         return StopOutcome(model, live, code == 137, time.monotonic() - t0, code)
 
     def remove(self, deployment: DeploymentSpec, model: str) -> None:
         self.stop(deployment, model)
+
+    def preflight(self, deployment: DeploymentSpec, model: str) -> str | None:
+        """What can be known before anything is stopped: the model and its
+        image are named, and a ModelDeployment owns the GPU. Whether the node
+        can pull the image only the kubelet finds out (ImagePullBackOff)."""
+        m = deployment.models.get(model)
+        if m is None:
+            return f"{model!r} is not in the spec"
+        if m.image is None:
+            return f"{model!r} has no image: the Pod runtime needs one"
+        return None
 
     def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
         """Nothing to do: an ended Pod's containers are gone; ``start`` replaces it."""
@@ -574,4 +783,5 @@ class PodRuntime:
         return None
 
     def close(self) -> None:
-        return None
+        if self.cache is not None:
+            self.cache.close()
