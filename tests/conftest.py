@@ -376,13 +376,24 @@ def _exclusivity_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     rec.assert_no_violations(since_seq=start)
 
 
+def _this_dockerd() -> tuple[int, list[str]]:
+    """The dockerd serving DOCKER_HOST (the default socket when unset), and its command line."""
+    want = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock").removeprefix("unix://")
+    for text in subprocess.check_output(["pidof", "dockerd"], text=True).split():
+        argv = [a.decode() for a in Path(f"/proc/{text}/cmdline").read_bytes().split(b"\0") if a]
+        hosts = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-H", "--host")]
+        hosts += [a.split("=", 1)[1] for a in argv if a.startswith("--host=")]
+        if any(h.removeprefix("unix://") == want for h in hosts) or (not hosts and want == "/var/run/docker.sock"):
+            return int(text), argv
+    raise AssertionError(f"no dockerd serves {want}")
+
+
 def restart_docker_daemon(timeout: float = 90.0) -> float:
     """Stop the Docker daemon with SIGTERM (as systemd does), start it again
     with the same command line, and wait until it answers; returns the
     seconds it was gone. Containers with restart policies come back by the
     daemon's own doing."""
-    pid = int(subprocess.check_output(["pidof", "dockerd"], text=True).split()[0])
-    argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    pid, argv = _this_dockerd()
     t0 = time.monotonic()
     os.kill(pid, signal.SIGTERM)
     deadline = t0 + timeout
@@ -392,15 +403,15 @@ def restart_docker_daemon(timeout: float = 90.0) -> float:
         time.sleep(0.05)
     with open("/var/log/vramctl-dockerd.log", "ab") as log:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = docker.from_env(timeout=5)
-    try:
-        while True:
+    while True:
+        try:
+            client = docker.from_env(timeout=5)  # asks the server for its API version: fails while it is down
             try:
                 client.ping()
-                return time.monotonic() - t0
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise AssertionError("dockerd did not come back") from None
-                time.sleep(0.1)
-    finally:
-        client.close()
+            finally:
+                client.close()
+            return time.monotonic() - t0
+        except Exception:
+            if time.monotonic() > deadline:
+                raise AssertionError("dockerd did not come back") from None
+            time.sleep(0.1)
