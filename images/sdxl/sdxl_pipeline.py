@@ -580,6 +580,10 @@ class Engine:
             gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
+            # cuBLAS keeps its workspaces allocated (so empty_cache cannot return them) until told.
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None:
+                clear_workspaces()
             torch.cuda.empty_cache()
 
     def wants_tiling(self, width: int, height: int) -> bool:
