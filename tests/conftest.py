@@ -376,6 +376,14 @@ def _exclusivity_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     rec.assert_no_violations(since_seq=start)
 
 
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 def _this_dockerd() -> tuple[int, list[str]]:
     """The dockerd serving DOCKER_HOST (the default socket when unset), and its command line."""
     want = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock").removeprefix("unix://")
@@ -397,12 +405,14 @@ def restart_docker_daemon(timeout: float = 90.0) -> float:
     t0 = time.monotonic()
     os.kill(pid, signal.SIGTERM)
     deadline = t0 + timeout
-    while Path(f"/proc/{pid}").exists():
+    while _running(pid):
         if time.monotonic() > deadline:
             raise AssertionError("dockerd did not stop")
         time.sleep(0.05)
-    with open("/var/log/vramctl-dockerd.log", "ab") as log:
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Started from a shell that exits at once: the daemon is init's child, not
+    # this process's (a stopped child of ours would linger as a zombie).
+    log = "/var/log/vramctl-dockerd.log" if "-H" not in argv and "--host" not in argv else "/dev/null"
+    subprocess.run(["sh", "-c", f'setsid "$@" >>{log} 2>&1 </dev/null &', "sh", *argv], check=True)
     while True:
         try:
             client = docker.from_env(timeout=5)  # asks the server for its API version: fails while it is down
