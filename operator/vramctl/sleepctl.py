@@ -8,7 +8,10 @@ memory (vLLM with expandable segments; a ``/sleep`` during decoding that
 crashed the engine), so the caller confirms every sleep with the GPU probe.
 
 Standard library only (``http.client``), loopback or any host the spec
-names; no retries (the caller's loop owns time).
+names; no retries (the caller's loop owns time). Beside the calls, three pure
+helpers for the worker's checks: ``held_mib`` (what a model holds in a GPU
+snapshot, per process or device level), ``residue_growing`` (a leak across
+cycles) and ``fallback_reason`` (a failed call as a SleepFallback reason).
 """
 
 from __future__ import annotations
@@ -22,9 +25,19 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from vramctl.engines import SleepApi
+from vramctl.observed import GpuSnapshot
 from vramctl.spec import DeploymentSpec
 
 Reason = Literal["unreachable", "timeout", "status", "answer"]
+# Why a warm switch went the cold way (the SleepFallback Event's reason, the metric's label).
+FallbackReason = Literal[
+    "SleepFailed",  # /sleep answered an error or nothing
+    "SleepTimeout",  # /sleep or the memory drop took too long
+    "ResidueOverLimit",  # asleep, but holding more than maxResidueMiB
+    "ResidueGrowing",  # each cycle leaves more behind
+    "WakeFailed",  # /wake_up failed, or the model was not healthy in time after it
+    "MaxCycles",  # sleep.maxCycles reached
+]
 # Bodies longer than this are cut in messages and never parsed.
 MAX_BODY = 1 << 16
 
@@ -198,3 +211,35 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+def held_mib(snap: GpuSnapshot, model: str, baseline_mib: int, others_mib: int = 0) -> int:
+    """MiB ``model`` holds in ``snap``: the sum of its processes where the probe
+    reports per-process memory; else (WSL2, a process without a figure) the
+    device's used memory over ``baseline_mib`` less ``others_mib`` (what the
+    other models on the GPU are known to hold), never below 0.
+
+    A model with no process in a per-process snapshot holds 0.
+    """
+    procs = snap.processes
+    if procs is not None:
+        mine = [p for p in procs if p.model == model]
+        if all(p.used_mib is not None for p in mine):
+            return sum(p.used_mib or 0 for p in mine)
+    return max(0, snap.memory.used_mib - baseline_mib - others_mib)
+
+
+def residue_growing(previous: list[int], now: int, tolerance_mib: int = 128) -> bool:
+    """True when ``now`` (this sleep's residue) exceeds the first residue seen
+    by more than ``tolerance_mib`` and is the highest yet: memory left behind
+    by every cycle (the Blackwell leak), not the noise of one measurement."""
+    if not previous:
+        return False
+    return now > previous[0] + tolerance_mib and now >= max(previous)
+
+
+def fallback_reason(err: SleepCallError, waking: bool) -> FallbackReason:
+    """The SleepFallback reason of a failed sleep (``waking`` False) or wake call."""
+    if waking:
+        return "WakeFailed"
+    return "SleepTimeout" if err.reason == "timeout" else "SleepFailed"

@@ -22,6 +22,7 @@ from tests.unit.builders import deployment
 from vramctl import sleepctl
 from vramctl.engines import SDXL_SLEEP_API, VLLM_SLEEP_API, SleepApi
 from vramctl.gpu.simulated import SimulatedGpu, with_residues
+from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot
 from vramctl.sleepctl import SleepCallError
 
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
@@ -217,3 +218,44 @@ def test_the_simulated_gpu_sees_what_the_server_keeps_asleep(standin: Callable[.
 def test_an_unreachable_server_counts_as_awake() -> None:
     spec = sleepy_spec(free_port())
     assert sleepctl.asleep_residue(lambda: spec, timeout=0.2)("llm") is None
+
+
+def snap(used: int, procs: list[tuple[str | None, int | None]] | None) -> GpuSnapshot:
+    processes = None if procs is None else tuple(GpuProcess(pid=i + 1, used_mib=mib, model=m) for i, (m, mib) in enumerate(procs))
+    return GpuSnapshot(memory=GpuMemory(total_mib=81559, used_mib=used), processes=processes)
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "others", "expected"),
+    [
+        (snap(9000, [("llm", 600), ("llm", 100), ("sdxl", 8000)]), 0, 700),  # per process: its own processes
+        (snap(9000, [("sdxl", 8000)]), 0, 0),  # no process left: nothing held
+        (snap(9000, None), 8000, 500),  # WSL2: device level over the baseline (500) less the others
+        (snap(9000, [("llm", None), ("sdxl", 8000)]), 8000, 500),  # a process without a figure: device level too
+        (snap(400, None), 0, 0),  # under the baseline: never negative
+    ],
+    ids=["per-process", "gone", "device-level", "no-figure", "never-negative"],
+)
+def test_held_mib(snapshot: GpuSnapshot, others: int, expected: int) -> None:
+    assert sleepctl.held_mib(snapshot, "llm", 500, others) == expected
+
+
+@pytest.mark.parametrize(
+    ("previous", "now", "growing"),
+    [
+        ([], 900, False),
+        ([600], 700, False),
+        ([600], 728, False),  # within the tolerance (128)
+        ([600], 729, True),
+        ([600, 900], 800, False),
+        ([600, 700, 800], 900, True),
+    ],
+)
+def test_residue_growing(previous: list[int], now: int, growing: bool) -> None:
+    assert sleepctl.residue_growing(previous, now) is growing
+
+
+def test_fallback_reasons() -> None:
+    assert sleepctl.fallback_reason(SleepCallError("x", "timeout"), waking=False) == "SleepTimeout"
+    assert sleepctl.fallback_reason(SleepCallError("x", "status", 500), waking=False) == "SleepFailed"
+    assert sleepctl.fallback_reason(SleepCallError("x", "unreachable"), waking=True) == "WakeFailed"
