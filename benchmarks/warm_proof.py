@@ -403,14 +403,9 @@ class Direct:
         self.current: str | None = None
 
     def held(self, model: str) -> int:
-        """MiB the probe shows ``model``'s processes holding (device level over the baseline where NVML has no per-process figures)."""
-        snap = self.probe.snapshot()
-        procs = [p for p in snap.processes or () if p.model == model]
-        if procs and all(p.used_mib is not None for p in procs):
-            return sum(p.used_mib or 0 for p in procs)
-        if snap.processes is not None and not procs:
-            return 0
-        return max(0, snap.memory.used_mib - self.baseline)
+        """MiB the probe shows ``model`` holding (``sleepctl.held_mib``: per process, else device level)."""
+        held: int = self.sleepctl.held_mib(self.probe.snapshot(), model, self.baseline)
+        return held
 
     def wait(self, check: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
