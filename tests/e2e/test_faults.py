@@ -56,7 +56,7 @@ def test_a_missing_image_is_refused_before_the_working_model_is_stopped(
     r = v.cli("switch", "ghost", "--wait", "--timeout", "20")
     assert r.returncode != 0
     said = r.stdout + r.stderr
-    assert "vramctl/no-such-image:never" in said and "not present locally" in said, said
+    assert "vramctl/no-such-image:never" in said and "not found locally" in said, said
     time.sleep(0.5)
     g = v.gpu()
     assert g["activeModel"] == "llm" and g["runningModels"] == ["llm"] and g["phase"] == "Ready"

@@ -747,7 +747,7 @@ class DockerRuntime:
         try:
             self.client.images.get(m.image)
         except docker.errors.ImageNotFound:
-            return f"image {m.image} of {model!r} is not present locally (vramctl never pulls: build or pull it first)"
+            return f"image {m.image} not found locally; build or pull it (vramctl never pulls images)"
         return None
 
     def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
