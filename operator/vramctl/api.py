@@ -39,7 +39,7 @@ import logging
 import resource
 import socket
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -160,6 +160,7 @@ class ApiServer:
         self._metrics_inflight: asyncio.Future[bytes] | None = None
         self._status_cache: tuple[tuple[Any, ...], bytes, Any] | None = None
         self._secrets: dict[int, tuple[DeploymentSpec, frozenset[str]]] = {}
+        self._mounted: list[tuple[Callable[[str], bool], Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]]] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -238,7 +239,21 @@ class ApiServer:
             if method != "POST":
                 raise ApiError(405, f"{path} answers POST only, with a JSON body")
             return await self._switch(request)
+        for matches, handle in self._mounted:
+            if matches(path):
+                if method != "GET":  # holds switch the GPU like POST /switch: the same cross-site rules
+                    try:
+                        self._check_host(request)
+                        self._check_origin(request)
+                    except ApiError as err:
+                        err.close = True
+                        raise
+                return await handle(request)
         raise ApiError(404, f"no such endpoint {path!r}: try GET /status, POST /switch, GET /healthz, GET /metrics")
+
+    def mount(self, matches: Callable[[str], bool], handle: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]) -> None:
+        """Serve the paths ``matches`` accepts with ``handle`` (``/holds``), before ``start()``."""
+        self._mounted.append((matches, handle))
 
     def _error(self, err: ApiError) -> web.Response:
         payload: dict[str, Any] = {"error": str(err)}

@@ -199,6 +199,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"vramctl: cannot listen on {host}:{port}: {err}", file=sys.stderr)
         built.supervisor.runtime.close()
         return EXIT_USAGE
+    _mount_holds(api, built.supervisor, token)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -218,6 +219,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     for note in built.supervisor.notes:
         print(f"vramctl: {note}", file=sys.stderr)
     print(f"vramctl: listening on http://{api.host}:{api.port} (status: /status, metrics: /metrics)", file=sys.stderr, flush=True)
+    gateway = _start_gateway(args, built.supervisor, token)
+    if gateway is False:
+        done.set()
     if args.once:
         for w in built.supervisor.workers.values():
             deadline = time.monotonic() + 600
@@ -226,6 +230,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         done.set()
     done.wait()
     print("vramctl: shutting down (models keep running; `vramctl switch ''` frees the GPU)", file=sys.stderr)
+    if gateway:
+        gateway.stop()
     api.stop()
     built.supervisor.stop()
     try:
@@ -233,6 +239,34 @@ def cmd_up(args: argparse.Namespace) -> int:
     except StateWriteError as err:
         print(f"vramctl: {err}", file=sys.stderr)
     return EXIT_OK
+
+
+def _mount_holds(api: Any, supervisor: Any, token: str | None, refusal: str | None = None) -> None:
+    """``POST /holds``, renew and release on the API (what `vramctl hold` and ``vramctl.client`` call)."""
+    from vramctl.holds_api import HoldsApi
+    from vramctl.serving import SupervisorHolder, holds_refusal
+
+    holder = SupervisorHolder(supervisor)
+    holds = HoldsApi(holder, holder.names, refusal=holds_refusal(refusal), token=token)
+    api.mount(HoldsApi.matches, holds.handle)
+
+
+def _start_gateway(args: argparse.Namespace, supervisor: Any, token: str | None, refusal: str | None = None) -> Any:
+    """``--gateway HOST:PORT``: the OpenAI-style gateway and /holds on their
+    own address. None when not asked for; False when it could not start."""
+    if not args.gateway:
+        return None
+    from vramctl.serving import GatewayServer, SupervisorHolder
+
+    host, port = args.gateway
+    try:
+        gw = GatewayServer(SupervisorHolder(supervisor), host, port, supervisor.metrics.registry, token=token, refusal=refusal)
+        gw.start()
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"vramctl: cannot run the gateway on {host}:{port}: {err}", file=sys.stderr)
+        return False
+    print(f"vramctl: gateway on http://{gw.host}:{gw.port} (/v1/..., /models/NAME/..., /holds)", file=sys.stderr, flush=True)
+    return gw
 
 
 def _print_progress(p: dict[str, Any]) -> None:
@@ -387,7 +421,12 @@ def cmd_operator(args: argparse.Namespace) -> int:
         from vramctl.runtimes.kubernetes import PodRuntime
 
         pod_runtime = PodRuntime(
-            session.api, args.node_name, args.instance, gpu_mode=args.pod_gpu, runtime_class=args.runtime_class, gpu_uuid=_gpu_uuid_of(lambda: built)
+            session.api,
+            args.node_name,
+            args.instance,
+            gpu_mode=args.pod_gpu,
+            runtime_class=args.runtime_class,
+            gpu_uuid=_gpu_uuid_of(lambda: built),
         )
     try:
         built = build_operator(args.instance, GpuProbeConfig(kind=args.gpu_probe), dcgm_compat=args.dcgm_compat, runtime=pod_runtime)
@@ -438,9 +477,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="another Host header POST requests may carry (repeatable), e.g. a name this machine is reached by; default: the bound address",
     )
+    up.add_argument(
+        "--gateway",
+        type=_parse_listen,
+        help="HOST:PORT for the OpenAI-style gateway and /holds (off unless given; off loopback it needs the token)",
+    )
     up.add_argument("--once", action="store_true", help="converge once, then exit")
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=cmd_up)
+
+    hd = sub.add_parser(
+        "hold",
+        help="hold MODEL on its GPU for a command's life: vramctl hold sdxl [--ttl S] [--url URL] -- COMMAND...",
+        add_help=False,
+    )
+    hd.add_argument("hold_args", nargs=argparse.REMAINDER)
 
     sw = sub.add_parser("switch", help="make MODEL hold the GPU ('' frees it)")
     sw.add_argument("model")
@@ -473,9 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("NODE_NAME"),
         help="act on the ModelDeployments whose spec.nodeName is this (default: $NODE_NAME)",
     )
-    op.add_argument(
-        "-n", "--namespace", action="append", help="watch this namespace, an exact name (repeatable; default: all namespaces)"
-    )
+    op.add_argument("-n", "--namespace", action="append", help="watch this namespace, an exact name (repeatable; default: all namespaces)")
     op.add_argument(
         "--listen",
         type=_parse_listen,
@@ -513,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hold"]:  # its own options and a command after `--`: the client parses them
+        from vramctl import client
+
+        return client.main(argv[1:])
     args = build_parser().parse_args(argv)
     rc: int = args.func(args)
     return rc
