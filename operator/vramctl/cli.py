@@ -366,6 +366,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if g.get("message"):
             print(f"  {g['message']}")
+        q = g.get("queue") or {}
+        if q.get("holds") or q.get("queueDepth"):
+            holds = ", ".join(f"{m} x{n}" for m, n in sorted((q.get("holds") or {}).items())) or "none"
+            waiting = ", ".join(f"{m} x{n}" for m, n in sorted((q.get("waiting") or {}).items())) or "none"
+            drain = "; draining for a switch" if q.get("draining") else ""
+            print(f"  holds: {holds}; waiting: {waiting}{drain}")
         for w in g.get("configWarnings") or []:
             print(f"  {'ERROR' if w.get('severity') == 'error' else 'WARN'} {w.get('path')}: {w.get('message')}")
     return EXIT_OK

@@ -110,3 +110,29 @@ def test_a_full_queue_answers_503_with_retry_after() -> None:
         asyncio.run(go())
     finally:
         w.stop()
+
+
+def test_idle_returns_to_the_default_model_and_free_frees_the_gpu() -> None:
+    d = spec()
+    base = d.model_dump(by_alias=True, exclude_none=True)
+    w, rt, holder = start(
+        DeploymentSpec.model_validate({**base, "idle": {"afterSeconds": 0.5, "action": "default", "defaultModel": "llm"}})
+    )
+
+    async def go() -> None:
+        g = await asyncio.wait_for(holder.demand("sdxl", ttl_seconds=30), 5)
+        holder.release(g.id)
+
+    try:
+        asyncio.run(go())
+        assert w.desired.active == "sdxl"
+        assert wait_for(lambda: w.desired.active == "llm" and w.status()["phase"] == "Ready", timeout=5)  # quiet for 0.5 s: back to llm
+        assert rt.states.get("llm") is RUN and rt.states.get("sdxl") is not RUN
+    finally:
+        w.stop()
+    w2, rt2, holder2 = start(DeploymentSpec.model_validate({**base, "idle": {"afterSeconds": 0.5, "action": "free"}}))
+    try:
+        assert wait_for(lambda: w2.desired.active is None and w2.status()["phase"] == "Idle", timeout=5)
+        assert not any(s is RUN for s in rt2.states.values())
+    finally:
+        w2.stop()
