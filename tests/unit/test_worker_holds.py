@@ -130,7 +130,7 @@ def test_idle_returns_to_the_default_model_and_free_frees_the_gpu() -> None:
         assert rt.states.get("llm") is RUN and rt.states.get("sdxl") is not RUN
     finally:
         w.stop()
-    w2, rt2, holder2 = start(DeploymentSpec.model_validate({**base, "idle": {"afterSeconds": 0.5, "action": "free"}}))
+    w2, rt2, _ = start(DeploymentSpec.model_validate({**base, "idle": {"afterSeconds": 0.5, "action": "free"}}))
     try:
         assert wait_for(lambda: w2.desired.active is None and w2.status()["phase"] == "Idle", timeout=5)
         assert not any(s is RUN for s in rt2.states.values())
