@@ -44,6 +44,7 @@ import datetime
 import json
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -81,6 +82,8 @@ class Emulator(kmock.KubernetesEmulator):
         self.pod_logs: dict[tuple[str, str], Path] = {}
         # (API group, resource[/subresource], verb) of every request vramctl or kopf made (tests/k8s/test_pod_operator.py: RBAC)
         self.recorded: set[tuple[str, str, str]] = set()
+        # (arrival time, create | delete, path) of vramctl's Pod writes (benchmarks/reconcile_latency.py)
+        self.pod_actions: list[tuple[float, str, str]] = []
 
     def _next_rv(self) -> str:
         self._rv += 1
@@ -93,6 +96,8 @@ class Emulator(kmock.KubernetesEmulator):
             access = rbac_access(raw_request.method, raw_request.path, raw_request.query.get("watch"))
             if access is not None:
                 self.recorded.add(access)
+                if access[1] == "pods" and access[2] in ("create", "delete"):
+                    self.pod_actions.append((time.time(), access[2], raw_request.path))
         log_path = _POD_LOG_RE.match(raw_request.path)
         if log_path is not None and raw_request.method == "GET":
             return self._serve_pod_log(log_path["ns"], log_path["name"], raw_request.query.get("tailLines"))

@@ -19,7 +19,7 @@ EXPECTED_RULES = [
 ]
 # The Pod runtime's (the default): what tests/k8s/test_rbac.py records it calling.
 POD_RULES = [
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
 ]
 

@@ -82,7 +82,10 @@ class Rig:
 def rig(emulator: EmulatorThread, tmp_path: Path) -> Iterator[Rig]:
     r = Rig(emulator, tmp_path)
     with r.kubelet:
-        yield r
+        try:
+            yield r
+        finally:
+            r.rt.close()
         r.kubelet.assert_exclusive()
 
 
@@ -307,6 +310,51 @@ def test_an_unreachable_api_is_transient() -> None:
     with pytest.raises(TransientError):
         rt.observe(spec)
     assert time.monotonic() - t0 < 3
+    assert rt.cache is not None and not rt.cache.synced.is_set()  # the watch cannot start either: direct reads
+    rt.close()
     with pytest.raises(KubeApiError) as err:
         api.request("GET", "/api/v1/pods")
     assert err.value.status == 0 and err.value.transient
+
+
+class Counting:
+    """The real client, counting the calls that go through it."""
+
+    def __init__(self, api: KubeApi) -> None:
+        self.api, self.calls = api, []  # type: ignore[var-annotated]
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json", raw: bool = False) -> Any:
+        self.calls.append((method, path.split("?")[0]))
+        return self.api.request(method, path, body, content_type, raw)
+
+    def stream(self, path: str, timeout: float) -> Any:
+        return self.api.stream(path, timeout)
+
+
+def test_observation_reads_the_watched_copy_and_sees_changes_made_elsewhere(rig: Rig) -> None:
+    counting = Counting(rig.api)
+    rt = PodRuntime(counting, rig.node, "test", poll_s=0.02)
+    try:
+        spec = rig.deploy({"llm": model(free_port()), "tts": model(free_port(), cls="light")})
+        rt.own(0, PodOwner(rig.ns, "gpu0", rig.md["metadata"]["uid"]))
+        rt.start(spec, "llm")
+        assert rt.cache is not None
+        wait_for(rt.cache.synced.is_set)
+        wait_for(lambda: "llm" in rt.observe(spec))
+        before = len(counting.calls)
+        for _ in range(20):
+            assert rt.observe(spec)["llm"].state is WorkloadState.RUNNING
+        assert counting.calls[before:] == []  # no listing while the watch is up
+
+        # A Pod deleted by someone else is seen gone through the watch alone.
+        rig.kube.request("DELETE", f"/api/v1/namespaces/{rig.ns}/pods/gpu0-llm")
+        wait_for(lambda: "llm" not in rt.observe(spec))
+        assert [c for c in counting.calls[before:] if c[0] == "GET"] == []
+        # And the first action of a stop is the DELETE itself (no read before it).
+        rt.start(spec, "tts")
+        mark = len(counting.calls)
+        rt.stop(spec, "tts")
+        assert counting.calls[mark][0] == "DELETE"
+    finally:
+        rt.close()
+    assert rt.cache is not None and not rt.cache.synced.is_set()

@@ -19,11 +19,12 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import kopf
@@ -133,12 +134,59 @@ class KubeApi:
                 raise KubeApiError(0, f"{method} {path}: {err}") from None
         raise KubeApiError(401, "unauthorized after a fresh login")
 
+    def stream(self, path: str, timeout: float) -> WatchStream:
+        """A watch: one JSON event per line until the server ends it (``timeoutSeconds``
+        in ``path``), or no byte came for ``timeout`` seconds. Not retried here:
+        the caller lists again and resumes (see ``runtimes.kubernetes.PodCache``)."""
+        info = self._credentials()
+        if info is None:
+            raise KubeApiError(0, "not logged in to the Kubernetes API yet")
+        req = urllib.request.Request(info.server.rstrip("/") + path, method="GET")
+        req.add_header("Accept", "application/json")
+        req.add_header("User-Agent", "vramctl")
+        for k, v in info.as_http_headers().items():
+            req.add_header(k, v)
+        try:
+            resp = self._opener(info).open(req, timeout=timeout)
+        except urllib.error.HTTPError as err:
+            if err.code == 401 and self._relogin is not None:
+                self._relogin()
+            raise KubeApiError(err.code, err.read().decode("utf-8", "replace")[:500]) from None
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise KubeApiError(0, f"GET {path}: {err}") from None
+        return WatchStream(resp, path)
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
         self.request("PATCH", path, {"status": status}, "application/merge-patch+json")
 
     def create_event(self, namespace: str, event: dict[str, Any]) -> None:
         self.request("POST", f"/api/v1/namespaces/{urllib.parse.quote(namespace)}/events", event)
+
+
+class WatchStream:
+    """The events of one watch response; ``close`` (any thread) ends the read at once."""
+
+    def __init__(self, resp: Any, path: str) -> None:
+        self._resp, self._path = resp, path
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            for line in self._resp:
+                if line.strip():
+                    yield json.loads(line)
+        except (OSError, ValueError, AttributeError) as err:  # AttributeError: closed from another thread
+            raise KubeApiError(0, f"watch {self._path}: {err}") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        sock = getattr(getattr(getattr(self._resp, "fp", None), "raw", None), "_sock", None)
+        with contextlib.suppress(OSError):
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self._resp.close()
 
 
 class Session:
