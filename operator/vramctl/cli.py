@@ -128,7 +128,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         from vramctl.demo.config import demo_config
 
         source, config = "embedded demo config", demo_config()
-    found = doctor.checks(doctor.gather(config, source))
+    if args.kubernetes:
+        if not args.node_name:
+            print("vramctl doctor --kubernetes: the node name is required: --node-name or NODE_NAME", file=sys.stderr)
+            return EXIT_USAGE
+        found = doctor.kubernetes_checks(doctor.gather_kubernetes(args.node_name, args.runtime_class, args.pod_gpu, args.kubeconfig))
+    else:
+        found = doctor.checks(doctor.gather(config, source))
     rc = doctor.exit_code(found)
     if args.json:
         print(json.dumps({"ok": rc == 0, "checks": [c.as_dict() for c in found]}, indent=2))
@@ -522,6 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("doctor", help="check this machine for the config: NVML, GPUs, WSL2, Docker, config pitfalls")
     dr.add_argument("--config", help="config file (default: the embedded demo stack)")
     dr.add_argument("--json", action="store_true", help="print the checks as JSON")
+    dr.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="check this node for the Pod runtime instead: API reachable, RuntimeClass, device plugin, NVML in this Pod",
+    )
+    dr.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="with --kubernetes: this node (default: $NODE_NAME)")
+    dr.add_argument("--runtime-class", default="nvidia", help="with --kubernetes: the model Pods' RuntimeClass (default nvidia)")
+    dr.add_argument("--pod-gpu", choices=("runtimeClass", "resource", "none"), default="runtimeClass", help="with --kubernetes: as the operator's")
+    dr.add_argument("--kubeconfig", help="with --kubernetes: kubeconfig file (default: the pod's service account, or $KUBECONFIG)")
     dr.set_defaults(func=cmd_doctor)
 
     op = sub.add_parser("operator", help="run as the Kubernetes operator of this node (ModelDeployment resources)")

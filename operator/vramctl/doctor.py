@@ -264,3 +264,97 @@ def _pitfall_checks(f: Facts, cfg: Config) -> list[Check]:
 
 def exit_code(found: list[Check]) -> int:
     return 1 if any(c.level == "FAIL" for c in found) else 0
+
+
+# ------------------------------------------------------------ --kubernetes
+
+
+@dataclass(frozen=True)
+class KubeFacts:
+    """What ``vramctl doctor --kubernetes`` looks at on this node (gathered by
+    ``sources.kubernetes.client.node_facts``; str fields say why they are unknown)."""
+
+    node: str
+    api: str | None  # None: the API server answered; else why not
+    runtime_class: str  # the model Pods' RuntimeClass name
+    runtime_class_handler: str | Literal[False] | None  # its handler; None: absent; False: could not be read
+    gpu_allocatable: int | Literal[False] | None  # the node's nvidia.com/gpu; None: not advertised; False: could not be read
+    gpu_mode: str  # runtimeClass | resource | none
+    nvml: NvmlFacts | str
+
+
+def kubernetes_checks(k: KubeFacts) -> list[Check]:
+    """The node's readiness for the Pod runtime: API reachable, runtime class, device plugin, NVML in this Pod."""
+    out: list[Check] = []
+    if k.api is not None:
+        return [Check("FAIL", "kubernetes api", k.api, "run inside the vramctl Pod (service account) or pass --kubeconfig")]
+    out.append(Check("OK", "kubernetes api", f"reachable; node {k.node}"))
+    rc_needed = k.gpu_mode == "runtimeClass"
+    if k.runtime_class_handler is False:
+        out.append(
+            Check(
+                "WARN",
+                "runtime class",
+                f"RuntimeClass {k.runtime_class} could not be read",
+                "grant get on runtimeclasses, or check it by hand",
+            )
+        )
+    elif k.runtime_class_handler is None:
+        out.append(
+            Check(
+                "FAIL" if rc_needed else "WARN",
+                "runtime class",
+                f"RuntimeClass {k.runtime_class} does not exist"
+                + ("; model Pods cannot start (--pod-gpu runtimeClass)" if rc_needed else ""),
+                "install the NVIDIA GPU Operator or nvidia-container-toolkit (k3s creates `nvidia` when it finds the toolkit), or set --runtime-class",
+            )
+        )
+    else:
+        out.append(Check("OK", "runtime class", f"RuntimeClass {k.runtime_class} (handler {k.runtime_class_handler})"))
+    if k.gpu_allocatable is False:
+        out.append(
+            Check(
+                "WARN", "device plugin", f"node {k.node} could not be read", "grant get on nodes, or check `kubectl describe node` by hand"
+            )
+        )
+    elif not k.gpu_allocatable:
+        level: Level = "FAIL" if k.gpu_mode == "resource" else "WARN"
+        out.append(
+            Check(
+                level,
+                "device plugin",
+                f"node {k.node} advertises no nvidia.com/gpu" + ("; --pod-gpu resource cannot place a model" if level == "FAIL" else ""),
+                "deploy the NVIDIA device plugin (or the GPU Operator)" if level == "FAIL" else "",
+            )
+        )
+    else:
+        out.append(Check("OK", "device plugin", f"node {k.node}: nvidia.com/gpu {k.gpu_allocatable}"))
+    if isinstance(k.nvml, str):
+        out.append(
+            Check(
+                "FAIL",
+                "nvml in this pod",
+                k.nvml,
+                "the vramctl Pod needs runtimeClassName nvidia and NVIDIA_VISIBLE_DEVICES=all (the chart sets both); without NVML the memory is only simulated",
+            )
+        )
+    else:
+        out.append(Check("OK", "nvml in this pod", f"driver {k.nvml.driver}, {len(k.nvml.devices)} GPU(s)"))
+    return out
+
+
+def gather_kubernetes(node: str, runtime_class: str, gpu_mode: str, kubeconfig: str | None = None) -> KubeFacts:
+    """The only I/O of ``--kubernetes``: the API server (runtime class, node) and NVML in this Pod."""
+    try:
+        nvml: NvmlFacts | str = nvml_facts()
+    except NvmlUnavailable as err:
+        nvml = str(err)
+    except Exception as err:
+        nvml = f"{type(err).__name__}: {err}"
+    try:
+        from vramctl.sources.kubernetes.client import connect, node_facts
+
+        api_problem, handler, gpus = node_facts(connect(kubeconfig), node, runtime_class)
+    except Exception as err:  # no kopf, no credentials: said, never a crash
+        api_problem, handler, gpus = f"{type(err).__name__}: {err}", False, False
+    return KubeFacts(node, api_problem, runtime_class, handler, gpus, gpu_mode, nvml)

@@ -358,3 +358,33 @@ def test_observation_reads_the_watched_copy_and_sees_changes_made_elsewhere(rig:
     finally:
         rt.close()
     assert rt.cache is not None and not rt.cache.synced.is_set()
+
+
+def test_doctor_reads_the_runtime_class_and_the_node(emulator: EmulatorThread) -> None:
+    from vramctl.sources.kubernetes.client import node_facts
+
+    assert emulator.emu is not None
+    import kmock
+
+    emulator.emu.resources["node.k8s.io/v1/runtimeclasses"] = kmock.ResourceInfo(
+        kind="RuntimeClass", singular="runtimeclass", namespaced=False, verbs={"get", "list", "create"}
+    )
+    emulator.emu.resources["v1/nodes"] = kmock.ResourceInfo(kind="Node", singular="node", namespaced=False, verbs={"get", "list", "create"})
+    kube = KubeClient(emulator.url)
+    api = KubeApi(lambda: kopf.ConnectionInfo(server=emulator.url))
+    node = f"doctor-{uuid.uuid4().hex[:6]}"
+    assert node_facts(api, node, "nvidia") == (None, None, None)
+    kube.request(
+        "POST",
+        "/apis/node.k8s.io/v1/runtimeclasses",
+        {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "nvidia"}, "handler": "nvidia"},
+    )
+    kube.request(
+        "POST",
+        "/api/v1/nodes",
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}, "status": {"allocatable": {"nvidia.com/gpu": "1"}}},
+    )
+    assert node_facts(api, node, "nvidia") == (None, "nvidia", 1)
+    down = KubeApi(lambda: kopf.ConnectionInfo(server=f"http://127.0.0.1:{free_port()}"), retry_s=0.2, attempts=2)
+    problem, _, _ = node_facts(down, node, "nvidia")
+    assert problem is not None

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import kopf
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
@@ -216,3 +216,32 @@ def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo
         if info is not None:
             return info
     return None
+
+
+def node_facts(api: KubeApi, node: str, runtime_class: str) -> tuple[str | None, str | Literal[False] | None, int | Literal[False] | None]:
+    """For ``vramctl doctor --kubernetes``: (why the API cannot be reached or
+    None, the RuntimeClass's handler / None absent / False unreadable, the
+    node's allocatable nvidia.com/gpu / None not advertised / False unreadable)."""
+    try:
+        rc = api.request("GET", f"/apis/node.k8s.io/v1/runtimeclasses/{urllib.parse.quote(runtime_class)}")
+        handler: str | Literal[False] | None = str((rc or {}).get("handler") or "")
+    except KubeApiError as err:
+        if err.status == 0:
+            return str(err), False, False
+        handler = None if err.status == 404 else False
+    try:
+        obj = api.request("GET", f"/api/v1/nodes/{urllib.parse.quote(node)}") or {}
+        raw = ((obj.get("status") or {}).get("allocatable") or {}).get("nvidia.com/gpu")
+        gpus: int | Literal[False] | None = int(raw) if raw is not None and str(raw).isdigit() else None
+    except KubeApiError as err:
+        gpus = False if err.status != 404 else None
+    return None, handler, gpus
+
+
+def connect(kubeconfig: str | None = None) -> KubeApi:
+    """A client outside kopf's run (``vramctl doctor``): the same login order as the operator."""
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig
+    settings = kopf.OperatorSettings()
+    info = login(settings=settings)
+    return KubeApi(lambda: info, retry_s=2.0, attempts=3)

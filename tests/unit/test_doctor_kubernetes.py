@@ -1,0 +1,55 @@
+"""vramctl doctor --kubernetes: the checks over made-up nodes (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vramctl.doctor import KubeFacts, exit_code, kubernetes_checks
+from vramctl.gpu.nvml import NvmlFacts
+
+NVML = NvmlFacts(driver="580.65", nvml_version="12.580", cuda_driver_version="13.0")
+
+
+def facts(**kw: Any) -> KubeFacts:
+    base: dict[str, Any] = {
+        "node": "rtx5080",
+        "api": None,
+        "runtime_class": "nvidia",
+        "runtime_class_handler": "nvidia",
+        "gpu_allocatable": 1,
+        "gpu_mode": "runtimeClass",
+        "nvml": NVML,
+    }
+    base.update(kw)
+    return KubeFacts(**base)
+
+
+@pytest.mark.parametrize(
+    ("kw", "levels", "rc"),
+    [
+        ({}, {"kubernetes api": "OK", "runtime class": "OK", "device plugin": "OK", "nvml in this pod": "OK"}, 0),
+        ({"runtime_class_handler": None}, {"runtime class": "FAIL"}, 1),
+        ({"runtime_class_handler": None, "gpu_mode": "resource"}, {"runtime class": "WARN"}, 0),
+        ({"runtime_class_handler": False}, {"runtime class": "WARN"}, 0),
+        ({"gpu_allocatable": None}, {"device plugin": "WARN"}, 0),
+        ({"gpu_allocatable": None, "gpu_mode": "resource"}, {"device plugin": "FAIL"}, 1),
+        ({"gpu_allocatable": False}, {"device plugin": "WARN"}, 0),
+        ({"nvml": "libnvidia-ml.so.1: not found"}, {"nvml in this pod": "FAIL"}, 1),
+        ({"api": "HTTP 0: connection refused"}, {"kubernetes api": "FAIL"}, 1),
+    ],
+)
+def test_kubernetes_checks(kw: dict[str, Any], levels: dict[str, str], rc: int) -> None:
+    found = kubernetes_checks(facts(**kw))
+    by_name = {c.name: c for c in found}
+    for name, level in levels.items():
+        assert by_name[name].level == level, by_name[name].render()
+        if level != "OK":
+            assert by_name[name].fix or level == "WARN"
+    assert exit_code(found) == rc
+
+
+def test_api_unreachable_stops_there() -> None:
+    (only,) = kubernetes_checks(facts(api="HTTP 0: refused"))
+    assert "--kubeconfig" in only.fix
