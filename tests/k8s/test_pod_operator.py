@@ -365,3 +365,60 @@ def test_rbac_grants_what_the_operator_calls_and_no_more(tmp_path: Path) -> None
         ("vramctl.io", "modeldeployments/status", "patch"),
     ]:
         assert access in recorded
+
+
+K3S_EXAMPLE = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "k3s" / "rtx3050-k3s.yaml"
+
+
+def test_kubectl_apply_of_the_k3s_example(emulator: EmulatorThread, tmp_path: Path) -> None:
+    """The k3s example, applied as charts/vramctl/README.md says, runs as Pods
+    bound to its node; the images cannot run on the test kubelet, which the
+    status says (ImagePullBackOff), and nothing lingers."""
+    import shutil
+
+    import yaml
+
+    doc = yaml.safe_load(K3S_EXAMPLE.read_text())
+    ns, name, node = doc["metadata"]["namespace"], doc["metadata"]["name"], doc["spec"]["nodeName"]
+    kubeconfig = emulator.kubeconfig(tmp_path / "kubeconfig")
+    exe = shutil.which("kubectl")
+    assert exe is not None, "kubectl is not installed"
+    r = subprocess.run(
+        [exe, "--kubeconfig", str(kubeconfig), "apply", "--validate=false", "-f", str(K3S_EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "created" in r.stdout, r.stdout + r.stderr
+    kube = KubeClient(emulator.url)
+    op = PodOperator(tmp_path, kubeconfig, ns, node)
+    with TestKubelet(emulator, node, tmp_path) as kubelet:
+        try:
+            op.start()
+            deadline = time.monotonic() + 30
+            obj: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                obj = kube.get_md(ns, name) or {}
+                if status(obj).get("observedGeneration") == 1 and status(obj).get("phase") == "Failed":
+                    break
+                time.sleep(0.05)
+            assert status(obj).get("phase") == "Failed", (obj, op.log_text()[-3000:])
+            message = status(obj)["message"]
+            assert "ImagePullBackOff" in message and any(m["image"] in message for m in doc["spec"]["models"].values()), message
+            assert condition(obj, "Degraded")["reason"] != "InvalidSpec"
+            r = subprocess.run(
+                [exe, "--kubeconfig", str(kubeconfig), "delete", "--wait=false", "-f", str(K3S_EXAMPLE)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert r.returncode == 0, r.stdout + r.stderr
+            while time.monotonic() < deadline + 20 and (
+                kube.get_md(ns, name) is not None or kube.request("GET", f"/api/v1/namespaces/{ns}/pods")["items"]
+            ):
+                time.sleep(0.05)
+            assert kube.get_md(ns, name) is None and kube.request("GET", f"/api/v1/namespaces/{ns}/pods")["items"] == []
+        finally:
+            op.stop()
+        kubelet.assert_exclusive()
+        assert kubelet.started == []
