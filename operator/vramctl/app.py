@@ -132,7 +132,7 @@ def _nvml_probe(gpu: int, runtime: Runtime, spec_of: _SpecRef, notes: list[str])
         return owners_of(spec_of()) if owners_of is not None else {}
 
     try:
-        probe = NvmlProbe(gpu, owners)
+        probe = NvmlProbe(gpu, owners, pod_names=getattr(runtime, "pod_of_uid", None))
         info = probe.info()
     except (NvmlUnavailable, ProbeError) as err:
         return None, str(err)

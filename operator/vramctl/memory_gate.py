@@ -60,9 +60,8 @@ def foreign_holders(snap: GpuSnapshot, w: WaitForMemory, kept: frozenset[str] = 
 
 
 def describe_process(p: GpuProcess) -> str:
-    return (
-        f"pid {p.pid}" + (f" (container {p.container})" if p.container else "") + (f" {p.used_mib} MiB" if p.used_mib is not None else "")
-    )
+    where = f" (pod {p.pod})" if p.pod else (f" (container {p.container})" if p.container else "")
+    return f"pid {p.pid}{where}" + (f" {p.used_mib} MiB" if p.used_mib is not None else "")
 
 
 def _lingering(p: GpuProcess, w: WaitForMemory, kept: frozenset[str]) -> bool:

@@ -60,6 +60,7 @@ class GpuProcess:
     used_mib: int | None
     model: str | None = None
     container: str | None = None
+    pod: str | None = None  # Kubernetes: "namespace/name" (or "uid <uid>" when the Pod cannot be named)
 
 
 @dataclass(frozen=True)

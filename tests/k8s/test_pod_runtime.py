@@ -388,3 +388,19 @@ def test_doctor_reads_the_runtime_class_and_the_node(emulator: EmulatorThread) -
     down = KubeApi(lambda: kopf.ConnectionInfo(server=f"http://127.0.0.1:{free_port()}"), retry_s=0.2, attempts=2)
     problem, _, _ = node_facts(down, node, "nvidia")
     assert problem is not None
+
+
+def test_a_foreign_pod_on_the_node_is_named_by_its_uid(rig: Rig) -> None:
+    """The NVML probe knows a stranger's GPU process only by the pod uid in
+    its cgroup; the runtime names that Pod (any namespace, this node only)."""
+    rig.deploy({"llm": model(free_port())})
+    pod = {"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{"name": "x", "image": "y"}]}}
+    here = rig.kube.request(
+        "POST", f"/api/v1/namespaces/{rig.ns}/pods", {**pod, "metadata": {"name": "comfyui"}, "spec": {**pod["spec"], "nodeName": rig.node}}
+    )
+    there = rig.kube.request(
+        "POST", f"/api/v1/namespaces/{rig.ns}/pods", {**pod, "metadata": {"name": "far"}, "spec": {**pod["spec"], "nodeName": "elsewhere"}}
+    )
+    assert rig.rt.pod_of_uid(here["metadata"]["uid"]) == f"{rig.ns}/comfyui"
+    assert rig.rt.pod_of_uid(there["metadata"]["uid"]) is None  # not on this node
+    assert rig.rt.pod_of_uid("no-such-uid") is None

@@ -286,3 +286,27 @@ def test_snapshot_cost_with_processes(tmp_path: Path) -> None:
     times.sort()
     print(f"snapshot over fake NVML: p50 {times[250] * 1e6:.0f} us, p95 {times[475] * 1e6:.0f} us")
     assert times[475] < 0.005
+
+
+def test_a_foreign_pod_is_named_for_the_blocked_message(tmp_path: Path) -> None:
+    """Kubernetes: a GPU process that is not vramctl's is named by its Pod
+    (cgroup -> pod uid -> namespace/name), and the memory wait says so."""
+    from tests.unit.test_cgroups import POD
+    from vramctl.memory_gate import describe_process
+
+    fake_proc(tmp_path, 5001, K8S_V2_SYSTEMD_CONTAINERD)  # a stranger's pod
+    fake_proc(tmp_path, 5002, HOST_SESSION)  # a stranger on the host: no pod
+    nv = FakeNvml(compute=[FakeProc(5001, 3000), FakeProc(5002, 100)])
+    asked: list[str] = []
+
+    def names(uid: str) -> str | None:
+        asked.append(uid)
+        return "ai/comfyui-7f9c" if uid == POD else None
+
+    procs = {p.pid: p for p in probe(nv, tmp_path, lambda: {}, pod_names=names).snapshot().processes or ()}
+    assert procs[5001].pod == "ai/comfyui-7f9c" and procs[5002].pod is None
+    assert asked == [POD]
+    assert describe_process(procs[5001]) == "pid 5001 (pod ai/comfyui-7f9c) 3000 MiB"
+    # The API cannot tell: the uid still says which Pod.
+    unnamed = probe(nv, tmp_path, lambda: {}, pod_names=lambda _uid: None).snapshot().processes or ()
+    assert next(p for p in unnamed if p.pid == 5001).pod == f"uid {POD}"

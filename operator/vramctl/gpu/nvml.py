@@ -341,9 +341,13 @@ class NvmlProbe:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         proc: Path = Path("/proc"),
         clock: Callable[[], float] = time.monotonic,
+        pod_names: Callable[[str], str | None] | None = None,
         _handle: Any = None,
     ) -> None:
+        """``pod_names``: a Kubernetes pod uid -> "namespace/name" (the Pod
+        runtime's lookup), to name a GPU process that is not vramctl's."""
         self.index = index
+        self._pod_names = pod_names
         self.session = session or default_session()
         self.nv = self.session.nv
         self.timeout_s = timeout_s
@@ -525,13 +529,27 @@ class NvmlProbe:
                 known[pid] = k
                 model = owner_model(pid, owners, k.cgroup, k.stat)
                 cid = k.cgroup.container_id if k.cgroup is not None else None
+                uid = k.cgroup.pod_uid if k.cgroup is not None else None
                 out.append(
                     GpuProcess(
-                        pid=pid, used_mib=None if used is None else used // MIB, model=model, container=short_id(cid) if cid else None
+                        pid=pid,
+                        used_mib=None if used is None else used // MIB,
+                        model=model,
+                        container=short_id(cid) if cid else None,
+                        pod=self._pod_name(uid) if uid is not None and model is None else None,
                     )
                 )
             self._known = known  # forget pids that left the GPU
         return tuple(out)
+
+    def _pod_name(self, uid: str) -> str:
+        name = None
+        if self._pod_names is not None:
+            try:
+                name = self._pod_names(uid)
+            except Exception as err:  # the API may be away: the uid still says which Pod
+                log.debug("gpu %d: naming pod %s: %s", self.index, uid, err)
+        return name or f"uid {uid}"
 
     def _ids(self, pid: int) -> _Known:
         stat = read_stat(pid, self._proc)

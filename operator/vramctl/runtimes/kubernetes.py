@@ -471,6 +471,8 @@ class PodRuntime:
         # stop deletes with a uid precondition without reading the Pod first.
         self._known: dict[tuple[str, str], str] = {}
         self.cache = PodCache(api, node, instance) if watch else None
+        self._names: dict[str, str] = {}  # pod uid -> "namespace/name", for naming foreign GPU processes
+        self._names_at = float("-inf")
 
     # -------------------------------------------------------------- owners
 
@@ -482,6 +484,22 @@ class PodRuntime:
 
     def _owner(self, deployment: DeploymentSpec) -> PodOwner | None:
         return self._owners.get(deployment.gpu)
+
+    def pod_of_uid(self, uid: str) -> str | None:
+        """"namespace/name" of the Pod ``uid`` on this node, ours or not: a GPU
+        process that is not vramctl's is named by its Pod (the cgroup gives
+        the uid). One list of the node's Pods, remembered for a few seconds."""
+        now = time.monotonic()
+        if uid not in self._names or now - self._names_at > 5.0:
+            query = urllib.parse.urlencode({"fieldSelector": f"spec.nodeName={self.node}"})
+            listed = self._call("GET", f"/api/v1/pods?{query}") or {}
+            self._names = {
+                str(_meta(p).get("uid")): f"{_meta(p).get('namespace')}/{_meta(p).get('name')}"
+                for p in listed.get("items") or []
+                if _meta(p).get("uid") and (p.get("spec") or {}).get("nodeName") == self.node  # also where selectors are ignored
+            }
+            self._names_at = now
+        return self._names.get(uid)
 
     # ---------------------------------------------------------------- API
 
