@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from vramctl.api import is_loopback
 from vramctl.gateway import MAX_BODY, Gateway, ModelInfo, Route
-from vramctl.hold_desk import DeskCommand, InboxHolder, Refused
+from vramctl.hold_desk import DeskCommand, Grant, InboxHolder, Refused
 from vramctl.holds_api import HoldsApi
 from vramctl.supervisor import GpuWorker, Supervisor
 
@@ -51,6 +51,19 @@ class SupervisorHolder(InboxHolder):
         if w is None:
             raise KeyError(f"no worker for gpu {gpu}")
         w.post(cmd)
+
+    async def demand(self, model: str, **kw: Any) -> Grant:
+        """Refused at once (409) where the spec decides: switching.mode
+        declared admits holds only on the models it already runs."""
+        w = self._worker_of(model)
+        d = w.desired
+        if w.spec.switching.mode == "declared" and model not in d.members:
+            raise Refused(
+                409,
+                f"{model!r} is not running and gpu {w.gpu} uses switching.mode declared: the spec decides "
+                f"({d.active or 'no model'} runs); set switching.mode onDemand to let holds and the gateway switch",
+            )
+        return await super().demand(model, **kw)
 
     def names(self) -> list[str]:
         return sorted({m for w in list(self.supervisor.workers.values()) for m in w.spec.models})

@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 class Up:
-    def __init__(self, tmp: Path, instance: str) -> None:
+    def __init__(self, tmp: Path, instance: str, mode: str = "onDemand") -> None:
         self.instance = instance
         self.api, self.gw = free_port(), free_port()
         ports = {"llm": free_port(), "sdxl": free_port()}
@@ -66,6 +66,7 @@ class Up:
                     "activeModel": "llm",
                     "vramBudgetMiB": 15000,
                     "queue": {"maxServeSeconds": 3, "drainTimeoutSeconds": 2},
+                    "switching": {"mode": mode},
                     "models": {"llm": model("llm"), "sdxl": model("sdxl")},
                 }
             ],
@@ -199,3 +200,21 @@ def test_vramctl_hold_holds_for_a_commands_life(up: Up) -> None:
     assert "drew" in r.stdout
     g = up.status()
     assert g["activeModel"] == "sdxl" and g["queue"]["holds"] == {}  # switched for it, released after
+
+
+def test_declared_mode_refuses_holds_on_other_models(tmp_path: Path) -> None:
+    """switching.mode declared (the default): the spec decides; a hold on a
+    model that does not run is refused with 409 naming the mode, one on the
+    running model is granted."""
+    u = Up(tmp_path, "gw" + uuid.uuid4().hex[:8], mode="declared")
+    try:
+        u.wait(lambda g: g["phase"] == "Ready")
+        hold = [sys.executable, "-m", "vramctl", "hold", "--url", f"http://127.0.0.1:{u.api}", "--wait", "5"]
+        refused = subprocess.run([*hold, "sdxl", "--", "true"], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 75, refused.stdout + refused.stderr
+        assert "switching.mode declared" in refused.stderr + refused.stdout
+        granted = subprocess.run([*hold, "llm", "--", "true"], capture_output=True, text=True, timeout=60)
+        assert granted.returncode == 0, granted.stdout + granted.stderr
+        assert u.status()["activeModel"] == "llm"
+    finally:
+        u.close()

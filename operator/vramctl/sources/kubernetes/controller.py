@@ -367,6 +367,9 @@ class ModelDeployments:
             return
         current = worker.desired
         desired_changed = (current.active, current.companions) != want
+        if spec.switching.mode == "onDemand" and entry.spec is not None:
+            # Holds and the gateway decide; spec.activeModel is only the model to begin with (and idle's default).
+            desired_changed = False
         shape_changed = _shape(entry.spec) != _shape(spec)
         if shape_changed:
             self._own(entry, spec)
@@ -450,8 +453,8 @@ class ModelDeployments:
         send the worker back to it before it acts. Called with the worker's
         request lock held, on the worker's or the event watcher's thread."""
         spec, worker = entry.spec, entry.worker
-        if spec is None or worker is None or entry.gone:
-            return
+        if spec is None or worker is None or entry.gone or spec.switching.mode == "onDemand":
+            return  # onDemand: the clients' holds decide, not the spec
         want = (spec.active_model, tuple(spec.companions))
         if (desired.active, desired.companions) == want:
             return
