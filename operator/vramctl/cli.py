@@ -404,7 +404,7 @@ def _gpu_uuid_of(built: Callable[[], Any]) -> Callable[[int], str | None]:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     """Act on the ModelDeployments whose spec.nodeName is this node, until SIGTERM."""
-    from vramctl.api import ApiServer
+    from vramctl.api import ApiServer, is_loopback
     from vramctl.app import build_operator
     from vramctl.spec import GpuProbeConfig
 
@@ -454,8 +454,16 @@ def cmd_operator(args: argparse.Namespace) -> int:
         built.supervisor.runtime.close()
         return EXIT_USAGE
     controller = kubernetes.ModelDeployments(args.node_name, built.supervisor, built.runtime, built.make_worker, session=session)
+    if token or is_loopback(host):  # holds switch GPUs: off loopback only with the token
+        _mount_holds(api, built.supervisor, token)
     api.start()
     built.supervisor.start()
+    gateway = _start_gateway(args, built.supervisor, token)
+    if gateway is False:
+        controller.close()
+        api.stop()
+        built.supervisor.stop()
+        return EXIT_USAGE
     where = "all namespaces" if not args.namespace else "namespace(s) " + ", ".join(args.namespace)
     print(
         f"vramctl operator: node {args.node_name}, instance {args.instance}, {where}; "
@@ -467,6 +475,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
         kubernetes.run(controller, clusterwide=not args.namespace, namespaces=args.namespace or (), timer_interval=args.timer_seconds)
     finally:
         print("vramctl operator: shutting down (models keep running)", file=sys.stderr, flush=True)
+        if gateway:
+            gateway.stop()
         controller.close()
         api.stop()
         built.supervisor.stop()
@@ -553,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"HOST:PORT of /metrics and /healthz (default {DEFAULT_LISTEN})",
     )
     op.add_argument("--token", help="bearer token for the HTTP API (or VRAMCTL_TOKEN); POST /switch is refused in this mode")
+    op.add_argument(
+        "--gateway",
+        type=_parse_listen,
+        help="HOST:PORT for the OpenAI-style gateway and /holds (off unless given; ModelDeployments with switching.mode onDemand)",
+    )
     op.add_argument("--instance", default="k8s", help="label value marking this operator's containers or Pods (default k8s)")
     op.add_argument(
         "--runtime",

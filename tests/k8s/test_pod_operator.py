@@ -422,3 +422,33 @@ def test_kubectl_apply_of_the_k3s_example(emulator: EmulatorThread, tmp_path: Pa
             op.stop()
         kubelet.assert_exclusive()
         assert kubelet.started == []
+
+
+def test_on_demand_holds_decide_and_the_status_tells_what_runs(cluster: Cluster) -> None:
+    """switching.mode onDemand: a hold through the operator's API switches the
+    GPU; .status.activeModel shows what runs while spec.activeModel stays the
+    default; a later spec change does not force the GPU back."""
+    c = cluster
+    c.kube.create_md(c.ns, "gpu0", c.spec(switching={"mode": "onDemand"}))
+    c.op.start()
+    c.wait_md("gpu0", settled(1, ["llm"]))
+    hold = [sys.executable, "-m", "vramctl", "hold", "--url", c.op.url, "--wait", "30", "sdxl", "--", sys.executable, "-c", "print('drew')"]
+    r = subprocess.run(hold, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0 and "drew" in r.stdout, r.stdout + r.stderr + c.op.log_text()[-3000:]
+    obj = c.wait_md("gpu0", lambda o: status(o).get("activeModel") == "sdxl" and status(o).get("runningModels") == ["sdxl"])
+    assert obj["spec"]["activeModel"] == "llm"
+    c.kube.patch_md(c.ns, "gpu0", {"spec": {"vramBudgetMiB": 14900}})
+    time.sleep(1.0)
+    obj = c.wait_md("gpu0", lambda o: (o.get("status") or {}).get("observedGeneration") is not None)
+    assert status(obj).get("activeModel") == "sdxl" and "gpu0-sdxl" in c.pods()
+
+
+def test_declared_mode_refuses_a_hold_on_another_model(cluster: Cluster) -> None:
+    c = cluster
+    c.kube.create_md(c.ns, "gpu0", c.spec())
+    c.op.start()
+    c.wait_md("gpu0", settled(1, ["llm"]))
+    hold = [sys.executable, "-m", "vramctl", "hold", "--url", c.op.url, "--wait", "5", "sdxl", "--", "true"]
+    r = subprocess.run(hold, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 75 and "switching.mode declared" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert sorted(c.pods()) == ["gpu0-llm"]
