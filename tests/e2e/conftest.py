@@ -45,6 +45,7 @@ class VramctlProc:
         self.url = f"http://127.0.0.1:{api_port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[Path] = []
+        self.extra_args: list[str] = []  # e.g. ["--gateway", "127.0.0.1:PORT"]
 
     def start(self, wait_ready: bool = True) -> None:
         log = self.tmp / f"vramctl-{len(self.logs)}.log"
@@ -63,6 +64,7 @@ class VramctlProc:
                 f"127.0.0.1:{self.api_port}",
                 "--instance",
                 self.instance,
+                *self.extra_args,
             ],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,

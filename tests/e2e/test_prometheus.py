@@ -158,6 +158,7 @@ def test_every_dashboard_query_returns_data(
                     "gpu": 0,
                     "activeModel": "llm",
                     "companions": ["tts"],
+                    "switching": {"mode": "onDemand"},
                     "models": {
                         "llm": standin_model(llm, 12000, load=0.5),
                         "sdxl": standin_model(sdxl, 11000, load=0.5),
@@ -167,6 +168,8 @@ def test_every_dashboard_query_returns_data(
             ],
         }
     )
+    gateway = free_port()
+    v.extra_args = ["--gateway", f"127.0.0.1:{gateway}"]
     v.start()
     prom = prometheus(f"127.0.0.1:{v.api_port}")
     prom.wait_ready()
@@ -178,6 +181,14 @@ def test_every_dashboard_query_returns_data(
         # Scraped after the switch: the holder Prometheus saw is the new one.
         prom.wait_for('vramctl_active_model{gpu="0"}', lambda res, m=model: _value(res, model=m) == 1.0)  # type: ignore[misc]
     prom.wait_for('sum(increase(vramctl_switches_total{outcome="success"}[1m]))', lambda res: (_value(res) or 0) >= 1.5)
+    # Request-driven switching: a hold (the queue's series) and requests through the gateway (its series).
+    r = v.cli("hold", "--url", v.url, "sdxl", "--", "true")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for _ in range(3):
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway}/models/sdxl/health", timeout=30) as resp:
+            assert resp.status == 200
+    prom.wait_for("sum(vramctl_gateway_requests_total)", lambda res: (_value(res) or 0) >= 3)
+    prom.wait_for("sum(vramctl_queue_wait_seconds_count)", lambda res: (_value(res) or 0) >= 1)
 
     empty, bad = [], []
     for where, expr in panel_queries():
@@ -190,9 +201,9 @@ def test_every_dashboard_query_returns_data(
     assert not bad, "panels with NaN/Inf values:\n  " + "\n  ".join(bad)
 
     # A few values that must be right, not merely present.
-    assert _value(prom.query('vramctl_model_state{gpu="0",state="running"}'), model="llm") == 1.0
-    assert _value(prom.query('vramctl_model_state{gpu="0",state="stopped"}'), model="sdxl") == 1.0
+    assert _value(prom.query('vramctl_model_state{gpu="0",state="running"}'), model="sdxl") == 1.0  # the hold's model
+    assert _value(prom.query('vramctl_model_state{gpu="0",state="stopped"}'), model="llm") == 1.0
     assert _value(prom.query('vramctl_gpu_memory_total_bytes{gpu="0"}'), UUID="SIM-GPU-0") == 16303 * 2**20
-    assert _value(prom.query('vramctl_model_gpu_memory_bytes{gpu="0"}'), model="llm") == 12000 * 2**20
+    assert _value(prom.query('vramctl_model_gpu_memory_bytes{gpu="0"}'), model="sdxl") == 11000 * 2**20
     assert _value(prom.query("sum(vramctl_exclusivity_violations_total)")) == 0.0
     assert _value(prom.query('vramctl_nvml_up{gpu="0"}')) == 0.0  # simulated: said so

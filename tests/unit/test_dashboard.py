@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.fakes import FakeGpu, FakeRuntime
 from tests.unit.test_supervisor import spec
+from vramctl.gateway import GatewayMetrics
 from vramctl.observed import WorkloadState
 from vramctl.supervisor import GpuWorker, Metrics, WorkerSettings
 from vramctl.telemetry import VramctlCollector
@@ -188,6 +189,13 @@ def exported_names() -> set[str]:
     w = GpuWorker(d, rt, gpu, WorkerSettings(poll_interval_s=0.001, baseline_mib=0), metrics=metrics)
     w.reconcile_once()
     registry.register(VramctlCollector(lambda: [w], dcgm_compat=True))
+    # Series that appear once the queue and the gateway have served something.
+    gm = GatewayMetrics(registry)
+    gm.requests.labels("0", "llm", "200").inc()
+    gm.duration.labels("0", "llm").observe(0.1)
+    gm.in_flight.labels("0", "llm").set(0)
+    metrics.queue.wait.labels("0", "llm").observe(1.0)
+    metrics.queue.holds.labels("0", "llm").set(0)
     text = generate_latest(registry).decode()
     return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples} | {
         fam.name for fam in text_string_to_metric_families(text)
