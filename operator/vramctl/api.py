@@ -59,7 +59,7 @@ IDLE_TIMEOUT = 15.0
 BACKLOG = 1024
 MUTATING = frozenset({"/switch"})
 READS = frozenset({"/status", "/healthz", "/metrics"})
-SWITCH_FIELDS = ("model", "companions", "gpu")
+SWITCH_FIELDS = ("model", "companions", "gpu", "force")
 
 
 def is_loopback(host: str) -> bool:
@@ -405,7 +405,23 @@ class ApiServer:
             raise
         body = await self._read_json(request)
         gpu, model, companions = self._switch_fields(body)
+        force = body.get("force", False)
+        if type(force) is not bool:
+            raise ApiError(400, f"field `force` must be true or false, not a JSON {_json_type(force)}", "force")
         worker = self.supervisor.workers[gpu]
+        held = worker.holds_against(model)
+        if held and not force and model is not None:
+            # A demand like any other: it waits for the holds on the running model (drain), then switches.
+            worker.demand_switch(model, companions or ())
+            log.info("gpu%d: switch to %r queued behind %d hold(s) over HTTP", gpu, model, held)
+            queued = {
+                "gpu": gpu,
+                "activeModel": model,
+                "queued": True,
+                "holds": held,
+                "progressSeq": worker.published_status().get("progressSeq", 0),
+            }
+            return web.json_response(queued, status=202, dumps=_dumps)
         loop = asyncio.get_running_loop()
         assert self._switch_lock is not None
         async with self._switch_lock:
@@ -434,7 +450,7 @@ class ApiServer:
             raise ApiError(400, f'the body must be a JSON object like {{"model": "sdxl"}}, not a JSON {_json_type(body)}')
         unknown = sorted(set(body) - set(SWITCH_FIELDS))
         if unknown:
-            raise ApiError(400, f"unknown field(s) {unknown}: allowed are model, companions, gpu", unknown[0])
+            raise ApiError(400, f"unknown field(s) {unknown}: allowed are model, companions, gpu, force", unknown[0])
         if "model" not in body:
             raise ApiError(400, 'field `model` is required (null or "" frees the GPU)', "model")
         model = body["model"]

@@ -288,6 +288,8 @@ def cmd_switch(args: argparse.Namespace) -> int:
         body["companions"] = [c for c in args.companions.split(",") if c]
     if args.gpu is not None:
         body["gpu"] = args.gpu
+    if args.force:
+        body["force"] = True
     try:
         status, reply = _request(base + "/switch", "POST", body, token)
     except (urllib.error.URLError, OSError) as err:
@@ -297,6 +299,8 @@ def cmd_switch(args: argparse.Namespace) -> int:
         field = f" [{reply.get('field')}]" if isinstance(reply, dict) and reply.get("field") else ""
         print(f"vramctl: switch refused{field}: {reply.get('error') if isinstance(reply, dict) else reply}", file=sys.stderr)
         return EXIT_USAGE if status in (400, 404, 422) else EXIT_FAIL
+    if reply.get("queued"):
+        return _wait_queued(base, args, reply)
     gpu, gen, seq = reply["gpu"], reply["generation"], reply["progressSeq"]
     target = reply["activeModel"] or "(no model)"
     if not args.wait:
@@ -334,6 +338,33 @@ def cmd_switch(args: argparse.Namespace) -> int:
             print(f"vramctl: timed out after {args.timeout:.0f}s; phase {g['phase']}: {g['message']}", file=sys.stderr)
             return EXIT_FAIL
         time.sleep(0.1)
+
+
+def _wait_queued(base: str, args: argparse.Namespace, reply: dict[str, Any]) -> int:
+    """A switch queued behind live holds (use --force to cut them): it comes
+    when they end or the drain times out."""
+    gpu, target, seq = reply["gpu"], reply["activeModel"], reply["progressSeq"]
+    print(f"switch to {target} queued on gpu {gpu}: {reply['holds']} hold(s) on the running model drain first (--force cuts them)")
+    if not args.wait:
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            _, st = _request(f"{base}/status?since={seq}")
+        except (urllib.error.URLError, OSError) as err:
+            print(f"vramctl: lost the supervisor at {base}: {err}", file=sys.stderr)
+            return EXIT_FAIL
+        for p in st.get("progress", []):
+            if p["gpu"] == gpu:
+                _print_progress(p)
+                seq = max(seq, p["seq"])
+        g = st["gpus"][str(gpu)]
+        if g["activeModel"] == target and g["phase"] == "Ready" and g["observedGeneration"] >= g["desiredGeneration"]:
+            print(f"{target} holds gpu {gpu}: Ready")
+            return EXIT_OK
+        time.sleep(0.1)
+    print(f"vramctl: timed out after {args.timeout:.0f}s waiting for the queued switch to {target}", file=sys.stderr)
+    return EXIT_FAIL
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -523,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--timeout", type=float, default=600.0)
     sw.add_argument("--url", help=f"supervisor URL (default http://{DEFAULT_LISTEN} or VRAMCTL_URL)")
     sw.add_argument("--token")
+    sw.add_argument("--force", action="store_true", help="switch now even while holds are live on the running model (they are revoked)")
     sw.set_defaults(func=cmd_switch)
 
     st = sub.add_parser("status", help="show what holds each GPU")

@@ -18,7 +18,9 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -255,6 +257,21 @@ class GpuWorker:
                 continue  # the runtime cannot tell now (an outage): the start will say
             if problem is not None:
                 raise DesiredStateError(f"{m!r} cannot start: {problem}; nothing was stopped", path)
+
+    def holds_against(self, active: str | None) -> int:
+        """Live holds that a switch to ``active`` would end (on the models it stops)."""
+        q = self._status.get("queue") or {}
+        running = self._desired.active
+        if active is None or active == running:
+            return 0  # freeing the GPU (`switch ''`) is immediate: it is what `down` needs first
+        return int((q.get("holds") or {}).get(running or "", 0))
+
+    def demand_switch(self, active: str, companions: tuple[str, ...]) -> None:
+        """A switch that waits its turn (POST /switch while holds are live):
+        the queue grants it after the drain, then switches."""
+        spec = self.spec.models.get(active)
+        prio = int(spec.priority) if spec is not None else 0
+        self.post(AddDemand(dq.Demand(uuid.uuid4().hex, active, self.clock(), companions, prio, kind="switch"), Future()))
 
     def update_spec(self, deployment: DeploymentSpec) -> None:
         with self._request_lock:
@@ -563,10 +580,11 @@ class _Queue:
             else:
                 self.desk.companions_failed(f"{', '.join(wanted)} not running beside {d.active!r}", now)
         elif ok and self.desk.state.switching_to is None and self._moved(d):
-            # Another source (POST /switch, a gated start, the spec) moved the GPU: the queue follows what runs.
-            if d.active is None:
+            # Another source (a forced POST /switch, a gated start, the spec) moved the GPU: the holds on
+            # what ran end (their renew answers 409), and the queue follows what runs.
+            if self.desk.state.active != d.active:
                 self.desk.went_away(now)
-            else:
+            if d.active is not None:
                 self.desk.switch_done(dq.Target(d.active, d.companions), now)
         self.step()
 

@@ -218,3 +218,46 @@ def test_declared_mode_refuses_holds_on_other_models(tmp_path: Path) -> None:
         assert u.status()["activeModel"] == "llm"
     finally:
         u.close()
+
+
+def test_post_switch_waits_for_live_holds_unless_forced(up: Up) -> None:
+    """POST /switch is a demand like any other: while a hold is live on the
+    running model it is queued and switches only after the drain; --force
+    switches at once and the holder's renew answers 409."""
+    hold = subprocess.Popen(
+        [sys.executable, "-m", "vramctl", "hold", "--url", f"http://127.0.0.1:{up.api}", "--ttl", "30", "llm", "--",
+         sys.executable, "-c", "import time; time.sleep(1.5)"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        up.wait(lambda g: g["queue"]["holds"] == {"llm": 1}, timeout=20)
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [sys.executable, "-m", "vramctl", "switch", "sdxl", "--wait", "--url", f"http://127.0.0.1:{up.api}", "--timeout", "30"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "queued" in r.stdout and "sdxl holds gpu 0" in r.stdout
+        assert took >= 1.0  # it waited for the hold (1.5 s command) rather than cutting it
+        assert hold.wait(30) == 0  # the holder's command ran to its end undisturbed
+    finally:
+        if hold.poll() is None:
+            hold.kill()
+    # Forced: at once, whatever holds say.
+    hold2 = subprocess.Popen(
+        [sys.executable, "-m", "vramctl", "hold", "--url", f"http://127.0.0.1:{up.api}", "--ttl", "30", "sdxl", "--",
+         sys.executable, "-c", "import time; time.sleep(20)"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        up.wait(lambda g: g["queue"]["holds"] == {"sdxl": 1}, timeout=20)
+        r = subprocess.run(
+            [sys.executable, "-m", "vramctl", "switch", "llm", "--force", "--wait", "--url", f"http://127.0.0.1:{up.api}", "--timeout", "30"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0 and "queued" not in r.stdout, r.stdout + r.stderr
+        up.wait(lambda g: g["queue"]["holds"] == {}, timeout=10)  # the cut hold was revoked
+    finally:
+        hold2.kill()
+        hold2.wait()
