@@ -47,7 +47,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vramctl.redact import redact_status, secrets_in
+from vramctl.redact import redact_status
 from vramctl.spec import DeploymentSpec, DesiredStateError
 from vramctl.supervisor import GpuWorker, Supervisor
 
@@ -274,12 +274,7 @@ class ApiServer:
             spec = w.spec
             cached = self._secrets.get(w.gpu)
             if cached is None or cached[0] is not spec:
-                found: set[str] = set()
-                for m in spec.models:
-                    with contextlib.suppress(Exception):
-                        argv = [*(spec.container_command(m) or []), *spec.process_argv(m)]
-                        found |= secrets_in(argv, spec.merged_env(m))
-                cached = (spec, frozenset(found))
+                cached = (spec, spec.secrets())
                 self._secrets[w.gpu] = cached
             out |= cached[1]
         return frozenset(out)

@@ -20,7 +20,7 @@ from vramctl.observed import Desired
 from vramctl.runtimes.base import Runtime
 from vramctl.sources.statefile import StateFile, StateWriteError
 from vramctl.spec import Config, ConfigError, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
-from vramctl.supervisor import DesiredSink, GpuWorker, Metrics, StatusSink, Supervisor, WorkerSettings, holders_from
+from vramctl.supervisor import DesiredSink, GpuWorker, Metrics, StatusSink, Supervisor, WorkerSettings, holders_of
 from vramctl.telemetry import register as register_collector
 
 log = logging.getLogger("vramctl")
@@ -113,7 +113,7 @@ def build_probe(config: Config, spec_of: _SpecRef, runtime: Runtime, notes: list
         total_mib=p.total_mib,
         baseline_mib=p.baseline_mib,
         release_delay_seconds=p.release_delay_seconds,
-        holders=holders_from(runtime, spec_of, p.total_mib),
+        holders=holders_of(lambda: spec_of.worker.model_states() if spec_of.worker is not None else {}, spec_of, p.total_mib),
     )
 
 

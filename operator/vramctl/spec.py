@@ -46,6 +46,7 @@ from vramctl.engines import (
     render_vllm,
     sleep_api,
 )
+from vramctl.redact import secrets_in
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -602,6 +603,19 @@ class DeploymentSpec(_Model):
         m = self.models[model]
         defaults = SDPA_DEFAULT_ENV if self.env_policy.sdpa_defaults else {}
         return {**defaults, **self.env, **m.rendering().env, **m.env}
+
+    def secrets(self) -> frozenset[str]:
+        """The secret values in the models' rendered arguments and environment
+        (``--api-key`` values, secret-named variables): masked wherever status
+        or logs show text that may contain them."""
+        found: set[str] = set()
+        for m in self.models:
+            try:
+                argv = [*(self.container_command(m) or []), *self.process_argv(m)]
+                found |= secrets_in(argv, self.merged_env(m))
+            except Exception:  # a model that cannot render has no arguments to leak
+                continue
+        return frozenset(found)
 
     def container_command(self, model: str) -> list[str] | None:
         """The container's command: the engine's program and flags, then the

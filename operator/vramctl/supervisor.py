@@ -45,9 +45,29 @@ __all__ = [
     "WorkerSettings",
     "foreign_holders",
     "holders_from",
+    "holders_of",
     "memory_problem",
     "rfc3339",
 ]
+
+
+# Model states in which a model holds its memory on a simulated GPU.
+_HOLDING = frozenset({"running", "starting", "stopping"})
+
+
+def holders_of(
+    states: Callable[[], Mapping[str, str]], deployment: Callable[[], DeploymentSpec], total_mib: int | None = None
+) -> Callable[[], Mapping[str, int]]:
+    """For the simulated GPU: the models holding memory by the worker's last
+    look (its published model states), and what they hold. Unlike
+    ``holders_from`` this asks the runtime nothing: a ``/metrics`` scrape
+    reads the simulated GPU, and a scrape must not reach the engine."""
+
+    def holders() -> Mapping[str, int]:
+        spec = deployment()
+        return {m: spec.reservation_mib(m, total_mib) or 0 for m, st in states().items() if st in _HOLDING and m in spec.models}
+
+    return holders
 
 
 class _WatchEnded(Exception):

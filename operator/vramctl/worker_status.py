@@ -15,6 +15,7 @@ from vramctl.gpu.base import GpuProbe
 from vramctl.observed import Desired
 from vramctl.pitfalls import Finding, env_pitfalls
 from vramctl.reconciler import Reconciler
+from vramctl.redact import redact
 from vramctl.runtimes.base import Runtime, StartEvent
 from vramctl.spec import DeploymentSpec, DesiredStateError, check_desired
 from vramctl.status_book import WARNING_STEPS, StatusBook, SwitchRecord
@@ -41,6 +42,7 @@ class WorkerReporting:
     _findings: list[Finding]
     _last_written: dict[str, Any] | None
     _status: Mapping[str, Any]
+    _secrets: tuple[DeploymentSpec, frozenset[str]] | None = None
 
     def request(self, active: str | None, companions: tuple[str, ...] | None = None, source: str = "api") -> Desired:
         raise NotImplementedError
@@ -50,11 +52,23 @@ class WorkerReporting:
 
     # ----------------------------------- what the reconciler asks of its worker
 
+    def _redacted(self, text: str) -> str:
+        """``text`` with the spec's secrets (and token-shaped strings) masked: log
+        lines of a failed start may echo an ``--api-key``."""
+        spec = self._rec.spec
+        cached = getattr(self, "_secrets", None)
+        if cached is None or cached[0] is not spec:
+            cached = (spec, spec.secrets())
+            self._secrets = cached
+        return redact(text, cached[1])
+
     def note(self, step: str, model: str | None, message: str) -> None:
+        message = self._redacted(message)
         self.book.note(step, model, message, self.wall())
         log.log(logging.WARNING if step in WARNING_STEPS else logging.INFO, "gpu%d: %s", self.gpu, message)
 
     def phase(self, phase: str, reason: str, message: str) -> None:
+        message = self._redacted(message)
         self.book.set_phase(phase, reason, message, self._rec.desired.generation, self.wall())
 
     def condition(self, ctype: str, value: bool, reason: str, message: str) -> None:

@@ -372,3 +372,23 @@ def test_an_initial_desired_state_that_does_not_fit_is_refused_like_a_request() 
     w.request("llm", ())
     w.reconcile_once()
     assert w.status()["phase"] == "Ready" and rt.calls == [("start", "llm")]
+
+
+def test_secrets_in_log_lines_never_reach_status_or_progress() -> None:
+    """A failed start's last log lines echo its --api-key: masked in the
+    phase message and the progress, like the API masks /status."""
+    doc = spec().model_dump(by_alias=True, exclude_none=True)
+    doc["models"]["llm"]["args"] = ["--api-key", "sk-live-0123456789abcdef"]
+    d = DeploymentSpec.model_validate(doc)
+
+    class Leaky(FakeRuntime):
+        def logs_tail(self, deployment: DeploymentSpec, model: str, lines: int = 20) -> list[str]:
+            return ["starting with --api-key sk-live-0123456789abcdef", "Traceback: boom"]
+
+    rt = Leaky(crash_on_start={"llm"})
+    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0))
+    w.reconcile_once()
+    st = w.status()
+    assert st["phase"] == "Failed" and "Traceback: boom" in st["message"]
+    assert "sk-live-0123456789abcdef" not in st["message"]
+    assert not any("sk-live-0123456789abcdef" in p["message"] for p in w.progress())
