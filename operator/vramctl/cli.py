@@ -308,16 +308,10 @@ def cmd_switch(args: argparse.Namespace) -> int:
         return EXIT_OK
     deadline = time.monotonic() + args.timeout
     while True:
-        try:
-            _, st = _request(f"{base}/status?since={seq}")
-        except (urllib.error.URLError, OSError) as err:
-            print(f"vramctl: lost the supervisor at {base}: {err}", file=sys.stderr)
+        polled = _poll(base, gpu, seq)
+        if polled is None:
             return EXIT_FAIL
-        for p in st.get("progress", []):
-            if p["gpu"] == gpu:
-                _print_progress(p)
-                seq = max(seq, p["seq"])
-        g = st["gpus"][str(gpu)]
+        g, seq = polled
         if g["desiredGeneration"] > gen:
             print(f"vramctl: superseded by a newer request (generation {g['desiredGeneration']})", file=sys.stderr)
             return EXIT_FAIL
@@ -340,6 +334,20 @@ def cmd_switch(args: argparse.Namespace) -> int:
         time.sleep(0.1)
 
 
+def _poll(base: str, gpu: int, seq: int) -> tuple[dict[str, Any], int] | None:
+    """One look at /status: print the GPU's new progress; (its status, the last seq seen), or None when the supervisor is gone."""
+    try:
+        _, st = _request(f"{base}/status?since={seq}")
+    except (urllib.error.URLError, OSError) as err:
+        print(f"vramctl: lost the supervisor at {base}: {err}", file=sys.stderr)
+        return None
+    for p in st.get("progress", []):
+        if p["gpu"] == gpu:
+            _print_progress(p)
+            seq = max(seq, p["seq"])
+    return st["gpus"][str(gpu)], seq
+
+
 def _wait_queued(base: str, args: argparse.Namespace, reply: dict[str, Any]) -> int:
     """A switch queued behind live holds (use --force to cut them): it comes
     when they end or the drain times out."""
@@ -349,16 +357,10 @@ def _wait_queued(base: str, args: argparse.Namespace, reply: dict[str, Any]) -> 
         return EXIT_OK
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            _, st = _request(f"{base}/status?since={seq}")
-        except (urllib.error.URLError, OSError) as err:
-            print(f"vramctl: lost the supervisor at {base}: {err}", file=sys.stderr)
+        polled = _poll(base, gpu, seq)
+        if polled is None:
             return EXIT_FAIL
-        for p in st.get("progress", []):
-            if p["gpu"] == gpu:
-                _print_progress(p)
-                seq = max(seq, p["seq"])
-        g = st["gpus"][str(gpu)]
+        g, seq = polled
         if g["activeModel"] == target and g["phase"] == "Ready" and g["observedGeneration"] >= g["desiredGeneration"]:
             print(f"{target} holds gpu {gpu}: Ready")
             return EXIT_OK
