@@ -39,6 +39,9 @@ class Workload:
     # record still to settle: a planned Cleanup removes them (observation
     # itself never acts).
     leftover: bool = False
+    # Running, but its server says it sleeps (``is_sleeping``): it holds only
+    # its residue on the GPU and is not awake for the exclusivity rule.
+    asleep: bool = False
 
 
 @dataclass(frozen=True)

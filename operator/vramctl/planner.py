@@ -6,11 +6,20 @@ heavy workload while another heavy workload is live (running, paused,
 restarting, or being stopped earlier in the same plan and not yet confirmed
 gone), and every Start is preceded by a WaitForMemory. All stops come before
 all starts ("delete before create").
+
+Warm switching: a heavy model with ``switchStrategy: sleep`` that is not
+wanted is put to sleep (``Sleep``) instead of stopped, and a wanted model that
+sleeps is woken (``Wake``, behind a WaitForMemory like a Start). At most one
+heavy model is awake or waking per GPU; asleep models count against the
+budget by their residue (maxResidueMiB) and against host memory by
+hostMemoryMiB. When the next model's reservation plus the residues would not
+fit, sleeping models are stopped, least recently used first. ``cold`` names
+models that must go the cold way this time (a sleep fall-back, maxCycles).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 from vramctl.observed import Desired, Observed, WorkloadState
@@ -31,6 +40,21 @@ class Cleanup:
 
 
 @dataclass(frozen=True)
+class Sleep:
+    """Ask a sleepable model to sleep (it gives the GPU away but its residue)."""
+
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Wake a model that sleeps (instead of a cold start)."""
+
+    model: str
+
+
+@dataclass(frozen=True)
 class WaitForMemory:
     """Block until the GPU has really released what was stopped.
 
@@ -43,6 +67,9 @@ class WaitForMemory:
     released: tuple[str, ...]
     need_free_mib: int
     max_used_mib: int | None
+    # Models asleep (or put to sleep earlier in the plan) that stay on the GPU
+    # with at most this many MiB each: their processes must be at or under it.
+    residues: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,7 +84,7 @@ class WaitHealthy:
     timeout_seconds: float
 
 
-Action = Cleanup | Stop | WaitForMemory | Start | WaitHealthy
+Action = Cleanup | Stop | Sleep | WaitForMemory | Start | Wake | WaitHealthy
 
 
 @dataclass(frozen=True)
@@ -71,12 +98,12 @@ class Plan:
 
     @property
     def switching(self) -> bool:
-        return any(isinstance(a, (Stop, Start)) for a in self.actions)
+        return any(isinstance(a, (Stop, Start, Sleep, Wake)) for a in self.actions)
 
     @property
     def waiting(self) -> bool:
         """Nothing to do but wait (for memory or health): no stop or start left."""
-        return bool(self.actions) and not any(isinstance(a, (Cleanup, Stop, Start)) for a in self.actions)
+        return bool(self.actions) and not any(isinstance(a, (Cleanup, Stop, Start, Sleep, Wake)) for a in self.actions)
 
     def describe(self) -> list[str]:
         out = []
@@ -90,6 +117,10 @@ class Plan:
                     out.append(f"wait for memory (released: {', '.join(rel) or '-'}; need {need} MiB free)")
                 case Start(model=m, reason=r):
                     out.append(f"start {m} ({r})")
+                case Sleep(model=m, reason=r):
+                    out.append(f"put {m} to sleep ({r})")
+                case Wake(model=m):
+                    out.append(f"wake {m}")
                 case WaitHealthy(model=m):
                     out.append(f"wait until {m} is healthy")
         return out
@@ -104,10 +135,15 @@ def plan(
     baseline_mib: int = 0,
     margin_mib: int = 256,
     total_mib: int | None = None,
+    cold: Set[str] = frozenset(),
+    last_used: Mapping[str, float] | None = None,
 ) -> Plan:
     """``total_mib``: the GPU's total memory when known; a vLLM model's
-    reservation is gpuMemoryUtilization x total (``DeploymentSpec.reservation``)."""
+    reservation is gpuMemoryUtilization x total (``DeploymentSpec.reservation``).
+    ``cold``: models that are stopped rather than put to sleep (and stopped if
+    they sleep); ``last_used``: when each model was last awake (eviction order)."""
     backoff_until = backoff_until or {}
+    last_used = last_used or {}
     wanted = set(desired.members)
     actions: list[Action] = []
     stopped: list[str] = []
@@ -118,31 +154,74 @@ def plan(
             actions.append(Cleanup(w.model))
             stopped.append(w.model)
 
-    # 1. Stops: everything live that is not wanted, or wanted but drifted.
-    #    Heavy ones first so the GPU starts emptying as early as possible.
+    # 1. Stops (or sleeps): everything live that is not wanted, or wanted but
+    #    drifted. Heavy ones first so the GPU starts emptying as early as possible.
     live = [w for w in observed.workloads.values() if w.state.live]
     live.sort(key=lambda w: (not _heavy(spec, w.model, w.heavy), w.model))
+    to_stop: list[tuple[str, str]] = []
+    sleepers: list[str] = []  # stay on the GPU asleep (already, or put to sleep now)
+    to_sleep: set[str] = set()
     for w in live:
+        sleepable = _sleepable(spec, w.model, cold) and w.state is WorkloadState.RUNNING and not w.drifted
         if w.model not in wanted:
             reason = "not in the spec" if w.model not in spec.models else "not desired"
         elif w.drifted:
             reason = "spec changed"
+        elif w.asleep and not sleepable:
+            reason = "cold: not kept asleep"
         else:
+            if w.asleep:
+                sleepers.append(w.model)  # woken below
             continue
-        actions.append(Stop(w.model, reason))
-        stopped.append(w.model)
+        if sleepable and (w.asleep or w.ready):
+            sleepers.append(w.model)
+            if not w.asleep:
+                to_sleep.add(w.model)
+            continue
+        to_stop.append((w.model, reason))
+
+    # Eviction: the awake models, the next ones and the residues must fit the
+    # budget (and the sleepers' host memory the host budget); the least
+    # recently used sleepers go first.
+    waking = [m for m in sleepers if m in wanted]
+    staying = [m for m in sleepers if m not in wanted]
+    budget = spec.vram_budget_mib if spec.vram_budget_mib is not None else (total_mib - margin_mib if total_mib is not None else None)
+    awake_kept = [
+        w.model for w in live if w.model not in sleepers and w.model not in {m for m, _ in to_stop} and w.state is not WorkloadState.PAUSED
+    ]
+    starting = [m for m in desired.members if (m in spec.models and not observed.state(m).live) or m in waking]
+    base = sum(spec.reservation_mib(m, total_mib) or 0 for m in awake_kept if m in spec.models)
+    base += sum(spec.reservation_mib(m, total_mib) or 0 for m in starting if m in spec.models)
+    staying.sort(key=lambda m: (last_used.get(m, float("-inf")), m))
+    host_budget = spec.host_memory_budget_mib
+    while staying:
+        residues = sum(_residue(spec, m) for m in staying)
+        host = sum(spec.models[m].host_memory_asleep_mib for m in staying + waking)
+        if (budget is None or base + residues <= budget) and (host_budget is None or host <= host_budget):
+            break
+        evicted = staying.pop(0)
+        sleepers.remove(evicted)
+        to_sleep.discard(evicted)
+        to_stop.append((evicted, "evicted: its residue does not fit beside the next model"))
+    for w in live:
+        if w.model in to_sleep:
+            actions.append(Sleep(w.model, "not desired" if w.model in spec.models else "not in the spec"))
+    for m, reason in sorted(to_stop, key=lambda t: (not _heavy(spec, t[0], observed.workloads[t[0]].heavy), t[0])):
+        actions.append(Stop(m, reason))
+        stopped.append(m)
 
     # Memory expected to remain in use by what keeps running. A paused (gated)
     # workload is frozen before it could allocate: it is about to be started,
-    # so it counts in need_free_mib, not here.
+    # so it counts in need_free_mib, not here. A sleeper counts by its residue.
     kept = [w.model for w in live if w.model not in stopped and w.state is not WorkloadState.PAUSED]
-    kept_sizes = [spec.reservation_mib(m, total_mib) if m in spec.models else None for m in kept]
+    kept_sizes = [(_residue(spec, m) if m in sleepers else spec.reservation_mib(m, total_mib)) if m in spec.models else None for m in kept]
     max_used: int | None = None
     if all(s is not None for s in kept_sizes):
         max_used = baseline_mib + margin_mib + sum(s or 0 for s in kept_sizes)
+    residue_pairs = tuple((m, _residue(spec, m)) for m in sorted(sleepers))
 
-    # 2. Starts, heavy first, each behind a memory wait and followed by a
-    #    health wait, so a companion never races the heavy model's allocation.
+    # 2. Starts (or wakes), heavy first, each behind a memory wait and followed
+    #    by a health wait, so a companion never races the heavy model's allocation.
     deferred: dict[str, float] = {}
     first_wait = True
     for m in desired.members:
@@ -151,6 +230,20 @@ def plan(
         current = observed.workloads.get(m)
         state = current.state if current else WorkloadState.ABSENT
         timeout = spec.models[m].start_timeout_seconds
+        if m in waking:
+            need = max(0, (spec.reservation_mib(m, total_mib) or 0) - _residue(spec, m))
+            actions.append(
+                WaitForMemory(
+                    released=tuple(stopped) if first_wait else (),
+                    need_free_mib=need,
+                    max_used_mib=max_used if first_wait else None,
+                    residues=residue_pairs if first_wait else (),
+                )
+            )
+            first_wait = False
+            actions.append(Wake(m))
+            actions.append(WaitHealthy(m, timeout))
+            continue
         if current is not None and m not in stopped and state in (WorkloadState.RUNNING, WorkloadState.RESTARTING):
             if not current.ready:
                 actions.append(WaitHealthy(m, timeout))
@@ -165,6 +258,7 @@ def plan(
                 released=tuple(stopped) if first_wait else (),
                 need_free_mib=need,
                 max_used_mib=max_used if first_wait else None,
+                residues=residue_pairs if first_wait else (),
             )
         )
         first_wait = False
@@ -177,3 +271,12 @@ def plan(
 def _heavy(spec: DeploymentSpec, model: str, fallback: bool) -> bool:
     m = spec.models.get(model)
     return m.heavy if m is not None else fallback
+
+
+def _sleepable(spec: DeploymentSpec, model: str, cold: Set[str]) -> bool:
+    m = spec.models.get(model)
+    return m is not None and m.heavy and m.switch_strategy == "sleep" and model not in cold
+
+
+def _residue(spec: DeploymentSpec, model: str) -> int:
+    return spec.models[model].sleep_settings.max_residue_mib

@@ -20,28 +20,31 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vramctl import memory_gate
+from vramctl import memory_gate, sleepctl
 from vramctl.backoff import Backoff
 from vramctl.errors import Classified, ErrorClass, Outage, classify
 from vramctl.gating import GateDecision, StartGate
 from vramctl.gpu.base import GpuProbe
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
-from vramctl.planner import Cleanup, Plan, Start, Stop, WaitForMemory, WaitHealthy, plan
+from vramctl.planner import Cleanup, Plan, Sleep, Start, Stop, WaitForMemory, WaitHealthy, Wake, plan
 from vramctl.runtimes.base import Runtime, StartEvent, StopOutcome
 from vramctl.runtimes.health import LocalResourceError, http_ready
+from vramctl.sleeping import HttpSleeper, SleepBook, Sleeper, sleepable
 from vramctl.spec import DeploymentSpec
 
 log = logging.getLogger("vramctl.supervisor")
 
 # A model's state as its worker knows it (vramctl_model_state).
-MODEL_STATES = ("running", "starting", "paused", "stopping", "stopped", "failed", "absent")
+MODEL_STATES = ("running", "starting", "paused", "stopping", "stopped", "failed", "absent", "asleep", "sleeping", "waking")
+# A sleep whose residue is still over maxResidueMiB this long after it returned goes the cold way.
+RESIDUE_GRACE_S = 5.0
 
 
 @dataclass
 class Op:
     """A stop, start or cleanup running aside."""
 
-    action: Cleanup | Stop | Start
+    action: Cleanup | Stop | Start | Sleep | Wake
     future: Future[Any]
     spec: DeploymentSpec
 
@@ -53,8 +56,9 @@ class Actuator:
     def __init__(self, runtime: Runtime, on_done: Callable[[], None], inline: bool = False) -> None:
         self.runtime, self.on_done, self.inline = runtime, on_done, inline
         self._pool: ThreadPoolExecutor | None = None
+        self.sleeper: Sleeper = HttpSleeper()
 
-    def submit(self, spec: DeploymentSpec, action: Cleanup | Stop | Start) -> Op:
+    def submit(self, spec: DeploymentSpec, action: Cleanup | Stop | Start | Sleep | Wake) -> Op:
         fn: Callable[[], Any]
         match action:
             case Stop(model=m):
@@ -63,6 +67,10 @@ class Actuator:
                 fn = lambda: self.runtime.start(spec, m)  # noqa: E731
             case Cleanup(model=m):
                 fn = lambda: self.runtime.cleanup(spec, m)  # noqa: E731
+            case Sleep(model=m):
+                fn = lambda: self.sleeper.sleep(spec, m)  # noqa: E731
+            case Wake(model=m):
+                fn = lambda: self.sleeper.wake(spec, m)  # noqa: E731
         if self.inline:
             fut: Future[Any] = Future()
             try:
@@ -108,6 +116,8 @@ class Tracking:
 def model_state(w: Workload | None, failed: bool, in_spec: bool) -> str:
     """MODEL_STATES from an observation; ``failed``: its last start failed."""
     st = w.state if w is not None else WorkloadState.ABSENT
+    if st is WorkloadState.RUNNING and w is not None and w.asleep:
+        return "asleep"
     if st is WorkloadState.RUNNING:
         # Not in the spec: no health check was run, so ready says nothing.
         return "running" if (w is not None and w.ready) or not in_spec else "starting"
@@ -120,12 +130,27 @@ def model_state(w: Workload | None, failed: bool, in_spec: bool) -> str:
     return "absent" if st is WorkloadState.ABSENT else "stopped"
 
 
-def observe(runtime: Runtime, spec: DeploymentSpec, tracking: Tracking) -> Observed:
+def observe(
+    runtime: Runtime, spec: DeploymentSpec, tracking: Tracking, sleeper: Sleeper | None = None, book: SleepBook | None = None
+) -> Observed:
     """The runtime's workloads with a health verdict for each running model of
     the spec. A health check that fails for a reason of this machine's own
-    (out of descriptors) keeps the last verdict: vramctl's problem, never the model's."""
+    (out of descriptors) keeps the last verdict: vramctl's problem, never the model's.
+    A running sleepable model is asked whether it sleeps (a restarted vramctl
+    finds its sleeping models so); one that cannot tell keeps the book's word."""
     out: dict[str, Workload] = {}
     for name, w in runtime.observe(spec).items():
+        if sleeper is not None and book is not None and w.state is WorkloadState.RUNNING and sleepable(spec, name):
+            try:
+                said = sleeper.is_sleeping(spec, name)
+            except Exception:
+                said = None
+            asleep = said if said is not None else name in book.asleep
+            if asleep:
+                book.asleep.add(name)
+                out[name] = replace(w, asleep=True)
+                continue
+            book.asleep.discard(name)
         if w.state in (WorkloadState.RUNNING, WorkloadState.RESTARTING) and name in spec.models:
             try:
                 ready = runtime.check_health(spec, name)
@@ -157,9 +182,20 @@ def memory_verdict(
 
 
 def plan_for(
-    spec: DeploymentSpec, desired: Desired, observed: Observed, now: float, backoff: Backoff, baseline: int | None, margin: int, total: int | None
+    spec: DeploymentSpec,
+    desired: Desired,
+    observed: Observed,
+    now: float,
+    backoff: Backoff,
+    baseline: int | None,
+    margin: int,
+    total: int | None,
+    book: SleepBook | None = None,
 ) -> Plan:
-    return plan(spec, desired, observed, now, backoff.until, baseline or 0, margin, total)
+    cold: set[str] = set()
+    if book is not None:
+        cold = set(book.cold) | {m for m in spec.models if book.cycles_reached(spec, m) and m not in book.asleep}
+    return plan(spec, desired, observed, now, backoff.until, baseline or 0, margin, total, cold, book.last_used if book else None)
 
 
 def stop_message(out: StopOutcome) -> str:
@@ -204,6 +240,7 @@ class Reconciler:
         self.running: list[str] = []
         self.model_states: Mapping[str, str] = {}
         self.last_release_seconds: float | None = None
+        self.sleep = SleepBook()
 
     # ------------------------------------------------------------ the tick
 
@@ -220,18 +257,27 @@ class Reconciler:
         if self.outage is not None and now < self.outage.retry_at:
             return self.outage.retry_at - now, True
         try:
-            observed = observe(self.runtime, self.spec, self.track)
+            observed = observe(self.runtime, self.spec, self.track, self._sleeper(), self.sleep)
         except Exception as err:
             return self._runtime_error(classify(err), now)
         self._reachable(now)
         self.watch.account(self.spec, self.desired, observed, now)
+        self._awake(observed, now)
         if self.op is not None:  # _account stopped a model that did not come up
             return self.ctx.settings.poll_interval_s, False
         self._learn_baseline(observed)
         if self.ctx.has_commands():
             return 0.0, False  # a newer command (maybe from this look) is applied before anything is done
         p = plan_for(
-            self.spec, self.desired, observed, now, self.backoff, self.baseline.mib, self.ctx.settings.margin_mib, self.ctx.total_mib()
+            self.spec,
+            self.desired,
+            observed,
+            now,
+            self.backoff,
+            self.baseline.mib,
+            self.ctx.settings.margin_mib,
+            self.ctx.total_mib(),
+            self.sleep,
         )
         self._view(observed, p)
         if p.empty:
@@ -253,7 +299,11 @@ class Reconciler:
             return refused
         for action in p.actions:
             match action:
-                case Cleanup() | Stop() | Start():
+                case Sleep(model=m) if self.sleep.cycles_reached(self.spec, m):
+                    limit = self.spec.models[m].sleep_settings.max_cycles
+                    self.fallback(m, "MaxCycles", f"{m!r} slept {limit} times (sleep.maxCycles)", now)
+                    return 0.0, False
+                case Cleanup() | Stop() | Start() | Sleep() | Wake():
                     if isinstance(action, Stop) and now < self.stop_retry_at:
                         return self.stop_retry_at - now, True
                     if isinstance(action, Start) and self._port_taken(action.model, now):
@@ -310,7 +360,7 @@ class Reconciler:
 
     # ------------------------------------------------------------ actions
 
-    def _submit(self, action: Cleanup | Stop | Start) -> None:
+    def _submit(self, action: Cleanup | Stop | Start | Sleep | Wake) -> None:
         match action:
             case Stop(model=m, reason=reason):
                 self.ctx.note("stopping", m, f"stopping {m!r} ({reason})")
@@ -318,10 +368,19 @@ class Reconciler:
                 self.ctx.note("starting", m, f"starting {m!r} ({reason})")
             case Cleanup(model=m):
                 self.ctx.note("cleanup", m, f"cleaning up what {m!r} left behind")
+            case Sleep(model=m, reason=reason):
+                self.ctx.note("sleeping", m, f"putting {m!r} to sleep ({reason})")
+                self.sleep.strategy = "warm"
+            case Wake(model=m):
+                self.ctx.note("waking", m, f"waking {m!r}")
+                self.sleep.strategy = "warm"
+        if isinstance(action, Start):
+            self.sleep.strategy = "cold"
         # Readers see the step before it takes its time (an inline actuator
         # returns only when it is done).
-        self.model_states = {**self.model_states, action.model: "starting" if isinstance(action, Start) else "stopping"}
+        self.model_states = {**self.model_states, action.model: OP_STATES[type(action).__name__]}
         self.ctx.publish()
+        self.ctx.actuator.sleeper = self._sleeper()
         self.op = self.ctx.actuator.submit(self.spec, action)
         self._publish_states()
 
@@ -331,6 +390,13 @@ class Reconciler:
         try:
             result = op.future.result()
         except Exception as err:
+            if isinstance(op.action, (Sleep, Wake)):
+                waking = isinstance(op.action, Wake)
+                default = "WakeFailed" if waking else "SleepFailed"
+                reason = sleepctl.fallback_reason(err, waking) if isinstance(err, sleepctl.SleepCallError) else default
+                self.fallback(op.action.model, reason, str(err), now)
+                self._publish_states()
+                return
             self._op_failed(op, classify(err), now)
             return
         match op.action:
@@ -339,6 +405,7 @@ class Reconciler:
                 self.track.exited = (*self.track.exited, m)
                 self.track.forget(m)
                 self.backoff.gone(m)
+                self.sleep.gone(m)
                 self.ctx.note("stopped", m, stop_message(result))
             case Start(model=m):
                 ref = str(result)
@@ -352,6 +419,17 @@ class Reconciler:
                 self.track.exited_at = now
                 self.track.exited = (*self.track.exited, m)
                 self.ctx.note("cleaned-up", m, f"what {m!r} left behind is gone")
+            case Sleep(model=m):
+                self.sleep.slept(m, now)
+                self._observed = Observed({**self._observed.workloads, m: replace(self._observed.workloads[m], asleep=True)})
+                self.track.healthy.discard(m)
+                self.track.exited_at, self.track.exited = now, (*self.track.exited, m)
+            case Wake(model=m):
+                self.sleep.woke(m, now)
+                self.track.started_at[m] = now
+                self.track.starting.add(m)
+                self.track.healthy.discard(m)
+                self.kept = self.kept | {m}
         self._publish_states()
 
     def _op_failed(self, op: Op, c: Classified, now: float) -> None:
@@ -384,6 +462,8 @@ class Reconciler:
         if self.mem_wait is None or self.mem_wait[0] != key:
             self.mem_wait = (key, memory_gate.MemoryWait(now))
             self.ctx.note("waiting-memory", None, waiting_message(w))
+        if self.sleep.slept_at and self._verify_residues(now):
+            return 0.0, False
         v = memory_verdict(self.probe, w, self.kept, self.mem_wait[1], now, s.memory_timeout_s, s.foreign_grace_s)
         self.mem_wait = (key, v.wait)
         if v.free:
@@ -418,6 +498,10 @@ class Reconciler:
         interval = min(health.interval_seconds if health else 0.1, self.ctx.settings.resync_s)
         if now - since < timeout:
             return interval, False
+        if m in self.sleep.waking:
+            self.track.forget(m)
+            self.fallback(m, "WakeFailed", f"{m!r} not healthy within {timeout:.0f}s after its wake", now)
+            return 0.0, False
         logs = self.ctx.logs(self.spec, m)
         self.ctx.note("stopping", m, f"{m!r} not healthy after {timeout:.0f}s: stopping it")
         self.track.forget(m)
@@ -450,7 +534,10 @@ class Reconciler:
         states = states_of(self.spec, observed.workloads, set(self.backoff.failures) & set(self.backoff.until))
         if self.op is not None:
             m = self.op.action.model
-            states[m] = {"Stop": "stopping", "Start": "starting", "Cleanup": "stopping"}[type(self.op.action).__name__]
+            states[m] = OP_STATES[type(self.op.action).__name__]
+        for m in self.sleep.waking:
+            if states.get(m) == "starting":
+                states[m] = "waking"
         self.model_states = states
 
     def _settle(self, p: Plan, now: float) -> None:
@@ -474,7 +561,7 @@ class Reconciler:
 
     def _holder(self) -> str | None:
         for w in self._observed.workloads.values():
-            if w.state.live and w.heavy:
+            if w.state.live and w.heavy and not w.asleep:
                 return w.model
         return None
 
@@ -504,6 +591,51 @@ class Reconciler:
         msg = f"the {self.runtime.kind} runtime answers again after {gone:.1f}s; reconciling"
         self.ctx.note("runtime-available", None, msg)
         self.ctx.condition("RuntimeUnavailable", False, "Reachable", msg)
+
+    # ------------------------------------------------------- warm switches
+
+    def _sleeper(self) -> Sleeper:
+        return getattr(self.ctx, "sleeper", None) or self.ctx.actuator.sleeper  # type: ignore[no-any-return]
+
+    def fallback(self, m: str, reason: str, why: str, now: float) -> None:
+        """A warm switch goes the cold way: ``m`` is stopped (and started cold when wanted)."""
+        self.sleep.cold.add(m)
+        self.sleep.waking.discard(m)
+        self.sleep.strategy = "cold"
+        self.ctx.note("SleepFallback", m, f"{reason}: {why}; stopping {m!r} and going the cold way")
+        metrics = getattr(getattr(self.ctx, "metrics", None), "sleep", None)
+        if metrics is not None:
+            metrics.fallbacks.labels(str(self.spec.gpu), reason).inc()
+
+    def _verify_residues(self, now: float) -> bool:
+        """The sleeps that returned, checked on the GPU. True when one fell back (re-plan)."""
+        try:
+            snap = self.probe.snapshot()
+        except Exception:
+            return False
+        fell = False
+        metrics = getattr(getattr(self.ctx, "metrics", None), "sleep", None)
+        grace = min(RESIDUE_GRACE_S, self.ctx.settings.memory_timeout_s)
+        for m, step, msg in self.sleep.verify(self.spec, snap, self.baseline.mib or 0, now, grace):
+            if step == "asleep":
+                self.ctx.note("asleep", m, msg)
+                if metrics is not None:
+                    metrics.residue.labels(str(self.spec.gpu), m).set(self.sleep.residues[m][-1] * (1 << 20))
+                    metrics.host.labels(str(self.spec.gpu)).set(self.sleep.host_mib(self.spec) * (1 << 20))
+            else:
+                self.fallback(m, step, msg, now)
+                fell = True
+        return fell
+
+    def _awake(self, observed: Observed, now: float) -> None:
+        for m in sorted(self.sleep.waking):
+            w = observed.workloads.get(m)
+            if w is None or not w.state.live:
+                self.sleep.waking.discard(m)
+            elif w.ready:
+                self.sleep.waking.discard(m)
+                self.sleep.last_used[m] = now
+                self.ctx.note("awake", m, f"{m!r} awake and healthy after {now - self.track.started_at.get(m, now):.2f}s")
 
     # ------------------------------------------------------------- gating
 
@@ -563,6 +695,9 @@ class Reconciler:
         return None
 
 
+OP_STATES = {"Stop": "stopping", "Start": "starting", "Cleanup": "stopping", "Sleep": "sleeping", "Wake": "waking"}
+
+
 def waiting_message(w: WaitForMemory) -> str:
     return (
         f"waiting for GPU memory (need {w.need_free_mib} MiB free"
@@ -583,7 +718,7 @@ class ModelWatch:
     def account(self, spec: DeploymentSpec, desired: Desired, observed: Observed, now: float) -> None:
         """What the observation says about the models vramctl started or
         watches: became healthy, crashed while starting, exited on their own."""
-        heavy_live = sorted(w.model for w in observed.workloads.values() if w.state is WorkloadState.RUNNING and w.heavy)
+        heavy_live = sorted(w.model for w in observed.workloads.values() if w.state is WorkloadState.RUNNING and w.heavy and not w.asleep)
         if len(heavy_live) > 1:
             self.ctx.violation(heavy_live)
         for m, w in observed.workloads.items():
@@ -654,4 +789,3 @@ class ModelWatch:
     def fail_switch(self, reason: str, text: str, now: float) -> None:
         self.ctx.phase("Failed", reason, text)
         self.ctx.finish_switch("failed", now)
-

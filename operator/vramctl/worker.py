@@ -33,6 +33,7 @@ from vramctl.observed import Desired
 from vramctl.pitfalls import Finding
 from vramctl.reconciler import MODEL_STATES, Actuator, Reconciler
 from vramctl.runtimes.base import Runtime, StartEvent
+from vramctl.sleeping import SleepMetrics
 from vramctl.spec import Config, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
 from vramctl.status_book import PHASES, SWITCH_OUTCOMES, StatusBook
 from vramctl.worker_status import WorkerReporting
@@ -63,8 +64,8 @@ class Metrics:
         self.switches = Counter("vramctl_switches", "Model switches by outcome.", ["gpu", "outcome"], registry=self.registry)
         self.switch_duration = Histogram(
             "vramctl_switch_duration_seconds",
-            "Time from a switch's first action to the new holder being healthy.",
-            ["gpu"],
+            "Time from a switch's first action to the new holder being healthy; strategy warm (woken) or cold (started).",
+            ["gpu", "strategy"],
             buckets=(0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300),
             registry=self.registry,
         )
@@ -76,13 +77,16 @@ class Metrics:
         )
         self.gated = Counter("vramctl_gated_starts", "Heavy starts made behind vramctl's back and paused.", ["gpu"], registry=self.registry)
         self.queue = QueueMetrics(self.registry)
+        self.sleep = SleepMetrics(self.registry)
 
     def init_gpu(self, gpu: int) -> None:
         """Create a GPU's label sets at zero: rates and dashboards then show 0, not "no data"."""
         g = str(gpu)
         for outcome in SWITCH_OUTCOMES:
             self.switches.labels(g, outcome)
-        self.switch_duration.labels(g)
+        for strategy in ("warm", "cold"):
+            self.switch_duration.labels(g, strategy)
+        self.sleep.init_gpu(gpu)
         self.violations.labels(g)
         self.gated.labels(g)
 

@@ -91,7 +91,7 @@ class WorkerReporting:
         self.book.finish_switch(outcome, duration, self._rec.desired.generation, self.wall())
         self.metrics.switches.labels(str(self.gpu), outcome).inc()
         if outcome == "success":
-            self.metrics.switch_duration.labels(str(self.gpu)).observe(duration)
+            self.metrics.switch_duration.labels(str(self.gpu), self._rec.sleep.strategy).observe(duration)
         self.note(
             "switch-" + outcome, sw.target, f"switch {sw.source or '(none)'} -> {sw.target or '(none)'}: {outcome} in {duration:.2f}s"
         )

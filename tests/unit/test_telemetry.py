@@ -133,11 +133,12 @@ def test_switch_events_are_counters_with_every_label_set_created_at_zero() -> No
         assert rig.value("vramctl_switches_total", gpu="0", outcome=outcome) == 0
     assert rig.value("vramctl_exclusivity_violations_total", gpu="0") == 0
     assert rig.value("vramctl_gated_starts_total", gpu="0") == 0
-    assert rig.value("vramctl_switch_duration_seconds_count", gpu="0") == 0
+    assert rig.value("vramctl_switch_duration_seconds_count", gpu="0", strategy="cold") == 0
+    assert rig.value("vramctl_switch_duration_seconds_count", gpu="0", strategy="warm") == 0
     w.request("sdxl", ())
     w.reconcile_once()
     assert rig.value("vramctl_switches_total", gpu="0", outcome="success") == 1
-    assert rig.value("vramctl_switch_duration_seconds_count", gpu="0") == 1
+    assert rig.value("vramctl_switch_duration_seconds_count", gpu="0", strategy="cold") == 1
     rt.states["llm"] = RUN  # someone started llm beside sdxl behind everyone's back
     w.reconcile_once()
     assert rig.value("vramctl_exclusivity_violations_total", gpu="0") == 1

@@ -1,0 +1,157 @@
+"""Warm switching's bookkeeping for one GPU, owned by its worker's loop.
+
+``SleepBook`` remembers what the loop did about sleeps between ticks: which
+models it put to sleep and when (the residue still to be verified with the
+GPU probe), each model's cycles and residues (maxCycles, a residue growing
+across cycles), which models woke and must become healthy in time, when each
+was last awake (eviction order), and which must go the cold way this time
+(a ``SleepFallback``). ``Sleeper`` is the port to the model servers
+(``HttpSleeper``: ``sleepctl`` at the model's health host and port).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from vramctl import sleepctl
+from vramctl.observed import GpuSnapshot
+from vramctl.spec import DeploymentSpec
+
+FALLBACK_REASONS = ("SleepFailed", "SleepTimeout", "ResidueOverLimit", "ResidueGrowing", "WakeFailed", "MaxCycles")
+MIB = 1 << 20
+
+
+class Sleeper(Protocol):
+    def sleep(self, spec: DeploymentSpec, model: str) -> int | None:
+        """Ask ``model`` to sleep; the residue its server reports (MiB), if any."""
+
+    def wake(self, spec: DeploymentSpec, model: str) -> None: ...
+
+    def is_sleeping(self, spec: DeploymentSpec, model: str) -> bool | None:
+        """Whether it sleeps; None when it cannot tell (no state path)."""
+
+
+class HttpSleeper:
+    """The model servers' sleep API through ``sleepctl``."""
+
+    def __init__(self, sleep_timeout_s: float = 60.0, wake_timeout_s: float = 60.0, state_timeout_s: float = 1.0) -> None:
+        self.sleep_timeout_s, self.wake_timeout_s, self.state_timeout_s = sleep_timeout_s, wake_timeout_s, state_timeout_s
+
+    def sleep(self, spec: DeploymentSpec, model: str) -> int | None:
+        t = _target(spec, model)
+        return sleepctl.sleep(t.base_url, t.api, t.level, self.sleep_timeout_s).residue_mib
+
+    def wake(self, spec: DeploymentSpec, model: str) -> None:
+        t = _target(spec, model)
+        sleepctl.wake(t.base_url, t.api, self.wake_timeout_s)
+
+    def is_sleeping(self, spec: DeploymentSpec, model: str) -> bool | None:
+        if model not in spec.models:
+            return None
+        t = sleepctl.target_of(spec, model)
+        if t is None:
+            return None
+        return sleepctl.is_sleeping(t.base_url, t.api, self.state_timeout_s)
+
+
+def _target(spec: DeploymentSpec, model: str) -> sleepctl.SleepTarget:
+    t = sleepctl.target_of(spec, model)
+    if t is None:
+        raise sleepctl.SleepCallError(f"{model!r} has no sleep API (switchStrategy stop)", "answer")
+    return t
+
+
+def sleepable(spec: DeploymentSpec, model: str) -> bool:
+    m = spec.models.get(model)
+    return m is not None and m.switch_strategy == "sleep"
+
+
+class SleepMetrics:
+    """vramctl_sleep_fallbacks_total{gpu,reason}, vramctl_model_sleep_residue_bytes{gpu,model},
+    vramctl_sleep_host_memory_bytes{gpu} (host memory held by sleeping models)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.fallbacks = Counter(
+            "vramctl_sleep_fallbacks", "Warm switches that went the cold way, by reason.", ["gpu", "reason"], registry=registry
+        )
+        self.residue = Gauge(
+            "vramctl_model_sleep_residue_bytes", "GPU memory a sleeping model kept at its last sleep.", ["gpu", "model"], registry=registry
+        )
+        self.host = Gauge("vramctl_sleep_host_memory_bytes", "Host memory held by the GPU's sleeping models.", ["gpu"], registry=registry)
+
+    def init_gpu(self, gpu: int) -> None:
+        for r in FALLBACK_REASONS:
+            self.fallbacks.labels(str(gpu), r)
+        self.host.labels(str(gpu)).set(0)
+
+
+@dataclass
+class SleepBook:
+    """What the loop remembers about sleeps (see the module's docstring)."""
+
+    slept_at: dict[str, float] = field(default_factory=dict)  # sleep returned, residue not yet verified
+    asleep: set[str] = field(default_factory=set)  # put to sleep by vramctl (or found asleep)
+    cycles: dict[str, int] = field(default_factory=dict)
+    residues: dict[str, list[int]] = field(default_factory=dict)  # verified residue per cycle, MiB
+    waking: set[str] = field(default_factory=set)  # woken, not yet healthy
+    last_used: dict[str, float] = field(default_factory=dict)
+    cold: set[str] = field(default_factory=set)
+    strategy: str = "cold"  # of the switch in progress (its duration's label)
+
+    def slept(self, m: str, now: float) -> None:
+        self.slept_at[m] = now
+        self.asleep.add(m)
+        self.last_used[m] = now
+        self.cycles[m] = self.cycles.get(m, 0) + 1
+
+    def woke(self, m: str, now: float) -> None:
+        self.asleep.discard(m)
+        self.slept_at.pop(m, None)
+        self.waking.add(m)
+        self.last_used[m] = now
+
+    def gone(self, m: str) -> None:
+        """Stopped: a fresh process next time (cycles, residues and the fall-back start over)."""
+        for d in (self.slept_at, self.cycles, self.residues):
+            d.pop(m, None)
+        self.asleep.discard(m)
+        self.waking.discard(m)
+        self.cold.discard(m)
+
+    def cycles_reached(self, spec: DeploymentSpec, m: str) -> bool:
+        limit = spec.models[m].sleep_settings.max_cycles if m in spec.models else None
+        return limit is not None and self.cycles.get(m, 0) >= limit
+
+    def verify(self, spec: DeploymentSpec, snap: GpuSnapshot, baseline_mib: int, now: float, grace_s: float) -> list[tuple[str, str, str]]:
+        """Check the residues of the sleeps that returned. Returns (model, step,
+        message) for each verdict: step ``asleep`` (verified), or a fall-back
+        reason (``ResidueOverLimit`` after ``grace_s``, ``ResidueGrowing``)."""
+        out: list[tuple[str, str, str]] = []
+        for m, at in sorted(self.slept_at.items()):
+            if m not in spec.models:
+                self.slept_at.pop(m)
+                continue
+            limit = spec.models[m].sleep_settings.max_residue_mib
+            others = sum(spec.models[o].sleep_settings.max_residue_mib for o in self.asleep if o != m and o in spec.models)
+            held = sleepctl.held_mib(snap, m, baseline_mib, others)
+            if held > limit:
+                if now - at >= grace_s:
+                    self.slept_at.pop(m)
+                    msg = f"{m!r} still holds {held} MiB {now - at:.1f}s after its sleep, over its maxResidueMiB {limit}"
+                    out.append((m, "ResidueOverLimit", msg))
+                continue
+            self.slept_at.pop(m)
+            history = self.residues.setdefault(m, [])
+            if sleepctl.residue_growing(history, held):
+                out.append((m, "ResidueGrowing", f"{m!r} keeps more after each sleep: {[*history, held]} MiB"))
+                history.append(held)
+                continue
+            history.append(held)
+            out.append((m, "asleep", f"{m!r} asleep after {now - at:.2f}s, holding {held} MiB (maxResidueMiB {limit})"))
+        return out
+
+    def host_mib(self, spec: DeploymentSpec) -> int:
+        return sum(spec.models[m].host_memory_asleep_mib for m in self.asleep if m in spec.models)
