@@ -28,6 +28,11 @@ def memory_problem(snap: GpuSnapshot, w: WaitForMemory, kept: frozenset[str] = f
             return "still held by " + ", ".join(
                 f"{p.model} (pid {p.pid}" + (f", {p.used_mib} MiB" if p.used_mib is not None else "") + ")" for p in lingering
             )
+        over = residues_over(snap, w)
+        if over:
+            return "asleep but holding more than its residue: " + ", ".join(
+                f"{m} ({held} MiB, maxResidueMiB {lim})" for m, held, lim in over
+            )
     mem = snap.memory
     if _short(snap, w):
         foreign = [p for p in (procs or ()) if p.model is None]
@@ -40,6 +45,24 @@ def memory_problem(snap: GpuSnapshot, w: WaitForMemory, kept: frozenset[str] = f
             + who
         )
     return None
+
+
+def residues_over(snap: GpuSnapshot, w: WaitForMemory) -> list[tuple[str, int, int]]:
+    """(model, MiB held, maxResidueMiB) for each sleeping model whose processes
+    hold more than its residue (per-process figures only: the device-level
+    bound ``max_used_mib`` covers probes without them)."""
+    procs = snap.processes
+    if procs is None:
+        return []
+    out = []
+    for m, limit in w.residues:
+        mine = [p.used_mib for p in procs if p.model == m]
+        if any(u is None for u in mine):
+            continue
+        held = sum(u or 0 for u in mine)
+        if held > limit:
+            out.append((m, held, limit))
+    return out
 
 
 def foreign_holders(snap: GpuSnapshot, w: WaitForMemory, kept: frozenset[str] = frozenset()) -> list[GpuProcess]:
@@ -115,7 +138,9 @@ def check(
     elif wait.foreign_since is not None:
         wait = replace(wait, foreign_since=None)
     if now - wait.since >= timeout_s:
-        return Verdict(False, f"GPU memory did not come back within {timeout_s:.0f}s: {problem}; the next model is not started", problem, wait)
+        return Verdict(
+            False, f"GPU memory did not come back within {timeout_s:.0f}s: {problem}; the next model is not started", problem, wait
+        )
     return Verdict(False, None, problem, wait)
 
 

@@ -192,7 +192,8 @@ def plan(
     starting = [m for m in desired.members if (m in spec.models and not observed.state(m).live) or m in waking]
     base = sum(spec.reservation_mib(m, total_mib) or 0 for m in awake_kept if m in spec.models)
     base += sum(spec.reservation_mib(m, total_mib) or 0 for m in starting if m in spec.models)
-    staying.sort(key=lambda m: (last_used.get(m, float("-inf")), m))
+    # The model put to sleep now was awake until now: the most recently used.
+    staying.sort(key=lambda m: (float("inf") if m in to_sleep else last_used.get(m, float("-inf")), m))
     host_budget = spec.host_memory_budget_mib
     while staying:
         residues = sum(_residue(spec, m) for m in staying)

@@ -192,9 +192,7 @@ def plan_for(
     total: int | None,
     book: SleepBook | None = None,
 ) -> Plan:
-    cold: set[str] = set()
-    if book is not None:
-        cold = set(book.cold) | {m for m in spec.models if book.cycles_reached(spec, m) and m not in book.asleep}
+    cold = frozenset(book.cold) if book is not None else frozenset()
     return plan(spec, desired, observed, now, backoff.until, baseline or 0, margin, total, cold, book.last_used if book else None)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from vramctl.gpu.base import GpuInfo
 from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot, Workload, WorkloadState
 from vramctl.runtimes.base import StartError, StartEvent, StopOutcome
+from vramctl.sleepctl import SleepCallError
 from vramctl.spec import DeploymentSpec
 
 
@@ -25,6 +26,8 @@ class FakeRuntime:
     never_healthy: set[str] = field(default_factory=set)
     unrunnable: set[str] = field(default_factory=set)  # preflight says fail_start[model]
     on_call: Callable[[str, str], None] | None = None
+    asleep: set[str] = field(default_factory=set)  # models whose server sleeps (FakeSleeper)
+    residue: dict[str, int] = field(default_factory=dict)  # MiB an asleep model keeps (default 500)
 
     def _rec(self, verb: str, model: str) -> None:
         self.calls.append((verb, model))
@@ -50,6 +53,7 @@ class FakeRuntime:
         was = self.states.get(model, WorkloadState.ABSENT).live
         if model in self.states:
             self.states[model] = WorkloadState.EXITED
+        self.asleep.discard(model)
         return StopOutcome(model, was, False, 0.0)
 
     def preflight(self, deployment: DeploymentSpec, model: str) -> str | None:
@@ -63,7 +67,7 @@ class FakeRuntime:
         self.states[model] = WorkloadState.PAUSED
 
     def check_health(self, deployment: DeploymentSpec, model: str) -> bool:
-        return self.states.get(model) is WorkloadState.RUNNING and model not in self.never_healthy
+        return self.states.get(model) is WorkloadState.RUNNING and model not in self.never_healthy and model not in self.asleep
 
     def logs_tail(self, deployment: DeploymentSpec, model: str, lines: int = 20) -> list[str]:
         return [f"{model}: boom"]
@@ -119,7 +123,11 @@ class FakeGpu:
         if self.error is not None:
             raise self.error
         procs = [
-            GpuProcess(pid=100 + i, used_mib=self.deployment.models[m].vram_mib or 0, model=m)
+            GpuProcess(
+                pid=100 + i,
+                used_mib=self.runtime.residue.get(m, 500) if m in self.runtime.asleep else self.deployment.models[m].vram_mib or 0,
+                model=m,
+            )
             for i, (m, s) in enumerate(sorted(self.runtime.states.items()))
             if s is WorkloadState.RUNNING and m in self.deployment.models
         ]
@@ -140,3 +148,35 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.t
+
+
+@dataclass
+class FakeSleeper:
+    """The sleep API of FakeRuntime's models: moves them in and out of ``runtime.asleep``.
+
+    ``fail_sleep`` / ``fail_wake``: model -> SleepCallError reason raised;
+    ``grow``: MiB added to the model's residue by each sleep.
+    """
+
+    runtime: FakeRuntime
+    fail_sleep: dict[str, str] = field(default_factory=dict)
+    fail_wake: dict[str, str] = field(default_factory=dict)
+    grow: dict[str, int] = field(default_factory=dict)
+
+    def sleep(self, deployment: DeploymentSpec, model: str) -> int | None:
+        self.runtime._rec("sleep", model)
+        if model in self.fail_sleep:
+            raise SleepCallError(f"sleep of {model} failed", self.fail_sleep[model])  # type: ignore[arg-type]
+        self.runtime.asleep.add(model)
+        if model in self.grow:
+            self.runtime.residue[model] = self.runtime.residue.get(model, 500) + self.grow[model]
+        return None
+
+    def wake(self, deployment: DeploymentSpec, model: str) -> None:
+        self.runtime._rec("wake", model)
+        if model in self.fail_wake:
+            raise SleepCallError(f"wake of {model} failed", self.fail_wake[model])  # type: ignore[arg-type]
+        self.runtime.asleep.discard(model)
+
+    def is_sleeping(self, deployment: DeploymentSpec, model: str) -> bool | None:
+        return model in self.runtime.asleep and self.runtime.states.get(model) is WorkloadState.RUNNING
