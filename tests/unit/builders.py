@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
-from vramctl.planner import Plan, Start, Stop, WaitForMemory, WaitHealthy
+from vramctl.planner import Plan, Sleep, Start, Stop, WaitForMemory, WaitHealthy, Wake
 from vramctl.spec import DeploymentSpec
 
 RUNNING = WorkloadState.RUNNING
@@ -92,7 +92,8 @@ def is_heavy(spec: DeploymentSpec, w: Workload) -> bool:
 
 
 def simulate(spec: DeploymentSpec, observed: Observed, p: Plan) -> Observed:
-    """Apply a plan's effects: Stop -> exited, Start -> running and ready (not drifted), WaitHealthy -> ready."""
+    """Apply a plan's effects: Stop -> exited, Start -> running and ready (not drifted), WaitHealthy -> ready,
+    Sleep -> asleep (not ready), Wake -> awake."""
     ws: dict[str, Workload] = dict(observed.workloads)
     for a in p.actions:
         match a:
@@ -102,6 +103,10 @@ def simulate(spec: DeploymentSpec, observed: Observed, p: Plan) -> Observed:
                 ws[m] = Workload(model=m, state=RUNNING, ref=f"new-{m}", ready=True, heavy=spec.models[m].heavy)
             case WaitHealthy(model=m):
                 ws[m] = replace(ws[m], ready=True)
+            case Sleep(model=m):
+                ws[m] = replace(ws[m], asleep=True, ready=False)
+            case Wake(model=m):
+                ws[m] = replace(ws[m], asleep=False)
             case WaitForMemory():
                 pass
     return Observed(ws)
