@@ -18,6 +18,7 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
+from vramctl import sleepctl
 from vramctl.conditions import rfc3339
 from vramctl.memory_gate import foreign_holders, memory_problem
 from vramctl.observed import WorkloadState
@@ -52,7 +53,7 @@ __all__ = [
 
 
 # Model states in which a model holds its memory on a simulated GPU.
-_HOLDING = frozenset({"running", "starting", "stopping"})
+_HOLDING = frozenset({"running", "starting", "stopping", "sleeping", "waking"})
 
 
 def holders_of(
@@ -63,9 +64,17 @@ def holders_of(
     ``holders_from`` this asks the runtime nothing: a ``/metrics`` scrape
     reads the simulated GPU, and a scrape must not reach the engine."""
 
+    residue = sleepctl.asleep_residue(deployment, timeout=0.2)
+
     def holders() -> Mapping[str, int]:
         spec = deployment()
-        return {m: spec.reservation_mib(m, total_mib) or 0 for m, st in states().items() if st in _HOLDING and m in spec.models}
+        out = {m: spec.reservation_mib(m, total_mib) or 0 for m, st in states().items() if st in _HOLDING and m in spec.models}
+        for m, st in states().items():
+            if st == "asleep" and m in spec.models:
+                # What its server says it keeps (a stand-in's residue_mib), else its maxResidueMiB.
+                kept = residue(m)
+                out[m] = kept if kept is not None else spec.models[m].sleep_settings.max_residue_mib
+        return out
 
     return holders
 
