@@ -13,7 +13,11 @@
   ``_exclusivity_guard``: a violation during the test fails it at teardown,
   and one left uncleared fails the session.
 
-Holding = running and not paused. A heavy container that is started and
+Holding = running, not paused and not asleep. A heavy container whose server
+says it sleeps (the stand-in's ``GET /is_sleeping`` on its STANDIN_PORT, asked
+when another heavy container begins holding) keeps only a residue: it is
+not counted (a wake is not a docker event: the worker's own exclusivity
+metric covers a wake beside an awake model). A heavy container that is started and
 paused within ``GATE_WINDOW`` seconds was *gated* (vramctl froze a start made
 behind its back before it could allocate): it holds nothing during that
 window, and the start->pause delay is recorded as a gate latency.
@@ -21,12 +25,14 @@ window, and the start->pause delay is recorded as a gate latency.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -175,12 +181,28 @@ class ExclusivityRecorder:
         self._violations.append(Violation(self._seq, dom[0], dom[1], a, b, at, detail))
         self._seq += 1
 
+    def _asleep(self, cid: str) -> bool:
+        """Whether the container's stand-in says it sleeps (False when it cannot tell)."""
+        try:
+            env = self._client.containers.get(cid).attrs["Config"]["Env"] or []
+            port = next(int(e.split("=", 1)[1]) for e in env if e.startswith("STANDIN_PORT="))
+            if not any(e == "STANDIN_SLEEP=1" for e in env):
+                return False
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/is_sleeping", timeout=0.5) as r:
+                return json.loads(r.read()).get("is_sleeping") is True
+        except Exception:
+            return False
+
     def _check(self, dom: tuple[str, str], cid: str, name: str, since: float, until: float | None) -> None:
         """Record a violation for each other span of ``dom`` overlapping [since, until)."""
         for s in self._spans.get(dom, []):
             if s.cid == cid:
                 continue
-            if (s.until is None or s.until > since) and (until is None or s.since < until):
+            if (
+                (s.until is None or s.until > since)
+                and (until is None or s.since < until)
+                and not (s.until is None and self._asleep(s.cid))
+            ):
                 self._violate(dom, s.name, name, max(s.since, since), f"{name} began holding while {s.name} held since {s.since:.3f}")
 
     def _hold(self, dom: tuple[str, str], cid: str, name: str, since: float) -> None:

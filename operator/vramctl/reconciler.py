@@ -619,7 +619,6 @@ class Reconciler:
                 self.ctx.note("asleep", m, msg)
                 if metrics is not None:
                     metrics.residue.labels(str(self.spec.gpu), m).set(self.sleep.residues[m][-1] * (1 << 20))
-                    metrics.host.labels(str(self.spec.gpu)).set(self.sleep.host_mib(self.spec) * (1 << 20))
             else:
                 self.fallback(m, step, msg, now)
                 fell = True

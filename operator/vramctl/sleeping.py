@@ -70,8 +70,8 @@ def sleepable(spec: DeploymentSpec, model: str) -> bool:
 
 
 class SleepMetrics:
-    """vramctl_sleep_fallbacks_total{gpu,reason}, vramctl_model_sleep_residue_bytes{gpu,model},
-    vramctl_sleep_host_memory_bytes{gpu} (host memory held by sleeping models)."""
+    """vramctl_sleep_fallbacks_total{gpu,reason} and vramctl_model_sleep_residue_bytes{gpu,model}
+    (the host memory of sleeping models is read at scrape time: ``telemetry``)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.fallbacks = Counter(
@@ -80,12 +80,10 @@ class SleepMetrics:
         self.residue = Gauge(
             "vramctl_model_sleep_residue_bytes", "GPU memory a sleeping model kept at its last sleep.", ["gpu", "model"], registry=registry
         )
-        self.host = Gauge("vramctl_sleep_host_memory_bytes", "Host memory held by the GPU's sleeping models.", ["gpu"], registry=registry)
 
     def init_gpu(self, gpu: int) -> None:
         for r in FALLBACK_REASONS:
             self.fallbacks.labels(str(gpu), r)
-        self.host.labels(str(gpu)).set(0)
 
 
 @dataclass

@@ -53,7 +53,7 @@ MIB = 1024 * 1024
 # States in which a model holds the GPU: the holder (vramctl_active_model)
 # and, when the probe cannot say per process, whose memory is attributed. A
 # paused (gated) model was frozen before it could allocate.
-HOLDING_STATES = frozenset({"running", "starting", "stopping"})
+HOLDING_STATES = frozenset({"running", "starting", "stopping", "sleeping", "waking"})
 
 _GPU = ["gpu", "UUID"]
 _DCGM = ["gpu", "UUID", "device", "modelName", "Hostname"]
@@ -143,6 +143,11 @@ class _Families:
             "Time from a stopped model's exit to its memory being confirmed free, at the last switch.",
             labels=["gpu"],
         )
+        self.sleep_host = g(
+            "vramctl_sleep_host_memory_bytes",
+            "Host memory held by the GPU's sleeping models (their sleep.hostMemoryMiB at level 1).",
+            labels=["gpu"],
+        )
         self.dcgm: list[GaugeMetricFamily] = []
         if dcgm_compat:
             self.fb_used = g("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", labels=_DCGM)
@@ -166,6 +171,7 @@ class _Families:
             self.state,
             self.model_mem,
             self.release,
+            self.sleep_host,
             *self.dcgm,
         ]
 
@@ -225,6 +231,8 @@ class VramctlCollector(Collector):
                 f.state.add_metric([gpu, m, st], 1.0 if st == states[m] else 0.0)
             if states[m] in HOLDING_STATES and m in spec.models and spec.models[m].heavy:
                 f.active.add_metric([gpu, m], 1.0)
+        asleep = [m for m, st in states.items() if st == "asleep" and m in spec.models]
+        f.sleep_host.add_metric([gpu], float(sum(spec.models[m].host_memory_asleep_mib for m in asleep) * MIB))
         release = w.last_release_seconds  # a float, replaced whole: no lock needed
         if release is not None:
             f.release.add_metric([gpu], release)

@@ -160,7 +160,18 @@ def test_every_dashboard_query_returns_data(
                     "companions": ["tts"],
                     "switching": {"mode": "onDemand"},
                     "models": {
-                        "llm": standin_model(llm, 12000, load=0.5),
+                        # Sleeps instead of stopping: the warm switch's series (residue, strategy) get data.
+                        "llm": {
+                            **standin_model(llm, 12000, load=0.5, STANDIN_SLEEP="1", STANDIN_RESIDUE_MIB="600"),
+                            "switchStrategy": "sleep",
+                            "sleep": {
+                                "level": 2,
+                                "maxResidueMiB": 1024,
+                                "path": "/sleep",
+                                "wakePath": "/wake_up",
+                                "statePath": "/is_sleeping",
+                            },
+                        },
                         "sdxl": standin_model(sdxl, 11000, load=0.5),
                         "tts": standin_model(tts, 3500, cls="light", load=0.3),
                     },
@@ -189,6 +200,9 @@ def test_every_dashboard_query_returns_data(
             assert resp.status == 200
     prom.wait_for("sum(vramctl_gateway_requests_total)", lambda res: (_value(res) or 0) >= 3)
     prom.wait_for("sum(vramctl_queue_wait_seconds_count)", lambda res: (_value(res) or 0) >= 1)
+    # A rate needs two scrapes of a series: wait for the second one of the newest series.
+    for series in ("vramctl_gateway_requests_total", "vramctl_gateway_request_duration_seconds_count", "vramctl_queue_wait_seconds_count"):
+        prom.wait_for(f"count(rate({series}[1m]))", lambda res: (_value(res) or 0) >= 1)
 
     empty, bad = [], []
     for where, expr in panel_queries():
@@ -202,7 +216,10 @@ def test_every_dashboard_query_returns_data(
 
     # A few values that must be right, not merely present.
     assert _value(prom.query('vramctl_model_state{gpu="0",state="running"}'), model="sdxl") == 1.0  # the hold's model
-    assert _value(prom.query('vramctl_model_state{gpu="0",state="stopped"}'), model="llm") == 1.0
+    assert _value(prom.query('vramctl_model_state{gpu="0",state="asleep"}'), model="llm") == 1.0  # slept, not stopped
+    assert _value(prom.query('vramctl_model_sleep_residue_bytes{gpu="0"}'), model="llm") == 600 * 2**20
+    assert (_value(prom.query('sum(vramctl_switch_duration_seconds_count{gpu="0",strategy="warm"})')) or 0) >= 1
+    assert _value(prom.query("sum(vramctl_sleep_fallbacks_total)")) == 0.0
     assert _value(prom.query('vramctl_gpu_memory_total_bytes{gpu="0"}'), UUID="SIM-GPU-0") == 16303 * 2**20
     assert _value(prom.query('vramctl_model_gpu_memory_bytes{gpu="0"}'), model="sdxl") == 11000 * 2**20
     assert _value(prom.query("sum(vramctl_exclusivity_violations_total)")) == 0.0

@@ -196,6 +196,7 @@ def exported_names() -> set[str]:
     gm.in_flight.labels("0", "llm").set(0)
     metrics.queue.wait.labels("0", "llm").observe(1.0)
     metrics.queue.holds.labels("0", "llm").set(0)
+    metrics.sleep.residue.labels("0", "llm").set(0)  # once a model slept
     text = generate_latest(registry).decode()
     return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples} | {
         fam.name for fam in text_string_to_metric_families(text)
