@@ -236,6 +236,7 @@ class Reconciler:
         self.stop_retry_at = 0.0
         self.kept: frozenset[str] = frozenset()
         self.running: list[str] = []
+        self.asleep: list[str] = []
         self.model_states: Mapping[str, str] = {}
         self.last_release_seconds: float | None = None
         self.sleep = SleepBook()
@@ -521,7 +522,8 @@ class Reconciler:
     def _view(self, observed: Observed, p: Plan) -> None:
         stopped = {a.model for a in p.actions if isinstance(a, (Stop, Cleanup))}
         self.kept = frozenset(m for m, w in observed.workloads.items() if w.state.live and m not in stopped)
-        self.running = sorted(m for m, w in observed.workloads.items() if w.state is WorkloadState.RUNNING)
+        self.running = sorted(m for m, w in observed.workloads.items() if w.state is WorkloadState.RUNNING and not w.asleep)
+        self.asleep = sorted(m for m, w in observed.workloads.items() if w.state is WorkloadState.RUNNING and w.asleep)
         self._observed = observed
         self._publish_states()
 

@@ -177,6 +177,8 @@ class WorkerReporting:
             queue=self.queue.desk.snapshot(),
             backoff={m: round(t, 1) for m, t in rec.backoff.remaining(now).items() if not m.startswith("stop:") and t != float("inf")},
             configWarnings=[f.as_dict() for f in self._findings],
+            # Running but asleep: only their residue on the GPU (not in runningModels).
+            **({"asleepModels": list(rec.asleep)} if rec.asleep else {}),
         )
         self._status = status
         comparable = {k: v for k, v in status.items() if k not in ("backoff", "progressSeq")}

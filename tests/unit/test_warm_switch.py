@@ -75,6 +75,7 @@ def test_a_switch_puts_the_old_model_to_sleep_and_a_switch_back_wakes_it() -> No
     switch(w, "llm")
     assert rt.calls[2:] == [("sleep", "sdxl"), ("wake", "llm")]
     assert w.model_states() == {"llm": "running", "sdxl": "asleep", "cold": "absent"}
+    assert w.status()["runningModels"] == ["llm"] and w.status()["asleepModels"] == ["sdxl"]
     assert w.status()["phase"] == "Ready"
     got = steps(w)
     for step in [("sleeping", "sdxl"), ("asleep", "sdxl"), ("waking", "llm"), ("awake", "llm")]:
