@@ -29,15 +29,13 @@ from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.planner import Cleanup, Plan, Sleep, Start, Stop, WaitForMemory, WaitHealthy, Wake, plan
 from vramctl.runtimes.base import Runtime, StartEvent, StopOutcome
 from vramctl.runtimes.health import LocalResourceError, http_ready
-from vramctl.sleeping import HttpSleeper, SleepBook, Sleeper, sleepable
+from vramctl.sleeping import HttpSleeper, SleepBook, Sleeper, WarmSwitches, sleepable
 from vramctl.spec import DeploymentSpec
 
 log = logging.getLogger("vramctl.supervisor")
 
 # A model's state as its worker knows it (vramctl_model_state).
 MODEL_STATES = ("running", "starting", "paused", "stopping", "stopped", "failed", "absent", "asleep", "sleeping", "waking")
-# A sleep whose residue is still over maxResidueMiB this long after it returned goes the cold way.
-RESIDUE_GRACE_S = 5.0
 
 
 @dataclass
@@ -240,6 +238,7 @@ class Reconciler:
         self.model_states: Mapping[str, str] = {}
         self.last_release_seconds: float | None = None
         self.sleep = SleepBook()
+        self.warm = WarmSwitches(ctx, self.sleep)
 
     # ------------------------------------------------------------ the tick
 
@@ -261,7 +260,7 @@ class Reconciler:
             return self._runtime_error(classify(err), now)
         self._reachable(now)
         self.watch.account(self.spec, self.desired, observed, now)
-        self._awake(observed, now)
+        self.warm.awake(observed, self.track.started_at, now)
         if self.op is not None:  # _account stopped a model that did not come up
             return self.ctx.settings.poll_interval_s, False
         self._learn_baseline(observed)
@@ -300,7 +299,7 @@ class Reconciler:
             match action:
                 case Sleep(model=m) if self.sleep.cycles_reached(self.spec, m):
                     limit = self.spec.models[m].sleep_settings.max_cycles
-                    self.fallback(m, "MaxCycles", f"{m!r} slept {limit} times (sleep.maxCycles)", now)
+                    self.warm.fallback(self.spec, m, "MaxCycles", f"{m!r} slept {limit} times (sleep.maxCycles)", now)
                     return 0.0, False
                 case Cleanup() | Stop() | Start() | Sleep() | Wake():
                     if isinstance(action, Stop) and now < self.stop_retry_at:
@@ -393,7 +392,7 @@ class Reconciler:
                 waking = isinstance(op.action, Wake)
                 default = "WakeFailed" if waking else "SleepFailed"
                 reason = sleepctl.fallback_reason(err, waking) if isinstance(err, sleepctl.SleepCallError) else default
-                self.fallback(op.action.model, reason, str(err), now)
+                self.warm.fallback(self.spec, op.action.model, reason, str(err), now)
                 self._publish_states()
                 return
             self._op_failed(op, classify(err), now)
@@ -461,7 +460,7 @@ class Reconciler:
         if self.mem_wait is None or self.mem_wait[0] != key:
             self.mem_wait = (key, memory_gate.MemoryWait(now))
             self.ctx.note("waiting-memory", None, waiting_message(w))
-        if self.sleep.slept_at and self._verify_residues(now):
+        if self.sleep.slept_at and self.warm.verify(self.spec, self.probe, self.baseline.mib or 0, now, self.ctx.settings.memory_timeout_s):
             return 0.0, False
         v = memory_verdict(self.probe, w, self.kept, self.mem_wait[1], now, s.memory_timeout_s, s.foreign_grace_s)
         self.mem_wait = (key, v.wait)
@@ -499,7 +498,7 @@ class Reconciler:
             return interval, False
         if m in self.sleep.waking:
             self.track.forget(m)
-            self.fallback(m, "WakeFailed", f"{m!r} not healthy within {timeout:.0f}s after its wake", now)
+            self.warm.fallback(self.spec, m, "WakeFailed", f"{m!r} not healthy within {timeout:.0f}s after its wake", now)
             return 0.0, False
         logs = self.ctx.logs(self.spec, m)
         self.ctx.note("stopping", m, f"{m!r} not healthy after {timeout:.0f}s: stopping it")
@@ -596,45 +595,6 @@ class Reconciler:
 
     def _sleeper(self) -> Sleeper:
         return getattr(self.ctx, "sleeper", None) or self.ctx.actuator.sleeper  # type: ignore[no-any-return]
-
-    def fallback(self, m: str, reason: str, why: str, now: float) -> None:
-        """A warm switch goes the cold way: ``m`` is stopped (and started cold when wanted)."""
-        self.sleep.cold.add(m)
-        self.sleep.waking.discard(m)
-        self.sleep.strategy = "cold"
-        self.ctx.note("SleepFallback", m, f"{reason}: {why}; stopping {m!r} and going the cold way")
-        metrics = getattr(getattr(self.ctx, "metrics", None), "sleep", None)
-        if metrics is not None:
-            metrics.fallbacks.labels(str(self.spec.gpu), reason).inc()
-
-    def _verify_residues(self, now: float) -> bool:
-        """The sleeps that returned, checked on the GPU. True when one fell back (re-plan)."""
-        try:
-            snap = self.probe.snapshot()
-        except Exception:
-            return False
-        fell = False
-        metrics = getattr(getattr(self.ctx, "metrics", None), "sleep", None)
-        grace = min(RESIDUE_GRACE_S, self.ctx.settings.memory_timeout_s)
-        for m, step, msg in self.sleep.verify(self.spec, snap, self.baseline.mib or 0, now, grace):
-            if step == "asleep":
-                self.ctx.note("asleep", m, msg)
-                if metrics is not None:
-                    metrics.residue.labels(str(self.spec.gpu), m).set(self.sleep.residues[m][-1] * (1 << 20))
-            else:
-                self.fallback(m, step, msg, now)
-                fell = True
-        return fell
-
-    def _awake(self, observed: Observed, now: float) -> None:
-        for m in sorted(self.sleep.waking):
-            w = observed.workloads.get(m)
-            if w is None or not w.state.live:
-                self.sleep.waking.discard(m)
-            elif w.ready:
-                self.sleep.waking.discard(m)
-                self.sleep.last_used[m] = now
-                self.ctx.note("awake", m, f"{m!r} awake and healthy after {now - self.track.started_at.get(m, now):.2f}s")
 
     # ------------------------------------------------------------- gating
 

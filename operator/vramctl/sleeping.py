@@ -11,13 +11,15 @@ was last awake (eviction order), and which must go the cold way this time
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from vramctl import sleepctl
-from vramctl.observed import GpuSnapshot
+from vramctl.gpu.base import GpuProbe
+from vramctl.observed import GpuSnapshot, Observed
 from vramctl.spec import DeploymentSpec
 
 FALLBACK_REASONS = ("SleepFailed", "SleepTimeout", "ResidueOverLimit", "ResidueGrowing", "WakeFailed", "MaxCycles")
@@ -153,3 +155,59 @@ class SleepBook:
 
     def host_mib(self, spec: DeploymentSpec) -> int:
         return sum(spec.models[m].host_memory_asleep_mib for m in self.asleep if m in spec.models)
+
+
+# A sleep whose residue is still over maxResidueMiB this long after it returned goes the cold way.
+RESIDUE_GRACE_S = 5.0
+
+
+class WarmSwitches:
+    """The loop's side of warm switches that needs its worker (``ctx``: notes,
+    metrics): fall-backs, the residue check after a sleep, a woken model
+    becoming healthy. Only the worker's loop calls it."""
+
+    def __init__(self, ctx: Any, book: SleepBook) -> None:
+        self.ctx, self.book = ctx, book
+
+    def _metrics(self) -> SleepMetrics | None:
+        return getattr(getattr(self.ctx, "metrics", None), "sleep", None)
+
+    def fallback(self, spec: DeploymentSpec, m: str, reason: str, why: str, now: float) -> None:
+        """A warm switch goes the cold way: ``m`` is stopped (and started cold when wanted)."""
+        self.book.cold.add(m)
+        self.book.waking.discard(m)
+        self.book.strategy = "cold"
+        self.ctx.note("SleepFallback", m, f"{reason}: {why}; stopping {m!r} and going the cold way")
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.fallbacks.labels(str(spec.gpu), reason).inc()
+
+    def verify(self, spec: DeploymentSpec, probe: GpuProbe, baseline_mib: int, now: float, memory_timeout_s: float) -> bool:
+        """The sleeps that returned, checked on the GPU. True when one fell back (re-plan)."""
+        try:
+            snap = probe.snapshot()
+        except Exception:
+            return False
+        fell = False
+        metrics = self._metrics()
+        grace = min(RESIDUE_GRACE_S, memory_timeout_s)
+        for m, step, msg in self.book.verify(spec, snap, baseline_mib, now, grace):
+            if step == "asleep":
+                self.ctx.note("asleep", m, msg)
+                if metrics is not None:
+                    metrics.residue.labels(str(spec.gpu), m).set(self.book.residues[m][-1] * MIB)
+            else:
+                self.fallback(spec, m, step, msg, now)
+                fell = True
+        return fell
+
+    def awake(self, observed: Observed, started_at: Mapping[str, float], now: float) -> None:
+        """Woken models seen healthy: the ``awake`` step."""
+        for m in sorted(self.book.waking):
+            w = observed.workloads.get(m)
+            if w is None or not w.state.live:
+                self.book.waking.discard(m)
+            elif w.ready:
+                self.book.waking.discard(m)
+                self.book.last_used[m] = now
+                self.ctx.note("awake", m, f"{m!r} awake and healthy after {now - started_at.get(m, now):.2f}s")

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.unit.fakes import FakeGpu, FakeRuntime, FakeSleeper
-from vramctl import reconciler
+from vramctl import sleeping
 from vramctl.observed import WorkloadState
 from vramctl.spec import DeploymentSpec
 from vramctl.worker import GpuWorker, Metrics, WorkerSettings
@@ -111,7 +111,7 @@ def test_a_sleep_that_times_out_falls_back() -> None:
 
 
 def test_a_residue_over_the_limit_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reconciler, "RESIDUE_GRACE_S", 0.1)
+    monkeypatch.setattr(sleeping, "RESIDUE_GRACE_S", 0.1)
     rt = FakeRuntime(states={"llm": RUN}, residue={"llm": 3000})  # maxResidueMiB 800
     w, _, metrics = rig(spec(), rt)
     w.reconcile_once()
