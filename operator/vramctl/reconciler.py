@@ -138,6 +138,8 @@ def observe(
     finds its sleeping models so); one that cannot tell keeps the book's word."""
     out: dict[str, Workload] = {}
     for name, w in runtime.observe(spec).items():
+        if book is not None and w.state is not WorkloadState.RUNNING:
+            book.asleep.discard(name)  # exited (or paused) while asleep: it holds nothing asleep now
         if sleeper is not None and book is not None and w.state is WorkloadState.RUNNING and sleepable(spec, name):
             try:
                 said = sleeper.is_sleeping(spec, name)
