@@ -401,7 +401,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             else ""
         )
         print(
-            f"gpu {gpu}: {g.get('phase')}  active={g.get('activeModel') or '-'}  running={','.join(g.get('runningModels', [])) or '-'}{lasts}"
+            f"gpu {gpu}: {g.get('phase')}  active={g.get('activeModel') or '-'}  running={','.join(g.get('runningModels', [])) or '-'}"
+            + (f"  asleep={','.join(g['asleepModels'])}" if g.get("asleepModels") else "")
+            + lasts
         )
         if g.get("message"):
             print(f"  {g['message']}")

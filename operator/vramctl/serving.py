@@ -111,6 +111,10 @@ class GatewayServer:
             raise ValueError(f"the gateway on {host} (not loopback) needs a token: pass --token or set VRAMCTL_TOKEN")
         self.host, self.port = host, port
         self.gateway = Gateway(holder, registry, token=token)
+        for info in holder.models():  # label sets at zero: rates over the first requests are not NaN
+            self.gateway.metrics.requests.labels(info.gpu, info.name, "200")
+            self.gateway.metrics.duration.labels(info.gpu, info.name)
+            self.gateway.metrics.in_flight.labels(info.gpu, info.name)
         self.holds = HoldsApi(holder, holder.names, refusal=holds_refusal(refusal), token=token)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None

@@ -407,6 +407,8 @@ class _Queue:
             metrics=worker.metrics.queue,
             light=dq.light_models(spec),
         )
+        for m in spec.models:  # every label set at zero: a rate over the first grant is not NaN
+            worker.metrics.queue.wait.labels(str(worker.gpu), m)
         self.target: tuple[dq.Target, int] | None = None  # the queue's switch and the generation that carries it
         self.companions: tuple[tuple[str, ...], int] | None = None
         self.wake_at: float | None = None
