@@ -221,11 +221,14 @@ class ModelSpec(_Model):
     ports: list[str] = Field(default_factory=list, description="Published ports as HOST:CONTAINER (ignored with network mode host).")
     volumes: list[str] = Field(default_factory=list, description="Bind mounts as SRC:DST[:ro].")
     network_mode: str = Field(default="host", description="Docker network mode of the container.")
-    gpu_request: Literal["auto", "always", "never"] = Field(
+    gpu_request: Literal["auto", "always", "never", "runtimeClass", "resource", "none"] = Field(
         default="auto",
         description=(
-            "Docker runtime: ask the engine for the GPU (--gpus device=N). auto: when the engine lists an nvidia runtime; "
-            "always: also where it does not list one but --gpus works (CDI, some Docker Desktop setups); never: no GPU."
+            "How the model gets the GPU. Docker runtime: ask the engine for it (--gpus device=N); auto: when the engine "
+            "lists an nvidia runtime; always: also where it does not list one but --gpus works (CDI, some Docker Desktop "
+            "setups); never: no GPU. Pod runtime: runtimeClass (runtimeClassName nvidia + NVIDIA_VISIBLE_DEVICES, light "
+            "companions share the card), resource (nvidia.com/gpu: 1, the heavy model only), none; auto: the operator's "
+            "--pod-gpu. The Docker runtime takes runtimeClass and resource as auto, none as never."
         ),
     )
     health: HealthSpec | None = Field(

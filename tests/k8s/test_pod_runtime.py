@@ -167,6 +167,23 @@ def test_gpu_request_modes(mode: Any, name: str, runtime_class: str | None, limi
 
 
 @pytest.mark.parametrize(
+    ("gpu_request", "runtime_class", "limits"),
+    [
+        ("resource", None, {GPU_RESOURCE: 1}),
+        ("runtimeClass", "nvidia", None),
+        ("none", None, None),
+        ("never", None, None),
+        ("auto", "nvidia", None),
+    ],
+)
+def test_a_models_gpu_request_overrides_the_operator_mode(gpu_request: str, runtime_class: str | None, limits: Any) -> None:
+    spec = spec_of({"llm": {**model(8000), "gpuRequest": gpu_request}})
+    pod = render_pod(spec, "llm", OWNER, "node-a", "k8s", gpu_mode="runtimeClass", gpu_uuid=UUID)
+    assert pod["spec"].get("runtimeClassName") == runtime_class
+    assert (pod["spec"]["containers"][0].get("resources") or {}).get("limits") == limits
+
+
+@pytest.mark.parametrize(
     ("status", "deleting", "state", "reason"),
     [
         ({"phase": "Pending"}, False, WorkloadState.RESTARTING, None),

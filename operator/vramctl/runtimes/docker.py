@@ -419,7 +419,7 @@ class DockerRuntime:
                 host, cont = p.split(":")
                 port_bindings[int(cont)] = int(host)
         device_requests = None
-        want = m.gpu_request
+        want = {"runtimeClass": "auto", "resource": "auto", "none": "never"}.get(m.gpu_request, m.gpu_request)
         if want == "always" or (want == "auto" and self._has_nvidia()):
             device_requests = [docker.types.DeviceRequest(driver="nvidia", device_ids=[str(deployment.gpu)], capabilities=[["gpu"]])]
         host_config = self.client.api.create_host_config(

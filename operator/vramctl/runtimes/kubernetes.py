@@ -306,7 +306,8 @@ def render_pod(
         LABEL_NODE: node[:63],
     }
     env = deployment.merged_env(model)
-    mode: GpuMode = "none" if m.gpu_request == "never" else gpu_mode
+    per_model: dict[str, GpuMode] = {"never": "none", "none": "none", "runtimeClass": "runtimeClass", "resource": "resource"}
+    mode: GpuMode = per_model.get(m.gpu_request, gpu_mode)  # the model's own gpuRequest, else the operator's --pod-gpu
     resources: dict[str, Any] = {}
     if mode == "runtimeClass":
         env.setdefault("NVIDIA_VISIBLE_DEVICES", gpu_uuid or str(deployment.gpu))
