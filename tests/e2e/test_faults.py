@@ -238,3 +238,59 @@ def test_a_profile_up_that_also_starts_a_service_without_profile_keeps_the_activ
     notes = [p["message"] for p in v.status_progress() if p["step"] == "gated" and p["model"] == "chat"]
     assert notes and "painter' keeps the GPU" in notes[0], notes
     exclusivity.assert_no_violations(instance)
+
+
+def test_a_restart_policy_restarting_the_model_being_started_is_a_crash_not_an_intruder(
+    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    free_port: Callable[[], int],
+    docker_client: docker.DockerClient,
+    instance: str,
+    tmp_path: Path,
+) -> None:
+    """A compose service with `restart: always` crashes while it starts; docker
+    restarts it. That is the model crashing (Failed, CrashLoop or Crashed,
+    back-off), never "started outside vramctl" (no gating, no pause)."""
+    port = free_port()
+    svc = {
+        "image": "vramctl/standin:dev",
+        "network_mode": "host",
+        "restart": "always",
+        "environment": {
+            "STANDIN_PORT": str(port),
+            "STANDIN_LOAD_SECONDS": "5",
+            "STANDIN_CRASH_AFTER_SECONDS": "0.5",
+            "STANDIN_EXIT_CODE": "3",
+        },
+        "labels": {
+            "app.kubernetes.io/managed-by": "vramctl",
+            "vramctl.io/model": "llm",
+            "vramctl.io/gpu": "0",
+            "vramctl.io/class": "heavy",
+        },
+    }
+    cf = tmp_path / "docker-compose.yml"
+    cf.write_text(yaml.safe_dump({"services": {"llm": svc}}))
+    model = {
+        "composeService": "llm",
+        "health": {"path": "/health", "port": port, "intervalSeconds": 0.05},
+        "vramMiB": 9000,
+        "startTimeoutSeconds": 30,
+    }
+    v = vramctl(
+        {
+            "runtime": "docker",
+            "compose": {"project": instance, "files": [str(cf)]},
+            "gpuProbe": {"kind": "simulated", "releaseDelaySeconds": 0.05},
+            "backoffInitialSeconds": 5,
+            "gpus": [{"gpu": 0, "activeModel": "llm", "models": {"llm": model}}],
+        }
+    )
+    v.start(wait_ready=False)
+    g = v.wait(lambda g: g["phase"] == "Failed", timeout=30)
+    assert "crash" in g["message"].lower() and "llm" in g["message"], g["message"]
+    steps = [p["step"] for p in v.status_progress()]
+    assert "gated" not in steps, steps
+    time.sleep(1.0)
+    c = docker_client.containers.list(all=True, filters={"label": f"com.docker.compose.project={instance}"})[0]
+    c.reload()
+    assert c.status != "paused"  # never frozen as an intruder
