@@ -29,7 +29,9 @@ from vramctl.runtimes.base import (
     LABEL_MODEL,
     LABEL_SPEC_HASH,
     MANAGED_BY,
+    PermanentError,
     Runtime,
+    RuntimeFailure,
     StartError,
     StartEvent,
 )
@@ -255,10 +257,14 @@ def test_missing_image_is_a_clear_start_error(runtime: DockerRuntime) -> None:
     assert runtime.observe(d) == {}
 
 
-def test_a_container_that_cannot_start_is_a_start_error(runtime: DockerRuntime, tmp_path: Path) -> None:
+def test_a_container_that_cannot_start_is_a_failure_retried_with_back_off(runtime: DockerRuntime, tmp_path: Path) -> None:
+    """The engine refusing to start a container is a failure (back-off), not
+    "permanent until the spec changes": the same error comes from an engine
+    in the middle of a restart."""
     d = spec({"broken": {"image": STANDIN_TAG, "volumes": [f"{tmp_path}:/standin.sh/sub"]}})  # a mount below a file
-    with pytest.raises(StartError, match="docker could not start"):
+    with pytest.raises(RuntimeFailure, match="docker could not start") as failed:
         runtime.start(d, "broken")
+    assert not isinstance(failed.value, PermanentError)
     assert runtime.observe(d)["broken"].state is WorkloadState.CREATED
 
 

@@ -52,6 +52,7 @@ from vramctl.runtimes.base import (
     MANAGED_BY,
     MANAGED_BY_VALUE,
     PermanentError,
+    RuntimeFailure,
     StartError,
     StartEvent,
     StopOutcome,
@@ -452,11 +453,11 @@ class DockerRuntime:
         except docker.errors.APIError as err:
             if err.status_code == 409:
                 raise StartError(self._name_conflict(name, err)) from None
-            raise StartError(f"docker could not create {name}: {_explain(err)}") from None
+            raise RuntimeFailure(f"docker could not create {name}: {_explain(err)}") from None
         try:
             c: Container = self.client.containers.get(created["Id"])
         except docker.errors.NotFound:
-            raise StartError(f"container {name} vanished right after it was created") from None
+            raise RuntimeFailure(f"container {name} vanished right after it was created") from None
         self._require_owned(c, "start")
         return c
 
@@ -482,7 +483,7 @@ class DockerRuntime:
             try:
                 c.unpause()
             except docker.errors.APIError as err:
-                raise StartError(f"docker could not unpause {_name(c)}: {_explain(err)}") from None
+                raise RuntimeFailure(f"docker could not unpause {_name(c)}: {_explain(err)}") from None
             return str(c.id)
         if state in (WorkloadState.RUNNING, WorkloadState.RESTARTING):
             return str(c.id)
@@ -493,7 +494,7 @@ class DockerRuntime:
         try:
             c.start()
         except docker.errors.APIError as err:
-            raise StartError(f"docker could not start {_name(c)}: {_explain(err)}") from None
+            raise RuntimeFailure(f"docker could not start {_name(c)}: {_explain(err)}") from None
 
     # ------------------------------------------------------------ compose
 
@@ -522,7 +523,7 @@ class DockerRuntime:
         except FileNotFoundError:
             raise StartError("the docker CLI (with compose v2) is needed to create a composeService's container: install it") from None
         except subprocess.TimeoutExpired:
-            raise StartError(f"`{' '.join(cmd)}` took more than {_COMPOSE_TIMEOUT_SECONDS:.0f} s") from None
+            raise TransientError(f"`{' '.join(cmd)}` took more than {_COMPOSE_TIMEOUT_SECONDS:.0f} s") from None
 
     def _compose_create(self, service: str) -> None:
         """Let compose create (not start) the service's container."""
@@ -532,8 +533,11 @@ class DockerRuntime:
             # Old compose versions do not activate a named service's profile.
             res = self._compose_run([*cmd[:-4], "--profile", "*", *cmd[-4:]])
         if res.returncode != 0:
-            tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-5:])
-            raise StartError(f"`{' '.join(cmd)}` failed with exit code {res.returncode}: {tail}")
+            out = (res.stderr or res.stdout).strip()
+            tail = "\n".join(out.splitlines()[-5:])
+            # No such service: the spec names what the project lacks. Anything else may pass (an engine restarting).
+            error = StartError if "no such service" in out.lower() else RuntimeFailure
+            raise error(f"`{' '.join(cmd)}` failed with exit code {res.returncode}: {tail}")
 
     def _compose_profiles(self, refresh: bool = False) -> dict[str, tuple[str, ...]]:
         """Each service of the compose project and its profiles (cached;
