@@ -34,6 +34,10 @@ from vramctl.spec import DeploymentSpec
 
 log = logging.getLogger("vramctl.supervisor")
 
+# After an engine outage, how long to look before starting anything: the
+# engine restarts containers by their restart policies right after it answers.
+ENGINE_SETTLE_S = 2.0
+
 # A model's state as its worker knows it (vramctl_model_state).
 MODEL_STATES = ("running", "starting", "paused", "stopping", "stopped", "failed", "absent", "asleep", "sleeping", "waking")
 
@@ -230,6 +234,7 @@ class Reconciler:
         self.blocked: str | None = None
         self.outage: Outage | None = None
         self.after_outage = False
+        self.reachable_at = 0.0
         self.refused: tuple[int, str, str] | None = None
         self.invalid: str | None = None  # the initial desired state failed validation
         self._observed = Observed()
@@ -308,6 +313,10 @@ class Reconciler:
                         return self.stop_retry_at - now, True
                     if isinstance(action, Start) and self._port_taken(action.model, now):
                         return s.poll_interval_s, False
+                    if isinstance(action, (Start, Wake)) and self.after_outage and now - self.reachable_at < ENGINE_SETTLE_S:
+                        # An engine that just came back restarts containers by their restart policies for a
+                        # moment after it answers: look again before starting anything beside them.
+                        return ENGINE_SETTLE_S - (now - self.reachable_at), False
                     self._submit(action)
                     return s.poll_interval_s, False
                 case WaitForMemory():
@@ -589,6 +598,7 @@ class Reconciler:
         gone = now - self.outage.since
         self.outage = None
         self.after_outage = True  # until the next settled state
+        self.reachable_at = now
         msg = f"the {self.runtime.kind} runtime answers again after {gone:.1f}s; reconciling"
         self.ctx.note("runtime-available", None, msg)
         self.ctx.condition("RuntimeUnavailable", False, "Reachable", msg)
