@@ -21,6 +21,7 @@ These tests FAIL, never skip, when an image cannot be built.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -167,6 +168,47 @@ def test_sdxl_image_serves_the_tiny_pipeline_on_the_cpu(sdxl_image: str, owned: 
     assert network_modes(f"{TEST_OWNER_LABEL}={owned}") == {name: "host"}
     docker("stop", "-t", "20", name, timeout=60)  # SIGTERM to the server (PID 1 after the entrypoint's exec)
     assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sdxl_image_sleeps_and_wakes_in_the_container(sdxl_image: str, owned: str, free_port: Callable[[], int], level: int) -> None:
+    """Warm switching against the built image: asleep, image requests get 503
+    with Retry-After (never a hang); after the wake the same seed gives the
+    same image (level 1: host buffers; level 2: rebuilt from disk)."""
+    port = free_port()
+    name = f"{owned}-sdxl-sleep{level}"
+    env = {
+        "VRAMCTL_PREFLIGHT": "0",
+        "SDXL_RANDOM_INIT": "tiny",
+        "SDXL_DEVICE": "cpu",
+        "PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+        "SDXL_SLEEP": "1",
+    }
+    env_args = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
+    docker("run", "-d", "--name", name, "--network", "host", "--label", f"{TEST_OWNER_LABEL}={owned}", *env_args, sdxl_image)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if get(base + "/health", timeout=5)[0] == 200:
+                break
+        time.sleep(0.1)
+    body = {"prompt": "a lighthouse at dusk", "steps": 2, "width": 64, "height": 64, "seed": 7}
+    status, before, _ = get(base + "/generate", body)
+    assert status == 200, before[:300]
+    status, reply, _ = get(f"{base}/sleep?level={level}", {})
+    assert status == 200 and json.loads(reply)["is_sleeping"] is True, reply
+    assert json.loads(get(base + "/is_sleeping")[1])["is_sleeping"] is True
+    req = urllib.request.Request(base + "/generate", data=json.dumps(body).encode(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as asleep:
+        urllib.request.urlopen(req, timeout=10)
+    assert asleep.value.code == 503 and asleep.value.headers.get("Retry-After")
+    status, reply, _ = get(base + "/wake_up", {})
+    assert status == 200 and json.loads(reply)["is_sleeping"] is False, reply
+    status, after, _ = get(base + "/generate", body)
+    assert status == 200 and after == before  # the same weights after the cycle
+    docker("stop", "-t", "20", name, timeout=60)
 
 
 # -- a broken requirement fails the build --------------------------------------
