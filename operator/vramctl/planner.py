@@ -189,7 +189,8 @@ def plan(
     awake_kept = [
         w.model for w in live if w.model not in sleepers and w.model not in {m for m, _ in to_stop} and w.state is not WorkloadState.PAUSED
     ]
-    starting = [m for m in desired.members if (m in spec.models and not observed.state(m).live) or m in waking]
+    restarting = {m for m, _ in to_stop}  # wanted but drifted: stopped, then started again
+    starting = [m for m in desired.members if (m in spec.models and (not observed.state(m).live or m in restarting)) or m in waking]
     base = sum(spec.reservation_mib(m, total_mib) or 0 for m in awake_kept if m in spec.models)
     base += sum(spec.reservation_mib(m, total_mib) or 0 for m in starting if m in spec.models)
     # The model put to sleep now was awake until now: the most recently used.
