@@ -117,6 +117,7 @@ class HoldDesk:
         metrics: QueueMetrics | None = None,
         light: frozenset[str] = frozenset(),
         companions: tuple[str, ...] = (),
+        defer_answers: bool = False,
     ) -> None:
         self.state = dq.QueueState(
             policy=policy, idle=idle, active=active, active_companions=companions, active_since=now, last_activity=now, light=light
@@ -125,6 +126,11 @@ class HoldDesk:
         self.metrics = metrics
         self._held_models: set[str] = set()
         self._replies: dict[str, Future[Grant]] = {}
+        # Answers wait here until the worker has published the state they
+        # belong to (``deliver``): a client granted a hold finds it in /status.
+        # With ``defer_answers`` (the worker) they go out only on ``deliver``.
+        self._outbox: list[tuple[Future[Grant], Grant | Refused]] = []
+        self._defer = defer_answers
         self.backend_errors: list[tuple[str, str]] = []  # (hold id, error) since the worker last looked
 
     def handle(self, cmd: DeskCommand, now: float) -> None:
@@ -193,9 +199,10 @@ class HoldDesk:
         self.state = dq.went_away(self.state, now)
 
     def refuse_all(self, status: int, message: str) -> None:
-        """Answer every waiting client (shutdown, a switch to declared mode)."""
+        """Answer every waiting client (the worker stops), at once."""
         for did in list(self._replies):
             self._fail(did, Refused(status, message))
+        self.deliver()
         self.state = dq.QueueState(
             policy=self.state.policy,
             idle=self.state.idle,
@@ -223,15 +230,30 @@ class HoldDesk:
             "draining": s.drain_since is not None,
         }
 
+    def deliver(self) -> None:
+        """Answer the clients decided since the last call (after the publish)."""
+        outbox, self._outbox = self._outbox, []
+        for reply, answer in outbox:
+            if reply.done():
+                continue
+            if isinstance(answer, Refused):
+                reply.set_exception(answer)
+            else:
+                reply.set_result(answer)
+
     def _answer(self, did: str, grant: Grant) -> None:
         reply = self._replies.pop(did, None)
-        if reply is not None and not reply.done():
-            reply.set_result(grant)
+        if reply is not None:
+            self._outbox.append((reply, grant))
+            if not self._defer:
+                self.deliver()
 
     def _fail(self, did: str, exc: Refused) -> None:
         reply = self._replies.pop(did, None)
-        if reply is not None and not reply.done():
-            reply.set_exception(exc)
+        if reply is not None:
+            self._outbox.append((reply, exc))
+            if not self._defer:
+                self.deliver()
 
 
 # -- the event loop's side -----------------------------------------------------------

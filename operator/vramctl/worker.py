@@ -336,8 +336,11 @@ class GpuWorker(WorkerReporting):
 
     def _run(self) -> None:
         delay = 0.0
-        while self._drain(block=delay):
-            delay, _ = self._tick()
+        try:
+            while self._drain(block=delay):
+                delay, _ = self._tick()
+        finally:  # nobody answers after this: the waiting clients learn it now, not at their timeout
+            self.queue.desk.refuse_all(503, f"gpu {self.gpu}: vramctl's worker stopped; retry")
 
     def _drain(self, block: float) -> bool:
         """Apply every queued command (waiting up to ``block`` for the first); False on stop."""
@@ -354,6 +357,7 @@ class GpuWorker(WorkerReporting):
             except queue.Empty:
                 self.queue.step()
                 self.publish()
+                self.queue.desk.deliver()
                 return True
 
     def _tick(self) -> tuple[float, bool]:
@@ -365,6 +369,7 @@ class GpuWorker(WorkerReporting):
             delay, settled = self.settings.resync_s, True
         delay = self.queue.due(delay)
         self.publish()
+        self.queue.desk.deliver()  # answers go out once /status shows what they answer
         return delay, settled
 
     def _apply(self, cmd: object) -> None:
@@ -406,6 +411,7 @@ class _Queue:
             gpu=str(worker.gpu),
             metrics=worker.metrics.queue,
             light=dq.light_models(spec),
+            defer_answers=True,
         )
         for m in spec.models:  # every label set at zero: a rate over the first grant is not NaN
             worker.metrics.queue.wait.labels(str(worker.gpu), m)

@@ -136,3 +136,39 @@ def test_idle_returns_to_the_default_model_and_free_frees_the_gpu() -> None:
         assert not any(s is RUN for s in rt2.states.values())
     finally:
         w2.stop()
+
+
+def test_a_grant_is_answered_only_once_status_shows_it() -> None:
+    """The answer goes out after the publish: a client that got its hold finds
+    it in /status at once (repeated: the loop's timing varies)."""
+    w, _, holder = start(queued())
+
+    async def go() -> None:
+        for _ in range(40):
+            g = await asyncio.wait_for(holder.demand("llm", ttl_seconds=30), 5)
+            assert w.status()["queue"]["holds"] == {"llm": 1}
+            assert holder.release(g.id)
+            assert wait_for(lambda: w.status()["queue"]["holds"] == {})
+
+    try:
+        asyncio.run(go())
+    finally:
+        w.stop()
+
+
+def test_clients_still_waiting_when_the_worker_stops_are_answered_503_at_once() -> None:
+    w, _, holder = start(queued(maxServeSeconds=30, drainTimeoutSeconds=30, queueTimeoutSeconds=60))
+
+    async def go() -> None:
+        await asyncio.wait_for(holder.demand("llm", ttl_seconds=30), 5)
+        waiting = asyncio.ensure_future(holder.demand("sdxl", ttl_seconds=30))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        t0 = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, w.stop)
+        with pytest.raises(Refused) as refused:
+            await asyncio.wait_for(waiting, 2)
+        assert refused.value.status == 503 and "stopped" in refused.value.message
+        assert time.monotonic() - t0 < 2
+
+    asyncio.run(go())
