@@ -402,11 +402,12 @@ class _Queue:
         self.w = worker
         policy, idle = dq.policies_of(spec)
         d = worker.desired
+        # Nothing is served before the first settled look: the desired model
+        # may still be loading (or not run at all). Its start is the desk's
+        # switch in progress, so a hold on it is granted once it is healthy.
         self.desk = HoldDesk(
             policy,
             idle,
-            active=d.active,
-            companions=d.companions,
             now=worker.clock(),
             gpu=str(worker.gpu),
             metrics=worker.metrics.queue,
@@ -416,6 +417,10 @@ class _Queue:
         for m in spec.models:  # every label set at zero: a rate over the first grant is not NaN
             worker.metrics.queue.wait.labels(str(worker.gpu), m)
         self.target: tuple[dq.Target, int] | None = None  # the queue's switch and the generation that carries it
+        if d.active is not None:
+            first = dq.Target(d.active, d.companions)
+            self.desk.state = replace(self.desk.state, switching_to=first)
+            self.target = (first, d.generation)
         self.companions: tuple[tuple[str, ...], int] | None = None
         self.wake_at: float | None = None
 

@@ -172,3 +172,28 @@ def test_clients_still_waiting_when_the_worker_stops_are_answered_503_at_once() 
         assert time.monotonic() - t0 < 2
 
     asyncio.run(go())
+
+
+def test_a_hold_on_the_desired_model_waits_until_it_is_healthy_at_start_up() -> None:
+    """Right after start-up the desired model may still be loading: a hold
+    (a gateway request) on it is granted only once it is healthy, not
+    proxied to a server that does not listen yet."""
+    d = queued()
+    rt = FakeRuntime(states={}, never_healthy={"llm"})
+    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1))
+    holder = InboxHolder(lambda _gpu, cmd: w.post(cmd), gpu_of=lambda _m: "0", clock=w.clock)
+    w.start()
+
+    async def go() -> None:
+        pending = asyncio.ensure_future(holder.demand("llm", ttl_seconds=30))
+        assert wait_for(lambda: rt.states.get("llm") is RUN)
+        await asyncio.sleep(0.3)
+        assert not pending.done()  # started, not healthy: no grant
+        rt.never_healthy.clear()
+        g = await asyncio.wait_for(pending, 5)
+        assert g.model == "llm" and w.status()["phase"] == "Ready"
+
+    try:
+        asyncio.run(go())
+    finally:
+        w.stop()
