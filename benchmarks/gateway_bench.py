@@ -2,9 +2,12 @@
 """The gateway's cost, and what the queue policy saves.
 
 1. Added latency: POST /v1/chat/completions to a stand-in server directly and
-   through the gateway (its own process, a holder that grants at once), p50
+   through the gateway, p50
    and p99 at 1, 10 and 100 concurrent requests, interleaved rounds; and the
-   time to the first streamed byte (SSE) both ways. Clients keep their
+   time to the first streamed byte (SSE) both ways. First the product's own
+   path: ``vramctl up --gateway`` runs the stand-in as its model and every
+   request takes a hold from the GPU's worker. Then the proxy alone (its own
+   process, a holder that grants at once). Clients keep their
    connections where the server lets them, as the openai client does. Twice:
    the stand-in speaking HTTP/1.1 with keep-alive (as vLLM's server does),
    and HTTP/1.0 (a connection per request, on both paths).
@@ -36,7 +39,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,11 +105,70 @@ def run_gateway(port: int, backend: str) -> None:
         def models(self) -> Sequence[ModelInfo]:
             return [ModelInfo("llm", "qwen-14b", "0", "Running", "vllm", True)]
 
+        def admit(self, model: str) -> Granted:
+            return Granted()
+
         async def acquire(self, model: str) -> Granted:
             return Granted()
 
     app = make_app(Gateway(Holder(), CollectorRegistry()))
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=2048)
+
+
+def start_supervisor(tmp: Path, model_port: int, gateway_port: int, keepalive: bool) -> subprocess.Popen[bytes]:
+    """The product's own path: ``vramctl up --gateway`` (process runtime, a
+    simulated GPU probe) running the stand-in as its one model, switching
+    mode onDemand: every request takes a real hold from the GPU's worker."""
+    import yaml
+
+    api_port = free_port()
+    cfg = {
+        "runtime": "process",
+        "gpuProbe": {"kind": "simulated", "releaseDelaySeconds": 0.05},
+        "gpus": [
+            {
+                "gpu": 0,
+                "activeModel": "llm",
+                "vramBudgetMiB": 15000,
+                "switching": {"mode": "onDemand"},
+                "models": {
+                    "llm": {
+                        "command": [sys.executable, "-m", "vramctl.demo.standin"],
+                        "vramMiB": 11000,
+                        "servedModelName": "qwen-14b",
+                        "env": {
+                            "STANDIN_PORT": str(model_port),
+                            "STANDIN_LOAD_SECONDS": "0",
+                            "STANDIN_STOP_SECONDS": "0",
+                            "STANDIN_KEEPALIVE": "1" if keepalive else "0",
+                        },
+                        "health": {"path": "/health", "port": model_port},
+                    }
+                },
+            }
+        ],
+    }
+    (tmp / "vramctl.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vramctl", "up", "--config", str(tmp / "vramctl.yaml"), "--state", str(tmp / "state.json"),
+         "--listen", f"127.0.0.1:{api_port}", "--gateway", f"127.0.0.1:{gateway_port}", "--instance", f"bench-{os.getpid()}"],
+        stdout=(tmp / "up.log").open("wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "operator")},
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/status", timeout=2) as r:
+                if json.loads(r.read())["gpus"]["0"]["phase"] == "Ready":
+                    wait_port(gateway_port)
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"vramctl up did not get ready:\n{(tmp / 'up.log').read_text()[-2000:]}")
 
 
 # -- load ----------------------------------------------------------------------------
@@ -410,6 +474,15 @@ def main() -> int:
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if not args.skip_latency:
         report["latency"] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            bport, gport = free_port(), free_port()
+            up = start_supervisor(Path(tmp), bport, gport, keepalive=True)
+            try:
+                print("vramctl up --gateway, every request a hold from the worker (stand-in under vramctl, keep-alive):", flush=True)
+                report["latency"]["supervisor"] = latency(bport, gport, up.pid, args.quick)
+            finally:
+                up.terminate()
+                up.wait(15)
         for keepalive in (True, False):
             bport, gport = free_port(), free_port()
             backend = start_standin(bport, keepalive)

@@ -287,6 +287,41 @@ def went_away(state: QueueState, now: float) -> QueueState:
     )
 
 
+# -- the fast lane: requests admitted without a round trip through the worker --
+
+LANE = "lane:"  # the id prefix of the holds that stand for the fast lane's requests in flight
+
+
+def lane_models(state: QueueState) -> frozenset[str]:
+    """The models a request may hold without queueing (the fast lane): the
+    served ones, while nothing waits, switches, drains or changes companions.
+    There ``decide`` would grant at once, so the answer is the same without
+    asking it; anything else goes through the queue."""
+    if state.active is None or state.switching_to is not None or state.drain_since is not None:
+        return frozenset()
+    if state.demands or state.companions_pending is not None:
+        return frozenset()
+    return frozenset((state.active, *state.active_companions))
+
+
+def lane_activity(state: QueueState, in_flight: dict[str, int], last_used: float | None, now: float) -> QueueState:
+    """Fold the fast lane into the state (after closing it): each served
+    model with requests in flight gets one hold ``lane:<model>`` (no ttl: it
+    ends when they do), so a switch drains them like any hold; the lane's
+    last use is activity (the idle clock restarts, a new idle period begins)."""
+    served: set[str] = set()
+    if state.switching_to is None and state.active is not None:
+        served = {state.active, *state.active_companions}
+    kept = tuple(h for h in state.holds if not h.id.startswith(LANE))
+    earlier = {h.model: h.granted for h in state.holds if h.id.startswith(LANE)}
+    lane = tuple(Hold(LANE + m, m, earlier.get(m, now), None) for m in sorted(served) if in_flight.get(m, 0) > 0)
+    out = replace(state, holds=(*kept, *lane))
+    busy_at = now if lane else last_used
+    if busy_at is not None and busy_at > state.last_activity:
+        out = replace(out, last_activity=busy_at, idled=False)
+    return out
+
+
 # -- the decision ------------------------------------------------------------
 
 

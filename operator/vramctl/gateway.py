@@ -46,7 +46,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from yarl import URL
 
-from vramctl.hold_desk import Refused
+from vramctl.hold_desk import Lease, Refused
 
 __all__ = ["Gateway", "GatewayMetrics", "Holder", "Lease", "ModelInfo", "Refused", "Route", "make_app"]
 
@@ -101,12 +101,6 @@ class ModelInfo:
     active: bool = False
 
 
-class Lease(Protocol):
-    def release(self, error: str | None = None) -> None:
-        """End the hold; idempotent. ``error``: the backend failed during
-        the lease (the worker may re-observe the model at once)."""
-
-
 class Holder(Protocol):
     """What the gateway needs from the worker(s)."""
 
@@ -115,6 +109,10 @@ class Holder(Protocol):
 
     def models(self) -> Sequence[ModelInfo]:
         """Every configured model, for /v1/models and error messages."""
+
+    def admit(self, model: str) -> Lease | None:
+        """The fast path: hold ``model`` at once if that needs no waiting
+        (it is served and nothing is queued), else None (then ``acquire``)."""
 
     async def acquire(self, model: str) -> Lease:
         """Wait until ``model`` is active and healthy and hold it.
@@ -346,6 +344,9 @@ class Gateway:
 
     async def _acquire(self, request: web.BaseRequest, model: str) -> Lease:
         """The holder's acquire, cancelled when the client goes away while it waits."""
+        lease = self.holder.admit(model)
+        if lease is not None:
+            return lease
         task = asyncio.ensure_future(self.holder.acquire(model))
         try:
             while True:

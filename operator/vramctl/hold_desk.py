@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
@@ -262,6 +262,14 @@ class HoldDesk:
 Post = Callable[[str, DeskCommand], None]  # (gpu, command) -> into that worker's inbox; never blocks
 
 
+class Lease(Protocol):
+    """A hold for one request (the gateway's)."""
+
+    def release(self, error: str | None = None) -> None:
+        """End the hold; idempotent. ``error``: the backend failed during
+        the lease (the worker may re-observe the model at once)."""
+
+
 @dataclass
 class DeskLease:
     """The gateway's lease: one hold, released once."""
@@ -337,6 +345,10 @@ class InboxHolder:
         if kind == "hold":
             self._holds[grant.id] = (gpu, ttl_seconds)
         return grant
+
+    def admit(self, model: str) -> Lease | None:
+        """No fast path here: every hold is queued (``SupervisorHolder`` has one)."""
+        return None
 
     async def acquire(self, model: str) -> DeskLease:
         """The gateway's acquire: a hold for the request's life (no ttl)."""

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from vramctl import demand_queue as dq
+from vramctl.fast_lane import FastLane
 from vramctl.gpu.base import GpuProbe
 from vramctl.hold_desk import AddDemand, HoldDesk, QueueMetrics, Release, Renew, Withdraw
 from vramctl.observed import Desired
@@ -192,6 +193,7 @@ class GpuWorker(WorkerReporting):
         self.book = StatusBook(self.gpu, wall())
         self.actuator = Actuator(runtime, self.poke)
         self._rec = Reconciler(deployment, self._desired, runtime, probe, self)
+        self.lane = FastLane(self.poke, self.clock)
         self.queue = _Queue(self, deployment)
         self._findings: list[Finding] = []
         self._last_written: dict[str, Any] | None = None
@@ -245,6 +247,8 @@ class GpuWorker(WorkerReporting):
                 self.desired_sink.write_desired(self.gpu, desired, source)
                 if self._desired is not before:
                     return self._desired  # the sink overruled it with a request of its own (Kubernetes: the spec decides)
+            if source != "queue" and (desired.active, desired.companions) != (self._desired.active, self._desired.companions):
+                self.lane.close()  # no new request slips in for a model on its way out; the queue reopens it
             self._desired = desired
             self._inbox.put(_Request(desired, source, dropped))
         return desired
@@ -269,7 +273,7 @@ class GpuWorker(WorkerReporting):
         running = self._desired.active
         if active is None or active == running:
             return 0  # freeing the GPU (`switch ''`) is immediate: it is what `down` needs first
-        return int((q.get("holds") or {}).get(running or "", 0))
+        return int((q.get("holds") or {}).get(running or "", 0)) + self.lane.in_flight(running or "")
 
     def demand_switch(self, active: str, companions: tuple[str, ...]) -> None:
         """A switch that waits its turn (POST /switch while holds are live):
@@ -340,6 +344,7 @@ class GpuWorker(WorkerReporting):
             while self._drain(block=delay):
                 delay, _ = self._tick()
         finally:  # nobody answers after this: the waiting clients learn it now, not at their timeout
+            self.lane.close()
             self.queue.desk.refuse_all(503, f"gpu {self.gpu}: vramctl's worker stopped; retry")
 
     def _drain(self, block: float) -> bool:
@@ -439,6 +444,8 @@ class _Queue:
 
     def step(self) -> None:
         now = self.w.clock()
+        lane = self.w.lane
+        self.desk.state = dq.lane_activity(self.desk.state, lane.close(), lane.last_used, now)
         decision = self.desk.tick(now)
         self.wake_at = decision.wake_at
         d = self.w.desired
@@ -455,6 +462,8 @@ class _Queue:
                 self.desk.switch_failed(str(err), now)
             elif decision.companions is not None:
                 self.desk.companions_failed(str(err), now)
+        if decision.switch_to is None and decision.idle is None and not self._moved(self.w.desired):
+            lane.open(dq.lane_models(self.desk.state))
 
     def settled(self, now: float, ok: bool) -> None:
         d = self.w._rec.desired
@@ -486,6 +495,7 @@ class _Queue:
         return (st.active, st.active_companions) != (d.active, d.companions)
 
     def failed(self, now: float, reason: str) -> None:
+        self.w.lane.close()  # until the queue knows what runs again
         if self.target is not None:
             self.target = None
             self.desk.switch_failed(reason, now)

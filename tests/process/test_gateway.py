@@ -125,6 +125,9 @@ class FakeHolder:
         with self._lock:
             self.events.append((what, model, lease_id, error))
 
+    def admit(self, model: str) -> Lease | None:
+        return None  # every request waits in acquire (it records what was asked)
+
     async def acquire(self, model: str) -> Lease:
         if self._cond is None:
             self._cond = asyncio.Condition()
