@@ -390,6 +390,16 @@ def status_schema() -> dict[str, Any]:
             "activeModel": {**nullable_string, "description": "The heavy model that holds (or is being given) the GPU."},
             "companions": {"type": "array", "items": {"type": "string"}, "description": "Light models desired beside it."},
             "runningModels": {"type": "array", "items": {"type": "string"}, "description": "Models running now."},
+            "asleepModels": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Models asleep (warm switching): their server runs, only its residue is on the GPU.",
+            },
+            "models": {
+                "type": "string",
+                "description": "Every model that is not absent, with its state (running, starting, asleep, waking, "
+                "sleeping, stopping, paused, failed, stopped), as `kubectl get md` shows it: 'llm:running sdxl:asleep'.",
+            },
             "observedGeneration": {
                 "type": "integer",
                 "format": "int64",
@@ -467,6 +477,7 @@ def crd() -> dict[str, Any]:
                             "description": "Idle, Switching, Ready, Blocked, Failed.",
                         },
                         {"name": "VRAM", "type": "integer", "jsonPath": ".status.gpu.usedMiB", "description": "GPU memory in use, MiB."},
+                        {"name": "Models", "type": "string", "jsonPath": ".status.models", "description": "Each model's state."},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                         {"name": "Node", "type": "string", "jsonPath": ".spec.nodeName", "priority": 1},
                         {"name": "GPU", "type": "integer", "jsonPath": ".spec.gpu", "priority": 1},

@@ -179,6 +179,7 @@ class WorkerReporting:
             configWarnings=[f.as_dict() for f in self._findings],
             # Running but asleep: only their residue on the GPU (not in runningModels).
             **({"asleepModels": list(rec.asleep)} if rec.asleep else {}),
+            modelStates={m: s for m, s in rec.model_states.items() if s != "absent"},
         )
         self._status = status
         comparable = {k: v for k, v in status.items() if k not in ("backoff", "progressSeq")}

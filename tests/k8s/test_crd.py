@@ -50,8 +50,9 @@ def test_crd_shape() -> None:
     assert columns["ACTIVE"] == (".status.activeModel", 0)
     assert columns["PHASE"] == (".status.phase", 0)
     assert columns["VRAM"] == (".status.gpu.usedMiB", 0)
+    assert columns["MODELS"] == (".status.models", 0)  # each model's state: 'llm:running sdxl:asleep'
     assert columns["AGE"] == (".metadata.creationTimestamp", 0)
-    assert [c["name"].upper() for c in v["additionalPrinterColumns"]][:4] == ["ACTIVE", "PHASE", "VRAM", "AGE"]
+    assert [c["name"].upper() for c in v["additionalPrinterColumns"]][:5] == ["ACTIVE", "PHASE", "VRAM", "MODELS", "AGE"]
 
 
 def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:

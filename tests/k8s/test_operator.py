@@ -28,6 +28,7 @@ import yaml
 from tests.conftest import STANDIN_TAG, ExclusivityRecorder
 from tests.e2e.conftest import standin_model
 from tests.k8s.emulator import ROOT, EmulatorThread, KubeClient
+from tests.k8s.validation import crd_object
 
 pytestmark = pytest.mark.docker
 
@@ -259,6 +260,15 @@ def test_create_switch_and_status(
     assert r.returncode == 0, r.stderr
     obj = wait_md(kube, ns, "gpu0", settled(2, ["sdxl"]), op)
     assert sorted(containers(docker_client, instance)) == ["sdxl"]
+    assert "sdxl:running" in status(obj)["models"].split() and "llm:running" not in status(obj)["models"].split()
+    # `kubectl get md`'s columns, from the CRD's printer columns (the emulator
+    # does no server-side printing: kubectl evaluates the same jsonPaths here).
+    cols = ",".join(f"{c['name'].upper()}:{c['jsonPath']}" for c in crd_object()["spec"]["versions"][0]["additionalPrinterColumns"])
+    r = kubectl(kubeconfig, "-n", ns, "get", "md", "gpu0", "-o", f"custom-columns={cols}")
+    assert r.returncode == 0, r.stderr
+    header, row = r.stdout.splitlines()[:2]
+    assert header.split()[:4] == ["ACTIVE", "PHASE", "VRAM", "MODELS"] and row.split()[:2] == ["sdxl", "Ready"], r.stdout
+    assert "sdxl:running" in row.split(), r.stdout
     last = status(obj)["lastSwitch"]
     assert (last["from"], last["to"], last["outcome"], last["generation"]) == ("llm", "sdxl", "success", 2)
     assert last["durationSeconds"] > 0

@@ -128,3 +128,16 @@ def test_a_published_condition_without_a_time_is_not_seeded() -> None:
     assert isinstance(
         conditions_from({"conditions": [{"type": "Ready", "lastTransitionTime": "2027-01-15T08:00:00Z"}]})["Ready"], Condition
     )
+
+
+def test_the_model_list_shows_each_models_state_including_asleep() -> None:
+    w = worker(
+        runningModels=["llm"],
+        asleepModels=["sdxl"],
+        modelStates={"llm": "running", "sdxl": "asleep", "tts": "waking"},
+    )
+    st = render_status(StatusSnapshot("n", NOW, w, HANDED)).status
+    assert st["models"] == "llm:running sdxl:asleep tts:waking"  # the `kubectl get md` Models column
+    assert st["asleepModels"] == ["sdxl"] and st["runningModels"] == ["llm"]
+    empty = render_status(StatusSnapshot("n", NOW)).status
+    assert empty["models"] == "" and empty["asleepModels"] == []

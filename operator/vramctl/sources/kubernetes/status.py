@@ -184,6 +184,8 @@ def render_status(snap: StatusSnapshot) -> RenderedStatus:
         "activeModel": st.get("activeModel"),
         "companions": list(st.get("companions") or []),
         "runningModels": list(st.get("runningModels") or []),
+        "asleepModels": list(st.get("asleepModels") or []),
+        "models": " ".join(f"{m}:{state}" for m, state in sorted((st.get("modelStates") or {}).items())),
         "observedGeneration": observed,
         "conditions": out_conditions,
         "gpu": dict(snap.gpu) if snap.gpu is not None else None,
