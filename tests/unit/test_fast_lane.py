@@ -128,7 +128,7 @@ def test_concurrent_enters_and_a_close_never_lose_a_request() -> None:
 
 
 def test_a_switch_waits_for_the_lanes_requests_then_goes_at_once_when_they_end() -> None:
-    w, rt, holder = start(queued(maxServeSeconds=0.5, drainTimeoutSeconds=30))
+    w, rt, _ = start(queued(maxServeSeconds=0.5, drainTimeoutSeconds=30))
     try:
         assert wait_for(lambda: w.lane.admits == {"llm"})
         assert w.lane.enter("llm")  # a request in flight through the lane
