@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
-from vramctl.observed import Desired, Observed, WorkloadState
+from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.spec import DeploymentSpec
 
 
@@ -141,26 +141,61 @@ def plan(
     """``total_mib``: the GPU's total memory when known; a vLLM model's
     reservation is gpuMemoryUtilization x total (``DeploymentSpec.reservation``).
     ``cold``: models that are stopped rather than put to sleep (and stopped if
-    they sleep); ``last_used``: when each model was last awake (eviction order)."""
-    backoff_until = backoff_until or {}
-    last_used = last_used or {}
+    they sleep); ``last_used``: when each model was last awake (eviction order).
+
+    The steps, each a function of its own: leftovers are cleaned up
+    (``_cleanups``); what is live and not wanted is stopped or put to sleep
+    (``_release``); sleepers that no longer fit are evicted (``_evict``); the
+    sleeps and stops are ordered (``_sleeps_and_stops``); the memory that stays
+    in use bounds the first memory wait (``_first_wait``); the wanted models
+    are started or woken behind it (``_starts``)."""
     wanted = set(desired.members)
-    actions: list[Action] = []
-    stopped: list[str] = []
+    live = _live(spec, observed)
+    release = _release(spec, live, wanted, cold)
+    waking = [m for m in release.sleepers if m in wanted]
+    _evict(spec, desired, observed, live, release, waking, margin_mib, total_mib, last_used or {})
+    actions: list[Action] = [*_cleanups(observed), *_sleeps_and_stops(spec, observed, live, release)]
+    stopped = [a.model for a in actions if isinstance(a, (Cleanup, Stop))]
+    first = _first_wait(spec, live, release.sleepers, stopped, baseline_mib, margin_mib, total_mib)
+    starts, deferred = _starts(spec, desired, observed, now, backoff_until or {}, waking, stopped, first, total_mib)
+    return Plan((*actions, *starts), deferred)
 
-    # 0. Leftovers of exited workloads go first: they may hold GPU memory.
-    for w in sorted(observed.workloads.values(), key=lambda w: w.model):
-        if w.leftover and not w.state.live:
-            actions.append(Cleanup(w.model))
-            stopped.append(w.model)
 
-    # 1. Stops (or sleeps): everything live that is not wanted, or wanted but
-    #    drifted. Heavy ones first so the GPU starts emptying as early as possible.
+@dataclass
+class _Release:
+    """What leaves the GPU awake: stopped (with why), or kept on it asleep."""
+
+    to_stop: list[tuple[str, str]] = field(default_factory=list)  # (model, reason)
+    sleepers: list[str] = field(default_factory=list)  # stay on the GPU asleep (already, or put to sleep now)
+    to_sleep: set[str] = field(default_factory=set)  # put to sleep by this plan
+
+
+@dataclass(frozen=True)
+class _FirstWait:
+    """What only the plan's first memory wait waits for: the stopped models
+    gone, the kept ones within their sizes, the sleepers within their residues."""
+
+    released: tuple[str, ...]
+    max_used_mib: int | None
+    residues: tuple[tuple[str, int], ...]
+
+
+def _cleanups(observed: Observed) -> list[Cleanup]:
+    """0. Leftovers of exited workloads go first: they may hold GPU memory."""
+    return [Cleanup(w.model) for w in sorted(observed.workloads.values(), key=lambda w: w.model) if w.leftover and not w.state.live]
+
+
+def _live(spec: DeploymentSpec, observed: Observed) -> list[Workload]:
+    """The live workloads, heavy ones first so the GPU starts emptying as early as possible."""
     live = [w for w in observed.workloads.values() if w.state.live]
     live.sort(key=lambda w: (not _heavy(spec, w.model, w.heavy), w.model))
-    to_stop: list[tuple[str, str]] = []
-    sleepers: list[str] = []  # stay on the GPU asleep (already, or put to sleep now)
-    to_sleep: set[str] = set()
+    return live
+
+
+def _release(spec: DeploymentSpec, live: list[Workload], wanted: Set[str], cold: Set[str]) -> _Release:
+    """1. Stops (or sleeps): everything live that is not wanted, or wanted but
+    drifted. A sleepable model that is ready (or asleep already) sleeps instead."""
+    out = _Release()
     for w in live:
         sleepable = _sleepable(spec, w.model, cold) and w.state is WorkloadState.RUNNING and not w.drifted
         if w.model not in wanted:
@@ -171,30 +206,36 @@ def plan(
             reason = "cold: not kept asleep"
         else:
             if w.asleep:
-                sleepers.append(w.model)  # woken below
+                out.sleepers.append(w.model)  # woken by _starts
             continue
         if sleepable and (w.asleep or w.ready):
-            sleepers.append(w.model)
+            out.sleepers.append(w.model)
             if not w.asleep:
-                to_sleep.add(w.model)
+                out.to_sleep.add(w.model)
             continue
-        to_stop.append((w.model, reason))
+        out.to_stop.append((w.model, reason))
+    return out
 
-    # Eviction: the awake models, the next ones and the residues must fit the
-    # budget (and the sleepers' host memory the host budget); the least
-    # recently used sleepers go first.
-    waking = [m for m in sleepers if m in wanted]
-    staying = [m for m in sleepers if m not in wanted]
+
+def _evict(
+    spec: DeploymentSpec,
+    desired: Desired,
+    observed: Observed,
+    live: list[Workload],
+    release: _Release,
+    waking: list[str],
+    margin_mib: int,
+    total_mib: int | None,
+    last_used: Mapping[str, float],
+) -> None:
+    """Eviction: the awake models, the next ones and the residues must fit the
+    budget (and the sleepers' host memory the host budget); the least
+    recently used sleepers that stay asleep are stopped first."""
+    staying = [m for m in release.sleepers if m not in waking]
     budget = spec.vram_budget_mib if spec.vram_budget_mib is not None else (total_mib - margin_mib if total_mib is not None else None)
-    awake_kept = [
-        w.model for w in live if w.model not in sleepers and w.model not in {m for m, _ in to_stop} and w.state is not WorkloadState.PAUSED
-    ]
-    restarting = {m for m, _ in to_stop}  # wanted but drifted: stopped, then started again
-    starting = [m for m in desired.members if (m in spec.models and (not observed.state(m).live or m in restarting)) or m in waking]
-    base = sum(spec.reservation_mib(m, total_mib) or 0 for m in awake_kept if m in spec.models)
-    base += sum(spec.reservation_mib(m, total_mib) or 0 for m in starting if m in spec.models)
+    base = _awake_reservations(spec, desired, observed, live, release, waking, total_mib)
     # The model put to sleep now was awake until now: the most recently used.
-    staying.sort(key=lambda m: (float("inf") if m in to_sleep else last_used.get(m, float("-inf")), m))
+    staying.sort(key=lambda m: (float("inf") if m in release.to_sleep else last_used.get(m, float("-inf")), m))
     host_budget = spec.host_memory_budget_mib
     while staying:
         residues = sum(_residue(spec, m) for m in staying)
@@ -202,30 +243,80 @@ def plan(
         if (budget is None or base + residues <= budget) and (host_budget is None or host <= host_budget):
             break
         evicted = staying.pop(0)
-        sleepers.remove(evicted)
-        to_sleep.discard(evicted)
-        to_stop.append((evicted, "evicted: its residue does not fit beside the next model"))
-    for w in live:
-        if w.model in to_sleep:
-            actions.append(Sleep(w.model, "not desired" if w.model in spec.models else "not in the spec"))
-    for m, reason in sorted(to_stop, key=lambda t: (not _heavy(spec, t[0], observed.workloads[t[0]].heavy), t[0])):
-        actions.append(Stop(m, reason))
-        stopped.append(m)
+        release.sleepers.remove(evicted)
+        release.to_sleep.discard(evicted)
+        release.to_stop.append((evicted, "evicted: its residue does not fit beside the next model"))
 
-    # Memory expected to remain in use by what keeps running. A paused (gated)
-    # workload is frozen before it could allocate: it is about to be started,
-    # so it counts in need_free_mib, not here. A sleeper counts by its residue.
+
+def _awake_reservations(
+    spec: DeploymentSpec,
+    desired: Desired,
+    observed: Observed,
+    live: list[Workload],
+    release: _Release,
+    waking: list[str],
+    total_mib: int | None,
+) -> int:
+    """The reservations of the models awake after the plan: those kept awake
+    and those started (or restarted, or woken) by it."""
+    restarting = {m for m, _ in release.to_stop}  # wanted but drifted: stopped, then started again
+    awake_kept = [
+        w.model for w in live if w.model not in release.sleepers and w.model not in restarting and w.state is not WorkloadState.PAUSED
+    ]
+    starting = [m for m in desired.members if (m in spec.models and (not observed.state(m).live or m in restarting)) or m in waking]
+    base = sum(spec.reservation_mib(m, total_mib) or 0 for m in awake_kept if m in spec.models)
+    base += sum(spec.reservation_mib(m, total_mib) or 0 for m in starting if m in spec.models)
+    return base
+
+
+def _sleeps_and_stops(spec: DeploymentSpec, observed: Observed, live: list[Workload], release: _Release) -> list[Action]:
+    """The sleeps (in the order of ``live``), then the stops, heavy ones first."""
+    actions: list[Action] = []
+    for w in live:
+        if w.model in release.to_sleep:
+            actions.append(Sleep(w.model, "not desired" if w.model in spec.models else "not in the spec"))
+    for m, reason in sorted(release.to_stop, key=lambda t: (not _heavy(spec, t[0], observed.workloads[t[0]].heavy), t[0])):
+        actions.append(Stop(m, reason))
+    return actions
+
+
+def _first_wait(
+    spec: DeploymentSpec,
+    live: list[Workload],
+    sleepers: list[str],
+    stopped: list[str],
+    baseline_mib: int,
+    margin_mib: int,
+    total_mib: int | None,
+) -> _FirstWait:
+    """Memory expected to remain in use by what keeps running. A paused (gated)
+    workload is frozen before it could allocate: it is about to be started,
+    so it counts in need_free_mib, not here. A sleeper counts by its residue."""
     kept = [w.model for w in live if w.model not in stopped and w.state is not WorkloadState.PAUSED]
     kept_sizes = [(_residue(spec, m) if m in sleepers else spec.reservation_mib(m, total_mib)) if m in spec.models else None for m in kept]
     max_used: int | None = None
     if all(s is not None for s in kept_sizes):
         max_used = baseline_mib + margin_mib + sum(s or 0 for s in kept_sizes)
-    residue_pairs = tuple((m, _residue(spec, m)) for m in sorted(sleepers))
+    return _FirstWait(tuple(stopped), max_used, tuple((m, _residue(spec, m)) for m in sorted(sleepers)))
 
-    # 2. Starts (or wakes), heavy first, each behind a memory wait and followed
-    #    by a health wait, so a companion never races the heavy model's allocation.
+
+def _starts(
+    spec: DeploymentSpec,
+    desired: Desired,
+    observed: Observed,
+    now: float,
+    backoff_until: Mapping[str, float],
+    waking: list[str],
+    stopped: list[str],
+    first: _FirstWait,
+    total_mib: int | None,
+) -> tuple[list[Action], dict[str, float]]:
+    """2. Starts (or wakes), heavy first, each behind a memory wait and followed
+    by a health wait, so a companion never races the heavy model's allocation.
+    A model still backing off is deferred (model -> its deadline)."""
+    actions: list[Action] = []
     deferred: dict[str, float] = {}
-    first_wait = True
+    wait: _FirstWait | None = first  # None once the first memory wait is planned
     for m in desired.members:
         if m not in spec.models:
             continue
@@ -234,17 +325,8 @@ def plan(
         timeout = spec.models[m].start_timeout_seconds
         if m in waking:
             need = max(0, (spec.reservation_mib(m, total_mib) or 0) - _residue(spec, m))
-            actions.append(
-                WaitForMemory(
-                    released=tuple(stopped) if first_wait else (),
-                    need_free_mib=need,
-                    max_used_mib=max_used if first_wait else None,
-                    residues=residue_pairs if first_wait else (),
-                )
-            )
-            first_wait = False
-            actions.append(Wake(m))
-            actions.append(WaitHealthy(m, timeout))
+            actions += [_wait_for_memory(need, wait), Wake(m), WaitHealthy(m, timeout)]
+            wait = None
             continue
         if current is not None and m not in stopped and state in (WorkloadState.RUNNING, WorkloadState.RESTARTING):
             if not current.ready:
@@ -254,20 +336,18 @@ def plan(
         if until is not None and until > now:
             deferred[m] = until
             continue
-        need = spec.reservation_mib(m, total_mib) or 0
-        actions.append(
-            WaitForMemory(
-                released=tuple(stopped) if first_wait else (),
-                need_free_mib=need,
-                max_used_mib=max_used if first_wait else None,
-                residues=residue_pairs if first_wait else (),
-            )
-        )
-        first_wait = False
         reason = "unpause (gated)" if state is WorkloadState.PAUSED and m not in stopped else "desired"
-        actions.append(Start(m, reason))
-        actions.append(WaitHealthy(m, timeout))
-    return Plan(tuple(actions), deferred)
+        actions += [_wait_for_memory(spec.reservation_mib(m, total_mib) or 0, wait), Start(m, reason), WaitHealthy(m, timeout)]
+        wait = None
+    return actions, deferred
+
+
+def _wait_for_memory(need_free_mib: int, first: _FirstWait | None) -> WaitForMemory:
+    """The memory wait before a start or wake: the first one of the plan also
+    waits for what was released (``first``); the later ones for free memory only."""
+    if first is None:
+        return WaitForMemory(released=(), need_free_mib=need_free_mib, max_used_mib=None, residues=())
+    return WaitForMemory(released=first.released, need_free_mib=need_free_mib, max_used_mib=first.max_used_mib, residues=first.residues)
 
 
 def _heavy(spec: DeploymentSpec, model: str, fallback: bool) -> bool:

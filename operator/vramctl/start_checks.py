@@ -1,0 +1,65 @@
+"""Before a start: can the model run at all, and is its health its own?
+
+Owned by one worker's loop. ``unrunnable``: before anything is stopped for
+them, the models a plan starts must be runnable (image present, executable
+found: the runtime's preflight); if one is not, nothing of the plan is done,
+the models that run keep running, and the phase says why, once per desired
+generation, until the desired state or the spec changes. ``port_taken``:
+health must come from the workload vramctl starts, so a health port that
+answers before the model runs is served by something else: a failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vramctl.model_watch import ModelWatch
+from vramctl.observed import Desired, Observed
+from vramctl.planner import Plan, Start
+from vramctl.runtimes.base import Runtime
+from vramctl.runtimes.health import LocalResourceError, http_ready
+from vramctl.spec import DeploymentSpec
+
+
+class StartChecks:
+    """The checks before a start (see the module's docstring)."""
+
+    def __init__(self, ctx: Any, runtime: Runtime, watch: ModelWatch) -> None:
+        self.ctx, self.runtime, self.watch = ctx, runtime, watch
+        self.refused: tuple[int, str, str] | None = None  # (generation, model, problem) last said
+
+    def unrunnable(self, spec: DeploymentSpec, desired: Desired, observed: Observed, p: Plan, now: float) -> tuple[float, bool] | None:
+        """None when every model the plan starts can run; else the tick's
+        (seconds until the next look, settled)."""
+        for a in p.actions:
+            if not isinstance(a, Start) or observed.state(a.model).live:
+                continue
+            try:
+                problem = self.runtime.preflight(spec, a.model)
+            except Exception:
+                problem = None  # cannot tell (an outage): the start itself will say
+            if problem is not None:
+                key = (desired.generation, a.model, problem)
+                if self.refused != key:
+                    self.refused = key
+                    msg = f"{a.model!r} cannot start: {problem}; nothing was stopped for it"
+                    self.ctx.note("failed", a.model, msg)
+                    self.watch.fail_switch("NotRunnable", msg, now)
+                return self.ctx.settings.resync_s, True
+        self.refused = None
+        return None
+
+    def port_taken(self, spec: DeploymentSpec, observed: Observed, m: str, now: float) -> bool:
+        """True (and ``m`` failed) when its health port already answers before it runs."""
+        h = spec.health_of(m)
+        if h is None or h.path is None or h.port is None or observed.state(m).live:
+            return False
+        try:
+            answered = http_ready(h.host, h.port, h.path, timeout=0.5)
+        except LocalResourceError:
+            return False
+        if not answered:
+            return False
+        msg = f"port {h.port} ({h.host}) already answers {h.path} before {m!r} was started: something else serves it; not started"
+        self.watch.fail(m, "PortInUse", msg, [], now)
+        return True
