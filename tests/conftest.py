@@ -246,8 +246,9 @@ class ExclusivityRecorder:
             pending = self._pending.pop(cid, None)
             if pending is not None:
                 self.gate_latencies.append((name, at - pending[2]))
-            else:
-                self._release(cid, at)
+            # Also a span opened by a resync for this container (its start
+            # event, from the gap, came after the resync's listing).
+            self._release(cid, at)
         elif action == "unpause":
             self._hold(dom, cid, name, at)
         elif action in ("die", "destroy"):
@@ -255,29 +256,30 @@ class ExclusivityRecorder:
             if pending is not None:  # ran (ungated) from start to death
                 self._check(dom, cid, name, pending[2], at)
                 self._spans.setdefault(dom, []).append(_Span(cid, name, pending[2], at))
-            else:
-                self._release(cid, at)
+            self._release(cid, at)  # and any span a resync opened for it
 
-    def _resync(self) -> None:
+    def _resync(self, broke: float | None = None) -> bool:
         """The event stream broke (a daemon restart): the events of the gap
         are lost, so start again from what holds a GPU now. With live-restore
-        off, every container stopped with the daemon: spans end at the break."""
+        off, every container stopped with the daemon: spans end at the break.
+        False: the daemon does not answer yet."""
         try:
             running = self._client.containers.list(filters={"label": MANAGED, "status": "running"}, ignore_removed=True)
         except Exception as err:
             self.errors.append(repr(err))
-            return
+            return False
         now = time.time()
         with self._lock:
             for spans in self._spans.values():
                 for sp in spans:
                     if sp.until is None:
-                        sp.until = now
+                        sp.until = max(sp.since, broke if broke is not None else now)
             self._pending.clear()
             for c in running:
                 dom = self._domain(c.labels)
                 if dom is not None:
                     self._hold(dom, c.id, c.name, now)
+        return True
 
     def _run(self) -> None:
         filters = {"type": "container", "label": MANAGED, "event": ["start", "pause", "unpause", "die", "kill", "stop", "destroy"]}
@@ -290,8 +292,12 @@ class ExclusivityRecorder:
                         self._handle(ev)
             except Exception as err:  # keep recording; report at the check
                 self.errors.append(repr(err))
-                time.sleep(self.EVENT_WINDOW)
-                self._resync()
+                # Resynced only once the daemon answers: a stream that works
+                # again before a listing does would leave the spans of the
+                # containers that died with the daemon open.
+                broke = time.time()
+                while not self._stop.wait(self.EVENT_WINDOW) and not self._resync(broke):
+                    pass
             with self._lock:
                 self._promote(until)
                 self._through = until
