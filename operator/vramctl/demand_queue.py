@@ -250,6 +250,14 @@ def switch_done(state: QueueState, target: Target, now: float) -> QueueState:
     )
 
 
+def switch_superseded(state: QueueState, running: Target | None, now: float) -> QueueState:
+    """Another source moved the GPU before the switch finished: ``running``
+    is served now (None: nothing). Not a failure: the demands for the
+    switch's target stay queued and get their turn as usual."""
+    out = replace(state, switching_to=None, active=None, active_companions=(), last_activity=max(state.last_activity, now))
+    return switch_done(out, running, now) if running is not None else out
+
+
 def switch_failed(state: QueueState, now: float) -> tuple[QueueState, tuple[str, ...]]:
     """The switch failed: nothing is active; the demands for its model are
     returned so the worker can answer them (they would only retry into the

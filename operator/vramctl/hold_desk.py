@@ -180,6 +180,9 @@ class HoldDesk:
     def switch_done(self, target: dq.Target, now: float) -> None:
         self.state = dq.switch_done(self.state, target, now)
 
+    def switch_superseded(self, running: dq.Target | None, now: float) -> None:
+        self.state = dq.switch_superseded(self.state, running, now)
+
     def switch_failed(self, reason: str, now: float) -> None:
         """The switch failed: its demands are refused (503: the model may recover after the backoff)."""
         self.state, failed = dq.switch_failed(self.state, now)

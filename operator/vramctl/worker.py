@@ -472,8 +472,13 @@ class _Queue:
             self.target = None
             if ok and d.active == target.model and set(target.companions) <= set(d.companions):
                 self.desk.switch_done(dq.Target(target.model, d.companions), now)
+            elif ok:
+                # Superseded (a forced switch, the spec, the state file): not a
+                # failure; the queue follows what runs and its demands for the
+                # target keep their turn.
+                self.desk.switch_superseded(dq.Target(d.active, d.companions) if d.active is not None else None, now)
             else:
-                self.desk.switch_failed(f"{target.model!r} is not what runs now (superseded or failed)", now)
+                self.desk.switch_failed(f"{target.model!r} is not what runs now (it failed)", now)
         elif self.companions is not None and d.generation >= self.companions[1]:
             wanted, _ = self.companions
             self.companions = None

@@ -186,12 +186,40 @@ def test_a_hold_on_the_desired_model_waits_until_it_is_healthy_at_start_up() -> 
 
     async def go() -> None:
         pending = asyncio.ensure_future(holder.demand("llm", ttl_seconds=30))
-        assert wait_for(lambda: rt.states.get("llm") is RUN)
+        await asyncio.sleep(0.1)  # posted
+        assert wait_for(lambda: rt.states.get("llm") is RUN and w.status()["queue"]["queueDepth"] == 1)
         await asyncio.sleep(0.3)
         assert not pending.done()  # started, not healthy: no grant
         rt.never_healthy.clear()
         g = await asyncio.wait_for(pending, 5)
         assert g.model == "llm" and w.status()["phase"] == "Ready"
+
+    try:
+        asyncio.run(go())
+    finally:
+        w.stop()
+
+
+def test_a_switch_superseded_by_another_source_is_not_a_failure_its_demands_keep_their_turn() -> None:
+    """The queue's switch (here the start-up one, to llm) is overtaken by a
+    request from elsewhere (sdxl): the hold waiting for llm is not refused;
+    once sdxl runs, the queue brings llm back for it."""
+    d = queued(maxServeSeconds=0.5, drainTimeoutSeconds=0.2)
+    rt = FakeRuntime(states={}, never_healthy={"llm"})
+    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1))
+    holder = InboxHolder(lambda _gpu, cmd: w.post(cmd), gpu_of=lambda _m: "0", clock=w.clock)
+    w.start()
+
+    async def go() -> None:
+        pending = asyncio.ensure_future(holder.demand("llm", ttl_seconds=30))
+        await asyncio.sleep(0.1)  # posted
+        assert wait_for(lambda: rt.states.get("llm") is RUN and w.status()["queue"]["queueDepth"] == 1)
+        w.request("sdxl", source="api")  # overtakes the start-up switch
+        assert wait_for(lambda: any(p["step"] == "healthy" and "sdxl" in p["message"] for p in w.progress()))
+        rt.never_healthy.clear()
+        g = await asyncio.wait_for(pending, 10)  # not a 503: llm came back for it
+        assert g.model == "llm" and w.desired.active == "llm"
+        assert [p["message"] for p in w.progress() if p["step"] == "requested"][-1].endswith("(queue)")
 
     try:
         asyncio.run(go())
