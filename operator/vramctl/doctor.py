@@ -23,8 +23,9 @@ code 1. Everything else is a WARN: exit code 0.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from vramctl.gpu.nvml import NvmlFacts, NvmlUnavailable, nvml_facts, running_under_wsl2
 from vramctl.pitfalls import env_pitfalls
@@ -32,6 +33,7 @@ from vramctl.spec import Config, ConfigError
 
 if TYPE_CHECKING:
     from vramctl.runtimes.docker import EngineFacts
+    from vramctl.runtimes.kubernetes import KubeRequests
 
 Level = Literal["OK", "WARN", "FAIL"]
 
@@ -281,10 +283,15 @@ class KubeFacts:
     gpu_allocatable: int | Literal[False] | None  # the node's nvidia.com/gpu; None: not advertised; False: could not be read
     gpu_mode: str  # runtimeClass | resource | none
     nvml: NvmlFacts | str
+    # namespace of each ModelDeployment on the node -> the Pod runtime's accesses
+    # refused there ("create pods", ...; empty: all granted); str: why unknown; None: not asked
+    pod_rights: Mapping[str, tuple[str, ...]] | str | None = None
 
 
 def kubernetes_checks(k: KubeFacts) -> list[Check]:
-    """The node's readiness for the Pod runtime: API reachable, runtime class, device plugin, NVML in this Pod."""
+    """The node's readiness for the Pod runtime: API reachable, runtime class,
+    device plugin, NVML in this Pod, and the right to run Pods in the
+    namespaces of the node's ModelDeployments."""
     out: list[Check] = []
     if k.api is not None:
         return [Check("FAIL", "kubernetes api", k.api, "run inside the vramctl Pod (service account) or pass --kubeconfig")]
@@ -340,6 +347,63 @@ def kubernetes_checks(k: KubeFacts) -> list[Check]:
         )
     else:
         out.append(Check("OK", "nvml in this pod", f"driver {k.nvml.driver}, {len(k.nvml.devices)} GPU(s)"))
+    if k.pod_rights is not None:
+        out.append(_pod_rights_check(k.node, k.pod_rights))
+    return out
+
+
+def _pod_rights_check(node: str, rights: Mapping[str, tuple[str, ...]] | str) -> Check:
+    from vramctl.runtimes.kubernetes import forbidden_fix
+
+    if isinstance(rights, str):
+        return Check(
+            "WARN",
+            "pod rights",
+            f"could not be checked: {rights}",
+            "kubectl auth can-i create pods -n <namespace> --as system:serviceaccount:<vramctl namespace>:<its service account>",
+        )
+    if not rights:
+        return Check("OK", "pod rights", f"no ModelDeployment names node {node} yet")
+    refused = {ns: missing for ns, missing in sorted(rights.items()) if missing}
+    if not refused:
+        return Check("OK", "pod rights", f"vramctl may run Pods in namespace(s) {', '.join(sorted(rights))}")
+    return Check(
+        "FAIL",
+        "pod rights",
+        "; ".join(f"forbidden in namespace {ns}: {', '.join(missing)}" for ns, missing in refused.items())
+        + " (their ModelDeployments cannot run Pods and are Failed)",
+        "; ".join(forbidden_fix(ns) for ns in refused),
+    )
+
+
+def pod_rights(api: KubeRequests, node: str) -> dict[str, tuple[str, ...]]:
+    """For each namespace with a ModelDeployment on ``node``: what the Pod
+    runtime needs there (``POD_ACCESS``) that the API server refuses this
+    client, asked with SelfSubjectAccessReviews (any authenticated client may)."""
+    from vramctl.runtimes.kubernetes import POD_ACCESS
+
+    listed: Any = api.request("GET", "/apis/vramctl.io/v1alpha1/modeldeployments") or {}
+    namespaces = sorted(
+        {
+            str((md.get("metadata") or {}).get("namespace"))
+            for md in listed.get("items") or []
+            if (md.get("spec") or {}).get("nodeName") == node
+        }
+    )
+    out: dict[str, tuple[str, ...]] = {}
+    for ns in namespaces:
+        missing = []
+        for verb, resource in POD_ACCESS:
+            plural, _, sub = resource.partition("/")
+            attrs = {"namespace": ns, "verb": verb, "group": "", "resource": plural, **({"subresource": sub} if sub else {})}
+            review: Any = api.request(
+                "POST",
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview", "spec": {"resourceAttributes": attrs}},
+            )
+            if not ((review or {}).get("status") or {}).get("allowed"):
+                missing.append(f"{verb} {resource}")
+        out[ns] = tuple(missing)
     return out
 
 
@@ -354,7 +418,14 @@ def gather_kubernetes(node: str, runtime_class: str, gpu_mode: str, kubeconfig: 
     try:
         from vramctl.sources.kubernetes.client import connect, node_facts
 
-        api_problem, handler, gpus = node_facts(connect(kubeconfig), node, runtime_class)
+        api = connect(kubeconfig)
+        api_problem, handler, gpus = node_facts(api, node, runtime_class)
     except Exception as err:  # no kopf, no credentials: said, never a crash
         api_problem, handler, gpus = f"{type(err).__name__}: {err}", False, False
-    return KubeFacts(node, api_problem, runtime_class, handler, gpus, gpu_mode, nvml)
+    rights: Mapping[str, tuple[str, ...]] | str | None = None
+    if api_problem is None:
+        try:
+            rights = pod_rights(api, node)
+        except Exception as err:  # e.g. no list on modeldeployments: said, never a crash
+            rights = f"{type(err).__name__}: {err}"
+    return KubeFacts(node, api_problem, runtime_class, handler, gpus, gpu_mode, nvml, rights)

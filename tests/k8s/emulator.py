@@ -29,6 +29,14 @@ deliberately simplistic. What this subclass adds, and why:
   namespaces; on 403 it falls back to the exact namespaces it was given.
   Namespace objects therefore cannot be created; the emulator accepts objects
   in any namespace without one.
+- RBAC for vramctl and kopf (their User-Agent): every request they make is
+  recorded as the access it needs (``recorded``: namespace, group,
+  resource, verb; see tests/k8s/rbac.py), and with ``rbac`` set (the grants
+  of the chart's rendered objects) a request it does not allow is answered
+  403 in the API server's words and kept in ``denied``. The tests' own
+  clients (kubectl, ``KubeClient``, the test kubelet) act as cluster admins.
+  ``SelfSubjectAccessReview`` answers from the same grants (every
+  authenticated client may ask it: ``system:basic-user``).
 
 ``EmulatorThread`` runs it on its own event loop in a background thread, so
 synchronous tests, the ``vramctl operator`` subprocess and ``kubectl`` all
@@ -58,11 +66,14 @@ import kmock
 import yaml
 from kmock._internal import dicts as kmock_dicts  # merge-patch exactly as kmock applies it
 
+from tests.k8s.rbac import Access, Grants, access_of
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "manifests" / "crds" / "modeldeployments.vramctl.io.yaml"
 MD = "vramctl.io/v1alpha1/modeldeployments"
 MD_POD_RESOURCE = "v1/pods"
 _POD_LOG_RE = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/log/?$")
+_ACCESS_REVIEW = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 _ALL_VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 
 
@@ -80,8 +91,11 @@ class Emulator(kmock.KubernetesEmulator):
         self._mutations = asyncio.Lock()  # created on the emulator's own loop
         # (namespace, pod name) -> the file holding its container's output (tests/k8s/kubelet.py)
         self.pod_logs: dict[tuple[str, str], Path] = {}
-        # (API group, resource[/subresource], verb) of every request vramctl or kopf made (tests/k8s/test_pod_operator.py: RBAC)
-        self.recorded: set[tuple[str, str, str]] = set()
+        # The access every request of vramctl or kopf needed: (namespace, API group, resource[/subresource], verb) (tests/k8s/test_rbac.py)
+        self.recorded: set[Access] = set()
+        # With grants: the API server's RBAC for vramctl and kopf; what it refused lands in ``denied``.
+        self.rbac: Grants | None = None
+        self.denied: list[Access] = []
         # (arrival time, create | delete, path) of vramctl's Pod writes (benchmarks/reconcile_latency.py)
         self.pod_actions: list[tuple[float, str, str]] = []
 
@@ -92,12 +106,30 @@ class Emulator(kmock.KubernetesEmulator):
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         self._forget_old_requests()
         agent = raw_request.headers.get("User-Agent", "")
+        if raw_request.method == "POST" and raw_request.path.rstrip("/") == _ACCESS_REVIEW:
+            return await self._review_access(raw_request)
         if agent.startswith(("vramctl", "kopf/")):
-            access = rbac_access(raw_request.method, raw_request.path, raw_request.query.get("watch"))
+            access = access_of(raw_request.method, raw_request.path, raw_request.query.get("watch"))
             if access is not None:
                 self.recorded.add(access)
-                if access[1] == "pods" and access[2] in ("create", "delete"):
-                    self.pod_actions.append((time.time(), access[2], raw_request.path))
+                if access.resource == "pods" and access.verb in ("create", "delete"):
+                    self.pod_actions.append((time.time(), access.verb, raw_request.path))
+                if self.rbac is not None and not self.rbac.allows(access):
+                    self.denied.append(access)
+                    await raw_request.read()
+                    named = [p for p in raw_request.path.split("/") if p]
+                    name = named[-1] if access.verb in ("get", "update", "patch", "delete") and "/" not in access.resource else None
+                    status = {
+                        "apiVersion": "v1",
+                        "kind": "Status",
+                        "metadata": {},
+                        "status": "Failure",
+                        "reason": "Forbidden",
+                        "code": 403,
+                        "message": self.rbac.forbidden_message(access, name),
+                        "details": {"kind": access.resource.split("/")[0]},
+                    }
+                    return aiohttp.web.json_response(status, status=403)
         log_path = _POD_LOG_RE.match(raw_request.path)
         if log_path is not None and raw_request.method == "GET":
             return self._serve_pod_log(log_path["ns"], log_path["name"], raw_request.query.get("tailLines"))
@@ -114,6 +146,16 @@ class Emulator(kmock.KubernetesEmulator):
             }
             return aiohttp.web.json_response(status, status=403)
         return await super().__call__(raw_request)
+
+    async def _review_access(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """A SelfSubjectAccessReview, answered from ``rbac`` (everything is allowed without it)."""
+        review = await raw_request.json()
+        attrs = (review.get("spec") or {}).get("resourceAttributes") or {}
+        resource = str(attrs.get("resource") or "") + (f"/{attrs['subresource']}" if attrs.get("subresource") else "")
+        access = Access(attrs.get("namespace") or None, str(attrs.get("group") or ""), resource, str(attrs.get("verb") or ""))
+        allowed = self.rbac is None or self.rbac.allows(access)
+        review["status"] = {"allowed": allowed, **({} if allowed else {"reason": "no RBAC rule allows it (emulator)"})}
+        return aiohttp.web.json_response(review, status=201)
 
     def _serve_pod_log(self, namespace: str, name: str, tail: str | None) -> aiohttp.web.StreamResponse:
         """``pods/log`` as text, from the file a test kubelet registered (kmock has no subresource routes)."""
@@ -218,32 +260,6 @@ class Emulator(kmock.KubernetesEmulator):
         payload["kind"] = f"{kind}List" if kind else "List"
         payload["metadata"] = {"resourceVersion": str(self._rv)}
         return payload
-
-
-def rbac_access(method: str, path: str, watch: str | None = None) -> tuple[str, str, str] | None:
-    """The (API group, resource[/subresource], verb) an RBAC rule must grant
-    for this request; None for discovery (/api, /apis, /version)."""
-    parts = [p for p in path.split("/") if p]
-    if parts[:2] == ["api", "v1"]:
-        group, rest = "", parts[2:]
-    elif parts[:1] == ["apis"] and len(parts) >= 3:
-        group, rest = parts[1], parts[3:]
-    else:
-        return None
-    if len(rest) >= 2 and rest[0] == "namespaces" and len(rest) != 2:
-        rest = rest[2:]  # namespaced: namespaces/<ns>/<resource>...
-    if not rest:
-        return None
-    resource = rest[0] + (f"/{rest[2]}" if len(rest) >= 3 else "")
-    named = len(rest) >= 2
-    verb = {
-        "GET": "get" if named else ("watch" if watch in ("true", "1") else "list"),
-        "POST": "create",
-        "PUT": "update",
-        "PATCH": "patch",
-        "DELETE": "delete" if named else "deletecollection",
-    }.get(method.upper())
-    return (group, resource, verb) if verb else None
 
 
 def _with_data(request: kmock.Request, data: Any) -> kmock.Request:

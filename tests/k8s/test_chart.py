@@ -11,7 +11,8 @@ from typing import Any
 import helm_python as helm
 import pytest
 
-from tests.k8s.chart import CHART_DIR, NAMESPACE, chart, manifest_objects, render
+from tests.k8s.chart import CHART_DIR, NAMESPACE, RELEASE, chart, manifest_objects, render
+from tests.k8s.rbac import grants_of, rules_of
 from tests.k8s.test_manifests import EXPECTED_RULES, POD_RULES
 from tests.k8s.validation import ROOT, load_yaml_docs, validate
 from vramctl.crd import COMMITTED_PATHS, REGENERATE
@@ -51,12 +52,16 @@ def test_default_values_render_valid_objects() -> None:
             ("ServiceAccount", K8S): 1,
             ("ClusterRole", K8S): 1,
             ("ClusterRoleBinding", K8S): 1,
+            ("Role", K8S): 1,
+            ("RoleBinding", K8S): 1,
             ("Secret", K8S): 1,
             ("DaemonSet", K8S): 1,
             ("Service", K8S): 1,
         }
     )
     assert "kubectl get md -A" in rendered.notes
+    assert f"Model Pods may run in namespaces: {NAMESPACE}" in rendered.notes
+    assert "rbac.podNamespaces" in rendered.notes and "vramctl doctor --kubernetes" in rendered.notes
 
 
 def test_full_values_render_valid_objects() -> None:
@@ -67,6 +72,8 @@ def test_full_values_render_valid_objects() -> None:
             ("ServiceAccount", K8S): 1,
             ("ClusterRole", K8S): 1,
             ("ClusterRoleBinding", K8S): 1,
+            ("Role", K8S): 2,  # the namespaces of the two ModelDeployments
+            ("RoleBinding", K8S): 2,
             ("Secret", K8S): 1,
             ("DaemonSet", K8S): 1,
             ("Service", K8S): 1,
@@ -124,6 +131,9 @@ def test_servicemonitor_scrapes_the_metrics_service() -> None:
         ({"modelDeployment": []}, "modelDeployment"),
         ({"runtime": "containerd"}, "/runtime"),
         ({"podGpu": "all"}, "/podGpu"),
+        ({"rbac": {"podNamespaces": ["AI_models"]}}, "/rbac/podNamespaces/0"),
+        ({"rbac": {"podNamespaces": ["ai", "ai"]}}, "/rbac/podNamespaces"),
+        ({"rbac": {"podNamespaces": "ai"}}, "/rbac/podNamespaces"),
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
@@ -182,7 +192,8 @@ def test_chart_defaults_match_the_manifests() -> None:
     assert set(chart_objs) == set(plain)
     for kind, obj in plain.items():
         assert _without_labels(chart_objs[kind]) == _without_labels(obj), f"{kind}: charts/vramctl and manifests/ differ"
-    assert chart_objs["ClusterRole"]["rules"] == EXPECTED_RULES + POD_RULES
+    assert chart_objs["ClusterRole"]["rules"] == EXPECTED_RULES
+    assert chart_objs["Role"]["rules"] == POD_RULES
     # Selector labels are the same, so either can take over the other's pods.
     assert chart_objs["DaemonSet"]["spec"]["selector"] == plain["DaemonSet"]["spec"]["selector"]
     assert chart_objs["Service"]["spec"]["selector"] == plain["Service"]["spec"]["selector"]
@@ -200,6 +211,9 @@ def test_runtime_docker_mounts_the_socket_runs_as_root_and_needs_no_pod_rights()
     assert (sc["runAsUser"], sc["runAsNonRoot"]) == (0, False)
     assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}  # the rest stays locked down
     assert rendered.one("ClusterRole")["rules"] == EXPECTED_RULES
+    assert rendered.of("Role") == rendered.of("RoleBinding") == []
+    assert grants_of(rendered.objects, NAMESPACE, RELEASE).namespaced == {}
+    assert "Model Pods may run" not in rendered.notes
     assert _checked(rendered.objects)["DaemonSet", K8S] == 1
 
 
@@ -207,3 +221,45 @@ def test_runtime_docker_mounts_the_socket_runs_as_root_and_needs_no_pod_rights()
 def test_pod_gpu_mode_reaches_the_operator(mode: str) -> None:
     (c,) = render({"podGpu": mode, "modelRuntimeClass": "nvidia-cdi"}).one("DaemonSet")["spec"]["template"]["spec"]["containers"]
     assert f"--pod-gpu={mode}" in c["args"] and "--runtime-class=nvidia-cdi" in c["args"]
+
+
+_MD = {"nodeName": "n", "activeModel": "llm", "models": {"llm": {"image": "vllm/vllm-openai"}}}
+
+
+@pytest.mark.parametrize(
+    ("values", "namespaces"),
+    [
+        (None, [NAMESPACE]),  # empty: the release namespace
+        ({"rbac": {"podNamespaces": ["ml", "ai"]}}, ["ai", "ml"]),
+        (FULL, ["ai", NAMESPACE]),  # the release's own ModelDeployments: ai, and the release namespace
+        (
+            {"rbac": {"podNamespaces": ["ml"]}, "modelDeployments": [{"name": "gpu0", "namespace": "ai", "spec": _MD}]},
+            ["ai", "ml"],
+        ),
+        ({"rbac": {"podNamespaces": ["ml"]}, "modelDeployments": [{"name": "gpu0", "spec": _MD}]}, ["ml", NAMESPACE]),
+        ({"rbac": {"create": False}}, []),
+        ({"runtime": "docker", "rbac": {"podNamespaces": ["ai"]}}, []),
+    ],
+    ids=["default", "listed", "full", "listed+md", "listed+md-in-release-ns", "no-rbac", "docker"],
+)
+def test_pod_rights_are_a_role_in_each_pod_namespace_and_nowhere_else(values: dict[str, Any] | None, namespaces: list[str]) -> None:
+    rendered = render(values)
+    roles, bindings = rendered.of("Role"), rendered.of("RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == namespaces
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == namespaces
+    for role in roles:
+        assert role["rules"] == POD_RULES
+        assert _checked([role]) == Counter({("Role", K8S): 1})
+    for b in bindings:
+        (role,) = [r for r in roles if r["metadata"]["namespace"] == b["metadata"]["namespace"]]
+        assert b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": RELEASE, "namespace": NAMESPACE}]
+    grants = grants_of(rendered.objects, NAMESPACE, RELEASE)
+    assert sorted(grants.namespaced) == namespaces
+    assert not [r for r in grants.cluster if r[1].startswith("pods")], "no Pod rights cluster-wide"
+    if (values or {}).get("rbac", {}).get("create", True):
+        assert grants.cluster == rules_of(rendered.one("ClusterRole"))
+    if namespaces:
+        assert f"Model Pods may run in namespaces: {', '.join(namespaces)}" in rendered.notes
+    report = helm.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report

@@ -7,21 +7,26 @@ from collections import Counter
 from typing import Any
 
 from tests.k8s.chart import MANIFESTS, manifest_objects
+from tests.k8s.rbac import grants_of, rules_of
 from tests.k8s.validation import load_yaml_docs, validate
 
-# The rules vramctl and kopf need (see manifests/rbac.yaml for why each is there).
+# The ClusterRole: what vramctl and kopf need in every namespace (see manifests/rbac.yaml for why each is there).
 EXPECTED_RULES = [
     {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments"], "verbs": ["list", "watch", "patch"]},
     {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/status"], "verbs": ["update", "patch"]},
-    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/finalizers"], "verbs": ["update", "patch"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
 ]
-# The Pod runtime's (the default): what tests/k8s/test_rbac.py records it calling.
+# The Role of each namespace where the Pod runtime (the default) runs Pods:
+# what tests/k8s/test_rbac.py records it calling there.
 POD_RULES = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/finalizers"], "verbs": ["update"]},
 ]
+
+
+POD_NAMESPACE_RBAC = "pod-namespace/rbac.yaml"
 
 
 def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -34,8 +39,10 @@ def test_kustomization_lists_every_manifest() -> None:
     kustomization = load_yaml_docs((MANIFESTS / "kustomization.yaml").read_text())[0]
     listed = set(kustomization["resources"])
     on_disk = {str(p.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("*.yaml")} - {"kustomization.yaml"}
-    examples = {p for p in on_disk if p.startswith("examples/")}
-    assert listed == on_disk - examples, "manifests/kustomization.yaml and the files in manifests/ differ"
+    # Applied by hand: the examples, and the Pod runtime's Role for each further namespace.
+    by_hand = {p for p in on_disk if p.startswith(("examples/", "pod-namespace/"))}
+    assert by_hand >= {POD_NAMESPACE_RBAC}
+    assert listed == on_disk - by_hand, "manifests/kustomization.yaml and the files in manifests/ differ"
 
 
 def test_every_object_validates() -> None:
@@ -48,6 +55,8 @@ def test_every_object_validates() -> None:
             ("ServiceAccount", "kubernetes-1.30.0"): 1,
             ("ClusterRole", "kubernetes-1.30.0"): 1,
             ("ClusterRoleBinding", "kubernetes-1.30.0"): 1,
+            ("Role", "kubernetes-1.30.0"): 1,
+            ("RoleBinding", "kubernetes-1.30.0"): 1,
             ("DaemonSet", "kubernetes-1.30.0"): 1,
             ("Service", "kubernetes-1.30.0"): 1,
         }
@@ -110,13 +119,44 @@ def test_service_selects_the_daemonset() -> None:
 
 def test_rbac_is_least_privilege() -> None:
     objects = manifest_objects()
-    role, binding, sa = _one(objects, "ClusterRole"), _one(objects, "ClusterRoleBinding"), _one(objects, "ServiceAccount")
-    assert role["rules"] == EXPECTED_RULES + POD_RULES
-    flat = [(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]]
-    assert not [x for x in flat if "*" in x], "no wildcards"
-    assert not [x for x in flat if x[1] in ("secrets", "nodes", "namespaces", "configmaps")]
-    assert not [x for x in flat if x[2] in ("deletecollection", "escalate", "bind", "impersonate")]
-    assert [x for x in flat if x[2] == "delete"] == [("", "pods", "delete")], "only the Pod runtime deletes, and only Pods"
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}]
-    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
+    cluster_role, cluster_binding = _one(objects, "ClusterRole"), _one(objects, "ClusterRoleBinding")
+    role, binding, sa = _one(objects, "Role"), _one(objects, "RoleBinding"), _one(objects, "ServiceAccount")
+    subject = {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}
+    assert cluster_role["rules"] == EXPECTED_RULES
+    assert role["rules"] == POD_RULES
+    for rules in (rules_of(cluster_role), rules_of(role)):
+        assert not [x for x in rules if x[1] in ("secrets", "nodes", "namespaces", "configmaps")]
+        assert not [x for x in rules if x[2] in ("deletecollection", "escalate", "bind", "impersonate")]
+    assert not [x for x in rules_of(cluster_role) if x[1].startswith("pods")], "no Pod rights cluster-wide"
+    assert [x for x in rules_of(role) | rules_of(cluster_role) if x[2] == "delete"] == [("", "pods", "delete")], (
+        "only the Pod runtime deletes, and only Pods"
+    )
+    assert cluster_binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": cluster_role["metadata"]["name"],
+    }
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert cluster_binding["subjects"] == binding["subjects"] == [subject]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == sa["metadata"]["namespace"]
+    grants = grants_of(objects, sa["metadata"]["namespace"], sa["metadata"]["name"])
+    assert grants.cluster == rules_of(cluster_role)
+    assert dict(grants.namespaced) == {"vramctl-system": rules_of(role)}, "Pods only in vramctl-system, through the Role"
+
+
+def test_the_role_for_another_namespace_is_the_one_of_rbac_yaml_without_its_namespace() -> None:
+    """manifests/pod-namespace/rbac.yaml, applied with ``kubectl -n <ns>``: the
+    Role and RoleBinding of manifests/rbac.yaml, in whichever namespace."""
+    extra = load_yaml_docs((MANIFESTS / POD_NAMESPACE_RBAC).read_text())
+    assert [o["kind"] for o in extra] == ["Role", "RoleBinding"]
+    objects = manifest_objects()
+    for obj in extra:
+        assert validate(obj) == "kubernetes-1.30.0"
+        assert "namespace" not in obj["metadata"], "kubectl -n decides"
+        same = _one(objects, obj["kind"])
+        assert {**same, "metadata": {k: v for k, v in same["metadata"].items() if k != "namespace"}} == obj
+    # Applied into `ai`, it grants vramctl's service account the Pods there, as the chart does with rbac.podNamespaces: [ai].
+    sa = _one(objects, "ServiceAccount")["metadata"]
+    in_ai = [{**o, "metadata": {**o["metadata"], "namespace": "ai"}} for o in extra]
+    grants = grants_of(objects + in_ai, sa["namespace"], sa["name"])
+    assert grants.namespaced["ai"] == grants.namespaced["vramctl-system"] == rules_of(_one(objects, "Role"))

@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.chart import render
 from tests.k8s.emulator import EmulatorThread, KubeClient
 from tests.k8s.kubelet import GarbageCollector, TestKubelet
 
@@ -311,75 +310,31 @@ def test_two_deployments_for_one_gpu_the_newer_is_a_conflict(cluster: Cluster) -
     assert c.pods()["second-sdxl"]["metadata"]["ownerReferences"][0]["name"] == "second"
 
 
-# Granted by the chart and never seen in the scenario below, each with its reason.
-GRANTED_UNUSED = {
-    # The API server asks for it when a Pod's ownerReference sets
-    # blockOwnerDeletion (OwnerReferencesPermissionEnforcement); the emulator does not.
-    ("vramctl.io", "modeldeployments/finalizers", "update"),
-    ("vramctl.io", "modeldeployments/finalizers", "patch"),
-    # kopf writes status with PATCH; `update` is for clients that replace it.
-    ("vramctl.io", "modeldeployments/status", "update"),
-    # kopf posts core/v1 Events; events.k8s.io is the same resource under its newer group.
-    ("events.k8s.io", "events", "create"),
-    ("events.k8s.io", "events", "patch"),
-    # Events are only created here; a repeated one may be patched (count) by kopf.
-    ("", "events", "patch"),
-}
-
-
-def test_rbac_grants_what_the_operator_calls_and_no_more(tmp_path: Path) -> None:
-    """The chart's default ClusterRole against every request vramctl and kopf
-    made (recorded by the emulator) while a cluster-wide operator (as the
-    DaemonSet runs it) created, switched, failed and deleted a ModelDeployment."""
-    with EmulatorThread() as emulator:
-        c = Cluster(emulator, tmp_path, clusterwide=True)
-        with c.kubelet, GarbageCollector(emulator):
-            try:
-                spec = c.spec(companions=["tts"])
-                spec["models"]["sdxl"]["image"] = "registry.invalid/sdxl:nope"
-                c.kube.create_md(c.ns, "gpu0", spec)
-                c.op.start()
-                c.wait_md("gpu0", settled(1, ["llm", "tts"]))
-                c.kube.patch_md(c.ns, "gpu0", {"spec": {"activeModel": "sdxl"}})
-                c.wait_md("gpu0", lambda o: status(o).get("observedGeneration") == 2 and status(o).get("phase") == "Failed")
-                c.kube.patch_md(c.ns, "gpu0", {"spec": {"activeModel": "llm"}})
-                c.wait_md("gpu0", settled(3, ["llm", "tts"]))
-                c.kube.delete_md(c.ns, "gpu0")
-                deadline = time.monotonic() + 20
-                while time.monotonic() < deadline and (c.kube.get_md(c.ns, "gpu0") is not None or c.pods()):
-                    time.sleep(0.05)
-                assert c.pods() == {}
-            finally:
-                c.op.stop()
-            c.kubelet.assert_exclusive()
-        assert emulator.emu is not None
-        recorded = set(emulator.emu.recorded)
-    rules = render().one("ClusterRole")["rules"]
-    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    assert recorded - granted == set(), f"called but not granted: {sorted(recorded - granted)}"
-    assert granted - recorded == GRANTED_UNUSED, f"granted but never called: {sorted(granted - recorded - GRANTED_UNUSED)}"
-    for access in [
-        ("", "pods", "create"),
-        ("", "pods", "delete"),
-        ("", "pods/log", "get"),
-        ("vramctl.io", "modeldeployments/status", "patch"),
-    ]:
-        assert access in recorded
-
-
 K3S_EXAMPLE = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "k3s" / "rtx3050-k3s.yaml"
+CHART_README = Path(__file__).resolve().parents[2] / "charts" / "vramctl" / "README.md"
 
 
 def test_kubectl_apply_of_the_k3s_example(emulator: EmulatorThread, tmp_path: Path) -> None:
-    """The k3s example, applied as charts/vramctl/README.md says, runs as Pods
-    bound to its node; the images cannot run on the test kubelet, which the
-    status says (ImagePullBackOff), and nothing lingers."""
+    """The k3s example, applied as charts/vramctl/README.md says (with the
+    chart's RBAC for its `helm install`, enforced), runs as Pods bound to its
+    node; the images cannot run on the test kubelet, which the status says
+    (ImagePullBackOff), and nothing lingers."""
+    import re
     import shutil
 
     import yaml
 
+    from tests.k8s.chart import NAMESPACE, RELEASE, render
+    from tests.k8s.rbac import grants_of
+
     doc = yaml.safe_load(K3S_EXAMPLE.read_text())
     ns, name, node = doc["metadata"]["namespace"], doc["metadata"]["name"], doc["spec"]["nodeName"]
+    readme_set = re.search(r"--set 'rbac\.podNamespaces=\{([^}]*)\}'", CHART_README.read_text())
+    assert readme_set is not None, "the README's helm install sets rbac.podNamespaces"
+    pod_namespaces = readme_set[1].split(",")
+    assert ns in pod_namespaces
+    assert emulator.emu is not None
+    emulator.emu.rbac, emulator.emu.denied = grants_of(render({"rbac": {"podNamespaces": pod_namespaces}}).objects, NAMESPACE, RELEASE), []
     kubeconfig = emulator.kubeconfig(tmp_path / "kubeconfig")
     exe = shutil.which("kubectl")
     assert exe is not None, "kubectl is not installed"
@@ -420,8 +375,11 @@ def test_kubectl_apply_of_the_k3s_example(emulator: EmulatorThread, tmp_path: Pa
             assert kube.get_md(ns, name) is None and kube.request("GET", f"/api/v1/namespaces/{ns}/pods")["items"] == []
         finally:
             op.stop()
+            emulator.emu.rbac = None
         kubelet.assert_exclusive()
         assert kubelet.started == []
+    # Run with --namespace, kopf tries to list namespaces first (no one grants it; it falls back to the given one).
+    assert {a.resource for a in emulator.emu.denied} <= {"namespaces"}, emulator.emu.denied
 
 
 def test_on_demand_holds_decide_and_the_status_tells_what_runs(cluster: Cluster) -> None:

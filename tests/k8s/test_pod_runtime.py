@@ -327,7 +327,7 @@ def test_an_unreachable_api_is_transient() -> None:
     with pytest.raises(TransientError):
         rt.observe(spec)
     assert time.monotonic() - t0 < 3
-    assert rt.cache is not None and not rt.cache.synced.is_set()  # the watch cannot start either: direct reads
+    assert not rt.caches["ns"].synced.is_set()  # the watch cannot start either: direct reads
     rt.close()
     with pytest.raises(KubeApiError) as err:
         api.request("GET", "/api/v1/pods")
@@ -355,8 +355,9 @@ def test_observation_reads_the_watched_copy_and_sees_changes_made_elsewhere(rig:
         spec = rig.deploy({"llm": model(free_port()), "tts": model(free_port(), cls="light")})
         rt.own(0, PodOwner(rig.ns, "gpu0", rig.md["metadata"]["uid"]))
         rt.start(spec, "llm")
-        assert rt.cache is not None
-        wait_for(rt.cache.synced.is_set)
+        assert list(rt.caches) == [rig.ns]  # one watch, in the ModelDeployment's namespace
+        cache = rt.caches[rig.ns]
+        wait_for(cache.synced.is_set)
         wait_for(lambda: "llm" in rt.observe(spec))
         before = len(counting.calls)
         for _ in range(20):
@@ -374,7 +375,7 @@ def test_observation_reads_the_watched_copy_and_sees_changes_made_elsewhere(rig:
         assert counting.calls[mark][0] == "DELETE"
     finally:
         rt.close()
-    assert rt.cache is not None and not rt.cache.synced.is_set()
+    assert not cache.synced.is_set()
 
 
 def test_doctor_reads_the_runtime_class_and_the_node(emulator: EmulatorThread) -> None:

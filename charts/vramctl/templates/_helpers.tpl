@@ -52,3 +52,20 @@ app.kubernetes.io/part-of: vramctl
 {{- define "vramctl.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The namespaces where the Pod runtime may run model Pods (a Role and a
+RoleBinding in each): rbac.podNamespaces, the release namespace when that is
+empty, and the namespace of each modelDeployments entry. A JSON list, sorted. */}}
+{{- define "vramctl.podNamespaces" -}}
+{{- $out := list -}}
+{{- range .Values.rbac.podNamespaces }}
+{{- $out = append $out . -}}
+{{- end }}
+{{- if not $out }}
+{{- $out = append $out .Release.Namespace -}}
+{{- end }}
+{{- range .Values.modelDeployments }}
+{{- $out = append $out (.namespace | default $.Release.Namespace) -}}
+{{- end }}
+{{- $out | uniq | sortAlpha | toJson -}}
+{{- end }}

@@ -27,6 +27,12 @@ small client (``KubeRequests``: one ``request`` method) so that it needs
 neither kopf nor the official client; ``sources.kubernetes.client.KubeApi``
 is the real one. Errors: the server not reached, 429 and 5xx are
 ``TransientError``; what the spec must fix is ``StartError``.
+
+RBAC: Pods are read, watched and written only in the namespaces of the
+ModelDeployments this node runs (never cluster-wide), so a Role in each of
+those namespaces is enough (the chart's ``rbac.podNamespaces``). Where RBAC
+refuses, the call raises ``Forbidden``: a ``PermanentError`` that names the
+namespace and what to add, which the ModelDeployment's status then shows.
 """
 
 from __future__ import annotations
@@ -101,6 +107,52 @@ class KubeApiError(RuntimeFailure):
         return self.status == 0 or self.status == 429 or self.status >= 500
 
 
+# What the runtime asks of the API server in a ModelDeployment's namespace
+# (verb, resource): what its Role must grant there (``vramctl doctor --kubernetes`` checks it).
+POD_ACCESS: tuple[tuple[str, str], ...] = (
+    ("get", "pods"),
+    ("list", "pods"),
+    ("watch", "pods"),
+    ("create", "pods"),
+    ("delete", "pods"),
+    ("get", "pods/log"),
+)
+# The API server's RBAC denial ('pods is forbidden: User "..." cannot list
+# resource "pods" in API group "" in the namespace "ai"'); admission
+# refusals (Pod Security, quotas) are 403s too, without these words. The
+# quotes may be JSON-escaped (a watch's error is the Status object's text).
+_RBAC_DENIED = re.compile(r'cannot (?P<verb>[a-z]+) resource \\?"(?P<resource>[^"\\]+)\\?"')
+_NAMESPACED = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/?]+)/")
+
+
+def forbidden_fix(namespace: str) -> str:
+    """What to do when vramctl may not run Pods in ``namespace``."""
+    return (
+        f"add {namespace} to rbac.podNamespaces (Helm chart) or apply the Role and RoleBinding "
+        f"of manifests/rbac.yaml in namespace {namespace}"
+    )
+
+
+class Forbidden(KubeApiError, PermanentError):
+    """RBAC refused a Pod call in ``namespace``: vramctl has no Role there.
+    Permanent: nothing changes until someone grants it."""
+
+    def __init__(self, namespace: str, verb: str, resource: str) -> None:
+        RuntimeFailure.__init__(self, f"forbidden to {verb} {resource} in namespace {namespace}: {forbidden_fix(namespace)}")
+        self.status = 403
+        self.namespace = namespace
+
+
+def _explained(err: KubeApiError, path: str) -> KubeApiError:
+    """``err``, or a ``Forbidden`` naming the namespace when RBAC refused a namespaced call."""
+    if err.status != 403 or isinstance(err, Forbidden):
+        return err
+    denied, namespaced = _RBAC_DENIED.search(str(err)), _NAMESPACED.match(path)
+    if denied is None or namespaced is None:
+        return err
+    return Forbidden(urllib.parse.unquote(namespaced["ns"]), denied["verb"], denied["resource"])
+
+
 class KubeRequests(Protocol):
     """What the runtime needs of an API client. Raises KubeApiError."""
 
@@ -124,7 +176,10 @@ class _WatchEnded(Exception):
 
 
 class PodCache:
-    """Our Pods on this node, kept by one listing and a watch (an informer).
+    """Our Pods on this node in one namespace, kept by one listing and a
+    watch (an informer). One per namespace of the ModelDeployments this node
+    runs: a namespaced Role allows that, where a cluster-wide watch would
+    need a ClusterRole.
 
     Why: the worker observes at every tick, and a switch's first action
     should not wait behind a listing; reading a local copy costs nothing.
@@ -137,8 +192,8 @@ class PodCache:
     it; on errors it lists again, with back-off (tenacity) until ``close``.
     """
 
-    def __init__(self, api: KubeRequests, node: str, instance: str, watch_timeout_s: int = 60) -> None:
-        self.api, self.node, self.instance = api, node, instance
+    def __init__(self, api: KubeRequests, node: str, instance: str, namespace: str, watch_timeout_s: int = 60) -> None:
+        self.api, self.node, self.instance, self.namespace = api, node, instance, namespace
         self.watch_timeout_s = watch_timeout_s
         self._pods: dict[str, dict[str, Any]] = {}  # uid -> Pod
         self._lock = threading.Lock()
@@ -149,17 +204,17 @@ class PodCache:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="vramctl-pod-watch", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"vramctl-pod-watch-{self.namespace}", daemon=True)
             self._thread.start()
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 5.0) -> None:
         self._stop.set()
         self.synced.clear()
         stream = self._stream
         if stream is not None:
             stream.close()
-        if self._thread is not None:
-            self._thread.join(5)
+        if self._thread is not None and wait_s > 0:
+            self._thread.join(wait_s)
 
     def _query(self, **extra: str) -> str:
         return urllib.parse.urlencode(
@@ -182,20 +237,28 @@ class PodCache:
         def again(state: RetryCallState) -> None:
             err = state.outcome.exception() if state.outcome else None
             level = logging.WARNING if state.attempt_number == 1 else logging.DEBUG
-            log.log(level, "Pod watch: %s; listing again with back-off (direct reads meanwhile)", err)
+            log.log(level, "Pod watch in %s: %s; listing again with back-off (direct reads meanwhile)", self.namespace, err)
 
         Retrying(
             retry=retry_if_exception_type(Exception),
             wait=wait_exponential(multiplier=0.1, max=10.0),
             stop=stop_when_event_set(self._stop),
+            sleep=self._pause,  # close() ends a back-off at once
             before_sleep=again,
             reraise=False,
             retry_error_callback=lambda _: None,
         )(self._list_and_watch)
 
+    def _pause(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
     def _list_and_watch(self) -> None:
         self.synced.clear()
-        listing = self.api.request("GET", f"/api/v1/pods?{self._query()}") or {}
+        path = f"/api/v1/namespaces/{urllib.parse.quote(self.namespace)}/pods"
+        try:
+            listing = self.api.request("GET", f"{path}?{self._query()}") or {}
+        except KubeApiError as err:
+            raise _explained(err, path) from None
         rv = str((listing.get("metadata") or {}).get("resourceVersion") or "")
         with self._lock:
             self._pods = {str(_meta(p).get("uid")): p for p in listing.get("items") or [] if self._ours(p)}
@@ -207,7 +270,7 @@ class PodCache:
                 allowWatchBookmarks="true",
                 **({"resourceVersion": rv} if rv else {}),
             )
-            self._stream = self.api.stream(f"/api/v1/pods?{query}", timeout=self.watch_timeout_s + 30)
+            self._stream = self.api.stream(f"{path}?{query}", timeout=self.watch_timeout_s + 30)
             if self._stop.is_set():
                 self._stream.close()
                 return
@@ -227,25 +290,25 @@ class PodCache:
                     else:
                         self._pods[uid] = obj
 
-    def pods(self, namespace: str) -> list[dict[str, Any]] | None:
-        """Our Pods of ``namespace`` as last seen; None while the watch is not up."""
+    def pods(self) -> list[dict[str, Any]] | None:
+        """Our Pods of the namespace as last seen; None while the watch is not up."""
         if not self.synced.is_set():
             return None
         with self._lock:
-            return [p for p in self._pods.values() if _meta(p).get("namespace") == namespace]
+            return [p for p in self._pods.values() if _meta(p).get("namespace") == self.namespace]
 
     def put(self, pod: Mapping[str, Any]) -> None:
         """Our own write, applied before the watch brings it."""
         uid = _meta(pod).get("uid")
-        if uid and self._ours(pod):
+        if uid and self._ours(pod) and _meta(pod).get("namespace") == self.namespace:
             with self._lock:
                 self._pods[str(uid)] = dict(pod)
 
-    def forget(self, namespace: str, name: str) -> None:
+    def forget(self, name: str) -> None:
         """The API server said the Pod is gone."""
         with self._lock:
             for uid, p in list(self._pods.items()):
-                if _meta(p).get("namespace") == namespace and _meta(p).get("name") == name:
+                if _meta(p).get("name") == name:
                     del self._pods[uid]
 
 
@@ -471,7 +534,9 @@ class PodRuntime:
         # (namespace, Pod name) -> uid of our Pods as last listed or created: a
         # stop deletes with a uid precondition without reading the Pod first.
         self._known: dict[tuple[str, str], str] = {}
-        self.cache = PodCache(api, node, instance) if watch else None
+        self.watch = watch
+        self.caches: dict[str, PodCache] = {}  # namespace -> our Pods there (one watch per namespace)
+        self._caches_lock = threading.Lock()
         self._names: dict[str, str] = {}  # pod uid -> "namespace/name", for naming foreign GPU processes
         self._names_at = float("-inf")
 
@@ -480,8 +545,15 @@ class PodRuntime:
     def own(self, gpu: int, owner: PodOwner) -> None:
         """The ModelDeployment of ``gpu`` on this node: its namespace holds the Pods, it owns them."""
         self._owners[gpu] = owner
-        if self.cache is not None:
-            self.cache.start()
+        if not self.watch:
+            return
+        with self._caches_lock:
+            namespaces = {o.namespace for o in self._owners.values()}
+            for namespace in namespaces - set(self.caches):
+                cache = self.caches[namespace] = PodCache(self.api, self.node, self.instance, namespace)
+                cache.start()
+            for namespace in set(self.caches) - namespaces:  # no ModelDeployment of this node is there any more
+                self.caches.pop(namespace).close(wait_s=0)
 
     def _owner(self, deployment: DeploymentSpec) -> PodOwner | None:
         return self._owners.get(deployment.gpu)
@@ -489,17 +561,26 @@ class PodRuntime:
     def pod_of_uid(self, uid: str) -> str | None:
         """"namespace/name" of the Pod ``uid`` on this node, ours or not: a GPU
         process that is not vramctl's is named by its Pod (the cgroup gives
-        the uid). One list of the node's Pods, remembered for a few seconds."""
+        the uid). One list of the node's Pods per namespace vramctl runs Pods
+        in (its Roles allow no more; a Pod of another namespace stays known
+        by its uid), remembered for a few seconds."""
         now = time.monotonic()
         if uid not in self._names or now - self._names_at > 5.0:
             query = urllib.parse.urlencode({"fieldSelector": f"spec.nodeName={self.node}"})
-            listed = self._call("GET", f"/api/v1/pods?{query}") or {}
-            self._names = {
-                str(_meta(p).get("uid")): f"{_meta(p).get('namespace')}/{_meta(p).get('name')}"
-                for p in listed.get("items") or []
-                if _meta(p).get("uid") and (p.get("spec") or {}).get("nodeName") == self.node  # also where selectors are ignored
-            }
-            self._names_at = now
+            names: dict[str, str] = {}
+            for namespace in sorted({o.namespace for o in self._owners.values()}):
+                try:
+                    listed = self._call("GET", f"{self._pods_path(namespace)}?{query}") or {}
+                except Forbidden:
+                    continue
+                names.update(
+                    {
+                        str(_meta(p).get("uid")): f"{_meta(p).get('namespace')}/{_meta(p).get('name')}"
+                        for p in listed.get("items") or []
+                        if _meta(p).get("uid") and (p.get("spec") or {}).get("nodeName") == self.node  # also where selectors are ignored
+                    }
+                )
+            self._names, self._names_at = names, now
         return self._names.get(uid)
 
     # ---------------------------------------------------------------- API
@@ -510,7 +591,7 @@ class PodRuntime:
         except KubeApiError as err:
             if err.transient:
                 raise TransientError(f"the Kubernetes API: {err}") from None
-            raise
+            raise _explained(err, path) from None
 
     @staticmethod
     def _pods_path(namespace: str, name: str | None = None) -> str:
@@ -523,12 +604,12 @@ class PodRuntime:
             pod: dict[str, Any] = self._call("GET", self._pods_path(namespace, name))
         except KubeApiError as err:
             if err.status == 404:
-                if self.cache is not None:
-                    self.cache.forget(namespace, name)
+                if (cache := self.caches.get(namespace)) is not None:
+                    cache.forget(name)
                 return None
             raise
-        if self.cache is not None:
-            self.cache.put(pod)
+        if (cache := self.caches.get(namespace)) is not None:
+            cache.put(pod)
         return pod
 
     def _ours(self, pod: Mapping[str, Any], gpu: int) -> bool:
@@ -545,7 +626,8 @@ class PodRuntime:
         owner = self._owner(deployment)
         if owner is None:
             return {}
-        items = self.cache.pods(owner.namespace) if self.cache is not None else None
+        cache = self.caches.get(owner.namespace)
+        items = cache.pods() if cache is not None else None
         if items is None:
             selector = f"{MANAGED_BY}={MANAGED_BY_VALUE},{LABEL_INSTANCE}={self.instance},{LABEL_GPU}={deployment.gpu}"
             query = urllib.parse.urlencode({"labelSelector": selector})
@@ -622,11 +704,13 @@ class PodRuntime:
             uid = _meta(created or {}).get("uid")
             if uid:
                 self._known[(owner.namespace, name)] = str(uid)
-                if self.cache is not None:
-                    self.cache.put(created)
+                if (cache := self.caches.get(owner.namespace)) is not None:
+                    cache.put(created)
         except KubeApiError as err:
             if err.status == 409:
                 raise TransientError(f"Pod {owner.namespace}/{name} still exists (being deleted?): {err}") from None
+            if isinstance(err, Forbidden):
+                raise
             raise StartError(f"the Pod of {model!r} could not be created: {err}") from None
         return self._wait_running(deployment, model, owner, name, m.start_timeout_seconds)
 
@@ -802,5 +886,7 @@ class PodRuntime:
         return None
 
     def close(self) -> None:
-        if self.cache is not None:
-            self.cache.close()
+        with self._caches_lock:
+            caches = list(self.caches.values())
+        for cache in caches:
+            cache.close()
