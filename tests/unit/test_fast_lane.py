@@ -13,14 +13,12 @@ import threading
 import time
 from dataclasses import replace
 
-from tests.unit.fakes import FakeGpu, FakeRuntime
 from tests.unit.test_worker_actor import spec, wait_for
-from tests.unit.test_worker_holds import queued, start
+from tests.unit.test_worker_holds import loading, queued, start
 from vramctl import demand_queue as dq
 from vramctl.fast_lane import FastLane
 from vramctl.observed import WorkloadState
 from vramctl.spec import DeploymentSpec
-from vramctl.worker import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
 POL = dq.QueuePolicy(max_queue=8, queue_timeout_seconds=100, max_serve_seconds=10, drain_timeout_seconds=4)
@@ -168,10 +166,7 @@ def test_the_lanes_use_keeps_the_gpu_from_idling() -> None:
 
 
 def test_nothing_is_admitted_before_the_model_is_healthy_or_after_the_worker_stopped() -> None:
-    d = queued()
-    rt = FakeRuntime(states={}, never_healthy={"llm"})
-    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1))
-    w.start()
+    w, rt, _ = loading(queued())
     try:
         assert wait_for(lambda: rt.states.get("llm") is RUN)
         time.sleep(0.3)

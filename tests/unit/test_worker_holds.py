@@ -35,6 +35,14 @@ def start(d: DeploymentSpec) -> tuple[GpuWorker, FakeRuntime, InboxHolder]:
     return w, rt, InboxHolder(lambda _gpu, cmd: w.post(cmd), gpu_of=lambda _m: "0", clock=w.clock)
 
 
+def loading(d: DeploymentSpec) -> tuple[GpuWorker, FakeRuntime, InboxHolder]:
+    """A worker just started, its desired model (llm) not healthy until the test says so."""
+    rt = FakeRuntime(states={}, never_healthy={"llm"})
+    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1))
+    w.start()
+    return w, rt, InboxHolder(lambda _gpu, cmd: w.post(cmd), gpu_of=lambda _m: "0", clock=w.clock)
+
+
 def test_a_hold_switches_and_is_granted_once_the_model_is_healthy() -> None:
     w, rt, holder = start(queued())
 
@@ -179,10 +187,7 @@ def test_a_hold_on_the_desired_model_waits_until_it_is_healthy_at_start_up() -> 
     (a gateway request) on it is granted only once it is healthy, not
     proxied to a server that does not listen yet."""
     d = queued()
-    rt = FakeRuntime(states={}, never_healthy={"llm"})
-    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1))
-    holder = InboxHolder(lambda _gpu, cmd: w.post(cmd), gpu_of=lambda _m: "0", clock=w.clock)
-    w.start()
+    w, rt, holder = loading(d)
 
     async def go() -> None:
         pending = asyncio.ensure_future(holder.demand("llm", ttl_seconds=30))
@@ -205,10 +210,7 @@ def test_a_switch_superseded_by_another_source_is_not_a_failure_its_demands_keep
     request from elsewhere (sdxl): the hold waiting for llm is not refused;
     once sdxl runs, the queue brings llm back for it."""
     d = queued(maxServeSeconds=0.5, drainTimeoutSeconds=0.2)
-    rt = FakeRuntime(states={}, never_healthy={"llm"})
-    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1))
-    holder = InboxHolder(lambda _gpu, cmd: w.post(cmd), gpu_of=lambda _m: "0", clock=w.clock)
-    w.start()
+    w, rt, holder = loading(d)
 
     async def go() -> None:
         pending = asyncio.ensure_future(holder.demand("llm", ttl_seconds=30))
