@@ -125,16 +125,18 @@ class SleepBook:
         limit = spec.models[m].sleep_settings.max_cycles if m in spec.models else None
         return limit is not None and self.cycles.get(m, 0) >= limit
 
-    def verify(self, spec: DeploymentSpec, snap: GpuSnapshot, baseline_mib: int, now: float, grace_s: float) -> list[tuple[str, str, str]]:
+    def verify(self, spec: DeploymentSpec, snap: GpuSnapshot, baseline_mib: int, now: float, max_grace_s: float) -> list[tuple[str, str, str]]:
         """Check the residues of the sleeps that returned. Returns (model, step,
         message) for each verdict: step ``asleep`` (verified), or a fall-back
-        reason (``ResidueOverLimit`` after ``grace_s``, ``ResidueGrowing``)."""
+        reason (``ResidueOverLimit`` after the model's ``sleep.residueSettleSeconds``,
+        at most ``max_grace_s``; ``ResidueGrowing``)."""
         out: list[tuple[str, str, str]] = []
         for m, at in sorted(self.slept_at.items()):
             if m not in spec.models:
                 self.slept_at.pop(m)
                 continue
-            limit = spec.models[m].sleep_settings.max_residue_mib
+            settings = spec.models[m].sleep_settings
+            limit, grace_s = settings.max_residue_mib, min(settings.residue_settle_seconds, max_grace_s)
             others = sum(spec.models[o].sleep_settings.max_residue_mib for o in self.asleep if o != m and o in spec.models)
             held = sleepctl.held_mib(snap, m, baseline_mib, others)
             if held > limit:
@@ -155,10 +157,6 @@ class SleepBook:
 
     def host_mib(self, spec: DeploymentSpec) -> int:
         return sum(spec.models[m].host_memory_asleep_mib for m in self.asleep if m in spec.models)
-
-
-# A sleep whose residue is still over maxResidueMiB this long after it returned goes the cold way.
-RESIDUE_GRACE_S = 5.0
 
 
 class WarmSwitches:
@@ -190,8 +188,7 @@ class WarmSwitches:
             return False
         fell = False
         metrics = self._metrics()
-        grace = min(RESIDUE_GRACE_S, memory_timeout_s)
-        for m, step, msg in self.book.verify(spec, snap, baseline_mib, now, grace):
+        for m, step, msg in self.book.verify(spec, snap, baseline_mib, now, memory_timeout_s):
             if step == "asleep":
                 self.ctx.note("asleep", m, msg)
                 if metrics is not None:

@@ -176,6 +176,13 @@ class SleepSpec(_Model):
         ge=1,
         description="Sleeps before the model is stopped and started cold instead (bounds leaks across cycles); unset: no bound.",
     )
+    residue_settle_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=600,
+        description="How long after its sleep returned the model's VRAM may still be over maxResidueMiB (the driver frees "
+        "late); past it the sleep goes the cold way (ResidueOverLimit). At most the GPU's memoryTimeoutSeconds.",
+    )
     path: str | None = Field(default=None, description="engine container: the path POSTed to sleep (level=N is added to its query).")
     wake_path: str | None = Field(default=None, description="engine container: the path POSTed to wake the model.")
     state_path: str | None = Field(default=None, description='engine container: a GET path answering {"is_sleeping": true|false}.')

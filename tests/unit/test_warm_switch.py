@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.unit.fakes import FakeGpu, FakeRuntime, FakeSleeper
-from vramctl import sleeping
 from vramctl.observed import WorkloadState
 from vramctl.spec import DeploymentSpec
 from vramctl.worker import GpuWorker, Metrics, WorkerSettings
@@ -110,10 +108,9 @@ def test_a_sleep_that_times_out_falls_back() -> None:
     assert metrics.registry.get_sample_value("vramctl_sleep_fallbacks_total", {"gpu": "0", "reason": "SleepTimeout"}) == 1
 
 
-def test_a_residue_over_the_limit_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sleeping, "RESIDUE_GRACE_S", 0.1)
+def test_a_residue_over_the_limit_falls_back() -> None:
     rt = FakeRuntime(states={"llm": RUN}, residue={"llm": 3000})  # maxResidueMiB 800
-    w, _, metrics = rig(spec(), rt)
+    w, _, metrics = rig(spec(residueSettleSeconds=0.1), rt)
     w.reconcile_once()
     switch(w, "sdxl")
     assert rt.calls == [("sleep", "llm"), ("stop", "llm"), ("start", "sdxl")]
@@ -209,3 +206,4 @@ def test_a_model_with_switch_strategy_stop_is_stopped_as_before() -> None:
     w, _, _ = rig(spec(), rt)
     switch(w, "sdxl")
     assert rt.calls == [("stop", "cold"), ("start", "sdxl")]
+
