@@ -135,9 +135,11 @@ def test_a_namespace_without_the_role_is_failed_with_what_to_grant(tmp_path: Pat
                 # Deleting one is not held up by the missing Role (its finalizer goes; owner references would collect Pods).
                 c.kube.delete_md(c.ns, "gpu1")
                 deadline = time.monotonic() + 20
+                t0 = time.monotonic()
                 while time.monotonic() < deadline and c.kube.get_md(c.ns, "gpu1") is not None:
                     time.sleep(0.05)
                 assert c.kube.get_md(c.ns, "gpu1") is None, c.op.log_text()[-3000:]
+                assert time.monotonic() - t0 < 3, "deleted at once, not after a handler retry"
                 assert c.pods() == {} and c.kubelet.started == []
 
                 emulator.emu.rbac = chart_grants({"rbac": {"podNamespaces": [NAMESPACE, c.ns]}})

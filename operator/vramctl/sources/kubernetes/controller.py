@@ -47,7 +47,7 @@ from pydantic import ValidationError
 from vramctl.conditions import Condition, rfc3339
 from vramctl.observed import Desired
 from vramctl.runtimes.base import Runtime
-from vramctl.runtimes.kubernetes import KubeApiError, PodOwner, PodRuntime
+from vramctl.runtimes.kubernetes import Forbidden, KubeApiError, PodOwner, PodRuntime
 from vramctl.sources.kubernetes.client import API_VERSION, KIND, Session, StatusApi
 from vramctl.sources.kubernetes.status import Conflict, HandedDesired, StatusSnapshot, conditions_from, render_status
 from vramctl.spec import ConfigError, DeploymentSpec, DesiredStateError, problems_from
@@ -425,7 +425,15 @@ class ModelDeployments:
         if r.worker is not None and self.supervisor.workers.get(r.worker.gpu) is r.worker:
             self.supervisor.remove_worker(r.worker.gpu)
         if r.spec is not None:
-            for model in self.runtime.observe(r.spec):
+            try:
+                models = self.runtime.observe(r.spec)
+            except Forbidden as err:
+                # No rights on Pods there: nothing of ours can have started since
+                # they were taken, and the Pods it owns go with the ModelDeployment
+                # (owner references: the cluster's garbage collector).
+                log.warning("%s: %s; leaving its Pods to the garbage collector", r.spec.display_name, err)
+                return
+            for model in models:
                 self.runtime.remove(r.spec, model)
 
     def _let_go(self, key: tuple[str, str]) -> None:
