@@ -86,6 +86,10 @@ class Desired:
     active: str | None
     companions: tuple[str, ...] = ()
     generation: int = 0
+    # Nothing desired: False frees the GPU (sleeping models are stopped too);
+    # True puts the models that can sleep to sleep and keeps them so (idle
+    # action ``sleep``). Ignored while a model is desired.
+    keep_asleep: bool = False
 
     @property
     def members(self) -> tuple[str, ...]:

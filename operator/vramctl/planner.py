@@ -151,6 +151,8 @@ def plan(
     are started or woken behind it (``_starts``)."""
     wanted = set(desired.members)
     live = _live(spec, observed)
+    if not wanted and not desired.keep_asleep:
+        cold = {w.model for w in live}  # free the GPU: nothing sleeps on it, sleepers are stopped too
     release = _release(spec, live, wanted, cold)
     waking = [m for m in release.sleepers if m in wanted]
     _evict(spec, desired, observed, live, release, waking, margin_mib, total_mib, last_used or {})

@@ -229,10 +229,13 @@ class GpuWorker(WorkerReporting):
         """The newest desired state handed in (the loop applies it at its next look)."""
         return self._desired
 
-    def request(self, active: str | None, companions: tuple[str, ...] | None = None, source: str = "api") -> Desired:
+    def request(
+        self, active: str | None, companions: tuple[str, ...] | None = None, source: str = "api", keep_asleep: bool = False
+    ) -> Desired:
         """Replace the desired state (latest wins). Raises DesiredStateError
         when invalid, and whatever the desired sink raises when it cannot
-        record it: then nothing changes."""
+        record it: then nothing changes. ``keep_asleep`` (with no model):
+        put to sleep what can sleep instead of freeing the GPU."""
         with self._request_lock:
             dropped: tuple[str, ...] = ()
             if companions is None:
@@ -241,7 +244,7 @@ class GpuWorker(WorkerReporting):
                 companions, dropped = ((), ()) if active is None else fitting(self.spec, active, self._desired.companions, self.total_mib())
             check_desired(self.spec, active, companions, self.total_mib())
             self._preflight(active, companions)
-            desired = Desired(active or None, tuple(companions), self._desired.generation + 1)
+            desired = Desired(active or None, tuple(companions), self._desired.generation + 1, keep_asleep and not active and not companions)
             if self.desired_sink is not None:
                 before = self._desired
                 self.desired_sink.write_desired(self.gpu, desired, source)
@@ -456,7 +459,7 @@ class _Queue:
             elif decision.companions is not None:
                 self.companions = (decision.companions, self.w.request(d.active, decision.companions, source="queue").generation)
             elif decision.idle in ("sleep", "free"):
-                self.w.request(None, (), source=f"idle ({decision.idle})")
+                self.w.request(None, (), source=f"idle ({decision.idle})", keep_asleep=decision.idle == "sleep")
         except DesiredStateError as err:
             if decision.switch_to is not None:
                 self.desk.switch_failed(str(err), now)

@@ -77,6 +77,13 @@ def test_an_asleep_model_not_wanted_stays_asleep() -> None:
     assert run(desired("llm"), obs(wl("llm"), asleep("sdxl"))).actions == ()
 
 
+def test_nothing_desired_frees_the_gpu_unless_asked_to_keep_models_asleep() -> None:
+    world = obs(wl("llm"), asleep("sdxl"))
+    freed = run(Desired(None), world).actions
+    assert set(freed) == {Stop("llm", "not desired"), Stop("sdxl", "not desired")}
+    assert run(Desired(None, (), 0, keep_asleep=True), world).actions == (Sleep("llm", "not desired"),)
+
+
 def test_a_model_that_is_not_ready_or_not_sleepable_is_stopped() -> None:
     assert run(desired("sdxl"), obs(wl("llm", ready=False))).actions[0] == Stop("llm", "not desired")
     assert run(desired("llm"), obs(flux="running")).actions[0] == Stop("flux", "not desired")
@@ -134,7 +141,7 @@ def worlds(draw: st.DrawFn) -> tuple[Desired, Observed, dict[str, float], frozen
     last_used = {n: float(draw(st.integers(0, 9))) for n in NAMES if draw(st.booleans())}
     cold = frozenset(draw(st.lists(st.sampled_from(["llm", "sdxl"]), unique=True)))
     total = draw(st.sampled_from([None, 16000, 15000, 20000]))
-    return Desired(active, companions), Observed(ws), last_used, cold, total
+    return Desired(active, companions, 0, draw(st.booleans())), Observed(ws), last_used, cold, total
 
 
 def awake_heavies(o: Observed) -> list[str]:

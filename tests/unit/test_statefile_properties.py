@@ -15,7 +15,7 @@ from tests.unit.fakes import FakeRuntime
 from tests.unit.test_supervisor import spec
 from vramctl.app import initial_desired, open_state
 from vramctl.observed import Desired, WorkloadState
-from vramctl.sources.statefile import StateFile
+from vramctl.sources.statefile import StateFile, _parse_desired
 
 SPEC = spec()
 DEFAULT = {"activeModel": SPEC.active_model, "companions": list(SPEC.companions)}
@@ -113,3 +113,18 @@ def test_any_state_file_is_adopted_or_what_runs_is_kept(raw: bytes, running: boo
         recorded, problem = again.desired_or_problem(0)
         assert problem is None and recorded is not None
         assert (recorded.active, recorded.companions, recorded.generation) == (got.active, got.companions, got.generation)
+
+
+def test_keep_asleep_is_recorded_and_read_back(tmp_path: Path) -> None:
+    """Idle action sleep survives a restart: the state file keeps it (and a
+    wrong value is named, not guessed)."""
+    sf = StateFile(tmp_path / "state.json")
+    sf.write_desired(0, Desired(None, (), 4, keep_asleep=True), "idle (sleep)")
+    sf.write_desired(1, Desired(None, (), 2), "api")
+    again = StateFile(tmp_path / "state.json")
+    assert again.desired(0) == Desired(None, (), 4, keep_asleep=True)
+    assert again.desired(1) == Desired(None, (), 2, keep_asleep=False)
+    doc = json.loads((tmp_path / "state.json").read_text())
+    assert doc["gpus"]["0"]["desired"]["keepAsleep"] is True and "keepAsleep" not in doc["gpus"]["1"]["desired"]
+    doc["gpus"]["0"]["desired"]["keepAsleep"] = "yes"
+    assert "desired.keepAsleep is 'yes'" in str(_parse_desired(doc["gpus"]["0"]["desired"]))

@@ -6,8 +6,10 @@ worker finds its sleeping models and keeps them asleep."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.unit.fakes import FakeGpu, FakeRuntime, FakeSleeper
@@ -207,3 +209,43 @@ def test_a_model_with_switch_strategy_stop_is_stopped_as_before() -> None:
     switch(w, "sdxl")
     assert rt.calls == [("stop", "cold"), ("start", "sdxl")]
 
+
+
+def test_freeing_the_gpu_stops_sleeping_models_too_and_idle_sleep_keeps_them_asleep() -> None:
+    """`vramctl switch ''` (and idle action free) frees the GPU: a model that
+    can sleep is stopped, and so is one already asleep (nothing of them stays
+    on the GPU or in host memory). Idle action sleep puts it to sleep instead."""
+    rt = FakeRuntime(states={"llm": RUN})
+    w, _, _ = rig(spec(), rt)
+    w.reconcile_once()
+    switch(w, "sdxl")
+    assert w.model_states()["llm"] == "asleep"
+    switch(w, None)
+    assert rt.calls[-2:] == [("stop", "llm"), ("stop", "sdxl")] or rt.calls[-2:] == [("stop", "sdxl"), ("stop", "llm")]
+    assert ("sleep", "sdxl") not in rt.calls
+    assert w.status()["phase"] == "Idle" and "asleepModels" not in w.status()
+
+    rt2 = FakeRuntime(states={"llm": RUN})
+    w2, _, _ = rig(spec(), rt2)
+    w2.reconcile_once()
+    w2.request(None, (), source="idle (sleep)", keep_asleep=True)
+    w2.reconcile_once()
+    assert rt2.calls == [("sleep", "llm")] and w2.model_states()["llm"] == "asleep"
+    assert w2.desired.keep_asleep
+
+
+@pytest.mark.parametrize(("action", "calls", "state"), [("sleep", [("sleep", "llm")], "asleep"), ("free", [("stop", "llm")], "stopped")])
+def test_idle_sleep_puts_the_model_to_sleep_and_idle_free_stops_it(action: str, calls: list[tuple[str, str]], state: str) -> None:
+    base = spec().model_dump(by_alias=True, exclude_none=True)
+    d = DeploymentSpec.model_validate({**base, "idle": {"afterSeconds": 0.3, "action": action}})
+    rt = FakeRuntime(states={"llm": RUN})
+    w, _, _ = rig(d, rt)
+    w.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and w.model_states().get("llm") != state:
+            time.sleep(0.01)
+        assert rt.calls == calls and w.model_states()["llm"] == state
+        assert w.status()["phase"] == "Idle"
+    finally:
+        w.stop()

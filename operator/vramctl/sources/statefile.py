@@ -65,7 +65,10 @@ def _parse_desired(entry: Any) -> Desired | str:
     gen = entry.get("generation", 0)
     if type(gen) is not int or not 0 <= gen < MAX_GENERATION:
         return f"desired.generation is {gen!r}, not a whole number from 0 to 2^53"
-    return Desired(active or None, tuple(companions), gen)
+    keep = entry.get("keepAsleep", False)
+    if not isinstance(keep, bool):
+        return f"desired.keepAsleep is {keep!r}, not true or false"
+    return Desired(active or None, tuple(companions), gen, keep and not active and not companions)
 
 
 class StateFile:
@@ -224,6 +227,7 @@ class StateFile:
                 "activeModel": desired.active,
                 "companions": list(desired.companions),
                 "generation": desired.generation,
+                **({"keepAsleep": True} if desired.keep_asleep else {}),
                 "source": source,
                 "requestedAt": time.time(),
             }
