@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from tests.conftest import ExclusivityRecorder, restart_docker_daemon
-from tests.e2e.conftest import VramctlProc
+from tests.e2e.conftest import FIGURES, VramctlProc
 
 pytestmark = pytest.mark.docker
 
@@ -48,6 +48,12 @@ KILLS = 10
 SEED = int(os.environ.get("VRAMCTL_CHAOS_SEED", "20261128"))
 LOAD_S, STOP_S = 0.3, 0.2
 HEAVY = ("llm", "sdxl", "img")
+
+
+def report(line: str) -> None:
+    """A run's figures: printed (``-s``) and in the session's summary (``-q`` too)."""
+    print("\n" + line)
+    FIGURES.append(line)
 
 
 class Driver:
@@ -188,6 +194,8 @@ def private_engine(
         deadline = time.monotonic() + 30
         while (root / "pid").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+        for netns in (root / "x" / "netns").glob("*"):  # the daemon's network namespace stays mounted
+            subprocess.run(["umount", "-l", str(netns)], check=False, capture_output=True)
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
@@ -268,8 +276,8 @@ def test_chaos_docker_runtime(
         c.labels["com.docker.compose.service"]: c.status
         for c in docker_client.containers.list(all=True, filters={"label": f"com.docker.compose.project={instance}"})
     }
-    print(
-        f"\n[chaos docker] {len(d.sent)} requests ({len(d.accepted)} accepted), {kills} SIGKILLs, {restarts} daemon restarts, "
+    report(
+        f"[chaos docker] {len(d.sent)} requests ({len(d.accepted)} accepted), {kills} SIGKILLs, {restarts} daemon restarts, "
         f"{hand} hand starts in {chaos_s:.0f}s; overlaps {len(overlaps)}; gated {len(lat)} starts, "
         f"start->pause p50 {1000 * lat[len(lat) // 2] if lat else 0:.0f} ms max {1000 * lat[-1] if lat else 0:.0f} ms; "
         f"converged to the last request in {took:.2f}s; {'; '.join(desired_kept)}"
@@ -369,8 +377,8 @@ def test_chaos_process_runtime(vramctl: Callable[[dict[str, Any]], VramctlProc],
     finally:
         sampler.stop()
         v.stop()
-    print(
-        f"\n[chaos process] {len(d.sent)} requests ({len(d.accepted)} accepted), {kills} SIGKILLs in {chaos_s:.0f}s; "
+    report(
+        f"[chaos process] {len(d.sent)} requests ({len(d.accepted)} accepted), {kills} SIGKILLs in {chaos_s:.0f}s; "
         f"{sampler.samples} samples (one every {1000 * (chaos_s + took) / max(1, sampler.samples):.1f} ms), "
         f"overlaps {len(sampler.overlaps)}; converged to the last request in {took:.2f}s"
     )
