@@ -22,9 +22,17 @@
 #   GET  /is_sleeping      {"is_sleeping", "state", "level", "cycles", "residue_mib"}:
 #                          STANDIN_RESIDUE_MIB (default 512) plus
 #                          STANDIN_RESIDUE_GROWTH_MIB for each further cycle.
-#   POST /v1/...           200 {"object": "standin"} when awake; 503 with
+#   POST /v1/...           when awake, OpenAI-shaped answers (as the Python
+#                          stand-in's): /v1/chat/completions (with "stream":
+#                          true, Server-Sent Events, one per token, then
+#                          `data: [DONE]`), /v1/completions, /v1/embeddings,
+#                          /v1/images/generations (a 1x1 PNG as b64_json);
+#                          "max_tokens" tokens (default 8) "tok0 tok1 ...",
+#                          STANDIN_TOKEN_SECONDS (default 0) apart; other
+#                          /v1 paths {"object": "standin"}. 503 with
 #                          Retry-After while loading, asleep or in between.
 #   GET  /health           still 404 while loading, 200 when loaded (asleep too).
+# STANDIN_OPENAI=1 serves the same (nc) way without using the sleep API.
 #
 # Meant to run as PID 1: every sleep is `sleep N & wait $!`, so a trapped
 # signal interrupts it at once.
@@ -42,6 +50,52 @@ if [ "${1:-}" = --serve ]; then
     printf '\r\n%s' "$2"
   }
   state() { cat "$WWW/state" 2>/dev/null || echo awake; }
+  field() { # the string or number after "NAME": in the request body (a sketch of JSON, enough here)
+    case "$body" in *"\"$1\":"*) ;; *) return 1 ;; esac
+    v="${body#*\"$1\":}"
+    v="${v# }"
+    case "$v" in
+      \"*) v="${v#\"}"; v="${v%%\"*}" ;;
+      *) v="${v%%[!0-9a-z]*}" ;;
+    esac
+    printf '%s' "$v"
+  }
+  openai() { # the OpenAI-shaped answer to POST $1
+    model="$(field model || echo standin)"
+    n="$(field max_tokens || echo 8)"
+    case "$n" in '' | *[!0-9]*) n=8 ;; esac
+    [ "$n" -gt 1000 ] && n=1000
+    gap="${STANDIN_TOKEN_SECONDS:-0}"
+    text="" i=0
+    while [ "$i" -lt "$n" ]; do text="${text}tok$i " i=$((i + 1)); done
+    usage="{\"prompt_tokens\": 1, \"completion_tokens\": $n, \"total_tokens\": $((n + 1))}"
+    case "$1" in
+      /v1/chat/completions)
+        if [ "$(field stream)" = true ]; then
+          printf 'HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n'
+          chunk() { printf 'data: {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0, "model": "%s", "choices": [{"index": 0, "delta": %s, "finish_reason": %s}]}\n\n' "$model" "$1" "$2"; }
+          chunk '{"role": "assistant", "content": ""}' null
+          i=0
+          while [ "$i" -lt "$n" ]; do
+            [ "$i" -gt 0 ] && [ "$gap" != 0 ] && sleep "$gap"
+            chunk "{\"content\": \"tok$i \"}" null
+            i=$((i + 1))
+          done
+          chunk '{}' '"stop"'
+          printf 'data: [DONE]\n\n'
+        else
+          [ "$gap" != 0 ] && [ "$n" -gt 0 ] && sleep "$(awk "BEGIN { print $gap * $n }")"
+          answer "200 OK" "{\"id\": \"chatcmpl-standin\", \"object\": \"chat.completion\", \"created\": 0, \"model\": \"$model\", \"choices\": [{\"index\": 0, \"message\": {\"role\": \"assistant\", \"content\": \"$text\"}, \"finish_reason\": \"stop\"}], \"usage\": $usage}"
+        fi ;;
+      /v1/completions)
+        answer "200 OK" "{\"id\": \"cmpl-standin\", \"object\": \"text_completion\", \"created\": 0, \"model\": \"$model\", \"choices\": [{\"index\": 0, \"text\": \"$text\", \"finish_reason\": \"stop\", \"logprobs\": null}], \"usage\": $usage}" ;;
+      /v1/embeddings)
+        answer "200 OK" "{\"object\": \"list\", \"data\": [{\"object\": \"embedding\", \"index\": 0, \"embedding\": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}], \"model\": \"$model\", \"usage\": {\"prompt_tokens\": 1, \"total_tokens\": 1}}" ;;
+      /v1/images/generations)
+        answer "200 OK" '{"created": 0, "data": [{"b64_json": "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNoAAAAggCBd81ytgAAAABJRU5ErkJggg=="}]}' ;;
+      *) answer "200 OK" '{"object": "standin"}' ;;
+    esac
+  }
   # The main script's stdout (the container's log), not the socket.
   say() { [ -n "${STANDIN_LOG:-}" ] && echo "standin: $*" >>"$STANDIN_LOG"; }
   num() { cat "$WWW/$1" 2>/dev/null || echo 0; }
@@ -77,7 +131,8 @@ if [ "${1:-}" = --serve ]; then
     case "$h" in [Cc]ontent-[Ll]ength:*) len="${h#*:}"; len="${len# }" ;; esac
   done
   case "$len" in '' | *[!0-9]*) len=0 ;; esac
-  [ "$len" -gt 0 ] && [ "$len" -le 1048576 ] && head -c "$len" >/dev/null
+  body=""
+  [ "$len" -gt 0 ] && [ "$len" -le 1048576 ] && body="$(head -c "$len")"
   loaded=0
   [ -f "$WWW/health" ] && loaded=1
   case "$method $path" in
@@ -122,7 +177,7 @@ if [ "${1:-}" = --serve ]; then
         answer "200 OK" "$(snapshot)"
       fi ;;
     "POST /v1/"*)
-      if [ "$loaded" = 1 ] && [ "$(state)" = awake ]; then answer "200 OK" '{"object": "standin"}'
+      if [ "$loaded" = 1 ] && [ "$(state)" = awake ]; then openai "$path"
       else answer "503 Service Unavailable" "{\"error\": \"model is $(state)\"}" "Retry-After: 1"; fi ;;
     *) answer "404 Not Found" '{"error": "not found"}' ;;
   esac
@@ -192,7 +247,7 @@ fi
 
 mkdir -p "$WWW" || exit 70
 rm -f "$WWW/health" "$WWW/state" "$WWW/level" "$WWW/cycles" "$WWW/broken"
-if [ "${STANDIN_SLEEP:-0}" = 1 ]; then
+if [ "${STANDIN_SLEEP:-0}" = 1 ] || [ "${STANDIN_OPENAI:-0}" = 1 ]; then
   # One sh per connection, a backlog of 16 (one per -l).
   STANDIN_LOG="/proc/$$/fd/1"
   export STANDIN_LOG

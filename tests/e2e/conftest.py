@@ -17,16 +17,17 @@ from typing import Any
 import pytest
 import yaml
 
-# What the chaos and fault runs measured, shown in the session's summary
+# What the chaos and gateway runs measured, shown in the session's summary
 # (CI runs `pytest -q`: the figures are read there).
 FIGURES: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if FIGURES:
-        terminalreporter.section("chaos runs")
+        terminalreporter.section("end-to-end figures (chaos, gateway)")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
 
 STANDIN = "vramctl/standin:dev"
 

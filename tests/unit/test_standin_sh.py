@@ -48,7 +48,7 @@ def call(port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]
 def applets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PATH of busybox applets, like the image's /bin."""
     d = tmp_path_factory.mktemp("bin")
-    for name in ("sh", "nc", "httpd", "sleep", "cat", "head", "printf", "rm", "mkdir", "touch", "kill"):
+    for name in ("sh", "nc", "httpd", "sleep", "cat", "head", "printf", "rm", "mkdir", "touch", "kill", "awk"):
         (d / name).symlink_to(BUSYBOX)
     return d
 
@@ -141,3 +141,24 @@ def test_without_standin_sleep_it_is_the_plain_httpd(standin: Callable[..., tupl
     assert call(port, "GET", "/is_sleeping")[0] == 404
     p.send_signal(signal.SIGTERM)
     assert p.wait(5) == 0
+
+
+def test_openai_shaped_answers_read_by_the_official_client(standin: Callable[..., tuple[int, subprocess.Popen[str]]]) -> None:
+    """STANDIN_OPENAI=1: what the Python stand-in answers, so the gateway's
+    Docker tests can use this image (the official client parses each one)."""
+    import openai
+
+    port, _ = standin(openai="1", sleep="0", token_seconds="0.01")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=10)
+    chat = client.chat.completions.create(model="qwen-7b", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert chat.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4 " and chat.model == "qwen-7b"
+    assert chat.usage is not None and chat.usage.completion_tokens == 5
+    t0 = time.monotonic()
+    stream = client.chat.completions.create(model="qwen-7b", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True)
+    parts = [c.choices[0].delta.content for c in stream if c.choices]
+    assert "".join(p or "" for p in parts) == "tok0 tok1 tok2 tok3 " and time.monotonic() - t0 >= 0.03  # paced tokens
+    assert client.completions.create(model="m", prompt="x", max_tokens=2).choices[0].text == "tok0 tok1 "
+    assert len(client.embeddings.create(model="e", input="x").data[0].embedding) == 8
+    img = client.images.generate(model="sdxl", prompt="a cat", n=1)
+    assert img.data and (img.data[0].b64_json or "").startswith("iVBORw0KGgo")  # a PNG
+    assert call(port, "POST", "/v1/other")[2] == b'{"object": "standin"}'
