@@ -18,10 +18,9 @@ import pytest
 
 from tests.conftest import ExclusivityRecorder
 from tests.e2e.conftest import FIGURES, VramctlProc, standin_model
+from tests.openai_mix import IMAGE, TOKENS, one
 
 pytestmark = pytest.mark.docker
-
-TOKENS = "tok0 tok1 tok2 tok3 tok4 "
 
 
 def test_openai_clients_for_two_heavy_containers_through_the_gateway(
@@ -58,21 +57,11 @@ def test_openai_clients_for_two_heavy_containers_through_the_gateway(
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{gw}/v1", api_key="unused", max_retries=0, timeout=60)
     assert {"qwen-7b", "sdxl-base"} <= {m.id for m in client.models.list().data}
 
-    def one(i: int) -> str:
-        if i % 4 == 3:
-            img = client.images.generate(model="sdxl-base", prompt=f"cat {i}", n=1, size="256x256")
-            return "image" if img.data and (img.data[0].b64_json or "").startswith("iVBORw0KGgo") else "no image"
-        if i % 4 == 1:
-            stream = client.chat.completions.create(model="qwen-7b", messages=[{"role": "user", "content": str(i)}], max_tokens=5, stream=True)
-            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        r = client.chat.completions.create(model="qwen-7b", messages=[{"role": "user", "content": str(i)}], max_tokens=5)
-        return r.choices[0].message.content or ""
-
     t0 = time.monotonic()
     with ThreadPoolExecutor(20) as pool:
-        results = list(pool.map(one, range(120)))
+        results = list(pool.map(lambda i: one(client, i), range(120)))
     took = time.monotonic() - t0
-    bad = [(i, r) for i, r in enumerate(results) if r not in ("image", TOKENS)]
+    bad = [(i, r) for i, r in enumerate(results) if r not in (IMAGE, TOKENS)]
     assert not bad, bad[:5]  # every answer whole: none cut by a switch, none refused
     exclusivity.assert_no_violations(instance, since_seq=seq)
     starts = [p for p in v.status_progress() if p["step"] == "started"]

@@ -26,6 +26,8 @@ import openai
 import pytest
 import yaml
 
+from tests.openai_mix import IMAGE, TOKENS, one
+
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
 
 
@@ -155,25 +157,13 @@ def test_openai_clients_for_two_models_through_the_gateway(up: Up) -> None:
         listed = {m.id for m in client.models.list().data}
         assert {"qwen-7b", "sdxl-base"} <= listed
 
-        def one(i: int) -> str:
-            if i % 4 == 3:
-                img = client.images.generate(model="sdxl-base", prompt=f"cat {i}", n=1, size="256x256")
-                return "image" if img.data and img.data[0].b64_json else "no image"
-            if i % 4 == 1:
-                stream = client.chat.completions.create(
-                    model="qwen-7b", messages=[{"role": "user", "content": str(i)}], max_tokens=5, stream=True
-                )
-                return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-            r = client.chat.completions.create(model="qwen-7b", messages=[{"role": "user", "content": str(i)}], max_tokens=5)
-            return r.choices[0].message.content or ""
-
         t0 = time.monotonic()
         with ThreadPoolExecutor(20) as pool:
-            results = list(pool.map(one, range(120)))
+            results = list(pool.map(lambda i: one(client, i), range(120)))
         took = time.monotonic() - t0
     finally:
         watch.stop()
-    bad = [(i, r) for i, r in enumerate(results) if r not in ("image", "tok0 tok1 tok2 tok3 tok4 ")]
+    bad = [(i, r) for i, r in enumerate(results) if r not in (IMAGE, TOKENS)]
     assert not bad, bad[:5]
     assert not watch.found, watch.found[:3]
     switches = sum(1 for line in up.log.read_text().splitlines() if "switch-started" in line or "started (" in line)
