@@ -81,6 +81,15 @@ def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+
+def _forbidden(message: str, details: dict[str, str] | None = None) -> aiohttp.web.Response:
+    """A 403 as the API server words it (a metav1.Status)."""
+    status: dict[str, Any] = {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "reason": "Forbidden", "code": 403}
+    status["message"] = message
+    if details is not None:
+        status["details"] = details
+    return aiohttp.web.json_response(status, status=403)
+
 class Emulator(kmock.KubernetesEmulator):
     """kmock's stateful emulator with uid, resourceVersion, generation and the
     status subresource (see the module docstring)."""
@@ -119,32 +128,13 @@ class Emulator(kmock.KubernetesEmulator):
                     await raw_request.read()
                     named = [p for p in raw_request.path.split("/") if p]
                     name = named[-1] if access.verb in ("get", "update", "patch", "delete") and "/" not in access.resource else None
-                    status = {
-                        "apiVersion": "v1",
-                        "kind": "Status",
-                        "metadata": {},
-                        "status": "Failure",
-                        "reason": "Forbidden",
-                        "code": 403,
-                        "message": self.rbac.forbidden_message(access, name),
-                        "details": {"kind": access.resource.split("/")[0]},
-                    }
-                    return aiohttp.web.json_response(status, status=403)
+                    return _forbidden(self.rbac.forbidden_message(access, name), {"kind": access.resource.split("/")[0]})
         log_path = _POD_LOG_RE.match(raw_request.path)
         if log_path is not None and raw_request.method == "GET":
             return self._serve_pod_log(log_path["ns"], log_path["name"], raw_request.query.get("tailLines"))
         if raw_request.path.rstrip("/") == "/api/v1/namespaces":
             await raw_request.read()
-            status = {
-                "apiVersion": "v1",
-                "kind": "Status",
-                "metadata": {},
-                "status": "Failure",
-                "reason": "Forbidden",
-                "code": 403,
-                "message": 'namespaces is forbidden: cannot list resource "namespaces" at the cluster scope (emulator)',
-            }
-            return aiohttp.web.json_response(status, status=403)
+            return _forbidden('namespaces is forbidden: cannot list resource "namespaces" at the cluster scope (emulator)')
         return await super().__call__(raw_request)
 
     async def _review_access(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:

@@ -27,9 +27,9 @@ from tests.k8s.emulator import EmulatorThread, KubeClient
 from tests.k8s.kubelet import GarbageCollector
 from tests.k8s.rbac import Access, Grants, grants_of
 from tests.k8s.test_pod_operator import Cluster, condition, settled, status
-from vramctl.doctor import KubeFacts, exit_code, kubernetes_checks, pod_rights
+from tests.unit.test_doctor_kubernetes import facts
+from vramctl.doctor import exit_code, kubernetes_checks, pod_rights
 from vramctl.errors import ErrorClass, classify
-from vramctl.gpu.nvml import NvmlFacts
 from vramctl.runtimes.kubernetes import POD_ACCESS, Forbidden, KubeApiError, PodOwner, PodRuntime, _explained
 from vramctl.sources.kubernetes.client import KubeApi
 from vramctl.spec import DeploymentSpec
@@ -223,26 +223,17 @@ def test_doctor_finds_the_namespaces_where_pods_are_forbidden() -> None:
         assert rights == {"ai": (), "ml": tuple(f"{verb} {resource}" for verb, resource in POD_ACCESS)}
         assert pod_rights(api, "idle-node") == {}
 
-    base: dict[str, Any] = {
-        "node": "rtx5080",
-        "api": None,
-        "runtime_class": "nvidia",
-        "runtime_class_handler": "nvidia",
-        "gpu_allocatable": 1,
-        "gpu_mode": "runtimeClass",
-        "nvml": NvmlFacts(driver="580.65", nvml_version="12.580", cuda_driver_version="13.0"),
-    }
-    found = {c.name: c for c in kubernetes_checks(KubeFacts(**base, pod_rights=rights))}
+    found = {c.name: c for c in kubernetes_checks(facts(pod_rights=rights))}
     check = found["pod rights"]
     assert (
         check.level == "FAIL" and "namespace ml" in check.message and "create pods" in check.message and "namespace ai" not in check.message
     )
     assert "add ml to rbac.podNamespaces" in check.fix and "manifests/rbac.yaml" in check.fix
     assert exit_code(list(found.values())) == 1
-    granted = {c.name: c for c in kubernetes_checks(KubeFacts(**base, pod_rights={"ai": ()}))}["pod rights"]
+    granted = {c.name: c for c in kubernetes_checks(facts(pod_rights={"ai": ()}))}["pod rights"]
     assert granted.level == "OK" and "ai" in granted.message
-    assert exit_code(kubernetes_checks(KubeFacts(**base, pod_rights={"ai": ()}))) == 0
-    idle = {c.name: c for c in kubernetes_checks(KubeFacts(**base, pod_rights={}))}["pod rights"]
+    assert exit_code(kubernetes_checks(facts(pod_rights={"ai": ()}))) == 0
+    idle = {c.name: c for c in kubernetes_checks(facts(pod_rights={}))}["pod rights"]
     assert idle.level == "OK" and "no ModelDeployment" in idle.message
-    unknown = {c.name: c for c in kubernetes_checks(KubeFacts(**base, pod_rights="HTTP 403: cannot list modeldeployments"))}["pod rights"]
+    unknown = {c.name: c for c in kubernetes_checks(facts(pod_rights="HTTP 403: cannot list modeldeployments"))}["pod rights"]
     assert unknown.level == "WARN" and "HTTP 403" in unknown.message
