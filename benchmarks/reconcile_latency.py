@@ -140,6 +140,27 @@ def handler_times(log_text: str) -> list[float]:
     return out
 
 
+def breakdown(result: dict[str, Any], log_path: Path, returned_at: list[float], acted_at: list[float], key: str) -> None:
+    """Split each switch at the moment the kopf handler handed it to the
+    worker (from the operator's log): ``patch_returned_to_handler`` and ``key``
+    (handler -> the first action). Left out when the log lacks a line."""
+    handed = handler_times(log_path.read_text(errors="replace"))
+    if len(handed) == len(returned_at):
+        result["patch_returned_to_handler"] = summary([(h - r) * 1000 for h, r in zip(handed, returned_at, strict=True)])
+        result[key] = summary([(f - h) * 1000 for f, h in zip(acted_at, handed, strict=True)])
+
+
+def print_breakdown(result: dict[str, Any], key: str, action: str) -> None:
+    if key not in result:
+        return
+    h, w = result["patch_returned_to_handler"], result[key]
+    print(
+        "  breakdown (operator log, 1 ms resolution):\n"
+        f"    PATCH returned -> kopf handler handed it to the worker: median {h['median_ms']} ms, p95 {h['p95_ms']} ms\n"
+        f"    handed to the worker -> {action}: median {w['median_ms']} ms, p95 {w['p95_ms']} ms"
+    )
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100)."""
     ordered = sorted(values)
@@ -240,10 +261,7 @@ def main_pods(switches: int, json_path: str | None) -> int:
         "patch_returned_to_new_pod_create": summary(to_create),
         "target_p95_ms": TARGET_P95_MS,
     }
-    handed = handler_times(log_path.read_text(errors="replace"))
-    if len(handed) == len(returned_at):
-        result["patch_returned_to_handler"] = summary([(h - r) * 1000 for h, r in zip(handed, returned_at, strict=True)])
-        result["handler_to_old_pod_delete"] = summary([(f - h) * 1000 for f, h in zip(deleted_at, handed, strict=True)])
+    breakdown(result, log_path, returned_at, deleted_at, "handler_to_old_pod_delete")
     d, c = result["patch_returned_to_old_pod_delete"], result["patch_returned_to_new_pod_create"]
     assert isinstance(d, dict) and isinstance(c, dict)
     print(
@@ -253,14 +271,7 @@ def main_pods(switches: int, json_path: str | None) -> int:
         f" (after the old Pod is gone and its memory free)\n"
         f"  target p95 < {TARGET_P95_MS:.0f} ms for the first action: {'met' if d['p95_ms'] < TARGET_P95_MS else 'NOT met'}"
     )
-    if "handler_to_old_pod_delete" in result:
-        h, w = result["patch_returned_to_handler"], result["handler_to_old_pod_delete"]
-        assert isinstance(h, dict) and isinstance(w, dict)
-        print(
-            "  breakdown (operator log, 1 ms resolution):\n"
-            f"    PATCH returned -> kopf handler handed it to the worker: median {h['median_ms']} ms, p95 {h['p95_ms']} ms\n"
-            f"    handed to the worker -> the old Pod's DELETE (observe, plan, delete): median {w['median_ms']} ms, p95 {w['p95_ms']} ms"
-        )
+    print_breakdown(result, "handler_to_old_pod_delete", "the old Pod's DELETE (observe, plan, delete)")
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if d["p95_ms"] < TARGET_P95_MS else 1
@@ -347,10 +358,7 @@ def main() -> int:
         "from_patch_sent": summary(from_send),
         "target_p95_ms": TARGET_P95_MS,
     }
-    handed = handler_times(log_path.read_text(errors="replace"))
-    if len(handed) == len(returned_at):
-        result["patch_returned_to_handler"] = summary([(h - r) * 1000 for h, r in zip(handed, returned_at, strict=True)])
-        result["handler_to_docker_action"] = summary([(f - h) * 1000 for f, h in zip(first_at, handed, strict=True)])
+    breakdown(result, log_path, returned_at, first_at, "handler_to_docker_action")
     r, s = result["from_patch_returned"], result["from_patch_sent"]
     print(
         f"\nreconcile latency over {len(from_return)} switches (PATCH spec.activeModel -> first docker kill/stop/start):\n"
@@ -358,13 +366,7 @@ def main() -> int:
         f"  from the PATCH being sent: median {s['median_ms']} ms, p95 {s['p95_ms']} ms (min {s['min_ms']}, max {s['max_ms']})\n"
         f"  target p95 < {TARGET_P95_MS:.0f} ms: {'met' if r['p95_ms'] < TARGET_P95_MS else 'NOT met'}"
     )
-    if "handler_to_docker_action" in result:
-        h, w = result["patch_returned_to_handler"], result["handler_to_docker_action"]
-        print(
-            "  breakdown (operator log, 1 ms resolution):\n"
-            f"    PATCH returned -> kopf handler handed it to the worker: median {h['median_ms']} ms, p95 {h['p95_ms']} ms\n"
-            f"    handed to the worker -> docker event (observe, plan, kill): median {w['median_ms']} ms, p95 {w['p95_ms']} ms"
-        )
+    print_breakdown(result, "handler_to_docker_action", "docker event (observe, plan, kill)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if r["p95_ms"] < TARGET_P95_MS else 1

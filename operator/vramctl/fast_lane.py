@@ -35,6 +35,10 @@ class FastLane:
         self._counted: set[str] = set()  # models whose requests the desk holds for: wake it when they end
         self.last_used: float | None = None
 
+    def admit(self, model: str) -> LaneLease | None:
+        """``enter`` as a lease for the gateway (``release`` once, when the request ends)."""
+        return LaneLease(self, model) if self.enter(model) else None
+
     def enter(self, model: str) -> bool:
         """Admit a request for ``model`` if the lane is open for it; call ``leave`` once when it ends."""
         with self._lock:
@@ -75,3 +79,16 @@ class FastLane:
     @property
     def admits(self) -> frozenset[str]:
         return self._open
+
+
+class LaneLease:
+    """A request admitted by the fast lane; ``release`` leaves the lane once."""
+
+    def __init__(self, lane: FastLane, model: str) -> None:
+        self.lane, self.model = lane, model
+        self.released = False
+
+    def release(self, error: str | None = None) -> None:
+        if not self.released:
+            self.released = True
+            self.lane.leave(self.model)

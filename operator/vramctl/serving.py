@@ -21,7 +21,6 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from vramctl.api import is_loopback
-from vramctl.fast_lane import FastLane
 from vramctl.gateway import MAX_BODY, Gateway, Lease, ModelInfo, Route
 from vramctl.hold_desk import DeskCommand, Grant, InboxHolder, Refused
 from vramctl.holds_api import HoldsApi
@@ -70,7 +69,7 @@ class SupervisorHolder(InboxHolder):
         """The gateway's hold for one request through the worker's fast lane,
         when it admits ``model`` (served, nothing queued); else None."""
         w = self._worker_of(model)
-        return LaneLease(w.lane, model) if w.lane.enter(model) else None
+        return w.lane.admit(model)
 
     def names(self) -> list[str]:
         return sorted({m for w in list(self.supervisor.workers.values()) for m in w.spec.models})
@@ -94,19 +93,6 @@ class SupervisorHolder(InboxHolder):
             for m, ms in sorted(w.spec.models.items()):
                 out.append(ModelInfo(m, w.spec.served_name(m), str(w.gpu), states.get(m, "absent"), ms.engine, m == active))
         return out
-
-
-class LaneLease:
-    """A request admitted by the fast lane; ``release`` once, when it ends."""
-
-    def __init__(self, lane: FastLane, model: str) -> None:
-        self.lane, self.model = lane, model
-        self.released = False
-
-    def release(self, error: str | None = None) -> None:
-        if not self.released:
-            self.released = True
-            self.lane.leave(self.model)
 
 
 def holds_refusal(refusal: str | None) -> Callable[[str], Refused | None]:

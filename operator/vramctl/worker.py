@@ -250,7 +250,7 @@ class GpuWorker(WorkerReporting):
                 self.desired_sink.write_desired(self.gpu, desired, source)
                 if self._desired is not before:
                     return self._desired  # the sink overruled it with a request of its own (Kubernetes: the spec decides)
-            if source != "queue" and (desired.active, desired.companions) != (self._desired.active, self._desired.companions):
+            if (desired.active, desired.companions) != (self._desired.active, self._desired.companions):
                 self.lane.close()  # no new request slips in for a model on its way out; the queue reopens it
             self._desired = desired
             self._inbox.put(_Request(desired, source, dropped))

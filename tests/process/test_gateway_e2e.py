@@ -210,22 +210,32 @@ def test_declared_mode_refuses_holds_on_other_models(tmp_path: Path) -> None:
         u.close()
 
 
+def holding(up: Up, model: str, seconds: float) -> subprocess.Popen[str]:
+    """`vramctl hold MODEL -- sleep SECONDS`, running."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vramctl", "hold", "--url", f"http://127.0.0.1:{up.api}", "--ttl", "30", model, "--",
+         sys.executable, "-c", f"import time; time.sleep({seconds})"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def switch(up: Up, model: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`vramctl switch MODEL --wait [flags]`, to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "vramctl", "switch", model, *flags, "--wait", "--url", f"http://127.0.0.1:{up.api}", "--timeout", "30"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 def test_post_switch_waits_for_live_holds_unless_forced(up: Up) -> None:
     """POST /switch is a demand like any other: while a hold is live on the
     running model it is queued and switches only after the drain; --force
     switches at once and the holder's renew answers 409."""
-    hold = subprocess.Popen(
-        [sys.executable, "-m", "vramctl", "hold", "--url", f"http://127.0.0.1:{up.api}", "--ttl", "30", "llm", "--",
-         sys.executable, "-c", "import time; time.sleep(1.5)"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    hold = holding(up, "llm", 1.5)
     try:
         up.wait(lambda g: g["queue"]["holds"] == {"llm": 1}, timeout=20)
         t0 = time.monotonic()
-        r = subprocess.run(
-            [sys.executable, "-m", "vramctl", "switch", "sdxl", "--wait", "--url", f"http://127.0.0.1:{up.api}", "--timeout", "30"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        r = switch(up, "sdxl")
         took = time.monotonic() - t0
         assert r.returncode == 0, r.stdout + r.stderr
         assert "queued" in r.stdout and "sdxl holds gpu 0" in r.stdout
@@ -235,17 +245,10 @@ def test_post_switch_waits_for_live_holds_unless_forced(up: Up) -> None:
         if hold.poll() is None:
             hold.kill()
     # Forced: at once, whatever holds say.
-    hold2 = subprocess.Popen(
-        [sys.executable, "-m", "vramctl", "hold", "--url", f"http://127.0.0.1:{up.api}", "--ttl", "30", "sdxl", "--",
-         sys.executable, "-c", "import time; time.sleep(20)"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    hold2 = holding(up, "sdxl", 20)
     try:
         up.wait(lambda g: g["queue"]["holds"] == {"sdxl": 1}, timeout=20)
-        r = subprocess.run(
-            [sys.executable, "-m", "vramctl", "switch", "llm", "--force", "--wait", "--url", f"http://127.0.0.1:{up.api}", "--timeout", "30"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        r = switch(up, "llm", "--force")
         assert r.returncode == 0 and "queued" not in r.stdout, r.stdout + r.stderr
         up.wait(lambda g: g["queue"]["holds"] == {}, timeout=10)  # the cut hold was revoked
     finally:
