@@ -41,5 +41,5 @@ reconcile-bench: setup infra image ## Kubernetes mode: PATCH spec.activeModel ->
 gpu-proof: ## real CUDA switches + NVML probe (needs a GPU and torch); DRY=1: simulated, no GPU
 	$(PY) benchmarks/gpu_proof.py $(if $(DRY),--dry-run,)
 
-crd: ## regenerate the ModelDeployment CRD from vramctl.spec (manifests/ and the chart)
-	$(PY) -m vramctl.crd -o manifests/crds/modeldeployments.vramctl.io.yaml -o charts/vramctl/crds/modeldeployments.vramctl.io.yaml
+crd: ## regenerate the ModelDeployment CRD from vramctl.spec.models (manifests/ and the chart)
+	$(PY) -m vramctl.spec.crd -o manifests/crds/modeldeployments.vramctl.io.yaml -o charts/vramctl/crds/modeldeployments.vramctl.io.yaml

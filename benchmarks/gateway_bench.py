@@ -12,7 +12,7 @@
    the stand-in speaking HTTP/1.1 with keep-alive (as vLLM's server does),
    and HTTP/1.0 (a connection per request, on both paths).
 2. Simulation: 1,000 requests for two models from 20 closed-loop clients,
-   driven through vramctl's pure queue policy (vramctl.demand_queue) on a
+   driven through vramctl's pure queue policy (vramctl.demand.policy) on a
    simulated clock, against the naive policy (first come, first served;
    switch whenever the next request wants the other model, after the
    in-flight ones finish). Switches, total time, p50/p95/max wait.
@@ -50,7 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
 
-from vramctl.demand_queue import Demand, QueuePolicy, QueueState, Target, add_demand, release, step, switch_done  # noqa: E402
+from vramctl.demand.policy import Demand, QueuePolicy, QueueState, Target, add_demand, release, step, switch_done  # noqa: E402
 
 # -- processes ---------------------------------------------------------------------
 
@@ -90,7 +90,7 @@ def run_gateway(port: int, backend: str) -> None:
     from aiohttp import web
     from prometheus_client import CollectorRegistry
 
-    from vramctl.gateway import Gateway, ModelInfo, Route, make_app
+    from vramctl.web.gateway import Gateway, ModelInfo, Route, make_app
 
     route = Route("llm", backend, "0", "qwen-14b", "vllm")
 

@@ -65,8 +65,9 @@ from vramctl.gpu.base import GpuProbe  # noqa: E402
 from vramctl.gpu.simulated import SimulatedGpu  # noqa: E402
 from vramctl.observed import Desired  # noqa: E402
 from vramctl.runtimes.process import ProcessRuntime  # noqa: E402
-from vramctl.spec import DeploymentSpec  # noqa: E402
-from vramctl.supervisor import GpuWorker, WorkerSettings, holders_from  # noqa: E402
+from vramctl.spec.models import DeploymentSpec  # noqa: E402
+from vramctl.worker.actor import GpuWorker, WorkerSettings  # noqa: E402
+from vramctl.worker.supervisor import holders_from  # noqa: E402
 
 WORKLOAD = ROOT / "benchmarks" / "cuda_workload.py"
 TARGET_SCRAPE_P95_MS = 5.0

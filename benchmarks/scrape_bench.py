@@ -25,9 +25,10 @@ from vramctl.gpu.base import GpuProbe
 from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import Workload, WorkloadState
 from vramctl.runtimes.base import StartEvent, StopOutcome
-from vramctl.spec import DeploymentSpec
-from vramctl.supervisor import GpuWorker, Metrics, WorkerSettings, holders_from
+from vramctl.spec.models import DeploymentSpec
 from vramctl.telemetry import VramctlCollector
+from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
+from vramctl.worker.supervisor import holders_from
 
 SPEC = DeploymentSpec.model_validate(
     {

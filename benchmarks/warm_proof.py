@@ -42,7 +42,7 @@ image identical.
 
 ``--driver direct`` does the switching in this process with vramctl's own
 parts instead of ``vramctl up``: the process runtime, the GPU probe and
-``vramctl.sleepctl``, following the warm protocol (sleep the old model, wait
+``vramctl.runtimes.sleepctl``, following the warm protocol (sleep the old model, wait
 until the probe shows its processes at or under ``maxResidueMiB``, then wake
 the new one if it sleeps, else start it; health-gate). It is the reference
 the worker's own warm switch is measured against, and it works before the
@@ -369,12 +369,12 @@ class Direct:
     """The warm protocol run here, with vramctl's process runtime, GPU probe and sleepctl."""
 
     def __init__(self, cfg: dict[str, Any], workdir: Path, instance: str) -> None:
-        from vramctl import sleepctl
         from vramctl.gpu.base import GpuProbe
         from vramctl.gpu.simulated import SimulatedGpu, with_residues
         from vramctl.observed import WorkloadState
+        from vramctl.runtimes import sleepctl
         from vramctl.runtimes.process import ProcessRuntime
-        from vramctl.spec import parse_config
+        from vramctl.spec.models import parse_config
 
         self.sleepctl = sleepctl
         conf = parse_config(cfg, "warm-proof")

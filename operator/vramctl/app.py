@@ -19,9 +19,10 @@ from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import Desired
 from vramctl.runtimes.base import Runtime
 from vramctl.sources.statefile import StateFile, StateWriteError
-from vramctl.spec import Config, ConfigError, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
-from vramctl.supervisor import DesiredSink, GpuWorker, Metrics, StatusSink, Supervisor, WorkerSettings, holders_of
+from vramctl.spec.models import Config, ConfigError, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
 from vramctl.telemetry import register as register_collector
+from vramctl.worker.actor import DesiredSink, GpuWorker, Metrics, StatusSink, WorkerSettings
+from vramctl.worker.supervisor import Supervisor, holders_of
 
 log = logging.getLogger("vramctl")
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from vramctl import __version__
-from vramctl.pitfalls import Finding, env_pitfalls
-from vramctl.spec import Config, ConfigError, DeploymentSpec, DesiredStateError, check_desired, load_config
+from vramctl.spec.models import Config, ConfigError, DeploymentSpec, DesiredStateError, check_desired, load_config
+from vramctl.spec.pitfalls import Finding, env_pitfalls
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_LISTEN = "127.0.0.1:9400"
@@ -170,9 +170,9 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from vramctl.api import ApiServer
     from vramctl.app import build, default_state_path
     from vramctl.sources.statefile import StateWriteError
+    from vramctl.web.api import ApiServer
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_nofile_limit()
@@ -249,8 +249,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _mount_holds(api: Any, supervisor: Any, token: str | None, refusal: str | None = None) -> None:
     """``POST /holds``, renew and release on the API (what `vramctl hold` and ``vramctl.client`` call)."""
-    from vramctl.holds_api import HoldsApi
-    from vramctl.serving import SupervisorHolder, holds_refusal
+    from vramctl.web.holds import HoldsApi
+    from vramctl.web.serving import SupervisorHolder, holds_refusal
 
     holder = SupervisorHolder(supervisor)
     holds = HoldsApi(holder, holder.names, refusal=holds_refusal(refusal), token=token)
@@ -262,7 +262,7 @@ def _start_gateway(args: argparse.Namespace, supervisor: Any, token: str | None,
     own address. None when not asked for; False when it could not start."""
     if not args.gateway:
         return None
-    from vramctl.serving import GatewayServer, SupervisorHolder
+    from vramctl.web.serving import GatewayServer, SupervisorHolder
 
     host, port = args.gateway
     try:
@@ -439,9 +439,9 @@ def _gpu_uuid_of(built: Callable[[], Any]) -> Callable[[int], str | None]:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     """Act on the ModelDeployments whose spec.nodeName is this node, until SIGTERM."""
-    from vramctl.api import ApiServer, is_loopback
     from vramctl.app import build_operator
-    from vramctl.spec import GpuProbeConfig
+    from vramctl.spec.models import GpuProbeConfig
+    from vramctl.web.api import ApiServer, is_loopback
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -458,11 +458,13 @@ def cmd_operator(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
     try:
-        from vramctl.sources import kubernetes
+        from vramctl.sources.kubernetes.client import Session
+        from vramctl.sources.kubernetes.controller import ModelDeployments
+        from vramctl.sources.kubernetes.handlers import run as run_handlers
     except ImportError as err:
         print(f"vramctl operator needs kopf: pip install 'vramctl[kubernetes]' ({err})", file=sys.stderr)
         return EXIT_USAGE
-    session = kubernetes.Session()
+    session = Session()
     pod_runtime = None
     if args.runtime == "kubernetes":
         from vramctl.runtimes.kubernetes import PodRuntime
@@ -488,7 +490,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         print(f"vramctl: cannot listen on {host}:{port}: {err}", file=sys.stderr)
         built.supervisor.runtime.close()
         return EXIT_USAGE
-    controller = kubernetes.ModelDeployments(args.node_name, built.supervisor, built.runtime, built.make_worker, session=session)
+    controller = ModelDeployments(args.node_name, built.supervisor, built.runtime, built.make_worker, session=session)
     if token or is_loopback(host):  # holds switch GPUs: off loopback only with the token
         _mount_holds(api, built.supervisor, token)
     api.start()
@@ -507,7 +509,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        kubernetes.run(controller, clusterwide=not args.namespace, namespaces=args.namespace or (), timer_interval=args.timer_seconds)
+        run_handlers(controller, clusterwide=not args.namespace, namespaces=args.namespace or (), timer_interval=args.timer_seconds)
     finally:
         print("vramctl operator: shutting down (models keep running)", file=sys.stderr, flush=True)
         if gateway:

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from vramctl.gpu.nvml import NvmlFacts, NvmlUnavailable, nvml_facts, running_under_wsl2
-from vramctl.pitfalls import env_pitfalls
-from vramctl.spec import Config, ConfigError
+from vramctl.spec.models import Config, ConfigError
+from vramctl.spec.pitfalls import env_pitfalls
 
 if TYPE_CHECKING:
     from vramctl.runtimes.docker import EngineFacts

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,11 @@ from prometheus_client.registry import Collector
 
 from vramctl.gpu.base import GpuInfo
 from vramctl.observed import GpuSnapshot
-from vramctl.spec import DeploymentSpec
-from vramctl.supervisor import MODEL_STATES, PHASES, GpuWorker, Supervisor
+from vramctl.reconcile.model_view import MODEL_STATES
+from vramctl.spec.models import DeploymentSpec
+from vramctl.status.book import PHASES
+from vramctl.worker.actor import GpuWorker
+from vramctl.worker.supervisor import Supervisor
 
 log = logging.getLogger("vramctl.telemetry")
 

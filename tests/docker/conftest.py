@@ -11,7 +11,7 @@ import docker.errors
 import pytest
 
 from vramctl.runtimes.docker import DockerRuntime
-from vramctl.spec import ComposeConfig
+from vramctl.spec.models import ComposeConfig
 
 HERE = Path(__file__).resolve().parent
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vramctl.spec import load_config
+from vramctl.spec.models import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = [

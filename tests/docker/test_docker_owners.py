@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tests.conftest import STANDIN_TAG
-from vramctl.gpu.cgroups import owner_model, read_cgroup, read_stat, short_id
+from vramctl.gpu.cgroups import owner_model, read_cgroup, short_id
+from vramctl.host.procfs import read_stat
 from vramctl.runtimes.docker import DockerRuntime
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 
 def test_owners_and_cgroup_attribution_of_a_container(runtime: DockerRuntime, free_port: Callable[[], int]) -> None:

@@ -36,7 +36,7 @@ from vramctl.runtimes.base import (
     StartEvent,
 )
 from vramctl.runtimes.docker import DockerRuntime
-from vramctl.spec import ComposeConfig, DeploymentSpec
+from vramctl.spec.models import ComposeConfig, DeploymentSpec
 
 LOAD = 0.3  # stand-in load time, seconds
 SLACK = 3.0  # container start + first successful probe on a slow CI machine

@@ -20,7 +20,7 @@ import docker.errors
 from tests.conftest import STANDIN_TAG
 from vramctl.runtimes.base import LABEL_SPEC_HASH
 from vramctl.runtimes.docker import DockerRuntime
-from vramctl.spec import SDPA_DEFAULT_ENV, DeploymentSpec
+from vramctl.spec.models import SDPA_DEFAULT_ENV, DeploymentSpec
 
 
 def vllm_standin(port: int, utilization: float) -> dict[str, Any]:

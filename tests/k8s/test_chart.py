@@ -15,7 +15,7 @@ from tests.k8s.chart import CHART_DIR, NAMESPACE, RELEASE, chart, manifest_objec
 from tests.k8s.rbac import grants_of, rules_of
 from tests.k8s.test_manifests import EXPECTED_RULES, POD_RULES
 from tests.k8s.validation import ROOT, load_yaml_docs, validate
-from vramctl.crd import COMMITTED_PATHS, REGENERATE
+from vramctl.spec.crd import COMMITTED_PATHS, REGENERATE
 
 
 def _example_spec(name: str) -> dict[str, Any]:

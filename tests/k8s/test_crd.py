@@ -1,4 +1,4 @@
-"""The ModelDeployment CRD: generated from vramctl.spec, committed twice,
+"""The ModelDeployment CRD: generated from vramctl.spec.models, committed twice,
 structural, and as strict as the pydantic models where Kubernetes can say it."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from tests.k8s.validation import ROOT, crd_errors, crd_object, load_yaml_docs, validate
-from vramctl import crd as crdgen
-from vramctl.spec import DeploymentSpec
+from vramctl.spec import crd as crdgen
+from vramctl.spec.models import DeploymentSpec
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def generated() -> str:
 def test_committed_crd_matches_the_generated_one(generated: str, path: str) -> None:
     committed = ROOT / path
     assert committed.is_file(), f"{path} is missing: run {crdgen.REGENERATE}"
-    assert committed.read_text() == generated, f"{path} differs from the CRD generated from vramctl.spec: run {crdgen.REGENERATE}"
+    assert committed.read_text() == generated, f"{path} differs from the CRD generated from vramctl.spec.models: run {crdgen.REGENERATE}"
 
 
 def test_check_mode_names_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str], generated: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from vramctl.crd import SchemaError, structural
+from vramctl.spec.crd import SchemaError, structural
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:

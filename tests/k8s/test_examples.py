@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.k8s.validation import ROOT, load_yaml_docs, validate
-from vramctl.spec import DeploymentSpec, check_desired
+from vramctl.spec.models import DeploymentSpec, check_desired
 
 EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("*.yaml"))
 

@@ -23,7 +23,7 @@ from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import PermanentError, StartError, TransientError
 from vramctl.runtimes.kubernetes import GPU_RESOURCE, KubeApiError, PodOwner, PodRuntime, failure_reason, pod_state, render_pod
 from vramctl.sources.kubernetes.client import KubeApi
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 STANDIN = "vramctl-standin:test"
 UUID = "GPU-8f6c0000-1111-2222-3333-444455556666"

@@ -29,10 +29,10 @@ from tests.k8s.rbac import Access, Grants, grants_of
 from tests.k8s.test_pod_operator import Cluster, condition, settled, status
 from tests.unit.test_doctor_kubernetes import facts
 from vramctl.doctor import exit_code, kubernetes_checks, pod_rights
-from vramctl.errors import ErrorClass, classify
+from vramctl.reconcile.errors import ErrorClass, classify
 from vramctl.runtimes.kubernetes import POD_ACCESS, Forbidden, KubeApiError, PodOwner, PodRuntime, _explained
 from vramctl.sources.kubernetes.client import KubeApi
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 
 def chart_grants(values: dict[str, Any] | None = None) -> Grants:

@@ -25,8 +25,8 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from vramctl.crd import CRD_NAME, GROUP, KIND, VERSION
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.crd import CRD_NAME, GROUP, KIND, VERSION
+from vramctl.spec.models import DeploymentSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE_VERSION = "1.30.0"

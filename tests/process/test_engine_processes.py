@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from vramctl.runtimes.process import ProcessRuntime
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
 

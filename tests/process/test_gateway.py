@@ -1,4 +1,4 @@
-"""The gateway (vramctl.gateway) with the official ``openai`` client, real
+"""The gateway (vramctl.web.gateway) with the official ``openai`` client, real
 stand-in backend processes on loopback and a recording fake holder.
 
 The fake holder behaves like a worker with one GPU: a model is leased only
@@ -32,7 +32,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from vramctl.gateway import Gateway, Lease, ModelInfo, Refused, Route, make_app
+from vramctl.demand.desk import Lease, Refused
+from vramctl.web.gateway import Gateway, ModelInfo, Route, make_app
 
 # -- stand-in backends -----------------------------------------------------------
 
@@ -527,13 +528,13 @@ def test_500_idle_connections_do_not_stop_other_requests(gw: GatewayThread, hold
     balanced(holder)
 
 
-# -- the gateway on the real desk (vramctl.hold_desk) and a fake worker thread ------------------
+# -- the gateway on the real desk (vramctl.demand.desk) and a fake worker thread ------------------
 
 
 def test_gateway_on_the_inbox_holder_twenty_clients_two_models(backends: dict[str, Backend]) -> None:
     from tests.unit.test_hold_desk import FakeWorker
-    from vramctl import demand_queue as dq
-    from vramctl.hold_desk import HoldDesk, InboxHolder
+    from vramctl.demand import policy as dq
+    from vramctl.demand.desk import HoldDesk, InboxHolder
 
     routes = routes_for(backends)
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from vramctl.gpu.cgroups import owner_model, read_cgroup, read_stat
+from vramctl.gpu.cgroups import owner_model, read_cgroup
+from vramctl.host.procfs import read_stat
 from vramctl.runtimes.process import ProcessRuntime
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 # A "server" that forks a worker (same process group) and reports its pid.
 SERVER = textwrap.dedent(

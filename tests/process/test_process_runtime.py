@@ -27,7 +27,7 @@ import pytest
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import Runtime, StartError
 from vramctl.runtimes.process import ProcessRuntime
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
 
@@ -366,7 +366,7 @@ def test_processes_survive_a_sigkilled_supervisor_and_are_adopted(env: Env) -> N
         import sys, time
         from pathlib import Path
         from vramctl.runtimes.process import ProcessRuntime
-        from vramctl.spec import DeploymentSpec
+        from vramctl.spec.models import DeploymentSpec
         rt = ProcessRuntime(Path({str(env.state_dir)!r}), instance={env.instance!r})
         print(rt.start(DeploymentSpec.model_validate({spec!r}), "llm"), flush=True)
         time.sleep(60)
@@ -579,7 +579,7 @@ def test_a_supervisor_killed_between_spawn_and_record_leaves_no_orphan(tmp_path:
         f"""
         import os, sys
         from vramctl.runtimes.process import ProcessRuntime
-        from vramctl.spec import DeploymentSpec
+        from vramctl.spec.models import DeploymentSpec
         rt = ProcessRuntime({str(tmp_path)!r}, instance={instance!r})
         rt._write = lambda rec: os._exit(9)  # killed before the record reaches the disk
         d = DeploymentSpec.model_validate({{"gpu": 0, "models": {{"llm": {{"command": [sys.executable, "-c", "import time; time.sleep(60)"]}}}}}})

@@ -12,7 +12,7 @@ from typing import Any
 
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.planner import Plan, Sleep, Start, Stop, WaitForMemory, WaitHealthy, Wake
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 RUNNING = WorkloadState.RUNNING
 PAUSED = WorkloadState.PAUSED

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from vramctl.gpu.base import GpuInfo
 from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot, Workload, WorkloadState
 from vramctl.runtimes.base import StartError, StartEvent, StopOutcome
-from vramctl.sleepctl import SleepCallError
-from vramctl.spec import DeploymentSpec
+from vramctl.runtimes.sleepctl import SleepCallError
+from vramctl.spec.models import DeploymentSpec
 
 
 @dataclass

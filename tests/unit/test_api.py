@@ -12,10 +12,11 @@ import pytest
 
 from tests.unit.fakes import FakeGpu, FakeRuntime
 from tests.unit.test_supervisor import spec
-from vramctl.api import ApiServer
 from vramctl.observed import WorkloadState
-from vramctl.supervisor import GpuWorker, Metrics, Supervisor, WorkerSettings
 from vramctl.telemetry import register as register_collector
+from vramctl.web.api import ApiServer
+from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
+from vramctl.worker.supervisor import Supervisor
 
 
 @pytest.fixture

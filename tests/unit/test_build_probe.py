@@ -11,7 +11,7 @@ from vramctl.gpu import nvml
 from vramctl.gpu.nvml import NvmlProbe, NvmlSession
 from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import WorkloadState
-from vramctl.spec import ConfigError, parse_config
+from vramctl.spec.models import ConfigError, parse_config
 
 
 def config(kind: str, gpu: int = 0) -> object:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vramctl.gpu.cgroups import CgroupOwner, StatIds, owner_model, parse_cgroup, parse_stat, read_cgroup, read_stat, short_id
+from vramctl.gpu.cgroups import CgroupOwner, owner_model, parse_cgroup, read_cgroup, short_id
+from vramctl.host.procfs import ProcStat as StatIds
+from vramctl.host.procfs import parse_stat, read_stat
 
 CID = "3f1c0e4a4b6d4e2f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f"
 CID2 = "7a0c5b1e9d8f7e6d5c4b3a29180f7e6d5c4b3a2918f7e6d5c4b3a2918f7e6d5c"

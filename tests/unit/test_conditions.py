@@ -1,10 +1,10 @@
-"""vramctl.conditions.set_condition: lastTransitionTime moves only on flips (table)."""
+"""vramctl.status.conditions.set_condition: lastTransitionTime moves only on flips (table)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vramctl.conditions import Condition, rfc3339, set_condition
+from vramctl.status.conditions import Condition, rfc3339, set_condition
 
 T0, T1 = 1_800_000_000.0, 1_800_000_100.0
 READY = Condition("Ready", "True", "Ready", "llm is serving", T0, 1)

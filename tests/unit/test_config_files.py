@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vramctl.spec import ConfigError, load_config
+from vramctl.spec.models import ConfigError, load_config
 
 CONFIGS = Path(__file__).parent / "configs"
 GOOD = sorted(CONFIGS.glob("good-*.yaml"))

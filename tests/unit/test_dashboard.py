@@ -24,10 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.fakes import FakeGpu, FakeRuntime
 from tests.unit.test_supervisor import spec
-from vramctl.gateway import GatewayMetrics
 from vramctl.observed import WorkloadState
-from vramctl.supervisor import GpuWorker, Metrics, WorkerSettings
 from vramctl.telemetry import VramctlCollector
+from vramctl.web.gateway import GatewayMetrics
+from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "charts" / "vramctl" / "dashboards" / "vramctl.json"

@@ -1,4 +1,4 @@
-"""The queue policy (vramctl.demand_queue): table tests, then a simulation
+"""The queue policy (vramctl.demand.policy): table tests, then a simulation
 driven by hypothesis that checks the promises on random traffic:
 
 - no switch starts while a hold is live, unless the drain timed out or the
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from vramctl.demand_queue import (
+from vramctl.demand.policy import (
     Decision,
     Demand,
     IdlePolicy,
@@ -41,7 +41,7 @@ from vramctl.demand_queue import (
     switch_failed,
     withdraw,
 )
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 POL = QueuePolicy(max_queue=8, queue_timeout_seconds=300, max_serve_seconds=60, drain_timeout_seconds=30)
 

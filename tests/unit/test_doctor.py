@@ -9,7 +9,7 @@ from vramctl.doctor import Check, Facts, checks, exit_code
 from vramctl.gpu.nvml import DeviceFacts, NvmlFacts
 from vramctl.observed import GpuMemory
 from vramctl.runtimes.docker import EngineFacts
-from vramctl.spec import Config, ConfigError, parse_config
+from vramctl.spec.models import Config, ConfigError, parse_config
 
 NO_NVML = "the NVML library (libnvidia-ml.so.1) is not installed: no NVIDIA driver here"
 ENGINE = EngineFacts("28.2.2", "1.51", ("io.containerd.runc.v2", "runc"), "runc")

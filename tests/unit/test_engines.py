@@ -10,7 +10,9 @@ import pytest
 
 from tests.unit.builders import deployment, desired, heavy, light, obs
 from tests.unit.fakes import FakeGpu, FakeRuntime
-from vramctl.engines import (
+from vramctl.observed import WorkloadState
+from vramctl.planner import WaitForMemory, plan
+from vramctl.spec.engines import (
     SDXL_SLEEP_API,
     VLLM_SLEEP_API,
     SdxlSpec,
@@ -22,10 +24,8 @@ from vramctl.engines import (
     render_vllm,
     sleep_api,
 )
-from vramctl.observed import WorkloadState
-from vramctl.planner import WaitForMemory, plan
-from vramctl.spec import SDPA_DEFAULT_ENV, ConfigError, DeploymentSpec, DesiredStateError, HealthSpec, check_desired, parse_config
-from vramctl.supervisor import GpuWorker, WorkerSettings
+from vramctl.spec.models import SDPA_DEFAULT_ENV, ConfigError, DeploymentSpec, DesiredStateError, HealthSpec, check_desired, parse_config
+from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.11.2"
 

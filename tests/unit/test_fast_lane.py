@@ -15,10 +15,10 @@ from dataclasses import replace
 
 from tests.unit.test_worker_actor import spec, wait_for
 from tests.unit.test_worker_holds import loading, queued, start
-from vramctl import demand_queue as dq
-from vramctl.fast_lane import FastLane
+from vramctl.demand import policy as dq
+from vramctl.demand.lane import FastLane
 from vramctl.observed import WorkloadState
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 RUN = WorkloadState.RUNNING
 POL = dq.QueuePolicy(max_queue=8, queue_timeout_seconds=100, max_serve_seconds=10, drain_timeout_seconds=4)

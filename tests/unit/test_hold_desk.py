@@ -1,4 +1,4 @@
-"""vramctl.hold_desk: the worker-side desk (answers the futures per decision)
+"""vramctl.demand.desk: the worker-side desk (answers the futures per decision)
 and InboxHolder (the loop side), wired through a small fake worker thread
 that owns the desk, performs switches in ``switch_seconds`` and records them.
 The last test runs the real gateway on that wiring, with a stand-in backend."""
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client import CollectorRegistry
 
-from vramctl import demand_queue as dq
-from vramctl.hold_desk import AddDemand, Grant, HoldDesk, InboxHolder, QueueMetrics, Refused, Release, Renew, Withdraw
+from vramctl.demand import policy as dq
+from vramctl.demand.desk import AddDemand, Grant, HoldDesk, InboxHolder, QueueMetrics, Refused, Release, Renew, Withdraw
 
 POL = dq.QueuePolicy(max_queue=4, queue_timeout_seconds=100, max_serve_seconds=40, drain_timeout_seconds=10)
 

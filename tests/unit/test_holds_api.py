@@ -1,5 +1,5 @@
-"""vramctl.client against the real holds API (vramctl.holds_api) on the real
-desk (vramctl.hold_desk), driven by the fake worker thread of test_hold_desk:
+"""vramctl.client against the real holds API (vramctl.web.holds) on the real
+desk (vramctl.demand.desk), driven by the fake worker thread of test_hold_desk:
 the whole hold path except the worker's switching itself."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from aiohttp import web
 
 from tests.unit.test_hold_desk import FakeWorker
 from vramctl import client
-from vramctl import demand_queue as dq
-from vramctl.hold_desk import HoldDesk, InboxHolder, Refused
-from vramctl.holds_api import HoldsApi, make_app
+from vramctl.demand import policy as dq
+from vramctl.demand.desk import HoldDesk, InboxHolder, Refused
+from vramctl.web.holds import HoldsApi, make_app
 
 MODELS = ["llm", "sdxl", "tts"]
 

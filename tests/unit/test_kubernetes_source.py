@@ -11,9 +11,12 @@ import pytest
 from tests.unit.fakes import FakeGpu, FakeRuntime
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import StartEvent
-from vramctl.sources.kubernetes import InvalidSpec, ModelDeployments, finalizer_for
-from vramctl.spec import DeploymentSpec
-from vramctl.supervisor import DesiredSink, GpuWorker, Metrics, StatusSink, Supervisor, WorkerSettings
+from vramctl.sources.kubernetes.controller import ModelDeployments
+from vramctl.sources.kubernetes.handlers import finalizer_for
+from vramctl.sources.kubernetes.specs import InvalidSpec
+from vramctl.spec.models import DeploymentSpec
+from vramctl.worker.actor import DesiredSink, GpuWorker, Metrics, StatusSink, WorkerSettings
+from vramctl.worker.supervisor import Supervisor
 
 NODE = "node-a"
 

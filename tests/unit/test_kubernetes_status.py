@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from vramctl.conditions import Condition
 from vramctl.observed import Desired
 from vramctl.sources.kubernetes.status import (
     Conflict,
@@ -17,6 +16,7 @@ from vramctl.sources.kubernetes.status import (
     parse_rfc3339,
     render_status,
 )
+from vramctl.status.conditions import Condition
 
 NOW = 1_800_000_000.0
 EARLIER = NOW - 3600

@@ -292,7 +292,7 @@ def test_a_foreign_pod_is_named_for_the_blocked_message(tmp_path: Path) -> None:
     """Kubernetes: a GPU process that is not vramctl's is named by its Pod
     (cgroup -> pod uid -> namespace/name), and the memory wait says so."""
     from tests.unit.test_cgroups import POD
-    from vramctl.memory_gate import describe_process
+    from vramctl.reconcile.memory_gate import describe_process
 
     fake_proc(tmp_path, 5001, K8S_V2_SYSTEMD_CONTAINERD)  # a stranger's pod
     fake_proc(tmp_path, 5002, HOST_SESSION)  # a stranger on the host: no pod

@@ -16,9 +16,9 @@ import yaml
 from tests.unit.builders import deployment, light
 from tests.unit.fakes import FakeGpu, FakeRuntime
 from vramctl.cli import main
-from vramctl.pitfalls import Finding, env_pitfalls
-from vramctl.spec import HealthSpec, load_config
-from vramctl.supervisor import GpuWorker, WorkerSettings
+from vramctl.spec.models import HealthSpec, load_config
+from vramctl.spec.pitfalls import Finding, env_pitfalls
+from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 

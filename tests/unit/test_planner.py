@@ -16,7 +16,7 @@ import pytest
 from tests.unit.builders import PAUSED, RESTARTING, RUNNING, demo, deployment, desired, heavy, is_heavy, light, obs, simulate, wl
 from vramctl.observed import Desired, Observed, WorkloadState
 from vramctl.planner import Plan, Start, Stop, WaitForMemory, WaitHealthy, plan
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 BASELINE = 300
 MARGIN = 256

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tests.unit.builders import is_heavy, simulate
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.planner import Plan, Start, Stop, WaitForMemory, WaitHealthy, plan
-from vramctl.spec import DeploymentSpec, check_desired
+from vramctl.spec.models import DeploymentSpec, check_desired
 
 NAMES = ["llm", "sdxl", "tts", "whisper", "embed", "flux", "coder"]
 UNKNOWN = ["old-llm", "retired", "ghost"]  # workloads whose model left the spec

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tests.unit.builders import desired, obs, simulate, wl
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.planner import Plan, Sleep, Start, Stop, WaitForMemory, WaitHealthy, Wake, plan
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 BASE, MARGIN = 300, 256
 

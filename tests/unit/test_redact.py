@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vramctl.redact import MASK, redact, redact_argv, redact_env, redact_status, secrets_in
+from vramctl.status.redact import MASK, redact, redact_argv, redact_env, redact_status, secrets_in
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,10 @@ from vramctl.gpu.base import GpuInfo, ProbeTimeout
 from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot, WorkloadState
 from vramctl.planner import WaitForMemory
-from vramctl.spec import DeploymentSpec
-from vramctl.supervisor import GpuWorker, WorkerSettings, foreign_holders, holders_from, memory_problem
+from vramctl.reconcile.memory_gate import foreign_holders, memory_problem
+from vramctl.spec.models import DeploymentSpec
+from vramctl.worker.actor import GpuWorker, WorkerSettings
+from vramctl.worker.supervisor import holders_from
 
 RUN, EXITED = WorkloadState.RUNNING, WorkloadState.EXITED
 

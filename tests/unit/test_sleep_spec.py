@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from tests.unit.builders import deployment, deployment_doc, heavy, light
-from vramctl.engines import SDXL_SLEEP_API, VLLM_SLEEP_API, SleepApi
-from vramctl.host_memory import MIN_MARGIN_MIB, parse_meminfo, read_host_memory
-from vramctl.spec import ConfigError, FieldProblem, check_sleep, parse_config
+from vramctl.host.memory import MIN_MARGIN_MIB, parse_meminfo, read_host_memory
+from vramctl.spec.engines import SDXL_SLEEP_API, VLLM_SLEEP_API, SleepApi
+from vramctl.spec.models import ConfigError, FieldProblem, check_sleep, parse_config
 
 
 def vllm_model(util: float = 0.5, **fields: Any) -> dict[str, Any]:

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from tests.unit.builders import deployment
-from vramctl import sleepctl
-from vramctl.engines import SDXL_SLEEP_API, VLLM_SLEEP_API, SleepApi
 from vramctl.gpu.simulated import SimulatedGpu, with_residues
 from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot
-from vramctl.sleepctl import SleepCallError
+from vramctl.runtimes import sleepctl
+from vramctl.runtimes.sleepctl import SleepCallError
+from vramctl.spec.engines import SDXL_SLEEP_API, VLLM_SLEEP_API, SleepApi
 
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
 API = SleepApi("/sleep", "/wake_up", "/is_sleeping")

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.unit.builders import deployment, deployment_doc, heavy, light, model
-from vramctl.spec import Config, ConfigError, DeploymentSpec, DesiredStateError, check_desired, parse_config
+from vramctl.spec.models import Config, ConfigError, DeploymentSpec, DesiredStateError, check_desired, parse_config
 
 
 def problems(doc: dict[str, Any]) -> list[tuple[str, str]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from vramctl.spec import ConfigError, parse_config
+from vramctl.spec.models import ConfigError, parse_config
 
 
 def base() -> dict[str, Any]:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from vramctl import sleepctl
-from vramctl.engines import SleepApi
-from vramctl.sleepctl import SleepCallError
+from vramctl.runtimes import sleepctl
+from vramctl.runtimes.sleepctl import SleepCallError
+from vramctl.spec.engines import SleepApi
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "images" / "standin" / "standin.sh"

@@ -7,8 +7,8 @@ import pytest
 
 from tests.unit.fakes import FakeClock, FakeGpu, FakeRuntime
 from vramctl.observed import WorkloadState
-from vramctl.spec import DeploymentSpec, DesiredStateError
-from vramctl.supervisor import GpuWorker, WorkerSettings
+from vramctl.spec.models import DeploymentSpec, DesiredStateError
+from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
 

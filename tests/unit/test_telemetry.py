@@ -21,10 +21,12 @@ from tests.unit.test_supervisor import spec
 from vramctl.app import build
 from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot, WorkloadState
+from vramctl.reconcile.model_view import MODEL_STATES
 from vramctl.runtimes.base import StartEvent
-from vramctl.spec import DeploymentSpec, parse_config
-from vramctl.supervisor import MODEL_STATES, GpuWorker, Metrics, WorkerSettings, holders_from
+from vramctl.spec.models import DeploymentSpec, parse_config
 from vramctl.telemetry import MIB, VramctlCollector, model_memory_mib
+from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
+from vramctl.worker.supervisor import holders_from
 
 RUN = WorkloadState.RUNNING
 

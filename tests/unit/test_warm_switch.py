@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from tests.unit.fakes import FakeGpu, FakeRuntime, FakeSleeper
 from vramctl.observed import WorkloadState
-from vramctl.spec import DeploymentSpec
-from vramctl.worker import GpuWorker, Metrics, WorkerSettings
+from vramctl.spec.models import DeploymentSpec
+from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
 
 RUN = WorkloadState.RUNNING
 

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from tests.unit.fakes import FakeGpu, FakeRuntime
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import StartEvent, TransientError
-from vramctl.spec import DeploymentSpec
-from vramctl.worker import GpuWorker, WorkerSettings
+from vramctl.spec.models import DeploymentSpec
+from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
 HEAVY = ("llm", "sdxl", "img")
@@ -357,7 +357,7 @@ def test_an_initial_desired_state_that_does_not_fit_is_refused_like_a_request() 
     """A state file or config naming a companion that cannot fit: the same
     message as the API's 422, nothing started, no Switching/Blocked loop."""
     from vramctl.observed import Desired
-    from vramctl.spec import DesiredStateError, check_desired
+    from vramctl.spec.models import DesiredStateError, check_desired
 
     d = spec()
     d = d.model_copy(update={"models": {**d.models, "big": d.models["tts"].model_copy(update={"vram_mib": 6000})}})

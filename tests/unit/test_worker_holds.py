@@ -12,10 +12,10 @@ import pytest
 
 from tests.unit.fakes import FakeGpu, FakeRuntime
 from tests.unit.test_worker_actor import spec, wait_for
-from vramctl.hold_desk import InboxHolder, Refused
+from vramctl.demand.desk import InboxHolder, Refused
 from vramctl.observed import WorkloadState
-from vramctl.spec import DeploymentSpec
-from vramctl.worker import GpuWorker, WorkerSettings
+from vramctl.spec.models import DeploymentSpec
+from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from vramctl.spec import Config, parse_config
+from vramctl.spec.models import Config, parse_config
 
 STANDIN_IMAGE = "vramctl/standin:dev"
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # /proc/<pid>/stat is parsed in one place; these names are part of this module's API.
-from vramctl.procfs import ProcStat as StatIds
-from vramctl.procfs import parse_stat, read_stat
+from vramctl.host.procfs import ProcStat as StatIds
+from vramctl.host.procfs import parse_stat, read_stat
 
 __all__ = ["CgroupOwner", "StatIds", "owner_model", "parse_cgroup", "parse_stat", "read_cgroup", "read_stat", "short_id"]
 

@@ -48,7 +48,9 @@ from typing import Any, Generic, TypeVar
 import pynvml
 
 from vramctl.gpu.base import GpuInfo, ProbeError, ProbeTimeout
-from vramctl.gpu.cgroups import CgroupOwner, StatIds, owner_model, read_cgroup, read_stat, short_id
+from vramctl.gpu.cgroups import CgroupOwner, owner_model, read_cgroup, short_id
+from vramctl.host.procfs import ProcStat as StatIds
+from vramctl.host.procfs import read_stat
 from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from vramctl.observed import Workload
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "vramctl"

@@ -60,7 +60,7 @@ from vramctl.runtimes.base import (
     check_instance,
 )
 from vramctl.runtimes.health import http_ready
-from vramctl.spec import ComposeConfig, DeploymentSpec, ModelSpec, StopSpec
+from vramctl.spec.models import ComposeConfig, DeploymentSpec, ModelSpec, StopSpec
 
 log = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ from vramctl.runtimes.base import (
     check_instance,
 )
 from vramctl.runtimes.health import http_ready
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 log = logging.getLogger(__name__)
 

@@ -83,11 +83,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from vramctl.host.procfs import ProcStat, read_stat
 from vramctl.observed import Workload, WorkloadState
-from vramctl.procfs import ProcStat, read_stat
 from vramctl.runtimes.base import PermanentError, StartError, StartEvent, StopOutcome, TransientError, check_instance
 from vramctl.runtimes.health import http_ready
-from vramctl.spec import DeploymentSpec, StopSpec
+from vramctl.spec.models import DeploymentSpec, StopSpec
 
 log = logging.getLogger(__name__)
 

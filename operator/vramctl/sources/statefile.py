@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vramctl.observed import Desired
-from vramctl.redact import redact_status
+from vramctl.status.redact import redact_status
 
 VERSION = 1
 MAX_BYTES = 4 * 1024 * 1024

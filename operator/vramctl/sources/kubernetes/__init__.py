@@ -14,31 +14,4 @@
 Only this package imports kopf (an import-linter contract).
 """
 
-from vramctl.sources.kubernetes.client import API_VERSION, GROUP, KIND, PLURAL, VERSION, KubeApi, KubeApiError, Session, StatusApi, login
-from vramctl.sources.kubernetes.controller import EVENT_STEPS, SOURCE, InvalidSpec, ModelDeployments
-from vramctl.sources.kubernetes.handlers import TIMER_INTERVAL_S, build_registry, finalizer_for, run
-from vramctl.sources.kubernetes.status import HandedDesired, StatusSnapshot, render_status
 
-__all__ = [
-    "API_VERSION",
-    "EVENT_STEPS",
-    "GROUP",
-    "KIND",
-    "PLURAL",
-    "SOURCE",
-    "TIMER_INTERVAL_S",
-    "VERSION",
-    "HandedDesired",
-    "InvalidSpec",
-    "KubeApi",
-    "KubeApiError",
-    "ModelDeployments",
-    "Session",
-    "StatusApi",
-    "StatusSnapshot",
-    "build_registry",
-    "finalizer_for",
-    "login",
-    "render_status",
-    "run",
-]

@@ -55,13 +55,10 @@ from vramctl.sources.kubernetes.entries import Entry, Key, Retiring, plain
 from vramctl.sources.kubernetes.outbox import Outbox
 from vramctl.sources.kubernetes.specs import InvalidSpec, parse_spec, report_invalid
 from vramctl.sources.kubernetes.status import conditions_from
-from vramctl.sources.kubernetes.workers import SOURCE, EntryWorkers, WorkerFactory
-from vramctl.sources.kubernetes.writer import EVENT_STEPS, GPU_REFRESH_S, StatusPublisher, Writer
-from vramctl.spec import DeploymentSpec
-from vramctl.supervisor import Supervisor
-
-# Importable from here as before the split (``__init__``, ``handlers``).
-__all__ = ["EVENT_STEPS", "GPU_REFRESH_S", "SOURCE", "InvalidSpec", "ModelDeployments", "WorkerFactory"]
+from vramctl.sources.kubernetes.workers import EntryWorkers, WorkerFactory
+from vramctl.sources.kubernetes.writer import StatusPublisher, Writer
+from vramctl.spec.models import DeploymentSpec
+from vramctl.worker.supervisor import Supervisor
 
 log = logging.getLogger("vramctl.kubernetes")
 

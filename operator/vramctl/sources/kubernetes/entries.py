@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vramctl.conditions import Condition
 from vramctl.sources.kubernetes.client import API_VERSION, KIND
 from vramctl.sources.kubernetes.status import Conflict, HandedDesired
-from vramctl.spec import DeploymentSpec
-from vramctl.supervisor import GpuWorker
+from vramctl.spec.models import DeploymentSpec
+from vramctl.status.conditions import Condition
+from vramctl.worker.actor import GpuWorker
 
 Key = tuple[str, str]  # (namespace, name)
 

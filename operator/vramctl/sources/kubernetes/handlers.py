@@ -23,7 +23,8 @@ from typing import Any
 import kopf
 
 from vramctl.sources.kubernetes.client import GROUP, PLURAL, VERSION, login
-from vramctl.sources.kubernetes.controller import InvalidSpec, ModelDeployments
+from vramctl.sources.kubernetes.controller import ModelDeployments
+from vramctl.sources.kubernetes.specs import InvalidSpec
 
 TIMER_INTERVAL_S = 10.0
 

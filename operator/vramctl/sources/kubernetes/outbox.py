@@ -15,10 +15,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from vramctl.conditions import rfc3339
 from vramctl.runtimes.kubernetes import KubeApiError
 from vramctl.sources.kubernetes.client import StatusApi
 from vramctl.sources.kubernetes.entries import Entry
+from vramctl.status.conditions import rfc3339
 
 log = logging.getLogger("vramctl.kubernetes")
 

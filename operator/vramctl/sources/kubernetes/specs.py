@@ -18,7 +18,7 @@ from vramctl.runtimes.base import Runtime
 from vramctl.sources.kubernetes.client import KIND
 from vramctl.sources.kubernetes.entries import Entry
 from vramctl.sources.kubernetes.outbox import Outbox
-from vramctl.spec import ConfigError, DeploymentSpec, problems_from
+from vramctl.spec.models import ConfigError, DeploymentSpec, problems_from
 
 log = logging.getLogger("vramctl.kubernetes")
 

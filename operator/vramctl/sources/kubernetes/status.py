@@ -6,7 +6,7 @@ worker's published status, the desired state as it was handed over (with the
 the conditions as last published and the time. Nothing here reads a clock,
 a worker or the API; ``tests/unit/test_kubernetes_status.py`` is its table.
 
-Conditions go through ``vramctl.conditions.set_condition``, so
+Conditions go through ``vramctl.status.conditions.set_condition``, so
 lastTransitionTime moves only when a condition's status flips, also across
 operator restarts (the published conditions are read back as the starting
 point, see ``conditions_from``).
@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vramctl.conditions import Condition, set_condition
 from vramctl.observed import Desired
-from vramctl.status_book import PHASE_FAILED
+from vramctl.status.book import PHASE_FAILED
+from vramctl.status.conditions import Condition, set_condition
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ConfigWarnings")
 CONDITION_MESSAGE_MAX = 4096

@@ -27,8 +27,9 @@ from vramctl.sources.kubernetes.entries import Entry, Retiring
 from vramctl.sources.kubernetes.outbox import Outbox
 from vramctl.sources.kubernetes.specs import InvalidSpec, spec_path
 from vramctl.sources.kubernetes.status import HandedDesired
-from vramctl.spec import DeploymentSpec, DesiredStateError
-from vramctl.supervisor import DesiredSink, GpuWorker, StatusSink, Supervisor
+from vramctl.spec.models import DeploymentSpec, DesiredStateError
+from vramctl.worker.actor import DesiredSink, GpuWorker, StatusSink
+from vramctl.worker.supervisor import Supervisor
 
 log = logging.getLogger("vramctl.kubernetes")
 

@@ -22,7 +22,8 @@ from vramctl.sources.kubernetes.client import StatusApi
 from vramctl.sources.kubernetes.entries import Entry
 from vramctl.sources.kubernetes.outbox import Outbox
 from vramctl.sources.kubernetes.status import StatusSnapshot, render_status
-from vramctl.supervisor import PHASE_BLOCKED, GpuWorker
+from vramctl.status.book import PHASE_BLOCKED
+from vramctl.worker.actor import GpuWorker
 
 log = logging.getLogger("vramctl.kubernetes")
 

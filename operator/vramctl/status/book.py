@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from vramctl.conditions import Condition, rfc3339, set_condition
+from vramctl.status.conditions import Condition, rfc3339, set_condition
 
 PHASE_IDLE = "Idle"
 PHASE_SWITCHING = "Switching"

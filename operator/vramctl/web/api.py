@@ -47,11 +47,12 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vramctl.redact import redact_status
-from vramctl.spec import DeploymentSpec, DesiredStateError
-from vramctl.supervisor import GpuWorker, Supervisor
+from vramctl.spec.models import DeploymentSpec, DesiredStateError
+from vramctl.status.redact import redact_status
+from vramctl.worker.actor import GpuWorker
+from vramctl.worker.supervisor import Supervisor
 
-log = logging.getLogger("vramctl.api")
+log = logging.getLogger("vramctl.web.api")
 
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT = 10.0

@@ -46,7 +46,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from yarl import URL
 
-from vramctl.hold_desk import Lease, Refused
+from vramctl.demand.desk import Lease, Refused
 
 __all__ = ["Gateway", "GatewayMetrics", "Holder", "Lease", "ModelInfo", "Refused", "Route", "make_app"]
 

@@ -26,22 +26,22 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from vramctl import demand_queue as dq
-from vramctl.fast_lane import FastLane
+from vramctl.demand import policy as dq
+from vramctl.demand.desk import AddDemand, HoldDesk, QueueMetrics, Release, Renew, Withdraw
+from vramctl.demand.lane import FastLane
 from vramctl.gpu.base import GpuProbe
-from vramctl.hold_desk import AddDemand, HoldDesk, QueueMetrics, Release, Renew, Withdraw
 from vramctl.observed import Desired
-from vramctl.pitfalls import Finding
-from vramctl.reconciler import MODEL_STATES, Actuator, Reconciler
+from vramctl.reconcile.actuator import Actuator
+from vramctl.reconcile.reconciler import Reconciler
+from vramctl.reconcile.warm import SleepMetrics
 from vramctl.runtimes.base import Runtime, StartEvent
-from vramctl.sleeping import SleepMetrics
-from vramctl.spec import Config, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
-from vramctl.status_book import PHASES, SWITCH_OUTCOMES, StatusBook
-from vramctl.worker_status import WorkerReporting
+from vramctl.spec.models import Config, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
+from vramctl.spec.pitfalls import Finding
+from vramctl.status.book import SWITCH_OUTCOMES, StatusBook
+from vramctl.worker.reporting import WorkerReporting
 
-log = logging.getLogger("vramctl.supervisor")
+log = logging.getLogger("vramctl.worker.supervisor")
 
-__all__ = ["MODEL_STATES", "PHASES", "DesiredSink", "GpuWorker", "Metrics", "StatusSink", "WorkerSettings"]
 
 
 class StatusSink(Protocol):

@@ -19,17 +19,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vramctl import sleepctl
-from vramctl.actuator import Op, OpAction
-from vramctl.backoff import Backoff
-from vramctl.errors import Classified, ErrorClass, classify
-from vramctl.model_view import ModelView
-from vramctl.model_watch import ModelWatch, Tracking
 from vramctl.planner import Cleanup, Sleep, Start, Stop, Wake
-from vramctl.runtime_outage import RuntimeOutage, is_transient
+from vramctl.reconcile.actuator import Op, OpAction
+from vramctl.reconcile.backoff import Backoff
+from vramctl.reconcile.errors import Classified, ErrorClass, classify
+from vramctl.reconcile.model_view import ModelView
+from vramctl.reconcile.model_watch import ModelWatch, Tracking
+from vramctl.reconcile.runtime_outage import RuntimeOutage, is_transient
+from vramctl.reconcile.warm import SleepBook, WarmSwitches
+from vramctl.runtimes import sleepctl
 from vramctl.runtimes.base import StartEvent, StopOutcome
-from vramctl.sleeping import SleepBook, WarmSwitches
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 
 def describe_error(c: Classified) -> str:

@@ -17,10 +17,10 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from vramctl import sleepctl
 from vramctl.gpu.base import GpuProbe
 from vramctl.observed import GpuSnapshot, Observed
-from vramctl.spec import DeploymentSpec
+from vramctl.runtimes import sleepctl
+from vramctl.spec.models import DeploymentSpec
 
 FALLBACK_REASONS = ("SleepFailed", "SleepTimeout", "ResidueOverLimit", "ResidueGrowing", "WakeFailed", "MaxCycles")
 MIB = 1 << 20

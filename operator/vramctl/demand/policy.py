@@ -42,7 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 DemandKind = Literal["hold", "switch"]
 IdleAction = Literal["default", "sleep", "free"]

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from vramctl.model_watch import ModelWatch
 from vramctl.observed import Desired, Observed
 from vramctl.planner import Plan, Start
+from vramctl.reconcile.model_watch import ModelWatch
 from vramctl.runtimes.base import Runtime
 from vramctl.runtimes.health import LocalResourceError, http_ready
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 
 class StartChecks:

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vramctl.backoff import Backoff
-from vramctl.gating import StartGate
 from vramctl.observed import Desired, Observed, WorkloadState
-from vramctl.spec import DeploymentSpec
+from vramctl.reconcile.backoff import Backoff
+from vramctl.reconcile.gating import StartGate
+from vramctl.spec.models import DeploymentSpec
 
 
 @dataclass

@@ -28,8 +28,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from vramctl import yamlfile
-from vramctl.engines import (
+from vramctl.spec import yamlfile
+from vramctl.spec.engines import (
     CONTAINER,
     SLEEPING_ENGINES,
     SOVITS_OWNED_FLAGS,
@@ -46,7 +46,7 @@ from vramctl.engines import (
     render_vllm,
     sleep_api,
 )
-from vramctl.redact import secrets_in
+from vramctl.status.redact import secrets_in
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

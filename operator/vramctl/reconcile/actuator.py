@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramctl.planner import Cleanup, Sleep, Start, Stop, Wake
+from vramctl.reconcile.warm import HttpSleeper, Sleeper
 from vramctl.runtimes.base import Runtime
-from vramctl.sleeping import HttpSleeper, Sleeper
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
 # What the actuator runs: the planned actions that call out (the waits do not).
 OpAction = Cleanup | Stop | Start | Sleep | Wake

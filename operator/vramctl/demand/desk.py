@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from vramctl import demand_queue as dq
+from vramctl.demand import policy as dq
 
 RenewAnswer = Literal["renewed", "revoked", "unknown"]
 

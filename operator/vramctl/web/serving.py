@@ -20,11 +20,12 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from vramctl.api import is_loopback
-from vramctl.gateway import MAX_BODY, Gateway, Lease, ModelInfo, Route
-from vramctl.hold_desk import DeskCommand, Grant, InboxHolder, Refused
-from vramctl.holds_api import HoldsApi
-from vramctl.supervisor import GpuWorker, Supervisor
+from vramctl.demand.desk import DeskCommand, Grant, InboxHolder, Lease, Refused
+from vramctl.web.api import is_loopback
+from vramctl.web.gateway import MAX_BODY, Gateway, ModelInfo, Route
+from vramctl.web.holds import HoldsApi
+from vramctl.worker.actor import GpuWorker
+from vramctl.worker.supervisor import Supervisor
 
 
 class SupervisorHolder(InboxHolder):

@@ -1,15 +1,15 @@
-"""The ModelDeployment CRD, generated from ``vramctl.spec.DeploymentSpec``.
+"""The ModelDeployment CRD, generated from ``vramctl.spec.models.DeploymentSpec``.
 
 Why generated: the pydantic models are the one description of a GPU's spec
 (the compose-mode file and the custom resource share it). Writing the CRD's
 OpenAPI schema by hand would let the two drift; instead the schema is derived
 here and the committed copies are checked by a test (KubeAI's ``make
-manifests``). Regenerate after changing ``vramctl.spec``::
+manifests``). Regenerate after changing ``vramctl.spec.models``::
 
     make crd
-    # or: python -m vramctl.crd -o manifests/crds/modeldeployments.vramctl.io.yaml \\
+    # or: python -m vramctl.spec.crd -o manifests/crds/modeldeployments.vramctl.io.yaml \\
     #                           -o charts/vramctl/crds/modeldeployments.vramctl.io.yaml
-    # or: python -m vramctl.crd > manifests/crds/modeldeployments.vramctl.io.yaml
+    # or: python -m vramctl.spec.crd > manifests/crds/modeldeployments.vramctl.io.yaml
 
 Kubernetes accepts only a *structural* schema (OpenAPI v3.0 subset): every
 node has a type, there are no ``$ref``/``$defs``, ``anyOf`` may not carry the
@@ -38,8 +38,8 @@ from typing import Any
 
 import yaml
 
-from vramctl.spec import DeploymentSpec
-from vramctl.supervisor import PHASE_BLOCKED, PHASE_FAILED, PHASE_IDLE, PHASE_READY, PHASE_SWITCHING
+from vramctl.spec.models import DeploymentSpec
+from vramctl.status.book import PHASE_BLOCKED, PHASE_FAILED, PHASE_IDLE, PHASE_READY, PHASE_SWITCHING
 
 GROUP = "vramctl.io"
 VERSION = "v1alpha1"
@@ -55,7 +55,7 @@ COMMITTED_PATHS = (
     f"manifests/crds/{CRD_NAME}.yaml",
     f"charts/vramctl/crds/{CRD_NAME}.yaml",
 )
-REGENERATE = "make crd  (or: python -m vramctl.crd " + " ".join(f"-o {p}" for p in COMMITTED_PATHS) + ")"
+REGENERATE = "make crd  (or: python -m vramctl.spec.crd " + " ".join(f"-o {p}" for p in COMMITTED_PATHS) + ")"
 
 # DeploymentSpec fields that are not part of the custom resource's spec:
 # compose mode names a GPU with `name`; a ModelDeployment uses metadata.name.
@@ -506,7 +506,7 @@ def crd() -> dict[str, Any]:
 def render() -> str:
     """The CRD as committed: a header naming the command, then YAML."""
     body = yaml.safe_dump(crd(), sort_keys=False, default_flow_style=False, allow_unicode=True, width=120)
-    header = f"# Generated from vramctl.spec.DeploymentSpec by vramctl.crd: do not edit.\n# Regenerate: {REGENERATE}\n"
+    header = f"# Generated from vramctl.spec.models.DeploymentSpec by vramctl.spec.crd: do not edit.\n# Regenerate: {REGENERATE}\n"
     return header + body
 
 
@@ -527,7 +527,7 @@ def _write(path: Path, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m vramctl.crd", description="Print (or write) the ModelDeployment CRD generated from vramctl.spec."
+        prog="python -m vramctl.spec.crd", description="Print (or write) the ModelDeployment CRD generated from vramctl.spec.models."
     )
     p.add_argument("-o", "--output", action="append", default=[], metavar="FILE", help="write to FILE instead of stdout (repeatable)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when an --output FILE differs from the generated CRD")
@@ -536,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         stale = [f for f in args.output if not Path(f).is_file() or Path(f).read_text() != text]
         for f in stale:
-            print(f"{f} differs from the CRD generated from vramctl.spec: run {REGENERATE}", file=sys.stderr)
+            print(f"{f} differs from the CRD generated from vramctl.spec.models: run {REGENERATE}", file=sys.stderr)
         return 1 if stale else 0
     if not args.output:
         sys.stdout.write(text)

@@ -1,8 +1,8 @@
 """All workers of this host, and the watcher that gates starts made behind
 vramctl's back.
 
-The per-GPU worker (an actor) lives in ``vramctl.worker``, its loop-owned
-state machine in ``vramctl.reconciler``, and the pure parts beside the
+The per-GPU worker (an actor) lives in ``vramctl.worker.actor``, its loop-owned
+state machine in ``vramctl.reconcile.reconciler``, and the pure parts beside the
 planner: ``memory_gate`` (is the GPU really free), ``backoff``,
 ``status_book`` (phase, conditions, progress), ``errors`` (transient or
 permanent). This module re-exports the names its users import.
@@ -18,38 +18,14 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
-from vramctl import sleepctl
-from vramctl.conditions import rfc3339
-from vramctl.memory_gate import foreign_holders, memory_problem
 from vramctl.observed import WorkloadState
+from vramctl.runtimes import sleepctl
 from vramctl.runtimes.base import Runtime, StartEvent
-from vramctl.spec import DeploymentSpec
-from vramctl.status_book import PHASE_BLOCKED, PHASE_FAILED, PHASE_IDLE, PHASE_READY, PHASE_SWITCHING, PHASES, SWITCH_OUTCOMES
-from vramctl.worker import MODEL_STATES, DesiredSink, GpuWorker, Metrics, StatusSink, WorkerSettings
+from vramctl.spec.models import DeploymentSpec
+from vramctl.worker.actor import GpuWorker, Metrics
 
-log = logging.getLogger("vramctl.supervisor")
+log = logging.getLogger("vramctl.worker.supervisor")
 
-__all__ = [
-    "MODEL_STATES",
-    "PHASES",
-    "PHASE_BLOCKED",
-    "PHASE_FAILED",
-    "PHASE_IDLE",
-    "PHASE_READY",
-    "PHASE_SWITCHING",
-    "SWITCH_OUTCOMES",
-    "DesiredSink",
-    "GpuWorker",
-    "Metrics",
-    "StatusSink",
-    "Supervisor",
-    "WorkerSettings",
-    "foreign_holders",
-    "holders_from",
-    "holders_of",
-    "memory_problem",
-    "rfc3339",
-]
 
 
 # Model states in which a model holds its memory on a simulated GPU.

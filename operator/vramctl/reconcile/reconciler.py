@@ -30,45 +30,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vramctl import memory_gate
-from vramctl.actuator import Actuator, Op, OpAction, announcement
-from vramctl.backoff import Backoff
-from vramctl.errors import classify
-from vramctl.finished_ops import FinishedOps, describe_error, stop_message
 from vramctl.gpu.base import GpuProbe
-from vramctl.hand_starts import HandStarts
-from vramctl.model_view import MODEL_STATES, OP_STATES, ModelView, model_state, observe, states_of
-from vramctl.model_watch import ModelWatch, Tracking
 from vramctl.observed import Desired, Observed
 from vramctl.planner import Cleanup, Plan, Sleep, Start, Stop, WaitForMemory, WaitHealthy, Wake, plan
-from vramctl.release_wait import ReleaseWait, memory_verdict, waiting_message
-from vramctl.runtime_outage import ENGINE_SETTLE_S, RuntimeOutage, is_transient
+from vramctl.reconcile import memory_gate
+from vramctl.reconcile.actuator import Op, OpAction, announcement
+from vramctl.reconcile.backoff import Backoff
+from vramctl.reconcile.errors import classify
+from vramctl.reconcile.finished_ops import FinishedOps
+from vramctl.reconcile.hand_starts import HandStarts
+from vramctl.reconcile.model_view import OP_STATES, ModelView, observe
+from vramctl.reconcile.model_watch import ModelWatch, Tracking
+from vramctl.reconcile.release_wait import ReleaseWait
+from vramctl.reconcile.runtime_outage import RuntimeOutage
+from vramctl.reconcile.settled import next_look, report
+from vramctl.reconcile.start_checks import StartChecks
+from vramctl.reconcile.warm import SleepBook, Sleeper, WarmSwitches
 from vramctl.runtimes.base import Runtime, StartEvent
-from vramctl.settled import next_look, report
-from vramctl.sleeping import SleepBook, Sleeper, WarmSwitches
-from vramctl.spec import DeploymentSpec
-from vramctl.start_checks import StartChecks
-
-# What this module offered before its parts moved out: still importable from here.
-__all__ = [
-    "ENGINE_SETTLE_S",
-    "MODEL_STATES",
-    "OP_STATES",
-    "Actuator",
-    "ModelWatch",
-    "Op",
-    "Reconciler",
-    "Tracking",
-    "describe_error",
-    "is_transient",
-    "memory_verdict",
-    "model_state",
-    "observe",
-    "plan_for",
-    "states_of",
-    "stop_message",
-    "waiting_message",
-]
+from vramctl.spec.models import DeploymentSpec
 
 
 def plan_for(

@@ -13,14 +13,14 @@ from typing import Any
 
 from vramctl.gpu.base import GpuProbe
 from vramctl.observed import Desired
-from vramctl.pitfalls import Finding, env_pitfalls
-from vramctl.reconciler import Reconciler
-from vramctl.redact import redact
+from vramctl.reconcile.reconciler import Reconciler
 from vramctl.runtimes.base import Runtime, StartEvent
-from vramctl.spec import DeploymentSpec, DesiredStateError, check_desired
-from vramctl.status_book import WARNING_STEPS, StatusBook, SwitchRecord
+from vramctl.spec.models import DeploymentSpec, DesiredStateError, check_desired
+from vramctl.spec.pitfalls import Finding, env_pitfalls
+from vramctl.status.book import WARNING_STEPS, StatusBook, SwitchRecord
+from vramctl.status.redact import redact
 
-log = logging.getLogger("vramctl.supervisor")
+log = logging.getLogger("vramctl.worker.supervisor")
 
 
 class WorkerReporting:

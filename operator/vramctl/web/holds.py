@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from vramctl.hold_desk import InboxHolder, Refused
+from vramctl.demand.desk import InboxHolder, Refused
 
 DEFAULT_TTL = 120.0
 MAX_TTL = 86400.0

@@ -15,15 +15,15 @@ import logging
 from collections.abc import Mapping, Set
 from dataclasses import replace
 
-from vramctl.model_watch import Tracking
 from vramctl.observed import Observed, Workload, WorkloadState
 from vramctl.planner import Cleanup, Plan, Sleep, Start, Stop, Wake
+from vramctl.reconcile.model_watch import Tracking
+from vramctl.reconcile.warm import SleepBook, Sleeper, sleepable
 from vramctl.runtimes.base import Runtime
 from vramctl.runtimes.health import LocalResourceError
-from vramctl.sleeping import SleepBook, Sleeper, sleepable
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
-log = logging.getLogger("vramctl.supervisor")
+log = logging.getLogger("vramctl.worker.supervisor")
 
 # A model's state as its worker knows it (vramctl_model_state).
 MODEL_STATES = ("running", "starting", "paused", "stopping", "stopped", "failed", "absent", "asleep", "sleeping", "waking")

@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from vramctl import memory_gate
 from vramctl.gpu.base import GpuProbe
-from vramctl.model_watch import Tracking
 from vramctl.observed import Desired
 from vramctl.planner import WaitForMemory
-from vramctl.sleeping import SleepBook, WarmSwitches
-from vramctl.spec import DeploymentSpec
+from vramctl.reconcile import memory_gate
+from vramctl.reconcile.model_watch import Tracking
+from vramctl.reconcile.warm import SleepBook, WarmSwitches
+from vramctl.spec.models import DeploymentSpec
 
 
 def memory_verdict(

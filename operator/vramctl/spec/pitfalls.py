@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from vramctl.engines import flag_name
-from vramctl.spec import DEFAULT_MARGIN_MIB, DeploymentSpec, ModelSpec
+from vramctl.spec.engines import flag_name
+from vramctl.spec.models import DEFAULT_MARGIN_MIB, DeploymentSpec, ModelSpec
 
 Severity = Literal["warning", "error"]
 

@@ -15,17 +15,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from vramctl.actuator import Op
-from vramctl.gating import GateDecision
-from vramctl.model_view import ModelView
-from vramctl.model_watch import ModelWatch, Tracking
 from vramctl.observed import Desired
 from vramctl.planner import Start, Stop
-from vramctl.runtime_outage import RuntimeOutage
+from vramctl.reconcile.actuator import Op
+from vramctl.reconcile.gating import GateDecision
+from vramctl.reconcile.model_view import ModelView
+from vramctl.reconcile.model_watch import ModelWatch, Tracking
+from vramctl.reconcile.runtime_outage import RuntimeOutage
 from vramctl.runtimes.base import Runtime, StartEvent
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
-log = logging.getLogger("vramctl.supervisor")
+log = logging.getLogger("vramctl.worker.supervisor")
 
 
 class HandStarts:

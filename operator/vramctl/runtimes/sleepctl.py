@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from vramctl.engines import SleepApi
 from vramctl.observed import GpuSnapshot
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.engines import SleepApi
+from vramctl.spec.models import DeploymentSpec
 
 Reason = Literal["unreachable", "timeout", "status", "answer"]
 # Why a warm switch went the cold way (the SleepFallback Event's reason, the metric's label).

@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from vramctl.errors import Classified, ErrorClass, Outage
+from vramctl.reconcile.errors import Classified, ErrorClass, Outage
 from vramctl.runtimes.base import Runtime
-from vramctl.spec import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec
 
-log = logging.getLogger("vramctl.supervisor")
+log = logging.getLogger("vramctl.worker.supervisor")
 
 # After an engine outage, how long to look before starting anything: the
 # engine restarts containers by their restart policies right after it answers.
