@@ -1,1 +1,3 @@
-"""Actuators: where model workloads actually run (docker containers, local processes)."""
+"""Where model workloads really run: Docker containers, local processes,
+Kubernetes Pods (one ``Runtime`` Protocol), plus the health checks and the
+sleep control of each engine's server."""

@@ -1,1 +1,2 @@
-"""Where desired state comes from and status goes to: state file, compose events, Kubernetes."""
+"""Where desired state comes from and status goes to: the state file (compose
+mode) and Kubernetes ModelDeployments (kopf)."""
