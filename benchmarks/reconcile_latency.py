@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.k8s.emulator import EmulatorThread, KubeClient  # noqa: E402
+from tests.support.k8s.emulator import EmulatorThread, KubeClient  # noqa: E402
 
 STANDIN = "vramctl/standin:dev"
 ACTIONS = ("kill", "stop", "start")
@@ -195,7 +195,7 @@ class PodActions:
 
 def main_pods(switches: int, json_path: str | None) -> int:
     """The Pod runtime: PATCH -> the old Pod's DELETE, and -> the new Pod's POST."""
-    from tests.k8s.kubelet import TestKubelet
+    from tests.support.k8s.kubelet import TestKubelet
 
     ns, name, node = f"bench{uuid.uuid4().hex[:6]}", "gpu0", "bench-node"
     tmp = Path(tempfile.mkdtemp(prefix="vramctl-reconcile-pods-"))

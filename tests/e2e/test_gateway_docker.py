@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import ExclusivityRecorder
 from tests.e2e.conftest import FIGURES, VramctlProc, standin_model
-from tests.openai_mix import IMAGE, TOKENS, one
+from tests.support.openai_mix import IMAGE, TOKENS, one
 
 pytestmark = pytest.mark.docker
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.validation import ROOT, crd_errors, crd_object, load_yaml_docs, validate
+from tests.support.k8s.validation import ROOT, crd_errors, crd_object, load_yaml_docs, validate
 from vramctl.spec import crd as crdgen
 from vramctl.spec.models import DeploymentSpec
 

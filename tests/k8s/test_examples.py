@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.validation import ROOT, load_yaml_docs, validate
+from tests.support.k8s.validation import ROOT, load_yaml_docs, validate
 from vramctl.spec.models import DeploymentSpec, check_desired
 
 EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("*.yaml"))

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from tests.k8s.chart import MANIFESTS, manifest_objects
-from tests.k8s.rbac import grants_of, rules_of
-from tests.k8s.validation import load_yaml_docs, validate
+from tests.support.k8s.chart import MANIFESTS, manifest_objects
+from tests.support.k8s.rbac import grants_of, rules_of
+from tests.support.k8s.validation import load_yaml_docs, validate
 
 # The ClusterRole: what vramctl and kopf need in every namespace (see manifests/rbac.yaml for why each is there).
 EXPECTED_RULES = [

@@ -27,8 +27,8 @@ import yaml
 
 from tests.conftest import STANDIN_TAG, ExclusivityRecorder
 from tests.e2e.conftest import standin_model
-from tests.k8s.emulator import ROOT, EmulatorThread, KubeClient
-from tests.k8s.validation import crd_object
+from tests.support.k8s.emulator import ROOT, EmulatorThread, KubeClient
+from tests.support.k8s.validation import crd_object
 
 pytestmark = pytest.mark.docker
 

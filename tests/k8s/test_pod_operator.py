@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.emulator import EmulatorThread, KubeClient
-from tests.k8s.kubelet import GarbageCollector, TestKubelet
+from tests.support.k8s.emulator import EmulatorThread, KubeClient
+from tests.support.k8s.kubelet import GarbageCollector, TestKubelet
 
 STANDIN = "vramctl-standin:test"
 TIMER_S = 1.0
@@ -324,8 +324,8 @@ def test_kubectl_apply_of_the_k3s_example(emulator: EmulatorThread, tmp_path: Pa
 
     import yaml
 
-    from tests.k8s.chart import NAMESPACE, RELEASE, render
-    from tests.k8s.rbac import grants_of
+    from tests.support.k8s.chart import NAMESPACE, RELEASE, render
+    from tests.support.k8s.rbac import grants_of
 
     doc = yaml.safe_load(K3S_EXAMPLE.read_text())
     ns, name, node = doc["metadata"]["namespace"], doc["metadata"]["name"], doc["spec"]["nodeName"]

@@ -17,8 +17,8 @@ from typing import Any
 import kopf
 import pytest
 
-from tests.k8s.emulator import EmulatorThread, KubeClient
-from tests.k8s.kubelet import TestKubelet
+from tests.support.k8s.emulator import EmulatorThread, KubeClient
+from tests.support.k8s.kubelet import TestKubelet
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import PermanentError, StartError, TransientError
 from vramctl.runtimes.kubernetes import GPU_RESOURCE, KubeApiError, PodOwner, PodRuntime, failure_reason, pod_state, render_pod

@@ -22,11 +22,11 @@ from typing import Any
 import kopf
 import pytest
 
-from tests.k8s.chart import NAMESPACE, RELEASE, render
-from tests.k8s.emulator import EmulatorThread, KubeClient
-from tests.k8s.kubelet import GarbageCollector
-from tests.k8s.rbac import Access, Grants, grants_of
 from tests.k8s.test_pod_operator import Cluster, condition, settled, status
+from tests.support.k8s.chart import NAMESPACE, RELEASE, render
+from tests.support.k8s.emulator import EmulatorThread, KubeClient
+from tests.support.k8s.kubelet import GarbageCollector
+from tests.support.k8s.rbac import Access, Grants, grants_of
 from tests.unit.test_doctor_kubernetes import facts
 from vramctl.doctor import exit_code, kubernetes_checks, pod_rights
 from vramctl.reconcile.errors import ErrorClass, classify

@@ -26,7 +26,7 @@ import openai
 import pytest
 import yaml
 
-from tests.openai_mix import IMAGE, TOKENS, one
+from tests.support.openai_mix import IMAGE, TOKENS, one
 
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.process.live_up import LiveUp
+from tests.support.live_up import LiveUp
 
 
 @pytest.fixture

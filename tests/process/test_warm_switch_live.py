@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.process.live_up import LiveUp, free_port, standin
+from tests.support.live_up import LiveUp, free_port, standin
 
 SLEEP_API = {"path": "/sleep", "wakePath": "/wake_up", "statePath": "/is_sleeping"}
 

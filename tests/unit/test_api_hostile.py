@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.fakes import FakeGpu, FakeRuntime
+from tests.support.fakes import FakeGpu, FakeRuntime
 from tests.unit.test_supervisor import spec
 from vramctl.observed import WorkloadState
 from vramctl.sources.statefile import StateWriteError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.fake_nvml import FakeNvml, FakeProc
-from tests.unit.fakes import FakeRuntime
+from tests.support.fake_nvml import FakeNvml, FakeProc
+from tests.support.fakes import FakeRuntime
 from vramctl.app import _SpecRef, build_probe
 from vramctl.gpu import nvml
 from vramctl.gpu.nvml import NvmlProbe, NvmlSession

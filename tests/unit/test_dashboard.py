@@ -22,7 +22,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.fakes import FakeGpu, FakeRuntime
+from tests.support.fakes import FakeGpu, FakeRuntime
 from tests.unit.test_supervisor import spec
 from vramctl.observed import WorkloadState
 from vramctl.telemetry import VramctlCollector

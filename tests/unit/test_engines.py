@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.unit.builders import deployment, desired, heavy, light, obs
-from tests.unit.fakes import FakeGpu, FakeRuntime
+from tests.support.builders import deployment, desired, heavy, light, obs
+from tests.support.fakes import FakeGpu, FakeRuntime
 from vramctl.observed import WorkloadState
 from vramctl.planner import WaitForMemory, plan
 from vramctl.spec.engines import (

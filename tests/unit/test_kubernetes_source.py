@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.fakes import FakeGpu, FakeRuntime
+from tests.support.fakes import FakeGpu, FakeRuntime
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import StartEvent
 from vramctl.sources.kubernetes.controller import ModelDeployments

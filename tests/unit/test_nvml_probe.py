@@ -15,7 +15,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from tests.unit.fake_nvml import FakeNvml, FakeProc
+from tests.support.fake_nvml import FakeNvml, FakeProc
 from tests.unit.test_cgroups import CID, DOCKER_V2_SYSTEMD, HOST_SESSION, K8S_V2_SYSTEMD_CONTAINERD
 from vramctl.gpu.base import GpuInfo, GpuProbe, ProbeError, ProbeTimeout
 from vramctl.gpu.nvml import NvmlProbe, NvmlSession, NvmlUnavailable, nvml_facts, nvml_problem

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.unit.builders import deployment, light
-from tests.unit.fakes import FakeGpu, FakeRuntime
+from tests.support.builders import deployment, light
+from tests.support.fakes import FakeGpu, FakeRuntime
 from vramctl.cli import main
 from vramctl.spec.models import HealthSpec, load_config
 from vramctl.spec.pitfalls import Finding, env_pitfalls

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.unit.builders import PAUSED, RESTARTING, RUNNING, demo, deployment, desired, heavy, is_heavy, light, obs, simulate, wl
+from tests.support.builders import PAUSED, RESTARTING, RUNNING, demo, deployment, desired, heavy, is_heavy, light, obs, simulate, wl
 from vramctl.observed import Desired, Observed, WorkloadState
 from vramctl.planner import Plan, Start, Stop, WaitForMemory, WaitHealthy, plan
 from vramctl.spec.models import DeploymentSpec

@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from tests.unit.builders import is_heavy, simulate
+from tests.support.builders import is_heavy, simulate
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.planner import Plan, Start, Stop, WaitForMemory, WaitHealthy, plan
 from vramctl.spec.models import DeploymentSpec, check_desired

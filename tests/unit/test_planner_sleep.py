@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from tests.unit.builders import desired, obs, simulate, wl
+from tests.support.builders import desired, obs, simulate, wl
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.planner import Plan, Sleep, Start, Stop, WaitForMemory, WaitHealthy, Wake, plan
 from vramctl.spec.models import DeploymentSpec

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.unit.fakes import FakeGpu, FakeRuntime
+from tests.support.fakes import FakeGpu, FakeRuntime
 from vramctl.gpu.base import GpuInfo, ProbeTimeout
 from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot, WorkloadState

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.builders import deployment, deployment_doc, heavy, light
+from tests.support.builders import deployment, deployment_doc, heavy, light
 from vramctl.host.memory import MIN_MARGIN_MIB, parse_meminfo, read_host_memory
 from vramctl.spec.engines import SDXL_SLEEP_API, VLLM_SLEEP_API, SleepApi
 from vramctl.spec.models import ConfigError, FieldProblem, check_sleep, parse_config

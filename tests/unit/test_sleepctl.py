@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.builders import deployment
+from tests.support.builders import deployment
 from vramctl.gpu.simulated import SimulatedGpu, with_residues
 from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot
 from vramctl.runtimes import sleepctl

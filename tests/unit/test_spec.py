@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.builders import deployment, deployment_doc, heavy, light, model
+from tests.support.builders import deployment, deployment_doc, heavy, light, model
 from vramctl.spec.models import Config, ConfigError, DeploymentSpec, DesiredStateError, check_desired, parse_config
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.fakes import FakeRuntime
+from tests.support.fakes import FakeRuntime
 from tests.unit.test_supervisor import spec
 from vramctl.app import initial_desired, open_state
 from vramctl.observed import Desired, WorkloadState

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.fakes import FakeClock, FakeGpu, FakeRuntime
+from tests.support.fakes import FakeClock, FakeGpu, FakeRuntime
 from vramctl.observed import WorkloadState
 from vramctl.spec.models import DeploymentSpec, DesiredStateError
 from vramctl.worker.actor import GpuWorker, WorkerSettings

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.unit.fakes import FakeClock, FakeGpu, FakeRuntime
+from tests.support.fakes import FakeClock, FakeGpu, FakeRuntime
 from tests.unit.test_supervisor import spec
 from vramctl.app import build
 from vramctl.gpu.simulated import SimulatedGpu

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.unit.fakes import FakeGpu, FakeRuntime, FakeSleeper
+from tests.support.fakes import FakeGpu, FakeRuntime, FakeSleeper
 from vramctl.observed import WorkloadState
 from vramctl.spec.models import DeploymentSpec
 from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.fakes import FakeGpu, FakeRuntime
+from tests.support.fakes import FakeGpu, FakeRuntime
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import StartEvent, TransientError
 from vramctl.spec.models import DeploymentSpec

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.unit.fakes import FakeGpu, FakeRuntime
+from tests.support.fakes import FakeGpu, FakeRuntime
 from tests.unit.test_worker_actor import spec, wait_for
 from vramctl.demand.desk import InboxHolder, Refused
 from vramctl.observed import WorkloadState

@@ -66,9 +66,9 @@ import kmock
 import yaml
 from kmock._internal import dicts as kmock_dicts  # merge-patch exactly as kmock applies it
 
-from tests.k8s.rbac import Access, Grants, access_of
+from tests.support.k8s.rbac import Access, Grants, access_of
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CRD_FILE = ROOT / "manifests" / "crds" / "modeldeployments.vramctl.io.yaml"
 MD = "vramctl.io/v1alpha1/modeldeployments"
 MD_POD_RESOURCE = "v1/pods"

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.k8s.emulator import ApiError, EmulatorThread, KubeClient
+from tests.support.k8s.emulator import ApiError, EmulatorThread, KubeClient
 
 FINALIZER = "kubelet.test/containers"
 STANDIN_PREFIX = "vramctl-standin"

@@ -28,7 +28,7 @@ import yaml
 from vramctl.spec.crd import CRD_NAME, GROUP, KIND, VERSION
 from vramctl.spec.models import DeploymentSpec
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 KUBE_VERSION = "1.30.0"
 CRD_FILE = ROOT / "manifests" / "crds" / f"{CRD_NAME}.yaml"
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

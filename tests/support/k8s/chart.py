@@ -11,7 +11,7 @@ from typing import Any
 
 import helm_python as helm
 
-from tests.k8s.validation import ROOT, load_yaml_docs
+from tests.support.k8s.validation import ROOT, load_yaml_docs
 
 CHART_DIR = ROOT / "charts" / "vramctl"
 MANIFESTS = ROOT / "manifests"
