@@ -137,11 +137,15 @@ def plan(
     total_mib: int | None = None,
     cold: Set[str] = frozenset(),
     last_used: Mapping[str, float] | None = None,
+    host_budget_mib: int | None = None,
 ) -> Plan:
     """``total_mib``: the GPU's total memory when known; a vLLM model's
     reservation is gpuMemoryUtilization x total (``DeploymentSpec.reservation``).
     ``cold``: models that are stopped rather than put to sleep (and stopped if
-    they sleep); ``last_used``: when each model was last awake (eviction order).
+    they sleep); ``last_used``: when each model was last awake (eviction order);
+``host_budget_mib``: the default host-memory budget of the level-1 sleepers
+(read from MemAvailable at start), used where the spec sets no
+``hostMemoryBudgetMiB``; None: unbounded.
 
     The steps, each a function of its own: leftovers are cleaned up
     (``_cleanups``); what is live and not wanted is stopped or put to sleep
@@ -155,7 +159,7 @@ def plan(
         cold = {w.model for w in live}  # free the GPU: nothing sleeps on it, sleepers are stopped too
     release = _release(spec, live, wanted, cold)
     waking = [m for m in release.sleepers if m in wanted]
-    _evict(spec, desired, observed, live, release, waking, margin_mib, total_mib, last_used or {})
+    _evict(spec, desired, observed, live, release, waking, margin_mib, total_mib, last_used or {}, host_budget_mib)
     actions: list[Action] = [*_cleanups(observed), *_sleeps_and_stops(spec, observed, live, release)]
     stopped = [a.model for a in actions if isinstance(a, (Cleanup, Stop))]
     first = _first_wait(spec, live, release.sleepers, stopped, baseline_mib, margin_mib, total_mib)
@@ -229,6 +233,7 @@ def _evict(
     margin_mib: int,
     total_mib: int | None,
     last_used: Mapping[str, float],
+    default_host_budget_mib: int | None,
 ) -> None:
     """Eviction: the awake models, the next ones and the residues must fit the
     budget (and the sleepers' host memory the host budget); the least
@@ -238,16 +243,22 @@ def _evict(
     base = _awake_reservations(spec, desired, observed, live, release, waking, total_mib)
     # The model put to sleep now was awake until now: the most recently used.
     staying.sort(key=lambda m: (float("inf") if m in release.to_sleep else last_used.get(m, float("-inf")), m))
-    host_budget = spec.host_memory_budget_mib
+    host_budget = spec.host_memory_budget_mib if spec.host_memory_budget_mib is not None else default_host_budget_mib
     while staying:
         residues = sum(_residue(spec, m) for m in staying)
         host = sum(spec.models[m].host_memory_asleep_mib for m in staying + waking)
-        if (budget is None or base + residues <= budget) and (host_budget is None or host <= host_budget):
+        vram_fits = budget is None or base + residues <= budget
+        if vram_fits and (host_budget is None or host <= host_budget):
             break
         evicted = staying.pop(0)
         release.sleepers.remove(evicted)
         release.to_sleep.discard(evicted)
-        release.to_stop.append((evicted, "evicted: its residue does not fit beside the next model"))
+        why = (
+            "evicted: its residue does not fit beside the next model"
+            if not vram_fits
+            else f"evicted: the sleepers' host memory {host} MiB is over the host memory budget {host_budget} MiB"
+        )
+        release.to_stop.append((evicted, why))
 
 
 def _awake_reservations(

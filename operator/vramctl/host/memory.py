@@ -5,8 +5,11 @@ wake). Pinned pages cannot be swapped or reclaimed, so over-committing them
 starves the machine rather than slowing it down. The default budget is what
 the kernel calls available (``MemAvailable``: free plus reclaimable cache) at
 the moment vramctl starts, less a margin for everything else: 10% of the
-total, at least 2 GiB. ``vramctl doctor`` states the reading and its
-arithmetic, because a figure read once at start is only a guess about later.
+total, at least 2 GiB. The worker's settings read it once
+(``WorkerSettings.from_config``), the planner evicts sleepers by it when the
+spec pins no ``hostMemoryBudgetMiB``, and the status shows the budget in use
+with its arithmetic (``budget_in_use``), because a figure read once at start
+is only a guess about later.
 """
 
 from __future__ import annotations
@@ -60,3 +63,14 @@ def read_host_memory(path: Path = MEMINFO) -> HostMemoryReading | None:
         return parse_meminfo(path.read_text())
     except OSError:
         return None
+
+
+def budget_in_use(pinned_mib: int | None, reading: HostMemoryReading | None) -> tuple[int | None, str]:
+    """The host-memory budget the sleepers are held to and where it comes from:
+    ``hostMemoryBudgetMiB`` (``pinned_mib``) when set, else the default of the
+    reading at start, else none (unbounded, and the source says so)."""
+    if pinned_mib is not None:
+        return pinned_mib, "hostMemoryBudgetMiB"
+    if reading is not None:
+        return reading.budget_mib, f"default: {reading.describe()}"
+    return None, "unknown: /proc/meminfo unreadable; set hostMemoryBudgetMiB"

@@ -60,9 +60,11 @@ def plan_for(
     margin: int,
     total: int | None,
     book: SleepBook | None = None,
+    host_budget: int | None = None,
 ) -> Plan:
     cold = frozenset(book.cold) if book is not None else frozenset()
-    return plan(spec, desired, observed, now, backoff.until, baseline or 0, margin, total, cold, book.last_used if book else None)
+    last_used = book.last_used if book else None
+    return plan(spec, desired, observed, now, backoff.until, baseline or 0, margin, total, cold, last_used, host_budget)
 
 
 class Reconciler:
@@ -151,7 +153,16 @@ class Reconciler:
             return 0.0, False  # a newer command (maybe from this look) is applied before anything is done
         s = self.ctx.settings
         p = plan_for(
-            self.spec, self.desired, observed, now, self.backoff, self.baseline.mib, s.margin_mib, self.ctx.total_mib(), self.sleep
+            self.spec,
+            self.desired,
+            observed,
+            now,
+            self.backoff,
+            self.baseline.mib,
+            s.margin_mib,
+            self.ctx.total_mib(),
+            self.sleep,
+            s.host_memory.budget_mib if s.host_memory is not None else None,
         )
         self._view(observed, p)
         if p.empty:

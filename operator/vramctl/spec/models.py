@@ -518,7 +518,8 @@ class DeploymentSpec(_Model):
         ge=1,
         description=(
             "Host RAM the sleeping models' weights may take, in MiB (the sum of their sleep.hostMemoryMiB, level 1). "
-            "Default: MemAvailable at start minus a margin (vramctl doctor shows it)."
+            "Default: MemAvailable at start minus a margin (10% of MemTotal, at least 2 GiB); the status shows it as hostMemoryBudget. "
+            "Sleepers over it are stopped, least recently used first."
         ),
     )
     env: dict[str, EnvValue] = Field(

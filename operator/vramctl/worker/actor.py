@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,6 +31,7 @@ from vramctl.demand import policy as dq
 from vramctl.demand.desk import AddDemand, HoldDesk, QueueMetrics, Release, Renew, Withdraw
 from vramctl.demand.lane import FastLane
 from vramctl.gpu.base import GpuProbe
+from vramctl.host.memory import MEMINFO, HostMemoryReading, read_host_memory
 from vramctl.observed import Desired
 from vramctl.reconcile.actuator import Actuator
 from vramctl.reconcile.reconciler import Reconciler
@@ -107,11 +109,15 @@ class WorkerSettings:
     # A model that exits on its own sooner than this after it became healthy
     # is crash-looping: its failures keep counting (longer back-off).
     stable_s: float = 60.0
+    # The host memory at start: the default budget of the level-1 sleepers
+    # where the spec sets no hostMemoryBudgetMiB (None: unknown, unbounded).
+    host_memory: HostMemoryReading | None = None
 
     @classmethod
-    def from_config(cls, config: Config) -> WorkerSettings:
+    def from_config(cls, config: Config, meminfo: Path = MEMINFO) -> WorkerSettings:
         p: GpuProbeConfig = config.gpu_probe
         return cls(
+            host_memory=read_host_memory(meminfo),
             poll_interval_s=p.poll_interval_seconds,
             margin_mib=p.margin_mib,
             memory_timeout_s=p.memory_timeout_seconds,

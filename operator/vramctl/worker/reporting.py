@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from vramctl.gpu.base import GpuProbe
+from vramctl.host.memory import budget_in_use
 from vramctl.observed import Desired
 from vramctl.reconcile.reconciler import Reconciler
 from vramctl.runtimes.base import Runtime, StartEvent
@@ -30,6 +31,7 @@ class WorkerReporting:
     spec: DeploymentSpec
     runtime: Runtime
     probe: GpuProbe
+    settings: Any  # WorkerSettings (defined beside the worker)
     book: StatusBook
     metrics: Any
     queue: Any
@@ -161,6 +163,16 @@ class WorkerReporting:
             self.note("rejected", d.active, self._rec.invalid)
             self.phase("Failed", "InvalidDesiredState", self._rec.invalid)
 
+    def _host_budget(self) -> dict[str, Any]:
+        """``hostMemoryBudget``: what the level-1 sleepers are held to, and
+        where it comes from; only where a model sleeps at level 1 or a reading exists."""
+        spec, reading = self._rec.spec, self.settings.host_memory
+        pinned = spec.host_memory_budget_mib is not None
+        if not pinned and reading is None and not any(m.host_memory_asleep_mib for m in spec.models.values()):
+            return {}
+        mib, source = budget_in_use(spec.host_memory_budget_mib, reading)
+        return {"hostMemoryBudget": {"mib": mib, "source": source}}
+
     def publish(self) -> None:
         """Render the snapshot readers see; write the status sink when it changed."""
         rec, d = self._rec, self._rec.desired
@@ -180,6 +192,7 @@ class WorkerReporting:
             # Running but asleep: only their residue on the GPU (not in runningModels).
             **({"asleepModels": list(rec.asleep)} if rec.asleep else {}),
             modelStates={m: s for m, s in rec.model_states.items() if s != "absent"},
+            **self._host_budget(),
         )
         self._status = status
         comparable = {k: v for k, v in status.items() if k not in ("backoff", "progressSeq")}
