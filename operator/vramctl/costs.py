@@ -1,0 +1,292 @@
+"""The switch cost book of one GPU: what each way of giving the GPU away
+and taking it back has cost, per model.
+
+Every switch the worker makes is a measurement. Per model and per *path*
+(``start``: a cold start to healthy; ``stop``; ``sleep-l1`` / ``sleep-l2``
+and ``wake-l1`` / ``wake-l2``; ``checkpoint`` and ``restore``, the driver's
+suspend and resume) the book keeps the last ``RECENT`` durations and gives
+their median: robust to the one-off outlier (the first level-1 sleep of a
+vLLM server pins host memory for 8-9 s; later ones take 0.5 s). Until a
+path has been measured its estimate is a *prior* from the model's declared
+size (``PRIORS``). Beside the durations it keeps what a sleep left behind:
+the residue on the GPU and the host memory the weights took.
+
+``Stopwatch`` turns the worker's progress steps (``starting`` ...
+``healthy``, ``stopping`` ... ``stopped``, ``sleeping`` ... ``asleep``,
+``waking`` ... ``awake``) into measured durations; ``switch_seconds``
+composes the estimate of a whole switch (the active model away, the target
+back) that the demand queue and Retry-After use.
+
+Pure: no I/O, no clock (``now`` is passed in), no logging. The book is a
+plain dict on the way out and in (``to_dict`` / ``from_dict``), so the state
+file keeps it across restarts; ``from_dict`` takes what it can from damaged
+input and drops the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vramctl.spec.models import DeploymentSpec
+
+Path = Literal["start", "stop", "sleep-l1", "sleep-l2", "wake-l1", "wake-l2", "checkpoint", "restore"]
+PATHS: tuple[Path, ...] = ("start", "stop", "sleep-l1", "sleep-l2", "wake-l1", "wake-l2", "checkpoint", "restore")
+Source = Literal["measured", "prior"]
+StepKind = Literal["start", "stop", "sleep", "wake"]
+
+# The estimate is the median of the last RECENT measurements.
+RECENT = 7
+GIB_MIB = 1024
+# The size assumed for a model that declares none (vramMiB, vLLM's share,
+# sleep.hostMemoryMiB): an 8B model's weights in fp8, SDXL's in fp16.
+DEFAULT_GIB = 8.0
+
+
+@dataclass(frozen=True)
+class Prior:
+    """``floor + per_gib x size``: a path's expected seconds before it is measured."""
+
+    per_gib: float
+    floor: float
+
+    def seconds(self, gib: float) -> float:
+        return self.floor + self.per_gib * max(0.0, gib)
+
+
+# From the figures measured on H100 and H200 (docs/DESIGN "Switch costs",
+# "Warm switching for servers without a sleep API"):
+# - start: our SDXL server (16.5 GiB) took 30.7 s from a cold start to its
+#   first image: 1.9 s/GiB; a vLLM cold start is 15-100 s.
+# - stop: a SIGTERM'd server exits in about a second; freeing grows a little with size.
+# - sleep-l1 / wake-l1: the weights copied to and from pinned host memory;
+#   a warm switch of a 14 GiB LLM and SDXL took 0.5 s on an H200 (both ways):
+#   0.02 s/GiB, taken here at 0.05 (PCIe Gen4, under 30 GB/s).
+# - sleep-l2: the weights dropped (no copy); wake-l2: reloaded from disk,
+#   a cold start without the process's own start-up: 1 s/GiB.
+# - checkpoint / restore: measured 0.55 s/GiB away and 0.22 s/GiB back (H100).
+PRIORS: Mapping[Path, Prior] = {
+    "start": Prior(1.9, 5.0),
+    "stop": Prior(0.05, 1.0),
+    "sleep-l1": Prior(0.05, 0.2),
+    "sleep-l2": Prior(0.01, 0.2),
+    "wake-l1": Prior(0.05, 0.2),
+    "wake-l2": Prior(1.0, 1.0),
+    "checkpoint": Prior(0.55, 0.5),
+    "restore": Prior(0.22, 0.5),
+}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a path is expected to take; ``samples`` 0 means the prior."""
+
+    seconds: float
+    source: Source
+    samples: int = 0
+
+
+@dataclass
+class PathCosts:
+    """One model's record of one path: recent durations (oldest first) and,
+    for sleeps and checkpoints, what they left behind."""
+
+    recent: list[float] = field(default_factory=list)
+    residue_mib: int | None = None
+    host_mib: int | None = None
+
+
+class CostBook:
+    """One GPU's switch costs (owned by its worker's loop; see the module docstring)."""
+
+    def __init__(self, recent: int = RECENT) -> None:
+        self.keep = recent
+        self.paths: dict[str, dict[Path, PathCosts]] = {}
+
+    def record(self, model: str, path: Path, seconds: float, *, residue_mib: int | None = None, host_mib: int | None = None) -> None:
+        """One measurement; a negative or non-finite duration is ignored."""
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        pc = self.paths.setdefault(model, {}).setdefault(path, PathCosts())
+        pc.recent = [*pc.recent, seconds][-self.keep :]
+        if residue_mib is not None:
+            pc.residue_mib = residue_mib
+        if host_mib is not None:
+            pc.host_mib = host_mib
+
+    def costs(self, model: str, path: Path) -> PathCosts | None:
+        return self.paths.get(model, {}).get(path)
+
+    def estimate(self, model: str, path: Path, gib: float | None = None) -> Estimate:
+        """The median of the recent measurements, else the prior for ``gib``
+        (the model's declared size; None: ``DEFAULT_GIB``)."""
+        pc = self.costs(model, path)
+        if pc is not None and pc.recent:
+            return Estimate(statistics.median(pc.recent), "measured", len(pc.recent))
+        return Estimate(PRIORS[path].seconds(DEFAULT_GIB if gib is None else gib), "prior")
+
+    def forget(self, keep_models: Iterable[str]) -> None:
+        """Drop the models no longer in the spec."""
+        keep = set(keep_models)
+        self.paths = {m: p for m, p in self.paths.items() if m in keep}
+
+    # -- a plain dict, for the state file --------------------------------------------
+
+    def to_dict(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{model: {path: {"recent": [s, ...], "residueMiB": n, "hostMemoryMiB": n}}}``."""
+        return {m: {p: _path_dict(pc) for p, pc in sorted(paths.items())} for m, paths in sorted(self.paths.items())}
+
+    @classmethod
+    def from_dict(cls, data: Any, recent: int = RECENT) -> CostBook:
+        """The book ``to_dict`` (or ``view``) wrote; entries of the wrong shape are dropped."""
+        book = cls(recent)
+        if not isinstance(data, Mapping):
+            return book
+        for model, paths in data.items():
+            if not isinstance(model, str) or not isinstance(paths, Mapping):
+                continue
+            for path, entry in paths.items():
+                if path not in PATHS or not isinstance(entry, Mapping):
+                    continue
+                seconds = entry.get("recent")
+                if not isinstance(seconds, list):
+                    continue
+                good = [float(s) for s in seconds if _number(s) and math.isfinite(s) and s >= 0]
+                if not good:
+                    continue
+                pc = PathCosts(good[-recent:], _mib(entry.get("residueMiB")), _mib(entry.get("hostMemoryMiB")))
+                book.paths.setdefault(model, {})[path] = pc
+        return book
+
+    def view(self, spec: DeploymentSpec, total_mib: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per model of ``spec``, the paths it may take (and any measured):
+        the estimate in use, its source, and the record behind it (``/status``'s
+        ``costs``; ``from_dict`` reads it back)."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for m in sorted(spec.models):
+            paths = [p for p in PATHS if p in paths_of(spec, m) or self.costs(m, p) is not None]
+            entry: dict[str, dict[str, Any]] = {}
+            for p in paths:
+                est = self.estimate(m, p, declared_gib(spec, m, p, total_mib))
+                pc = self.costs(m, p)
+                entry[p] = {"seconds": round(est.seconds, 3), "source": est.source, **(_path_dict(pc) if pc is not None else {})}
+            out[m] = entry
+        return out
+
+
+def _path_dict(pc: PathCosts) -> dict[str, Any]:
+    d: dict[str, Any] = {"recent": [round(s, 3) for s in pc.recent]}
+    if pc.residue_mib is not None:
+        d["residueMiB"] = pc.residue_mib
+    if pc.host_mib is not None:
+        d["hostMemoryMiB"] = pc.host_mib
+    return d
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _mib(x: Any) -> int | None:
+    return int(x) if _number(x) and math.isfinite(x) and x >= 0 else None
+
+
+# -- what a model's paths are, and how big it says it is --------------------------------
+
+
+def paths_of(spec: DeploymentSpec, model: str) -> tuple[Path, ...]:
+    """The ways ``model`` can go and come back under its spec."""
+    m = spec.models[model]
+    if m.switch_strategy == "sleep":
+        level = m.sleep_settings.level
+        return ("start", "stop", "sleep-l1" if level == 1 else "sleep-l2", "wake-l1" if level == 1 else "wake-l2")
+    return ("start", "stop")
+
+
+def declared_gib(spec: DeploymentSpec, model: str, path: Path, total_mib: int | None = None) -> float | None:
+    """The size a path's prior scales with: the weights in host memory for
+    the copies (``sleep.hostMemoryMiB``, when declared), else the model's
+    VRAM reservation; None when the spec says neither."""
+    m = spec.models.get(model)
+    if m is None:
+        return None
+    host = m.sleep_settings.host_memory_mib if m.sleep is not None else None
+    if path in ("sleep-l1", "wake-l1", "wake-l2") and host:
+        return host / GIB_MIB
+    mib = spec.reservation_mib(model, total_mib)
+    return mib / GIB_MIB if mib else None
+
+
+def path_of(spec: DeploymentSpec, model: str, kind: StepKind) -> Path:
+    """The path a measured step took: sleeps and wakes by the model's level."""
+    if kind in ("start", "stop"):
+        return kind
+    m = spec.models.get(model)
+    level = m.sleep_settings.level if m is not None else 1
+    return "sleep-l1" if kind == "sleep" and level == 1 else "sleep-l2" if kind == "sleep" else "wake-l1" if level == 1 else "wake-l2"
+
+
+def switch_seconds(
+    book: CostBook,
+    spec: DeploymentSpec,
+    active: str | None,
+    target: str,
+    asleep: Iterable[str] = (),
+    total_mib: int | None = None,
+) -> float:
+    """The estimated seconds of a switch from ``active`` to ``target``: the
+    active model away (a sleep when it sleeps, else a stop) plus the target
+    back (a wake when it is asleep, else a cold start). Nothing to do: 0."""
+    if active == target:
+        return 0.0
+    total = 0.0
+    if active is not None and active in spec.models:
+        away = path_of(spec, active, "sleep") if spec.models[active].switch_strategy == "sleep" else "stop"
+        total += book.estimate(active, away, declared_gib(spec, active, away, total_mib)).seconds
+    if target in spec.models:
+        back = path_of(spec, target, "wake") if target in set(asleep) else "start"
+        total += book.estimate(target, back, declared_gib(spec, target, back, total_mib)).seconds
+    return total
+
+
+# -- measuring: progress steps in, durations out -----------------------------------------
+
+# The progress step that begins each kind of step, and the one that ends it.
+BEGINS: Mapping[str, StepKind] = {"starting": "start", "stopping": "stop", "sleeping": "sleep", "waking": "wake"}
+ENDS: Mapping[str, StepKind] = {"healthy": "start", "stopped": "stop", "asleep": "sleep", "awake": "wake"}
+# Steps after which the step in progress measures nothing (it failed or went the cold way).
+ABORTS = frozenset({"failed", "SleepFallback", "removed-outside"})
+
+
+class Stopwatch:
+    """Times each model's step from the progress step that begins it to the
+    one that ends it (a wake's ``healthy`` is not its end: ``awake`` is).
+    A step that fails, or is begun again, measures nothing (begun again:
+    timed from the new beginning)."""
+
+    def __init__(self) -> None:
+        self._began: dict[str, tuple[StepKind, float]] = {}
+
+    def step(self, step: str, model: str | None, now: float) -> tuple[StepKind, float] | None:
+        """Fold one progress step in; the kind and seconds of the step it ends, if any."""
+        if model is None:
+            return None
+        if step in BEGINS:
+            self._began[model] = (BEGINS[step], now)
+            return None
+        if step in ABORTS:
+            self._began.pop(model, None)
+            return None
+        kind = ENDS.get(step)
+        began = self._began.get(model)
+        if kind is None or began is None or began[0] != kind:
+            return None
+        del self._began[model]
+        return kind, max(0.0, now - began[1])
+
+    @property
+    def pending(self) -> Mapping[str, tuple[StepKind, float]]:
+        return dict(self._began)
