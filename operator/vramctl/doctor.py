@@ -10,6 +10,8 @@ One line per check, OK / WARN / FAIL, each WARN and FAIL with its fix:
   be named;
 - whether NVML reports per-process memory here;
 - the Docker engine, its nvidia runtime, the images the config needs;
+- the driver's checkpoint API (``switchStrategy: checkpoint``): there, or
+  why not (WSL2, no cuda-bindings, a driver before 570);
 - the config's pitfalls (``pitfalls.env_pitfalls``: removed vLLM variables
   and flags, TORCH_SDPA, expandable_segments with sleep mode).
 
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from vramctl.gpu.nvml import NvmlFacts, NvmlUnavailable, nvml_facts, running_under_wsl2
+from vramctl.runtimes.checkpoint import Availability, load_driver
 from vramctl.spec.models import Config, ConfigError
 from vramctl.spec.pitfalls import env_pitfalls
 
@@ -63,6 +66,7 @@ class Facts:
     wsl2: bool
     docker: EngineFacts | str  # str: why the engine cannot be asked
     missing_images: str | None  # docker_problem() for the config's images; None: all present
+    checkpoint: Availability | None = None  # the driver's checkpoint API (switchStrategy checkpoint); None: not asked
 
 
 def gather(config: Config | ConfigError, config_source: str) -> Facts:
@@ -82,7 +86,7 @@ def gather(config: Config | ConfigError, config_source: str) -> Facts:
         docker = engine_facts()
         images = sorted({m.image for d in config.gpus for m in d.models.values() if m.image}) if isinstance(config, Config) else []
         missing = docker_problem(images) if images and not isinstance(docker, str) else None
-    return Facts(config, config_source, nvml, running_under_wsl2(), docker, missing)
+    return Facts(config, config_source, nvml, running_under_wsl2(), docker, missing, load_driver()[1])
 
 
 def checks(f: Facts) -> list[Check]:
@@ -99,9 +103,26 @@ def checks(f: Facts) -> list[Check]:
         out.append(Check("OK", "config", f"{f.config_source}: {len(cfg.gpus)} GPU(s), {models} model(s)"))
     out += _nvml_checks(f, cfg)
     out += _docker_checks(f, cfg)
+    if f.checkpoint is not None:
+        out.append(_checkpoint_check(f.checkpoint, cfg))
     if cfg is not None:
         out += _pitfall_checks(f, cfg)
     return out
+
+
+def _checkpoint_check(a: Availability, cfg: Config | None) -> Check:
+    """Whether switchStrategy checkpoint can run here: a WARN only where the config asks for it."""
+    users = sorted(f"{d.name or f'gpu{d.gpu}'}/{n}" for d in cfg.gpus for n, m in d.models.items() if m.switch_strategy == "checkpoint") if cfg else []
+    if a.available:
+        return Check("OK", "checkpoint", f"checkpoint switching {a.describe()}")
+    if not users:
+        return Check("OK", "checkpoint", f"checkpoint switching {a.describe()}; not needed: no model has switchStrategy checkpoint")
+    return Check(
+        "WARN",
+        "checkpoint",
+        f"checkpoint switching {a.describe()}: {', '.join(users)} will be stopped instead (SleepFallback CheckpointRefused)",
+        "Linux with NVIDIA driver 570+ and pip install 'vramctl[checkpoint]' (not WSL2), or switchStrategy stop",
+    )
 
 
 def _nvml_checks(f: Facts, cfg: Config | None) -> list[Check]:

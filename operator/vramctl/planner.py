@@ -370,7 +370,7 @@ def _heavy(spec: DeploymentSpec, model: str, fallback: bool) -> bool:
 
 def _sleepable(spec: DeploymentSpec, model: str, cold: Set[str]) -> bool:
     m = spec.models.get(model)
-    return m is not None and m.heavy and m.switch_strategy == "sleep" and model not in cold
+    return m is not None and m.heavy and m.warm_switch and model not in cold
 
 
 def _residue(spec: DeploymentSpec, model: str) -> int:

@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
 from vramctl.observed import GpuSnapshot
@@ -37,6 +37,7 @@ FallbackReason = Literal[
     "ResidueGrowing",  # each cycle leaves more behind
     "WakeFailed",  # /wake_up failed, or the model was not healthy in time after it
     "MaxCycles",  # sleep.maxCycles reached
+    "CheckpointRefused",  # the driver cannot checkpoint it (no API, WSL2, managed or shared memory), or host memory would not hold it
 ]
 # Bodies longer than this are cut in messages and never parsed.
 MAX_BODY = 1 << 16
@@ -239,7 +240,11 @@ def residue_growing(previous: list[int], now: int, tolerance_mib: int = 128) -> 
 
 
 def fallback_reason(err: SleepCallError, waking: bool) -> FallbackReason:
-    """The SleepFallback reason of a failed sleep (``waking`` False) or wake call."""
+    """The SleepFallback reason of a failed sleep (``waking`` False) or wake
+    call; a checkpoint's error carries its own (``checkpoint.CheckpointError``)."""
+    own = getattr(err, "fallback", None)
+    if own in get_args(FallbackReason):
+        return cast(FallbackReason, own)
     if waking:
         return "WakeFailed"
     return "SleepTimeout" if err.reason == "timeout" else "SleepFailed"

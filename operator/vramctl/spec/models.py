@@ -169,7 +169,7 @@ class SleepSpec(_Model):
     host_memory_mib: int | None = Field(
         default=None,
         ge=0,
-        description="Level 1: host RAM the weights take while asleep, in MiB (about their size); counted against hostMemoryBudgetMiB.",
+        description="Level 1: host RAM the weights take while asleep, in MiB (about their size); checkpoint: about 1.1x the VRAM the model holds. Counted against hostMemoryBudgetMiB.",
     )
     max_cycles: int | None = Field(
         default=None,
@@ -265,11 +265,13 @@ class ModelSpec(_Model):
         min_length=1,
         description="Name clients use for this model at the gateway (the body's model). Default: vllm.servedModelName, else vllm.model, else the model's name.",
     )
-    switch_strategy: Literal["stop", "sleep"] = Field(
+    switch_strategy: Literal["stop", "sleep", "checkpoint"] = Field(
         default="stop",
-        description="How the model gives the GPU away. stop: the server is stopped. sleep: it is put to sleep (vllm, sdxl, or a container with sleep paths), its memory checked down to sleep.maxResidueMiB, and woken when wanted again.",
+        description="How the model gives the GPU away. stop: the server is stopped. sleep: it is put to sleep (vllm, sdxl, or a container with sleep paths), its memory checked down to sleep.maxResidueMiB, and woken when wanted again. checkpoint: any CUDA server, suspended from outside by the NVIDIA driver's checkpoint API (driver 570+, Linux, not WSL2; the process and docker runtimes): its GPU memory goes to host memory, every process of it leaves the GPU, and it is restored when wanted again.",
     )
-    sleep: SleepSpec | None = Field(default=None, description="switchStrategy sleep: the level and limits (default: level 1).")
+    sleep: SleepSpec | None = Field(
+        default=None, description="switchStrategy sleep or checkpoint: the level and limits (default: level 1)."
+    )
 
     @field_validator("env")
     @classmethod
@@ -341,14 +343,19 @@ class ModelSpec(_Model):
         return self
 
     def _check_sleep_fields(self) -> None:
-        if self.switch_strategy != "sleep":
+        if self.switch_strategy == "stop":
             if self.sleep is not None:
                 raise FieldProblem("sleep is set but switchStrategy is stop: add `switchStrategy: sleep`, or remove sleep", "sleep")
             return
         s = self.sleep_settings
         paths = {"path": s.path, "wakePath": s.wake_path, "statePath": s.state_path}
         if not self.heavy:
-            raise FieldProblem("switchStrategy sleep is for heavy models (they take turns on the GPU); use stop", "switchStrategy")
+            raise FieldProblem(
+                f"switchStrategy {self.switch_strategy} is for heavy models (they take turns on the GPU); use stop", "switchStrategy"
+            )
+        if self.switch_strategy == "checkpoint":
+            self._check_checkpoint_fields(paths)
+            return
         if self.engine in SLEEPING_ENGINES:
             for field, value in paths.items():
                 if value is not None:
@@ -380,9 +387,31 @@ class ModelSpec(_Model):
                 "sleep.hostMemoryMiB",
             )
 
+    def _check_checkpoint_fields(self, paths: dict[str, str | None]) -> None:
+        s = self.sleep_settings
+        for field, value in paths.items():
+            if value is not None:
+                raise FieldProblem(
+                    f"switchStrategy checkpoint suspends the server from outside (the driver's checkpoint API): remove sleep.{field}",
+                    f"sleep.{field}",
+                )
+        if s.level != 1:
+            raise FieldProblem("switchStrategy checkpoint keeps everything in host memory: remove sleep.level", "sleep.level")
+        if s.host_memory_mib is None:
+            raise FieldProblem(
+                "switchStrategy checkpoint keeps the model's GPU memory in host memory: set sleep.hostMemoryMiB to about 1.1x "
+                "the VRAM it holds (e.g. 18000 for 16 GiB)",
+                "sleep.hostMemoryMiB",
+            )
+
     @property
     def heavy(self) -> bool:
         return self.model_class == "heavy"
+
+    @property
+    def warm_switch(self) -> bool:
+        """The model gives the GPU away without a stop: switchStrategy sleep or checkpoint."""
+        return self.switch_strategy != "stop"
 
     @property
     def sleep_settings(self) -> SleepSpec:
@@ -399,8 +428,8 @@ class ModelSpec(_Model):
 
     @property
     def host_memory_asleep_mib(self) -> int:
-        """Host RAM this model's weights hold for sleeping (level 1), in MiB; 0 otherwise."""
-        if self.switch_strategy != "sleep" or self.sleep_settings.level != 1:
+        """Host RAM this model holds while asleep (level 1 or checkpoint), in MiB; 0 otherwise."""
+        if not self.warm_switch or self.sleep_settings.level != 1:
             return 0
         return self.sleep_settings.host_memory_mib or 0
 
@@ -761,7 +790,7 @@ def check_sleep(spec: DeploymentSpec, total_mib: int | None = None, host_budget_
     fit the VRAM budget (vramBudgetMiB, else total minus the margin; unchecked
     while neither is known). The worst case is spelled out.
     """
-    sleepers = sorted(n for n, m in spec.models.items() if m.switch_strategy == "sleep")
+    sleepers = sorted(n for n, m in spec.models.items() if m.warm_switch)
     if not sleepers:
         return
     host = [(n, spec.models[n].host_memory_asleep_mib) for n in sleepers if spec.models[n].host_memory_asleep_mib]

@@ -37,6 +37,7 @@ from vramctl.reconcile.actuator import Actuator
 from vramctl.reconcile.reconciler import Reconciler
 from vramctl.reconcile.warm import SleepMetrics
 from vramctl.runtimes.base import Runtime, StartEvent
+from vramctl.runtimes.checkpoint import StrategySleeper
 from vramctl.spec.models import Config, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
 from vramctl.spec.pitfalls import Finding
 from vramctl.status.book import SWITCH_OUTCOMES, StatusBook
@@ -198,6 +199,10 @@ class GpuWorker(WorkerReporting):
         self._desired = initial or Desired(deployment.active_model, tuple(deployment.companions), 0)
         self.book = StatusBook(self.gpu, wall())
         self.actuator = Actuator(runtime, self.poke)
+        # switchStrategy checkpoint: the driver's checkpoint API, loaded now (not at the first switch).
+        warm = StrategySleeper(self.actuator.sleeper, probe.snapshot, runtime.owners)
+        warm.prepare(deployment)
+        self.actuator.sleeper = warm
         self._rec = Reconciler(deployment, self._desired, runtime, probe, self)
         self.lane = FastLane(self.poke, self.clock)
         self.queue = _Queue(self, deployment)
