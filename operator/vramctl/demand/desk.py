@@ -222,14 +222,17 @@ class HoldDesk:
         for d in s.demands:
             waiting[d.model] = waiting.get(d.model, 0) + 1
         holds: dict[str, int] = {}
+        hold_ids: dict[str, list[str]] = {}
         for h in s.holds:
             holds[h.model] = holds.get(h.model, 0) + 1
+            hold_ids.setdefault(h.model, []).append(h.id)
         return {
             "active": s.active,
             "switchingTo": s.switching_to.model if s.switching_to else None,
             "queueDepth": len(s.demands),
             "waiting": waiting,
             "holds": holds,
+            "holdIds": hold_ids,  # what DELETE /holds/{id} takes (the status page's "cancel")
             "draining": s.drain_since is not None,
         }
 

@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from vramctl.status.conditions import Condition, rfc3339, set_condition
+from vramctl.status.events import EventJournal
 
 PHASE_IDLE = "Idle"
 PHASE_SWITCHING = "Switching"
@@ -45,6 +46,7 @@ class StatusBook:
     last_switch: dict[str, Any] | None = None
     observed_generation: int = -1  # the desired generation the last settled outcome answers
     switch: SwitchRecord | None = None
+    journal: EventJournal | None = None  # where notes and rendered statuses are published as events (GET /events)
 
     def __post_init__(self) -> None:
         # Unknown since the worker started: lastTransitionTime must be a real time (RFC 3339), never "".
@@ -56,6 +58,8 @@ class StatusBook:
         self.seq += 1
         entry = {"seq": self.seq, "time": wall, "gpu": self.gpu, "step": step, "model": model, "message": message}
         self.progress.append(entry)
+        if self.journal is not None:
+            self.journal.publish_note(self.gpu, entry)
         return entry
 
     def set_phase(self, phase: str, reason: str, message: str, generation: int, wall: float) -> None:
@@ -98,4 +102,7 @@ class StatusBook:
             "progressSeq": self.seq,
             **live,
         }
-        return MappingProxyType(status)
+        rendered = MappingProxyType(status)
+        if self.journal is not None:
+            self.journal.publish_status(self.gpu, rendered)
+        return rendered

@@ -22,6 +22,7 @@ from vramctl.observed import WorkloadState
 from vramctl.runtimes import sleepctl
 from vramctl.runtimes.base import Runtime, StartEvent
 from vramctl.spec.models import DeploymentSpec
+from vramctl.status.events import EventJournal
 from vramctl.worker.actor import GpuWorker, Metrics
 
 log = logging.getLogger("vramctl.worker.supervisor")
@@ -91,6 +92,9 @@ class Supervisor:
         self.notes = notes or []
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.journal = EventJournal()  # what every worker publishes, for GET /events
+        for w in workers:
+            w.book.journal = self.journal
 
     @property
     def workers(self) -> Mapping[int, GpuWorker]:
@@ -108,6 +112,7 @@ class Supervisor:
         with self._change:
             if worker.gpu in self._workers:
                 raise ValueError(f"gpu {worker.gpu} already has a worker")
+            worker.book.journal = self.journal
             self._workers = MappingProxyType({**self._workers, worker.gpu: worker})
         if self._watcher is not None:
             worker.start()
