@@ -10,10 +10,19 @@ Like the planner this module performs no I/O, reads no clock (``now`` is
 passed in) and does not log. Its promises, checked by table tests and a
 hypothesis simulation (tests/unit/test_demand_queue.py):
 
-- **Anti-thrash, bounded.** Demands for the active model are granted at
-  once, but once a demand for another model waits, new ones only for
-  ``maxServeSeconds - drainTimeoutSeconds`` more: even a drain that runs to
-  its timeout then ends within ``maxServeSeconds`` of that demand's arrival.
+- **Anti-thrash, bounded, as long as the switch it avoids is worth.**
+  Demands for the active model are granted at once, but once a demand for
+  another model waits, new ones only for its *serving window* more:
+  ``serveCostFactor`` (k) times the estimated cost of the switch to the
+  waiting model (``QueueState.switch_costs``, from the worker's cost book),
+  never more than ``maxServeSeconds - drainTimeoutSeconds``: even a drain
+  that runs to its timeout then ends within ``maxServeSeconds`` of that
+  demand's arrival. With a 0.5 s warm switch the waiting model gets its turn
+  within seconds; with a 25 s cold one bursts are kept together. While both
+  models have demand each turn serves about k switches' worth before paying
+  one, so at most about 1/(k+1) of the GPU's time goes to switching.
+  ``serveCostFactor`` unset: the fixed window (``maxServeSeconds -
+  drainTimeoutSeconds``) whatever the cost.
   A model with no hold and nothing granted gives way at once. Demands that
   were waiting for the switch to the active model are always granted when it
   completes, so every switch serves someone. With two models no demand waits
@@ -51,6 +60,10 @@ RenewOutcome = Literal["renewed", "revoked", "unknown"]
 
 # How many revoked hold ids are remembered for renew's 409.
 REVOKED_MEMORY = 1024
+# The default k of the serving window: a turn serves about 5 switches' worth
+# before paying one (at most ~1/6 of the GPU's time spent switching while two
+# models have demand); see the module docstring and benchmarks/queue_sim.py.
+SERVE_COST_FACTOR = 5.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,8 @@ class QueuePolicy:
     queue_timeout_seconds: float = 300.0
     max_serve_seconds: float = 60.0
     drain_timeout_seconds: float = 30.0
+    # k of the serving window (k x the switch's cost); None: the fixed window.
+    serve_cost_factor: float | None = SERVE_COST_FACTOR
 
 
 @dataclass(frozen=True)
@@ -149,7 +164,10 @@ class QueueState:
     target of a switch the worker is performing. ``last_activity``: when a
     demand, grant or release last happened (the idle clock).
     ``switch_estimate_seconds``: what the worker expects a switch to take
-    (for Retry-After). ``light``: the light models; a demand for one is
+    (for Retry-After, and the serving window of a model not in
+    ``switch_costs``); ``switch_costs``: (model, seconds) what a switch from
+    what runs now to that model is expected to take (the worker's cost
+    book). ``light``: the light models; a demand for one is
     served by running it beside the active model (``Decision.companions``,
     no drain, no window: it disturbs nobody); ``companions_pending``: such a
     change the worker is making.
@@ -168,6 +186,7 @@ class QueueState:
     idled: bool = False
     revoked: tuple[str, ...] = ()
     switch_estimate_seconds: float = 30.0
+    switch_costs: tuple[tuple[str, float], ...] = ()
     light: frozenset[str] = frozenset()
     companions_pending: tuple[str, ...] | None = None
 
@@ -344,13 +363,32 @@ def satisfied(state: QueueState, d: Demand) -> bool:
 def serve_cutoff(state: QueueState) -> float | None:
     """Until when demands for the active model are granted; None: no limit
     (no demand for another model waits)."""
-    others = [d.arrived for d in state.demands if d.model not in state.light and not satisfied(state, d)]
+    others = [d for d in state.demands if d.model not in state.light and not satisfied(state, d)]
     if state.active is None or not others:
         return None
+    first = min(others, key=lambda d: (d.arrived, d.id))
+    return first.arrived + serve_window(state, first.model)
+
+
+def switch_cost(state: QueueState, model: str) -> float:
+    """The expected seconds of a switch from what runs now to ``model``."""
+    for m, seconds in state.switch_costs:
+        if m == model:
+            return seconds
+    return state.switch_estimate_seconds
+
+
+def serve_window(state: QueueState, model: str) -> float:
+    """How long after a demand for ``model`` began to wait the active model's
+    new demands are still granted: k x the switch's cost, at most
+    ``maxServeSeconds - drainTimeoutSeconds``."""
+    pol = state.policy
     # New grants end a drain's length early, so that even a drain that runs
     # to its timeout ends within maxServeSeconds of the first waiter's arrival.
-    pol = state.policy
-    return min(others) + max(0.0, pol.max_serve_seconds - pol.drain_timeout_seconds)
+    fixed = max(0.0, pol.max_serve_seconds - pol.drain_timeout_seconds)
+    if pol.serve_cost_factor is None:
+        return fixed
+    return min(fixed, max(0.0, pol.serve_cost_factor * switch_cost(state, model)))
 
 
 def queue_order(state: QueueState, now: float) -> list[Demand]:
