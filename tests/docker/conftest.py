@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 # `import docker.errors` also binds `docker`; ruff would sort a bare `import docker`
 # as first-party because of the tests/docker package.
@@ -12,14 +11,6 @@ import pytest
 
 from vramctl.runtimes.docker import DockerRuntime
 from vramctl.spec.models import ComposeConfig
-
-HERE = Path(__file__).resolve().parent
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if HERE in Path(str(item.path)).resolve().parents:
-            item.add_marker(pytest.mark.docker)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.conftest import STANDIN_TAG
+from tests.support.docker_engine import STANDIN_TAG
 from vramctl.gpu.cgroups import owner_model, read_cgroup, short_id
 from vramctl.host.procfs import read_stat
 from vramctl.runtimes.docker import DockerRuntime

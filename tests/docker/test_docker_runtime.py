@@ -19,7 +19,8 @@ import docker.errors
 import pytest
 import yaml
 
-from tests.conftest import STANDIN_TAG, TEST_OWNER_LABEL, ExclusivityRecorder
+from tests.support.docker_engine import STANDIN_TAG, TEST_OWNER_LABEL
+from tests.support.exclusivity import ExclusivityRecorder
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import (
     LABEL_CLASS,

@@ -17,7 +17,7 @@ from typing import Any
 # as first-party because of the tests/docker package.
 import docker.errors
 
-from tests.conftest import STANDIN_TAG
+from tests.support.docker_engine import STANDIN_TAG
 from vramctl.runtimes.base import LABEL_SPEC_HASH
 from vramctl.runtimes.docker import DockerRuntime
 from vramctl.spec.models import SDPA_DEFAULT_ENV, DeploymentSpec

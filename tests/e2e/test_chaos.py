@@ -38,8 +38,10 @@ import docker
 import pytest
 import yaml
 
-from tests.conftest import ExclusivityRecorder, restart_docker_daemon
-from tests.e2e.conftest import FIGURES, VramctlProc
+from tests.support.docker_engine import restart_docker_daemon
+from tests.support.exclusivity import ExclusivityRecorder
+from tests.support.figures import report
+from tests.support.live_up import LiveUp
 
 pytestmark = pytest.mark.docker
 
@@ -50,16 +52,10 @@ LOAD_S, STOP_S = 0.3, 0.2
 HEAVY = ("llm", "sdxl", "img")
 
 
-def report(line: str) -> None:
-    """A run's figures: printed (``-s``) and in the session's summary (``-q`` too)."""
-    print("\n" + line)
-    FIGURES.append(line)
-
-
 class Driver:
     """Sends requests to the live `vramctl up`, tolerating a supervisor that is being restarted."""
 
-    def __init__(self, v: VramctlProc, rng: random.Random) -> None:
+    def __init__(self, v: LiveUp, rng: random.Random) -> None:
         self.v, self.rng = v, rng
         self.sent: list[tuple[str | None, list[str]]] = []
         self.accepted: list[tuple[str | None, list[str]]] = []
@@ -200,7 +196,7 @@ def private_engine(
 
 
 def test_chaos_docker_runtime(
-    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    vramctl: Callable[[dict[str, Any]], LiveUp],
     free_port: Callable[[], int],
     private_engine: docker.DockerClient,
     instance: str,
@@ -334,7 +330,7 @@ class ProcSampler:
         self._t.join(2)
 
 
-def test_chaos_process_runtime(vramctl: Callable[[dict[str, Any]], VramctlProc], free_port: Callable[[], int], instance: str) -> None:
+def test_chaos_process_runtime(vramctl: Callable[[dict[str, Any]], LiveUp], free_port: Callable[[], int], instance: str) -> None:
     ports = {m: free_port() for m in (*HEAVY, "tts")}
     models = {
         m: {

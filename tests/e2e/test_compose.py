@@ -12,7 +12,7 @@ from typing import Any
 import docker
 import pytest
 
-from tests.e2e.conftest import VramctlProc
+from tests.support.live_up import LiveUp
 
 pytestmark = pytest.mark.docker
 
@@ -20,7 +20,7 @@ COMPOSE_FILE = Path(__file__).resolve().parents[2] / "compose" / "demo" / "docke
 
 
 def test_manual_compose_up_is_gated_and_handed_over(
-    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    vramctl: Callable[[dict[str, Any]], LiveUp],
     free_port: Callable[[], int],
     docker_client: docker.DockerClient,
     instance: str,

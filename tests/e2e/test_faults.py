@@ -16,8 +16,8 @@ import docker
 import pytest
 import yaml
 
-from tests.conftest import ExclusivityRecorder
-from tests.e2e.conftest import VramctlProc, standin_model
+from tests.support.exclusivity import ExclusivityRecorder
+from tests.support.live_up import LiveUp, standin_model
 
 pytestmark = pytest.mark.docker
 
@@ -47,7 +47,7 @@ def live(client: docker.DockerClient, instance: str) -> dict[str, str]:
 
 
 def test_a_missing_image_is_refused_before_the_working_model_is_stopped(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+    vramctl: Callable[[dict[str, Any]], LiveUp], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
 ) -> None:
     ghost = {**standin_model(ports["ghost"], 9000), "image": "vramctl/no-such-image:never"}
     v = vramctl(config(ports, models={"ghost": ghost}))
@@ -64,7 +64,7 @@ def test_a_missing_image_is_refused_before_the_working_model_is_stopped(
 
 
 def test_a_port_served_by_something_else_is_not_taken_for_health(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+    vramctl: Callable[[dict[str, Any]], LiveUp], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
 ) -> None:
     """Something already answers sdxl's health port: vramctl must not call
     sdxl healthy (its own container cannot even bind the port)."""
@@ -95,7 +95,7 @@ def test_a_port_served_by_something_else_is_not_taken_for_health(
 
 
 def test_a_crash_soon_after_healthy_backs_off_with_its_exit_code(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int]
+    vramctl: Callable[[dict[str, Any]], LiveUp], ports: dict[str, int]
 ) -> None:
     flaky = standin_model(ports["llm"], 9000, load=0.2, STANDIN_CRASH_AFTER_SECONDS="1.5", STANDIN_EXIT_CODE="7")
     v = vramctl(config(ports, models={"llm": flaky}))
@@ -109,7 +109,7 @@ def test_a_crash_soon_after_healthy_backs_off_with_its_exit_code(
 
 
 def test_a_hand_start_right_after_vramctls_own_start_is_gated(
-    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    vramctl: Callable[[dict[str, Any]], LiveUp],
     ports: dict[str, int],
     docker_client: docker.DockerClient,
     instance: str,
@@ -138,7 +138,7 @@ def test_a_hand_start_right_after_vramctls_own_start_is_gated(
 
 
 def test_a_container_removed_by_hand_moves_the_status_at_once(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+    vramctl: Callable[[dict[str, Any]], LiveUp], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
 ) -> None:
     v = vramctl({**config(ports), "resyncSeconds": 30})
     v.start()
@@ -152,7 +152,7 @@ def test_a_container_removed_by_hand_moves_the_status_at_once(
 
 @pytest.mark.parametrize("on_removed", ["recreate", "release"])
 def test_compose_down_is_said_and_handled_as_configured(
-    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    vramctl: Callable[[dict[str, Any]], LiveUp],
     ports: dict[str, int],
     docker_client: docker.DockerClient,
     instance: str,
@@ -175,7 +175,7 @@ def test_compose_down_is_said_and_handled_as_configured(
 
 
 def test_a_profile_up_that_also_starts_a_service_without_profile_keeps_the_active_model(
-    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    vramctl: Callable[[dict[str, Any]], LiveUp],
     free_port: Callable[[], int],
     docker_client: docker.DockerClient,
     instance: str,
@@ -241,7 +241,7 @@ def test_a_profile_up_that_also_starts_a_service_without_profile_keeps_the_activ
 
 
 def test_a_restart_policy_restarting_the_model_being_started_is_a_crash_not_an_intruder(
-    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    vramctl: Callable[[dict[str, Any]], LiveUp],
     free_port: Callable[[], int],
     docker_client: docker.DockerClient,
     instance: str,

@@ -16,15 +16,16 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import ExclusivityRecorder
-from tests.e2e.conftest import FIGURES, VramctlProc, standin_model
+from tests.support.exclusivity import ExclusivityRecorder
+from tests.support.figures import report
+from tests.support.live_up import LiveUp, standin_model
 from tests.support.openai_mix import IMAGE, TOKENS, one
 
 pytestmark = pytest.mark.docker
 
 
 def test_openai_clients_for_two_heavy_containers_through_the_gateway(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], free_port: Callable[[], int], exclusivity: ExclusivityRecorder, instance: str
+    vramctl: Callable[[dict[str, Any]], LiveUp], free_port: Callable[[], int], exclusivity: ExclusivityRecorder, instance: str
 ) -> None:
     ports = {"llm": free_port(), "sdxl": free_port()}
     served = {"llm": "qwen-7b", "sdxl": "sdxl-base"}
@@ -74,5 +75,4 @@ def test_openai_clients_for_two_heavy_containers_through_the_gateway(
     }
     assert ok == {"llm": 90.0, "sdxl": 30.0}, ok
     line = f"[gateway docker] 120 requests (90 chat, 30 images) from 20 clients in {took:.1f}s; {len(starts)} starts; no overlap"
-    print("\n" + line)
-    FIGURES.append(line)
+    report(line)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import VramctlProc, standin_model
+from tests.support.live_up import LiveUp, standin_model
 
 pytestmark = pytest.mark.docker
 
@@ -146,7 +146,7 @@ def _value(result: list[dict[str, Any]], **labels: str) -> float | None:
 
 
 def test_every_dashboard_query_returns_data(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], prometheus: Callable[[str], Prometheus], free_port: Callable[[], int]
+    vramctl: Callable[[dict[str, Any]], LiveUp], prometheus: Callable[[str], Prometheus], free_port: Callable[[], int]
 ) -> None:
     llm, sdxl, tts = free_port(), free_port(), free_port()
     v = vramctl(
@@ -182,7 +182,7 @@ def test_every_dashboard_query_returns_data(
     gateway = free_port()
     v.extra_args = ["--gateway", f"127.0.0.1:{gateway}"]
     v.start()
-    prom = prometheus(f"127.0.0.1:{v.api_port}")
+    prom = prometheus(f"127.0.0.1:{v.port}")
     prom.wait_ready()
     prom.wait_for('up{job="vramctl"}', lambda r: _value(r) == 1.0)
 

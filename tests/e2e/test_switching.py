@@ -11,7 +11,8 @@ from typing import Any
 import docker
 import pytest
 
-from tests.e2e.conftest import STANDIN, VramctlProc, standin_model
+from tests.support.docker_engine import STANDIN_TAG
+from tests.support.live_up import LiveUp, standin_model
 
 pytestmark = pytest.mark.docker
 
@@ -42,7 +43,7 @@ def ports(free_port: Callable[[], int]) -> dict[str, int]:
 
 
 def test_llm_sdxl_llm_with_companion(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+    vramctl: Callable[[dict[str, Any]], LiveUp], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
 ) -> None:
     v = vramctl(config(ports, companions=["tts"]))
     v.start()
@@ -71,7 +72,7 @@ def test_llm_sdxl_llm_with_companion(
 
 
 def test_companion_that_does_not_fit_is_rejected_and_nothing_starts(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+    vramctl: Callable[[dict[str, Any]], LiveUp], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
 ) -> None:
     v = vramctl(config(ports))
     v.start()
@@ -87,7 +88,7 @@ def test_companion_that_does_not_fit_is_rejected_and_nothing_starts(
 
 
 def test_sigterm_ignored_is_killed_after_grace(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+    vramctl: Callable[[dict[str, Any]], LiveUp], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
 ) -> None:
     cfg = config(ports)
     cfg["gpus"][0]["models"]["llm"] = standin_model(ports["llm"], 9000, grace=1.0, STANDIN_IGNORE_SIGTERM="1")
@@ -104,7 +105,7 @@ def test_sigterm_ignored_is_killed_after_grace(
 
 
 def test_crash_on_start_fails_with_logs_and_backs_off(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
+    vramctl: Callable[[dict[str, Any]], LiveUp], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
 ) -> None:
     cfg = config(ports)
     cfg["gpus"][0]["models"]["sdxl"] = standin_model(ports["sdxl"], 10000, load=5, STANDIN_CRASH_AFTER_SECONDS="0.3", STANDIN_EXIT_CODE="3")
@@ -131,7 +132,7 @@ def test_crash_on_start_fails_with_logs_and_backs_off(
 
 
 def test_unlabelled_containers_are_never_touched(
-    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    vramctl: Callable[[dict[str, Any]], LiveUp],
     ports: dict[str, int],
     docker_client: docker.DockerClient,
     instance: str,
@@ -139,7 +140,7 @@ def test_unlabelled_containers_are_never_touched(
 ) -> None:
     # Same image, a name that looks like ours, a model label but no managed-by: not vramctl's.
     stranger = docker_client.containers.run(
-        STANDIN,
+        STANDIN_TAG,
         name=f"vramctl-{instance}-gpu0-sdxl-stranger",
         detach=True,
         network_mode="host",
@@ -161,7 +162,7 @@ def test_unlabelled_containers_are_never_touched(
 
 
 def test_supervisor_killed_mid_switch_converges(
-    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    vramctl: Callable[[dict[str, Any]], LiveUp],
     ports: dict[str, int],
     docker_client: docker.DockerClient,
     instance: str,
@@ -186,7 +187,7 @@ def test_supervisor_killed_mid_switch_converges(
     exclusivity.assert_no_violations(instance)
 
 
-def _steps(v: VramctlProc) -> set[str]:
+def _steps(v: LiveUp) -> set[str]:
     import json
     import urllib.request
 

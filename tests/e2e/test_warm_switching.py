@@ -14,7 +14,7 @@ from typing import Any
 import docker
 import pytest
 
-from tests.e2e.conftest import VramctlProc, standin_model
+from tests.support.live_up import LiveUp, standin_model
 
 pytestmark = pytest.mark.docker
 
@@ -39,7 +39,7 @@ def running(client: docker.DockerClient, instance: str) -> list[str]:
 
 
 def test_a_warm_switch_and_back_keeps_both_containers(
-    vramctl: Callable[[dict[str, Any]], VramctlProc],
+    vramctl: Callable[[dict[str, Any]], LiveUp],
     free_port: Callable[[], int],
     docker_client: docker.DockerClient,
     instance: str,
@@ -62,7 +62,7 @@ def test_a_warm_switch_and_back_keeps_both_containers(
 
 
 def test_a_failed_sleep_stops_the_container_and_goes_cold(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], free_port: Callable[[], int], docker_client: docker.DockerClient, instance: str
+    vramctl: Callable[[dict[str, Any]], LiveUp], free_port: Callable[[], int], docker_client: docker.DockerClient, instance: str
 ) -> None:
     v = vramctl(config(sleepy(free_port(), 11000, STANDIN_SLEEP_STATUS="500"), sleepy(free_port(), 10000)))
     v.start()
@@ -73,7 +73,7 @@ def test_a_failed_sleep_stops_the_container_and_goes_cold(
 
 
 def test_vramctl_killed_while_a_model_goes_to_sleep(
-    vramctl: Callable[[dict[str, Any]], VramctlProc], free_port: Callable[[], int], docker_client: docker.DockerClient, instance: str
+    vramctl: Callable[[dict[str, Any]], LiveUp], free_port: Callable[[], int], docker_client: docker.DockerClient, instance: str
 ) -> None:
     v = vramctl(config(sleepy(free_port(), 11000, STANDIN_SLEEP_SECONDS="2"), sleepy(free_port(), 10000)))
     v.start()

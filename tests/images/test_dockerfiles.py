@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.images.conftest import IMAGES, ROOT
+from tests.support.images import IMAGES, ROOT
 
 DOCKERFILES = sorted(IMAGES.glob("*/Dockerfile"))
 MODEL_IMAGES = ["vllm", "sdxl", "sovits"]

@@ -38,8 +38,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import TEST_OWNER_LABEL, ExclusivityRecorder
-from tests.images.conftest import IMAGES, ROOT, TIMINGS, docker_build
+from tests.support.docker_engine import TEST_OWNER_LABEL
+from tests.support.exclusivity import ExclusivityRecorder
+from tests.support.images import IMAGES, ROOT, TIMINGS, docker_build
 
 # Building the bases and an image is part of the first test's setup.
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.images.conftest import IMAGES, load_module
+from tests.support.images import IMAGES, load_module
 
 pf = load_module("vramctl_image_preflight", IMAGES / "common" / "preflight.py")
 PREFLIGHT = IMAGES / "common" / "preflight.py"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.images.conftest import ROOT
+from tests.support.images import ROOT
 
 
 def test_cpu_dry_run_writes_the_json(tmp_path: Path) -> None:

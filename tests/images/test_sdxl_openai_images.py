@@ -14,9 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.images.test_sdxl_server import FakeEngine, RealServer, gated, png_size, real, request, server
-
-__all__ = ["gated", "real"]  # fixtures shared with test_sdxl_server
+from tests.support.sdxl import FakeEngine, RealServer, png_size, request, server
 
 
 def test_defaults_and_vendor_fields() -> None:

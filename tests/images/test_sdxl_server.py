@@ -11,63 +11,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.images.conftest import SDXL_DIR, free_port, load_module, sdxl_on_path
-
-sdxl_on_path()
-server = load_module("vramctl_sdxl_server", SDXL_DIR / "server.py")
-
-# -- HTTP helpers -----------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes
-    headers: dict[str, str]
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def request(base: str, path: str, body: Any = None, raw: bytes | None = None, timeout: float = 120) -> Reply:
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(base + path, data=data, method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return Reply(resp.status, resp.read(), dict(resp.headers.items()))
-    except urllib.error.HTTPError as exc:
-        return Reply(exc.code, exc.read(), dict(exc.headers.items()))
-
-
-def png_size(data: bytes) -> tuple[tuple[int, int], str]:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.format == "PNG"
-        return im.size, im.mode
-
-
-def pixels(data: bytes) -> bytes:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB").tobytes()
-
+from tests.support.sdxl import FakeEngine, RealServer, Reply, pixels, png_size, request, server, start_server
 
 # -- request rules (pure) ---------------------------------------------------
 
@@ -139,73 +90,6 @@ def test_server_config_from_env() -> None:
 # -- the HTTP app, with a fake engine behind a gate -------------------------
 
 
-@dataclass(frozen=True)
-class FakeImage:
-    png: bytes
-    seed: int
-    seconds: float = 0.5
-    pipeline_seconds: float = 0.4
-    encode_seconds: float = 0.1
-    peak_bytes: int = 123
-
-
-@dataclass
-class FakeEngine:
-    calls: list[tuple[Any, ...]] = field(default_factory=list)
-
-    def generate(self, *args: Any) -> FakeImage:
-        self.calls.append((*args, threading.current_thread().name))
-        return FakeImage(png=b"\x89PNG fake", seed=args[5])
-
-    def vram(self) -> dict[str, Any]:
-        return {"device": "cpu", "allocated_bytes": 0, "reserved_bytes": 0, "peak_bytes": 0}
-
-    def describe(self) -> dict[str, Any]:
-        return {"device": "cpu", "attention": ["AttnProcessor2_0"]}
-
-    sleep_gate: threading.Event = field(default_factory=lambda: _opened())
-    asleep: int = 0
-
-    def sleep(self, level: int) -> dict[str, Any]:
-        assert self.sleep_gate.wait(30), "the test never opened the sleep gate"
-        self.calls.append(("sleep", level, threading.current_thread().name))
-        self.asleep = level
-        return {"level": level, "seconds": 0.01, "host_bytes": 0, "host_memory": "none"}
-
-    def wake(self) -> dict[str, Any]:
-        self.calls.append(("wake", threading.current_thread().name))
-        self.asleep = 0
-        return {"level": 1, "seconds": 0.01}
-
-
-def _opened() -> threading.Event:
-    e = threading.Event()
-    e.set()
-    return e
-
-
-@pytest.fixture
-def gated() -> Iterator[tuple[str, threading.Event, FakeEngine, Any]]:
-    gate = threading.Event()
-    engine = FakeEngine()
-
-    def load() -> FakeEngine:
-        assert gate.wait(30), "the test never opened the gate"
-        return engine
-
-    app = server.App(load)
-    httpd = server.make_server(app, server.ServerConfig("127.0.0.1", 0))
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    app.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", gate, engine, app
-    finally:
-        gate.set()
-        app.stop()
-        httpd.shutdown()
-        httpd.server_close()
-
-
 def test_health_is_503_while_loading_then_200(gated: tuple[str, threading.Event, FakeEngine, Any]) -> None:
     base, gate, engine, app = gated
     r = request(base, "/health")
@@ -256,59 +140,6 @@ def test_a_failed_load_is_a_500_with_the_reason() -> None:
 
 
 # -- the real server, as a subprocess, on the CPU ---------------------------
-
-
-@dataclass
-class RealServer:
-    base: str
-    proc: subprocess.Popen[str]
-    statuses: list[int]
-    log: list[str]
-
-
-def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str], str]:
-    port = free_port()
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_")} | {"HOST": "127.0.0.1", "PORT": str(port)} | env
-    proc = subprocess.Popen(
-        [sys.executable, str(SDXL_DIR / "server.py")], env=full, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-    )
-    log: list[str] = []
-
-    def drain() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append(line)
-
-    threading.Thread(target=drain, daemon=True).start()
-    return proc, log, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def real() -> Iterator[RealServer]:
-    proc, log, base = start_server({"SDXL_RANDOM_INIT": "tiny", "SDXL_DEVICE": "cpu"})
-    statuses: list[int] = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            r = request(base, "/health", timeout=5)
-            statuses.append(r.status)
-            if r.status == 200:
-                break
-        except OSError:
-            pass  # not listening yet
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail(f"the SDXL server never became healthy (statuses {statuses[-3:]}):\n{''.join(log)}", pytrace=False)
-    srv = RealServer(base, proc, statuses, log)
-    yield srv
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rc = proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the SDXL server ignored SIGTERM for 10 s", pytrace=False)
-    assert rc == 0, "".join(log)
 
 
 def generate(srv: RealServer, **body: Any) -> Reply:

@@ -11,9 +11,8 @@ from typing import Any
 import helm_python as helm
 import pytest
 
-from tests.k8s.test_manifests import EXPECTED_RULES, POD_RULES
 from tests.support.k8s.chart import CHART_DIR, NAMESPACE, RELEASE, chart, manifest_objects, render
-from tests.support.k8s.rbac import grants_of, rules_of
+from tests.support.k8s.rbac import EXPECTED_RULES, POD_RULES, grants_of, rules_of
 from tests.support.k8s.validation import ROOT, load_yaml_docs, validate
 from vramctl.spec.crd import COMMITTED_PATHS, REGENERATE
 

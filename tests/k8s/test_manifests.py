@@ -7,24 +7,8 @@ from collections import Counter
 from typing import Any
 
 from tests.support.k8s.chart import MANIFESTS, manifest_objects
-from tests.support.k8s.rbac import grants_of, rules_of
+from tests.support.k8s.rbac import EXPECTED_RULES, POD_RULES, grants_of, rules_of
 from tests.support.k8s.validation import load_yaml_docs, validate
-
-# The ClusterRole: what vramctl and kopf need in every namespace (see manifests/rbac.yaml for why each is there).
-EXPECTED_RULES = [
-    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments"], "verbs": ["list", "watch", "patch"]},
-    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/status"], "verbs": ["update", "patch"]},
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
-]
-# The Role of each namespace where the Pod runtime (the default) runs Pods:
-# what tests/k8s/test_rbac.py records it calling there.
-POD_RULES = [
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/finalizers"], "verbs": ["update"]},
-]
-
 
 POD_NAMESPACE_RBAC = "pod-namespace/rbac.yaml"
 

@@ -25,10 +25,11 @@ import docker
 import pytest
 import yaml
 
-from tests.conftest import STANDIN_TAG, ExclusivityRecorder
-from tests.e2e.conftest import standin_model
+from tests.support.docker_engine import STANDIN_TAG
+from tests.support.exclusivity import ExclusivityRecorder
 from tests.support.k8s.emulator import ROOT, EmulatorThread, KubeClient
 from tests.support.k8s.validation import crd_object
+from tests.support.live_up import standin_model
 
 pytestmark = pytest.mark.docker
 

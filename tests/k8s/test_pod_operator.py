@@ -1,6 +1,6 @@
 """End to end with the Pod runtime: the real ``vramctl operator --runtime
 kubernetes`` (kopf inside) as a subprocess, the API emulator, and the test
-kubelet running each Pod as a local stand-in process (tests/k8s/kubelet.py).
+kubelet running each Pod as a local stand-in process (tests/support/k8s/).
 No Docker engine, no socket.
 
 Each test has its own namespace, node and kubelet. The kubelet records an
@@ -10,16 +10,11 @@ of the same GPU still runs; every test asserts there was none.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,133 +22,7 @@ import pytest
 
 from tests.support.k8s.emulator import EmulatorThread, KubeClient
 from tests.support.k8s.kubelet import GarbageCollector, TestKubelet
-
-STANDIN = "vramctl-standin:test"
-TIMER_S = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def model(port: int, vram: int, cls: str = "heavy", load: float = 0.2, stop: float = 0.1, grace: float = 5, **env: str) -> dict[str, Any]:
-    return {
-        "class": cls,
-        "image": STANDIN,
-        "env": {"STANDIN_PORT": str(port), "STANDIN_LOAD_SECONDS": str(load), "STANDIN_STOP_SECONDS": str(stop), **env},
-        "health": {"path": "/health", "port": port, "intervalSeconds": 0.05},
-        "stop": {"gracePeriodSeconds": grace},
-        "startTimeoutSeconds": 20,
-        "vramMiB": vram,
-    }
-
-
-class PodOperator:
-    """``vramctl operator --runtime kubernetes`` as the DaemonSet runs it."""
-
-    def __init__(self, tmp: Path, kubeconfig: Path, namespace: str, node: str, clusterwide: bool = False) -> None:
-        self.tmp, self.kubeconfig, self.namespace, self.node = tmp, kubeconfig, namespace, node
-        self.clusterwide = clusterwide
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.logs: list[Path] = []
-
-    def start(self) -> PodOperator:
-        log = self.tmp / f"operator-{len(self.logs)}.log"
-        self.logs.append(log)
-        cmd = [
-            *(sys.executable, "-m", "vramctl", "operator", "--runtime", "kubernetes"),
-            *("--node-name", self.node, "--instance", "k8s"),
-            *(() if self.clusterwide else ("--namespace", self.namespace)),
-            *("--listen", f"127.0.0.1:{self.port}", "--gpu-probe", "simulated", "--kubeconfig", str(self.kubeconfig)),
-            *("--timer-seconds", str(TIMER_S)),
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vramctl operator exited {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                urllib.request.urlopen(self.url + "/healthz", timeout=0.5).read()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"vramctl operator did not answer /healthz within 30 s:\n{self.log_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
-
-
-class Cluster:
-    def __init__(self, emulator: EmulatorThread, tmp: Path, clusterwide: bool = False) -> None:
-        self.ns = f"p{uuid.uuid4().hex[:8]}"
-        self.node = f"node-{self.ns}"
-        self.kube = KubeClient(emulator.url)
-        self.kubelet = TestKubelet(emulator, self.node, tmp)
-        self.op = PodOperator(tmp, emulator.kubeconfig(tmp / "kubeconfig"), self.ns, self.node, clusterwide)
-        self.ports = {m: free_port() for m in ("llm", "sdxl", "tts")}
-
-    def spec(self, **fields: Any) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "nodeName": self.node,
-            "gpu": 0,
-            "activeModel": "llm",
-            "vramBudgetMiB": 15000,
-            "models": {
-                "llm": model(self.ports["llm"], 9000),
-                "sdxl": model(self.ports["sdxl"], 10000),
-                "tts": model(self.ports["tts"], 3000, cls="light"),
-            },
-        }
-        spec.update(fields)
-        return spec
-
-    def pods(self) -> dict[str, dict[str, Any]]:
-        items = self.kube.request("GET", f"/api/v1/namespaces/{self.ns}/pods")["items"]
-        return {p["metadata"]["name"]: p for p in items}
-
-    def wait_md(self, name: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        obj: dict[str, Any] | None = None
-        while time.monotonic() < deadline:
-            obj = self.kube.get_md(self.ns, name)
-            if obj is not None and pred(obj):
-                return obj
-            time.sleep(0.05)
-        raise AssertionError(
-            f"{self.ns}/{name} not as expected within {timeout}s; last: {json.dumps(obj, indent=1)[-3000:]}\n"
-            f"operator log:\n{self.op.log_text()[-4000:]}\nkubelet: {self.kubelet.errors}"
-        )
-
-    def events(self, name: str) -> list[tuple[str, str, str]]:
-        return [
-            (e["type"], e["reason"], e["message"])
-            for e in self.kube.events(self.ns, name)
-            if e.get("reportingComponent") == "vramctl.io/operator"
-        ]
-
-    def wait_events(
-        self, name: str, pred: Callable[[list[tuple[str, str, str]]], bool], timeout: float = 10.0
-    ) -> list[tuple[str, str, str]]:
-        deadline = time.monotonic() + timeout
-        ev = self.events(name)
-        while time.monotonic() < deadline and not pred(ev):
-            time.sleep(0.05)
-            ev = self.events(name)
-        assert pred(ev), f"events of {name}: {ev}\n{self.op.log_text()[-3000:]}"
-        return ev
+from tests.support.k8s.pod_operator import TIMER_S, Cluster, PodOperator, condition, model, settled, status
 
 
 @pytest.fixture(scope="module")
@@ -171,24 +40,6 @@ def cluster(emulator: EmulatorThread, tmp_path: Path) -> Iterator[Cluster]:
         finally:
             c.op.stop()
         c.kubelet.assert_exclusive()
-
-
-def status(obj: dict[str, Any]) -> dict[str, Any]:
-    return obj.get("status") or {}
-
-
-def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
-    return next(c for c in status(obj).get("conditions") or [] if c["type"] == ctype)
-
-
-def settled(generation: int, running: list[str]) -> Callable[[dict[str, Any]], bool]:
-    def pred(obj: dict[str, Any]) -> bool:
-        st = status(obj)
-        return (
-            st.get("observedGeneration") == generation and st.get("phase") == "Ready" and sorted(st.get("runningModels") or []) == running
-        )
-
-    return pred
 
 
 # --------------------------------------------------------------------- tests

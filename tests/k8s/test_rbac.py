@@ -22,12 +22,12 @@ from typing import Any
 import kopf
 import pytest
 
-from tests.k8s.test_pod_operator import Cluster, condition, settled, status
 from tests.support.k8s.chart import NAMESPACE, RELEASE, render
 from tests.support.k8s.emulator import EmulatorThread, KubeClient
 from tests.support.k8s.kubelet import GarbageCollector
+from tests.support.k8s.pod_operator import Cluster, condition, settled, status
 from tests.support.k8s.rbac import Access, Grants, grants_of
-from tests.unit.test_doctor_kubernetes import facts
+from tests.support.kube_facts import facts
 from vramctl.doctor import exit_code, kubernetes_checks, pod_rights
 from vramctl.reconcile.errors import ErrorClass, classify
 from vramctl.runtimes.kubernetes import POD_ACCESS, Forbidden, KubeApiError, PodOwner, PodRuntime, _explained

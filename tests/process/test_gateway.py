@@ -532,7 +532,7 @@ def test_500_idle_connections_do_not_stop_other_requests(gw: GatewayThread, hold
 
 
 def test_gateway_on_the_inbox_holder_twenty_clients_two_models(backends: dict[str, Backend]) -> None:
-    from tests.unit.test_hold_desk import FakeWorker
+    from tests.support.fake_worker import FakeWorker
     from vramctl.demand import policy as dq
     from vramctl.demand.desk import HoldDesk, InboxHolder
 

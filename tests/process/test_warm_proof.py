@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.images.conftest import SDXL_DIR, load_module
+from tests.support.images import SDXL_DIR, load_module
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")

@@ -1,9 +1,18 @@
-"""A live ``vramctl up`` on loopback with the process runtime and a simulated
-GPU: stand-in model servers as local processes, no Docker needed.
+"""A live ``vramctl up``, started as a user starts it, on loopback: the one
+harness of the process, e2e and hostile tests.
 
-``LiveUp.stop()`` ends vramctl; ``LiveUp.kill_models()`` SIGKILLs the process
-group of every model record of its state dir whose pid still has the
-recorded start time, so a test never leaves a model behind.
+``config()`` is the demo stack with the process runtime and a simulated GPU
+(stand-in model servers as local processes, no Docker needed); ``standin()``
+is one such model, ``standin_model()`` the same stand-in as a container of
+the stand-in image (the docker runtime's tests).
+
+``LiveUp.start()`` runs ``vramctl up`` and waits for ``/healthz`` (and, by
+default, for a settled GPU 0); it refuses to start a second process while the
+first still runs, so none is ever lost track of. ``LiveUp.stop()`` ends
+vramctl; ``LiveUp.kill_models()`` SIGKILLs the process group of every model
+record of its state dir whose pid still has the recorded start time, so a
+test never leaves a model behind. The ``live_up`` fixture of tests/conftest.py
+does both at teardown.
 """
 
 from __future__ import annotations
@@ -12,7 +21,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,22 +33,35 @@ from typing import Any
 
 import yaml
 
+from tests.support.docker_engine import STANDIN_TAG
+from tests.support.ports import free_port
+
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def standin(port: int, cls: str = "heavy", vram: int = 6000, **env: str) -> dict[str, Any]:
+    """A stand-in model server as a local process (the process runtime)."""
     return {
         "class": cls,
         "command": STANDIN,
         "env": {"STANDIN_PORT": str(port), "STANDIN_LOAD_SECONDS": "0.2", "STANDIN_STOP_SECONDS": "0.05", **env},
         "health": {"path": "/health", "port": port, "intervalSeconds": 0.05},
         "stop": {"gracePeriodSeconds": 5},
+        "startTimeoutSeconds": 20,
+        "vramMiB": vram,
+    }
+
+
+def standin_model(
+    port: int, vram: int, cls: str = "heavy", load: float = 0.5, stop: float = 0.2, grace: float = 5, **env: str
+) -> dict[str, Any]:
+    """A stand-in model server as a container of the stand-in image (the docker runtime)."""
+    return {
+        "class": cls,
+        "image": STANDIN_TAG,
+        "env": {"STANDIN_PORT": str(port), "STANDIN_LOAD_SECONDS": str(load), "STANDIN_STOP_SECONDS": str(stop), **env},
+        "health": {"path": "/health", "port": port, "intervalSeconds": 0.05},
+        "stop": {"gracePeriodSeconds": grace},
         "startTimeoutSeconds": 20,
         "vramMiB": vram,
     }
@@ -66,16 +87,21 @@ def _start_ticks(pid: int) -> int | None:
 
 
 class LiveUp:
-    def __init__(self, tmp: Path, cfg: dict[str, Any] | None = None) -> None:
+    """``vramctl up`` as a user runs it, plus the CLI around it. ``instance``:
+    the vramctl instance (a Docker test passes its own, whose containers its
+    fixture removes); ``extra_args`` are appended to the command line."""
+
+    def __init__(self, tmp: Path, cfg: dict[str, Any] | None = None, *, instance: str | None = None, port: int | None = None) -> None:
         self.tmp = tmp
-        self.instance = "h" + uuid.uuid4().hex[:10]
+        self.instance = instance or "h" + uuid.uuid4().hex[:10]
         self.config_path = tmp / "vramctl.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg or config()))
         self.state_path = tmp / "state" / "state.json"
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[Path] = []
+        self.extra_args: list[str] = []  # e.g. ["--gateway", "127.0.0.1:PORT"]
 
     def argv(self) -> list[str]:
         return [
@@ -84,9 +110,12 @@ class LiveUp:
             "--state", str(self.state_path),
             "--listen", f"127.0.0.1:{self.port}",
             "--instance", self.instance,
+            *self.extra_args,
         ]  # fmt: skip
 
     def start(self, wait_ready: bool = True, preexec_fn: Callable[[], None] | None = None) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            raise AssertionError(f"vramctl up (pid {self.proc.pid}) still runs: stop or kill it before starting another")
         log = self.tmp / f"vramctl-{len(self.logs)}.log"
         self.logs.append(log)
         self.proc = subprocess.Popen(
@@ -113,14 +142,18 @@ class LiveUp:
         with urllib.request.urlopen(self.url + "/status", timeout=10) as r:
             return json.loads(r.read())  # type: ignore[no-any-return]
 
-    def gpu(self) -> dict[str, Any]:
-        return self.status()["gpus"]["0"]  # type: ignore[no-any-return]
+    def status_progress(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(self.url + "/status?since=0", timeout=5) as r:
+            return json.loads(r.read()).get("progress", [])  # type: ignore[no-any-return]
 
-    def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+    def gpu(self, gpu: int = 0) -> dict[str, Any]:
+        return self.status()["gpus"][str(gpu)]  # type: ignore[no-any-return]
+
+    def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0, gpu: int = 0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         g: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            g = self.gpu()
+            g = self.gpu(gpu)
             if pred(g):
                 return g
             time.sleep(0.05)
@@ -136,6 +169,21 @@ class LiveUp:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``vramctl ARGS`` against this instance's API."""
+        return subprocess.run(
+            [sys.executable, "-m", "vramctl", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "VRAMCTL_URL": self.url},
+        )
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support.fakes import FakeGpu, FakeRuntime
-from tests.unit.test_supervisor import spec
+from tests.support.workers import spec
 from vramctl.observed import WorkloadState
 from vramctl.telemetry import register as register_collector
 from vramctl.web.api import ApiServer

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.fakes import FakeGpu, FakeRuntime
-from tests.unit.test_supervisor import spec
+from tests.support.workers import spec
 from vramctl.observed import WorkloadState
 from vramctl.telemetry import VramctlCollector
 from vramctl.web.gateway import GatewayMetrics

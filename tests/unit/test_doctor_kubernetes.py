@@ -6,24 +6,8 @@ from typing import Any
 
 import pytest
 
-from vramctl.doctor import KubeFacts, exit_code, kubernetes_checks
-from vramctl.gpu.nvml import NvmlFacts
-
-NVML = NvmlFacts(driver="580.65", nvml_version="12.580", cuda_driver_version="13.0")
-
-
-def facts(**kw: Any) -> KubeFacts:
-    base: dict[str, Any] = {
-        "node": "rtx5080",
-        "api": None,
-        "runtime_class": "nvidia",
-        "runtime_class_handler": "nvidia",
-        "gpu_allocatable": 1,
-        "gpu_mode": "runtimeClass",
-        "nvml": NVML,
-    }
-    base.update(kw)
-    return KubeFacts(**base)
+from tests.support.kube_facts import facts
+from vramctl.doctor import exit_code, kubernetes_checks
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.conftest import ExclusivityRecorder
+from tests.support.exclusivity import ExclusivityRecorder
 
 LABELS = {"app.kubernetes.io/managed-by": "vramctl", "vramctl.io/instance": "chaos", "vramctl.io/gpu": "0"}
 

@@ -13,8 +13,8 @@ import threading
 import time
 from dataclasses import replace
 
-from tests.unit.test_worker_actor import spec, wait_for
-from tests.unit.test_worker_holds import loading, queued, start
+from tests.support.workers import loading, queued, start, wait_for
+from tests.support.workers import three_heavy as spec
 from vramctl.demand import policy as dq
 from vramctl.demand.lane import FastLane
 from vramctl.observed import WorkloadState

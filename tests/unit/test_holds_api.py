@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from aiohttp import web
 
-from tests.unit.test_hold_desk import FakeWorker
+from tests.support.fake_worker import FakeWorker
 from vramctl import client
 from vramctl.demand import policy as dq
 from vramctl.demand.desk import HoldDesk, InboxHolder, Refused

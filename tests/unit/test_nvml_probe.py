@@ -15,8 +15,8 @@ from pathlib import Path
 import pynvml
 import pytest
 
+from tests.support.cgroup_samples import CID, DOCKER_V2_SYSTEMD, HOST_SESSION, K8S_V2_SYSTEMD_CONTAINERD, POD
 from tests.support.fake_nvml import FakeNvml, FakeProc
-from tests.unit.test_cgroups import CID, DOCKER_V2_SYSTEMD, HOST_SESSION, K8S_V2_SYSTEMD_CONTAINERD
 from vramctl.gpu.base import GpuInfo, GpuProbe, ProbeError, ProbeTimeout
 from vramctl.gpu.nvml import NvmlProbe, NvmlSession, NvmlUnavailable, nvml_facts, nvml_problem
 from vramctl.observed import GpuMemory, GpuProcess
@@ -291,7 +291,6 @@ def test_snapshot_cost_with_processes(tmp_path: Path) -> None:
 def test_a_foreign_pod_is_named_for_the_blocked_message(tmp_path: Path) -> None:
     """Kubernetes: a GPU process that is not vramctl's is named by its Pod
     (cgroup -> pod uid -> namespace/name), and the memory wait says so."""
-    from tests.unit.test_cgroups import POD
     from vramctl.reconcile.memory_gate import describe_process
 
     fake_proc(tmp_path, 5001, K8S_V2_SYSTEMD_CONTAINERD)  # a stranger's pod

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.fakes import FakeRuntime
-from tests.unit.test_supervisor import spec
+from tests.support.workers import spec
 from vramctl.app import initial_desired, open_state
 from vramctl.observed import Desired, WorkloadState
 from vramctl.sources.statefile import StateFile, _parse_desired

@@ -6,27 +6,12 @@ from __future__ import annotations
 import pytest
 
 from tests.support.fakes import FakeClock, FakeGpu, FakeRuntime
+from tests.support.workers import spec
 from vramctl.observed import WorkloadState
 from vramctl.spec.models import DeploymentSpec, DesiredStateError
 from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
-
-
-def spec(**kw: object) -> DeploymentSpec:
-    doc = {
-        "gpu": 0,
-        "activeModel": "llm",
-        "vramBudgetMiB": 15500,
-        "models": {
-            "llm": {"image": "i", "vramMiB": 12000, "startTimeoutSeconds": 5},
-            "sdxl": {"image": "i", "vramMiB": 11000, "startTimeoutSeconds": 5},
-            "tts": {"class": "light", "image": "i", "vramMiB": 3000},
-            "big": {"class": "light", "image": "i", "vramMiB": 5000},
-        },
-    }
-    doc.update(kw)
-    return DeploymentSpec.model_validate(doc)
 
 
 class Sink:

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.support.fakes import FakeClock, FakeGpu, FakeRuntime
-from tests.unit.test_supervisor import spec
+from tests.support.workers import spec
 from vramctl.app import build
 from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot, WorkloadState

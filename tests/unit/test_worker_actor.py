@@ -15,13 +15,14 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.fakes import FakeGpu, FakeRuntime
+from tests.support.workers import three_heavy as spec
+from tests.support.workers import wait_for
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import StartEvent, TransientError
 from vramctl.spec.models import DeploymentSpec
@@ -29,31 +30,6 @@ from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
 HEAVY = ("llm", "sdxl", "img")
-
-
-def spec(timeout: float = 30, image: str = "i") -> DeploymentSpec:
-    return DeploymentSpec.model_validate(
-        {
-            "gpu": 0,
-            "activeModel": "llm",
-            "vramBudgetMiB": 15500,
-            "models": {
-                "llm": {"image": image, "vramMiB": 12000, "startTimeoutSeconds": timeout},
-                "sdxl": {"image": image, "vramMiB": 11000, "startTimeoutSeconds": timeout},
-                "img": {"image": image, "vramMiB": 9000, "startTimeoutSeconds": timeout},
-                "tts": {"class": "light", "image": image, "vramMiB": 3000},
-            },
-        }
-    )
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 class CountingRuntime(FakeRuntime):

@@ -10,37 +10,13 @@ import time
 
 import pytest
 
-from tests.support.fakes import FakeGpu, FakeRuntime
-from tests.unit.test_worker_actor import spec, wait_for
-from vramctl.demand.desk import InboxHolder, Refused
+from tests.support.workers import loading, queued, start, wait_for
+from tests.support.workers import three_heavy as spec
+from vramctl.demand.desk import Refused
 from vramctl.observed import WorkloadState
 from vramctl.spec.models import DeploymentSpec
-from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
-
-
-def queued(**queue: float) -> DeploymentSpec:
-    d = spec()
-    return DeploymentSpec.model_validate(
-        {**d.model_dump(by_alias=True, exclude_none=True), "queue": {"maxServeSeconds": 2, "drainTimeoutSeconds": 1, **queue}}
-    )
-
-
-def start(d: DeploymentSpec) -> tuple[GpuWorker, FakeRuntime, InboxHolder]:
-    rt = FakeRuntime(states={"llm": RUN})
-    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1))
-    w.start()
-    assert wait_for(lambda: w.status()["phase"] == "Ready")
-    return w, rt, InboxHolder(lambda _gpu, cmd: w.post(cmd), gpu_of=lambda _m: "0", clock=w.clock)
-
-
-def loading(d: DeploymentSpec) -> tuple[GpuWorker, FakeRuntime, InboxHolder]:
-    """A worker just started, its desired model (llm) not healthy until the test says so."""
-    rt = FakeRuntime(states={}, never_healthy={"llm"})
-    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1))
-    w.start()
-    return w, rt, InboxHolder(lambda _gpu, cmd: w.post(cmd), gpu_of=lambda _m: "0", clock=w.clock)
 
 
 def test_a_hold_switches_and_is_granted_once_the_model_is_healthy() -> None:

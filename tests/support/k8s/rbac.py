@@ -115,3 +115,19 @@ def grants_of(objects: Iterable[Mapping[str, Any]], namespace: str, name: str) -
         frozenset(cluster),
         {ns: frozenset(rules) for ns, rules in namespaced.items()},
     )
+
+
+# The ClusterRole: what vramctl and kopf need in every namespace (see manifests/rbac.yaml for why each is there).
+EXPECTED_RULES = [
+    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments"], "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/status"], "verbs": ["update", "patch"]},
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]
+# The Role of each namespace where the Pod runtime (the default) runs Pods:
+# what tests/k8s/test_rbac.py records it calling there.
+POD_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    {"apiGroups": ["vramctl.io"], "resources": ["modeldeployments/finalizers"], "verbs": ["update"]},
+]
