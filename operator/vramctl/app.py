@@ -115,6 +115,9 @@ def build_probe(config: Config, spec_of: _SpecRef, runtime: Runtime, notes: list
         baseline_mib=p.baseline_mib,
         release_delay_seconds=p.release_delay_seconds,
         holders=holders_of(lambda: spec_of.worker.model_states() if spec_of.worker is not None else {}, spec_of, p.total_mib),
+        # It looks by itself, so that a model that comes and goes between two
+        # reads still frees its memory only after the delay.
+        sample_seconds=max(0.01, min(0.05, p.release_delay_seconds / 4)) if p.release_delay_seconds > 0 else None,
     )
 
 

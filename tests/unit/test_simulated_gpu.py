@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -193,3 +194,42 @@ def test_a_residue_is_never_more_than_the_reservation_and_a_failing_question_cou
 
     sleepy = with_residues(lambda: {"llm": 12000, "sdxl": 9000}, residue)
     assert sleepy() == {"llm": 12000, "sdxl": 9000}
+
+
+def test_a_model_that_came_and_went_between_two_snapshots_is_released_only_after_the_delay() -> None:
+    holders: dict[str, int] = {}
+    clock = FakeClock()
+    gpu = SimulatedGpu(0, 16000, 0, 0.5, lambda: holders, clock=clock)
+    assert gpu.snapshot().memory.used_mib == 0
+    holders["llm"] = 6000
+    gpu.sample()  # a look between the snapshots (the sampler's)
+    del holders["llm"]
+    clock.t += 0.1
+    snap = gpu.snapshot()
+    assert snap.memory.used_mib == 6000  # seen leaving at this snapshot: releasing until +0.5 s
+    assert snap.processes == (GpuProcess(pid=0, used_mib=6000, model="llm"),)
+    clock.t += 0.5
+    assert gpu.snapshot().memory.used_mib == 0
+
+
+def test_the_sampler_looks_by_itself_and_ends_with_close() -> None:
+    holders: dict[str, int] = {}
+    gpu = SimulatedGpu(0, 16000, 0, 5.0, lambda: holders, sample_seconds=0.01)
+    try:
+        holders["llm"] = 6000
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and gpu._last.get("llm") != 6000:
+            time.sleep(0.01)
+        del holders["llm"]  # gone before any snapshot was taken
+        assert gpu.snapshot().memory.used_mib == 6000
+    finally:
+        gpu.close()
+    sampler = [t for t in threading.enumerate() if t.name == "vramctl-simgpu0"]
+    for t in sampler:
+        t.join(1)
+    assert not any(t.is_alive() for t in sampler)
+
+
+def test_sample_seconds_is_bounded() -> None:
+    with pytest.raises(ValueError, match="sample_seconds"):
+        SimulatedGpu(0, 16000, 0, 0.3, dict, sample_seconds=0)

@@ -7,12 +7,21 @@ one behaviour that makes switching interesting: memory is not free the
 moment a model exits, but ``release_delay_seconds`` later, like a real driver
 tearing down a CUDA context.
 
-Timing contract: the probe only learns that a model left when a snapshot is
-taken and the model is missing from ``holders()``. Its memory counts as used
-from that snapshot until ``release_delay_seconds`` later by ``clock``
-(at exactly ``noticed + delay`` it is free). So the delay runs from the first
-snapshot that sees the model gone, never from the model's real exit time,
-which the probe cannot know.
+Timing contract: the probe learns that a model left when it looks at
+``holders()`` and the model is missing. Its memory counts as used from that
+look until ``release_delay_seconds`` later by ``clock`` (at exactly
+``noticed + delay`` it is free). So the delay runs from the first look that
+sees the model gone, never from the model's real exit time, which the probe
+cannot know.
+
+A look is a snapshot, or a sample: with ``sample_seconds`` the probe also
+looks by itself that often (a thread of its own), as a real GPU's memory
+follows its processes whether or not anyone reads it. Without samples, a
+model that came and went between two snapshots was never seen and its
+departure freed nothing: a worker that reads the GPU only while it waits for
+memory then started the next model at once. ``vramctl up`` samples (its
+holders are the worker's published states: cheap to read); tests that drive
+the probe by a fake clock do not.
 
 What ``snapshot`` reports:
 
@@ -30,7 +39,7 @@ server says it sleeps holds only its residue. A holder whose memory shrinks
 after the snapshot that first sees it smaller, as for a departure; growth (a
 wake) counts at once.
 
-Thread-safe: every method takes one lock. ``holders`` is called with that lock
+Thread-safe: every method (and the sampler) takes one lock. ``holders`` is called with that lock
 held, so that "noticing" a departure and reading the clock happen as one step;
 it must therefore never call back into this probe.
 """
@@ -40,6 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -69,6 +79,7 @@ class SimulatedGpu:
         release_delay_seconds: float,
         holders: Callable[[], Mapping[str, int]],
         clock: Callable[[], float] = time.monotonic,
+        sample_seconds: float | None = None,
     ) -> None:
         if total_mib < 1:
             raise ValueError(f"total_mib must be at least 1, got {total_mib}")
@@ -76,6 +87,8 @@ class SimulatedGpu:
             raise ValueError(f"baseline_mib must not be negative, got {baseline_mib}")
         if release_delay_seconds < 0:
             raise ValueError(f"release_delay_seconds must not be negative, got {release_delay_seconds}")
+        if sample_seconds is not None and not 0 < sample_seconds <= 60:
+            raise ValueError(f"sample_seconds must be in (0, 60], got {sample_seconds}")
         self.index = index
         self.total_mib = total_mib
         self.baseline_mib = baseline_mib
@@ -88,6 +101,26 @@ class SimulatedGpu:
         # leaves again within the delay has two allocations being torn down.
         self._releasing: list[_Releasing] = []
         self._foreign: dict[int, int] = {}
+        self._closed = threading.Event()
+        if sample_seconds is not None:
+            # The thread holds the probe weakly: a probe nobody uses any more
+            # is collected, and its sampler ends with it.
+            weakref.finalize(self, self._closed.set)
+            threading.Thread(
+                target=_sample_while_alive,
+                args=(weakref.ref(self), self._closed, sample_seconds),
+                name=f"vramctl-simgpu{index}",
+                daemon=True,
+            ).start()
+
+    def close(self) -> None:
+        """End the sampler (a no-op without one)."""
+        self._closed.set()
+
+    def sample(self) -> None:
+        """Look at the holders now: departures are noticed, nothing is reported."""
+        with self._lock:
+            self._notice(self._read_holders(), self._clock())
 
     def info(self) -> GpuInfo:
         return GpuInfo(index=self.index, uuid=f"SIM-GPU-{self.index}", name="Simulated GPU", driver="simulated", total_mib=self.total_mib)
@@ -97,13 +130,7 @@ class SimulatedGpu:
         with self._lock:
             current = self._read_holders()
             now = self._clock()
-            for model, mib in self._last.items():
-                freed = mib - current.get(model, 0)
-                if freed > 0:
-                    self._releasing.append(_Releasing(model, freed, now))
-            self._last = current
-            # Strictly less: at exactly since + delay the memory is free.
-            self._releasing = [r for r in self._releasing if now - r.since < self.release_delay_seconds]
+            self._notice(current, now)
 
             procs = [GpuProcess(pid=0, used_mib=mib, model=model) for model, mib in sorted(current.items())]
             procs += [GpuProcess(pid=0, used_mib=r.mib, model=r.model) for r in self._releasing]
@@ -124,6 +151,16 @@ class SimulatedGpu:
         with self._lock:
             self._foreign.pop(pid, None)
 
+    def _notice(self, current: dict[str, int], now: float) -> None:
+        """Departures (and shrinks) since the last look start releasing now; releases past the delay end. Lock held."""
+        for model, mib in self._last.items():
+            freed = mib - current.get(model, 0)
+            if freed > 0:
+                self._releasing.append(_Releasing(model, freed, now))
+        self._last = current
+        # Strictly less: at exactly since + delay the memory is free.
+        self._releasing = [r for r in self._releasing if now - r.since < self.release_delay_seconds]
+
     def _read_holders(self) -> dict[str, int]:
         try:
             return {str(m): max(0, int(mib)) for m, mib in self._holders().items()}
@@ -133,6 +170,19 @@ class SimulatedGpu:
             # start beside one that may still be running.
             log.warning("simulated gpu %d: could not read the running models (%s); keeping the last known ones", self.index, err)
             return dict(self._last)
+
+
+def _sample_while_alive(ref: weakref.ref[SimulatedGpu], closed: threading.Event, every: float) -> None:
+    """The sampler's loop: one look per ``every`` seconds until the probe is closed or gone."""
+    while not closed.wait(every):
+        gpu = ref()
+        if gpu is None:
+            return
+        try:
+            gpu.sample()
+        except Exception:  # never end the sampler: the next look may work
+            log.exception("simulated gpu %d: a sample failed", gpu.index)
+        del gpu
 
 
 def with_residues(holders: Callable[[], Mapping[str, int]], residue: Callable[[str], int | None]) -> Callable[[], Mapping[str, int]]:
