@@ -10,7 +10,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 need_apt=0
-for bin in dockerd busybox prometheus kubectl debootstrap; do
+for bin in dockerd busybox prometheus kubectl debootstrap chromium chromedriver; do
   command -v "$bin" >/dev/null 2>&1 || need_apt=1
 done
 [ -x /bin/busybox ] || need_apt=1
@@ -35,6 +35,8 @@ PIN
   # debootstrap: images/base/build-local.sh makes the Debian bases of the image builds.
   apt-get install -y -qq --no-install-recommends docker.io busybox-static prometheus iproute2 procps debootstrap >/dev/null
   apt-get install -y -qq --no-install-recommends -t trixie docker-compose >/dev/null
+  # tests/process/test_status_page.py drives the status page in Debian's Chromium (Selenium; nothing downloads a browser).
+  apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
   command -v kubectl >/dev/null 2>&1 || apt-get install -y -qq --no-install-recommends -t trixie kubectl >/dev/null
 fi
 
