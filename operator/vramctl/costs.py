@@ -15,7 +15,8 @@ the residue on the GPU and the host memory the weights took.
 ``healthy``, ``stopping`` ... ``stopped``, ``sleeping`` ... ``asleep``,
 ``waking`` ... ``awake``) into measured durations; ``switch_seconds``
 composes the estimate of a whole switch (the active model away, the target
-back) that the demand queue and Retry-After use.
+back: Retry-After), ``turn_seconds`` that of a switch there and back (what
+the demand queue's serving window avoids).
 
 Pure: no I/O, no clock (``now`` is passed in), no logging. The book is a
 plain dict on the way out and in (``to_dict`` / ``from_dict``), so the state
@@ -250,6 +251,26 @@ def switch_seconds(
         back = path_of(spec, target, "wake") if target in set(asleep) else "start"
         total += book.estimate(target, back, declared_gib(spec, target, back, total_mib)).seconds
     return total
+
+
+def turn_seconds(
+    book: CostBook,
+    spec: DeploymentSpec,
+    active: str | None,
+    target: str,
+    asleep: Iterable[str] = (),
+    total_mib: int | None = None,
+) -> float:
+    """What giving the GPU to ``target`` costs in switches: there, and back
+    to ``active`` (asleep by then when it sleeps): the switches a serving
+    window avoids (``demand.policy``'s ``switch_costs``)."""
+    if active is None or active == target:
+        return switch_seconds(book, spec, active, target, asleep, total_mib)
+    after = set(asleep) - {target}
+    if active in spec.models and spec.models[active].switch_strategy == "sleep":
+        after.add(active)
+    there = switch_seconds(book, spec, active, target, asleep, total_mib)
+    return there + switch_seconds(book, spec, target, active, after, total_mib)
 
 
 # -- measuring: progress steps in, durations out -----------------------------------------

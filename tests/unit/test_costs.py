@@ -23,6 +23,7 @@ from vramctl.costs import (
     path_of,
     paths_of,
     switch_seconds,
+    turn_seconds,
 )
 from vramctl.spec.models import DeploymentSpec
 
@@ -185,6 +186,34 @@ def test_switch_seconds(active: str | None, target: str, asleep: tuple[str, ...]
         ("sdxl", "wake-l1", 0.4),  # never used: sdxl cannot sleep, but a wake would be this
     )
     assert switch_seconds(b, s, active, target, asleep) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("active", "target", "asleep", "expected"),
+    [
+        (None, "sdxl", (), 30.0),  # nothing to come back to
+        ("llm", "llm", (), 0.0),
+        # llm sleeps (0.3), sdxl starts (30); sdxl stops (2), llm wakes (0.2).
+        ("llm", "sdxl", (), 0.3 + 30.0 + 2.0 + 0.2),
+        # sdxl stops (2), llm wakes (0.2); llm sleeps (0.3), sdxl starts cold again (30).
+        ("sdxl", "llm", ("llm",), 2.0 + 0.2 + 0.3 + 30.0),
+        # Both sleep and are asleep in turn: warm both ways.
+        ("a", "b", ("b",), 0.1 + 0.2 + 0.1 + 0.2),
+    ],
+)
+def test_turn_seconds_is_there_and_back(active: str | None, target: str, asleep: tuple[str, ...], expected: float) -> None:
+    s = spec(llm=sleeper(level=1), sdxl=stopper(), a=sleeper(level=1), b=sleeper(level=1))
+    b = book(
+        ("llm", "sleep-l1", 0.3),
+        ("llm", "wake-l1", 0.2),
+        ("sdxl", "start", 30.0),
+        ("sdxl", "stop", 2.0),
+        ("a", "sleep-l1", 0.1),
+        ("a", "wake-l1", 0.2),
+        ("b", "sleep-l1", 0.1),
+        ("b", "wake-l1", 0.2),
+    )
+    assert turn_seconds(b, s, active, target, asleep) == pytest.approx(expected)
 
 
 def test_switch_seconds_from_priors_alone() -> None:

@@ -53,13 +53,13 @@ def dem(id: str, model: str, at: float) -> Demand:
 @pytest.mark.parametrize(
     ("factor", "costs", "serve", "drain", "window"),
     [
-        (5.0, (("sdxl", 0.5),), 60, 30, 2.5),  # warm: a few seconds
-        (5.0, (("sdxl", 25.0),), 60, 30, 30.0),  # cold: capped by maxServeSeconds - drainTimeoutSeconds
-        (5.0, (("sdxl", 25.0),), 200, 10, 125.0),  # cold, under a high cap: k x the switch
-        (5.0, (("sdxl", 0.5),), 20, 30, 0.0),  # a drain longer than maxServe: no window at all
-        (None, (("sdxl", 0.5),), 60, 30, 30.0),  # serveCostFactor unset: the fixed window
-        (0.0, (("sdxl", 25.0),), 60, 30, 0.0),  # k 0: give way as soon as someone waits
-        (5.0, (("flux", 0.5),), 60, 30, 30.0),  # no estimate for sdxl: switch_estimate_seconds (30) x 5, capped
+        (5.0, (("sdxl", 1.0),), 60, 30, 5.0),  # warm there and back (2 x 0.5 s): a few seconds
+        (5.0, (("sdxl", 25.5),), 60, 30, 30.0),  # cold one way: capped by maxServeSeconds - drainTimeoutSeconds
+        (5.0, (("sdxl", 50.0),), 300, 10, 250.0),  # cold, under a high cap: k x the switches
+        (5.0, (("sdxl", 1.0),), 20, 30, 0.0),  # a drain longer than maxServe: no window at all
+        (None, (("sdxl", 1.0),), 60, 30, 30.0),  # serveCostFactor unset: the fixed window
+        (0.0, (("sdxl", 50.0),), 60, 30, 0.0),  # k 0: give way as soon as someone waits
+        (5.0, (("flux", 1.0),), 60, 30, 30.0),  # no estimate for sdxl: switch_estimate_seconds (30) x 5, capped
     ],
 )
 def test_serve_window(factor: float | None, costs: tuple[tuple[str, float], ...], serve: float, drain: float, window: float) -> None:
@@ -67,12 +67,12 @@ def test_serve_window(factor: float | None, costs: tuple[tuple[str, float], ...]
 
 
 def test_switch_cost_falls_back_to_the_estimate() -> None:
-    s = state(costs=(("sdxl", 0.5),), estimate=12.0)
-    assert (switch_cost(s, "sdxl"), switch_cost(s, "flux")) == (0.5, 12.0)
+    s = state(costs=(("sdxl", 1.0),), estimate=12.0)
+    assert (switch_cost(s, "sdxl"), switch_cost(s, "flux")) == (1.0, 12.0)
 
 
 def test_the_cutoff_follows_the_cost_of_the_first_waiters_model() -> None:
-    s = state(costs=(("sdxl", 0.5), ("flux", 4.0)))
+    s = state(costs=(("sdxl", 1.0), ("flux", 4.0)))
     s = add_demand(add_demand(s, dem("f", "flux", 10.0)), dem("s", "sdxl", 11.0))
     assert serve_cutoff(s) == 10.0 + 5 * 4.0
 
@@ -81,7 +81,7 @@ def test_the_cutoff_follows_the_cost_of_the_first_waiters_model() -> None:
     ("costs", "granted_at_13"),
     [
         ((("sdxl", 0.5),), False),  # warm: window 2.5 s from 10.0 has passed at 13.0
-        ((("sdxl", 25.0),), True),  # cold: window 30 s, the burst goes on
+        ((("sdxl", 25.5),), True),  # cold: window 30 s, the burst goes on
     ],
 )
 def test_warm_switches_let_the_waiting_model_in_sooner(costs: tuple[tuple[str, float], ...], granted_at_13: bool) -> None:

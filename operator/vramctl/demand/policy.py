@@ -10,19 +10,20 @@ Like the planner this module performs no I/O, reads no clock (``now`` is
 passed in) and does not log. Its promises, checked by table tests and a
 hypothesis simulation (tests/unit/test_demand_queue.py):
 
-- **Anti-thrash, bounded, as long as the switch it avoids is worth.**
+- **Anti-thrash, bounded, as long as the switches it avoids are worth.**
   Demands for the active model are granted at once, but once a demand for
   another model waits, new ones only for its *serving window* more:
-  ``serveCostFactor`` (k) times the estimated cost of the switch to the
-  waiting model (``QueueState.switch_costs``, from the worker's cost book),
-  never more than ``maxServeSeconds - drainTimeoutSeconds``: even a drain
-  that runs to its timeout then ends within ``maxServeSeconds`` of that
-  demand's arrival. With a 0.5 s warm switch the waiting model gets its turn
-  within seconds; with a 25 s cold one bursts are kept together. While both
-  models have demand each turn serves about k switches' worth before paying
-  one, so at most about 1/(k+1) of the GPU's time goes to switching.
-  ``serveCostFactor`` unset: the fixed window (``maxServeSeconds -
-  drainTimeoutSeconds``) whatever the cost.
+  ``serveCostFactor`` (k) times the estimated cost of the switches the
+  window avoids, to the waiting model and back (``QueueState.switch_costs``,
+  from the worker's cost book), never more than ``maxServeSeconds -
+  drainTimeoutSeconds``: even a drain that runs to its timeout then ends
+  within ``maxServeSeconds`` of that demand's arrival. With 0.5 s warm
+  switches the waiting model gets its turn within seconds; with 25 s cold
+  ones bursts are kept together (so are they when either way is cold: the
+  way back is paid too). While both models have demand a turn serves about
+  k times what its switches cost, so at most about 1/(k+1) of the GPU's time
+  goes to switching. ``serveCostFactor`` unset: the fixed window
+  (``maxServeSeconds - drainTimeoutSeconds``) whatever the cost.
   A model with no hold and nothing granted gives way at once. Demands that
   were waiting for the switch to the active model are always granted when it
   completes, so every switch serves someone. With two models no demand waits
@@ -74,7 +75,7 @@ class QueuePolicy:
     queue_timeout_seconds: float = 300.0
     max_serve_seconds: float = 60.0
     drain_timeout_seconds: float = 30.0
-    # k of the serving window (k x the switch's cost); None: the fixed window.
+    # k of the serving window (k x the switches' cost); None: the fixed window.
     serve_cost_factor: float | None = SERVE_COST_FACTOR
 
 
@@ -165,9 +166,9 @@ class QueueState:
     demand, grant or release last happened (the idle clock).
     ``switch_estimate_seconds``: what the worker expects a switch to take
     (for Retry-After, and the serving window of a model not in
-    ``switch_costs``); ``switch_costs``: (model, seconds) what a switch from
-    what runs now to that model is expected to take (the worker's cost
-    book). ``light``: the light models; a demand for one is
+    ``switch_costs``); ``switch_costs``: (model, seconds) what giving the
+    GPU to that model is expected to cost in switches, there and back to
+    the active one (the worker's cost book). ``light``: the light models; a demand for one is
     served by running it beside the active model (``Decision.companions``,
     no drain, no window: it disturbs nobody); ``companions_pending``: such a
     change the worker is making.
@@ -371,7 +372,8 @@ def serve_cutoff(state: QueueState) -> float | None:
 
 
 def switch_cost(state: QueueState, model: str) -> float:
-    """The expected seconds of a switch from what runs now to ``model``."""
+    """The expected seconds of the switches that serving ``model`` takes
+    (there and back); ``switch_estimate_seconds`` when the worker gave none."""
     for m, seconds in state.switch_costs:
         if m == model:
             return seconds
@@ -380,7 +382,7 @@ def switch_cost(state: QueueState, model: str) -> float:
 
 def serve_window(state: QueueState, model: str) -> float:
     """How long after a demand for ``model`` began to wait the active model's
-    new demands are still granted: k x the switch's cost, at most
+    new demands are still granted: k x the switches' cost, at most
     ``maxServeSeconds - drainTimeoutSeconds``."""
     pol = state.policy
     # New grants end a drain's length early, so that even a drain that runs
