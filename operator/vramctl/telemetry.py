@@ -151,6 +151,12 @@ class _Families:
             "Host memory held by the GPU's sleeping models (their sleep.hostMemoryMiB at level 1).",
             labels=["gpu"],
         )
+        self.switch_cost = g(
+            "vramctl_switch_cost_seconds",
+            "What a model's way of going or coming back is expected to take (path: start, stop, sleep-l1, wake-l1, ...): "
+            "the median of its recent switches, else a prior from its declared size (status costs).",
+            labels=["gpu", "model", "path"],
+        )
         self.dcgm: list[GaugeMetricFamily] = []
         if dcgm_compat:
             self.fb_used = g("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", labels=_DCGM)
@@ -175,6 +181,7 @@ class _Families:
             self.model_mem,
             self.release,
             self.sleep_host,
+            self.switch_cost,
             *self.dcgm,
         ]
 
@@ -236,6 +243,9 @@ class VramctlCollector(Collector):
                 f.active.add_metric([gpu, m], 1.0)
         asleep = [m for m, st in states.items() if st == "asleep" and m in spec.models]
         f.sleep_host.add_metric([gpu], float(sum(spec.models[m].host_memory_asleep_mib for m in asleep) * MIB))
+        for m, paths in sorted((status.get("costs") or {}).items()):
+            for path, cost in sorted(paths.items()):
+                f.switch_cost.add_metric([gpu, m, path], float(cost["seconds"]))
         release = w.last_release_seconds  # a float, replaced whole: no lock needed
         if release is not None:
             f.release.add_metric([gpu], release)
