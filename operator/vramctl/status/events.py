@@ -32,6 +32,9 @@ from typing import Any
 DEFAULT_CAPACITY = 2000
 DEFAULT_SUBSCRIBER_LIMIT = 512
 SWITCHES_KEPT = 20
+RECENT_KEPT = 50
+# The kinds a reader's log tells (the view's ``recent``): steps, model states, switch outcomes.
+_STORY = frozenset({"progress", "model", "switch"})
 # Status fields that change without anything happening (timers), left out of the comparison.
 _VOLATILE = frozenset({"backoff", "progressSeq"})
 # Progress steps that set the strategy of the switch in progress (as the reconciler labels its duration).
@@ -196,7 +199,8 @@ class EventJournal:
         return [e for e in self._events if e.id > since]
 
     def _view(self) -> dict[str, Any]:
-        return {"lastId": self._last_id, "gpus": {str(g): v.as_dict() for g, v in sorted(self._gpus.items())}}
+        recent = [e.as_dict() for e in self._events if e.kind in _STORY][-RECENT_KEPT:]
+        return {"lastId": self._last_id, "gpus": {str(g): v.as_dict() for g, v in sorted(self._gpus.items())}, "recent": recent}
 
     def _unsubscribe(self, sub: Subscription) -> None:
         with self._lock:

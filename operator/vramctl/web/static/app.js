@@ -232,11 +232,16 @@ function modelsTable(gpu, spec, view) {
     const row = el("tr", { "data-model": m, "data-state": s || "stopped", "data-active": isActive ? "true" : "false" });
     row.append(
       el("th", { scope: "row" }, m, role ? el("span", { class: "badge", text: role }) : null),
-      el("td", { text: ms.class || "" }),
-      el("td", { class: `state state-${s || "stopped"}` }, el("span", { "aria-hidden": "true", text: stateMark(s) + " " }), stateText(m, s, ms)),
-      el("td", { class: "reason", text: reason }),
+      el("td", { "data-label": "Class", text: ms.class || "" }),
+      el(
+        "td",
+        { class: `state state-${s || "stopped"}`, "data-label": "State" },
+        el("span", { "aria-hidden": "true", text: stateMark(s) + " " }),
+        stateText(m, s, ms),
+      ),
+      el("td", { class: "reason", "data-label": "Reason", text: reason }),
     );
-    const acts = el("td", { class: "acts" });
+    const acts = el("td", { class: "acts", "data-label": "Action" });
     if (ms.class === "heavy" && !isActive) {
       acts.append(
         el("button", {
@@ -313,12 +318,16 @@ function switchesTable(gpu, view) {
       el(
         "tr",
         { "data-outcome": s.outcome },
-        el("td", { text: s.finishedAt ? new Date(s.finishedAt).toLocaleTimeString() : "" }),
-        el("td", { text: s.from || "(none)" }),
-        el("td", { text: s.to || "(none)" }),
-        el("td", { text: s.strategy || "" }),
-        el("td", { text: typeof s.durationSeconds === "number" ? `${s.durationSeconds.toFixed(2)} s` : "" }),
-        el("td", { class: `outcome outcome-${s.outcome}`, text: s.outcome === "success" ? "✔ success" : `✖ ${s.outcome}` }),
+        el("td", { "data-label": "Finished", text: s.finishedAt ? new Date(s.finishedAt).toLocaleTimeString() : "" }),
+        el("td", { "data-label": "From", text: s.from || "(none)" }),
+        el("td", { "data-label": "To", text: s.to || "(none)" }),
+        el("td", { "data-label": "Strategy", text: s.strategy || "" }),
+        el("td", { "data-label": "Duration", text: typeof s.durationSeconds === "number" ? `${s.durationSeconds.toFixed(2)} s` : "" }),
+        el("td", {
+          class: `outcome outcome-${s.outcome}`,
+          "data-label": "Outcome",
+          text: s.outcome === "success" ? "✔ success" : `✖ ${s.outcome}`,
+        }),
       ),
     );
   }
@@ -455,6 +464,8 @@ function onHello(doc) {
   state.specs = doc.specs || {};
   state.readOnly = doc.readOnly ?? null;
   state.notes = doc.notes || [];
+  $("log").replaceChildren();
+  for (const ev of doc.recent || []) logLine(ev);
   render();
 }
 
