@@ -199,8 +199,10 @@ def _mib(x: Any) -> int | None:
 
 
 def paths_of(spec: DeploymentSpec, model: str) -> tuple[Path, ...]:
-    """The ways ``model`` can go and come back under its spec."""
+    """The ways ``model`` can go and come back under its spec (its switchStrategy)."""
     m = spec.models[model]
+    if m.switch_strategy == "checkpoint":
+        return ("start", "stop", "checkpoint", "restore")
     if m.switch_strategy == "sleep":
         level = m.sleep_settings.level
         return ("start", "stop", "sleep-l1" if level == 1 else "sleep-l2", "wake-l1" if level == 1 else "wake-l2")
@@ -215,17 +217,20 @@ def declared_gib(spec: DeploymentSpec, model: str, path: Path, total_mib: int | 
     if m is None:
         return None
     host = m.sleep_settings.host_memory_mib if m.sleep is not None else None
-    if path in ("sleep-l1", "wake-l1", "wake-l2") and host:
+    if path in ("sleep-l1", "wake-l1", "wake-l2", "checkpoint", "restore") and host:
         return host / GIB_MIB
     mib = spec.reservation_mib(model, total_mib)
     return mib / GIB_MIB if mib else None
 
 
 def path_of(spec: DeploymentSpec, model: str, kind: StepKind) -> Path:
-    """The path a measured step took: sleeps and wakes by the model's level."""
+    """The path a measured step took: sleeps and wakes by the model's level;
+    a checkpointed model's "sleep" is its checkpoint, its "wake" the restore."""
     if kind in ("start", "stop"):
         return kind
     m = spec.models.get(model)
+    if m is not None and m.switch_strategy == "checkpoint":
+        return "checkpoint" if kind == "sleep" else "restore"
     level = m.sleep_settings.level if m is not None else 1
     return "sleep-l1" if kind == "sleep" and level == 1 else "sleep-l2" if kind == "sleep" else "wake-l1" if level == 1 else "wake-l2"
 
@@ -245,7 +250,7 @@ def switch_seconds(
         return 0.0
     total = 0.0
     if active is not None and active in spec.models:
-        away = path_of(spec, active, "sleep") if spec.models[active].switch_strategy == "sleep" else "stop"
+        away = path_of(spec, active, "sleep") if spec.models[active].warm_switch else "stop"
         total += book.estimate(active, away, declared_gib(spec, active, away, total_mib)).seconds
     if target in spec.models:
         back = path_of(spec, target, "wake") if target in set(asleep) else "start"
@@ -267,7 +272,7 @@ def turn_seconds(
     if active is None or active == target:
         return switch_seconds(book, spec, active, target, asleep, total_mib)
     after = set(asleep) - {target}
-    if active in spec.models and spec.models[active].switch_strategy == "sleep":
+    if active in spec.models and spec.models[active].warm_switch:
         after.add(active)
     there = switch_seconds(book, spec, active, target, asleep, total_mib)
     return there + switch_seconds(book, spec, target, active, after, total_mib)

@@ -43,6 +43,10 @@ def sleeper(level: int = 1, vram: int = 16 * 1024, host: int | None = 8 * 1024) 
     return {"image": "x", "vramMiB": vram, "switchStrategy": "sleep", "sleep": sleep, "health": {"path": "/health", "port": 18000}}
 
 
+def checkpointed(vram: int = 16 * 1024, host: int = 18 * 1024) -> dict[str, Any]:
+    return {"image": "x", "vramMiB": vram, "switchStrategy": "checkpoint", "sleep": {"hostMemoryMiB": host}}
+
+
 def book(*records: tuple[str, str, float]) -> CostBook:
     b = CostBook()
     for model, path, seconds in records:
@@ -127,6 +131,7 @@ def test_residue_and_host_memory_are_kept_with_the_path() -> None:
         (stopper(), ("start", "stop")),
         (sleeper(level=1), ("start", "stop", "sleep-l1", "wake-l1")),
         (sleeper(level=2, host=None), ("start", "stop", "sleep-l2", "wake-l2")),
+        (checkpointed(), ("start", "stop", "checkpoint", "restore")),
     ],
 )
 def test_paths_of_follow_the_switch_strategy(model: dict[str, Any], paths: tuple[str, ...]) -> None:
@@ -140,6 +145,7 @@ def test_paths_of_follow_the_switch_strategy(model: dict[str, Any], paths: tuple
         (stopper(None), "start", None),
         (sleeper(vram=20 * 1024, host=6 * 1024), "wake-l1", 6.0),  # the weights copied back, not the KV cache
         (sleeper(vram=20 * 1024, host=6 * 1024), "start", 20.0),
+        (checkpointed(vram=16 * 1024, host=18 * 1024), "restore", 18.0),
     ],
 )
 def test_declared_gib(model: dict[str, Any], path: str, gib: float | None) -> None:
@@ -155,6 +161,8 @@ def test_declared_gib(model: dict[str, Any], path: str, gib: float | None) -> No
         (sleeper(level=1), "wake", "wake-l1"),
         (sleeper(level=2, host=None), "sleep", "sleep-l2"),
         (sleeper(level=2, host=None), "wake", "wake-l2"),
+        (checkpointed(), "sleep", "checkpoint"),
+        (checkpointed(), "wake", "restore"),
     ],
 )
 def test_path_of_a_measured_step(model: dict[str, Any], kind: str, path: str) -> None:
@@ -214,6 +222,14 @@ def test_turn_seconds_is_there_and_back(active: str | None, target: str, asleep:
         ("b", "wake-l1", 0.2),
     )
     assert turn_seconds(b, s, active, target, asleep) == pytest.approx(expected)
+
+
+def test_a_checkpointed_model_goes_by_checkpoint_and_comes_back_by_restore() -> None:
+    s = spec(gs=checkpointed(), llm=stopper())
+    b = book(("gs", "checkpoint", 9.0), ("gs", "restore", 4.0), ("llm", "start", 20.0), ("llm", "stop", 1.0))
+    assert switch_seconds(b, s, "gs", "llm") == pytest.approx(9.0 + 20.0)
+    assert switch_seconds(b, s, "llm", "gs", ("gs",)) == pytest.approx(1.0 + 4.0)
+    assert turn_seconds(b, s, "gs", "llm") == pytest.approx(9.0 + 20.0 + 1.0 + 4.0)
 
 
 def test_switch_seconds_from_priors_alone() -> None:
