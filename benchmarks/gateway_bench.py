@@ -87,10 +87,10 @@ def start_standin(port: int, keepalive: bool) -> subprocess.Popen[bytes]:
 
 def run_gateway(port: int, backend: str) -> None:
     """The gateway process: one model, a holder that grants at once."""
-    from aiohttp import web
     from prometheus_client import CollectorRegistry
 
-    from vramctl.web.gateway import Gateway, ModelInfo, Route, make_app
+    from vramctl.web.gateway import GATEWAY_MAX_BODY, Gateway, ModelInfo, Route
+    from vramctl.web.server import HttpServer
 
     route = Route("llm", backend, "0", "qwen-14b", "vllm")
 
@@ -111,8 +111,12 @@ def run_gateway(port: int, backend: str) -> None:
         async def acquire(self, model: str) -> Granted:
             return Granted()
 
-    app = make_app(Gateway(Holder(), CollectorRegistry()))
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=2048)
+    server = HttpServer()  # the listener `vramctl up --gateway` serves: the same guards, cap and timeouts
+    server.listen("gateway", "127.0.0.1", port, [Gateway(Holder(), CollectorRegistry()).add_routes], max_body=GATEWAY_MAX_BODY)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    server.start()
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    server.stop()
 
 
 def start_supervisor(tmp: Path, model_port: int, gateway_port: int, keepalive: bool) -> subprocess.Popen[bytes]:

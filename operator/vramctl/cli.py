@@ -22,11 +22,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vramctl import __version__
 from vramctl.spec.models import Config, ConfigError, DeploymentSpec, DesiredStateError, check_desired, load_config
 from vramctl.spec.pitfalls import Finding, env_pitfalls
+
+if TYPE_CHECKING:
+    from vramctl.web.server import Face
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_LISTEN = "127.0.0.1:9400"
@@ -172,7 +175,7 @@ def raise_nofile_limit() -> tuple[int, int]:
 def cmd_up(args: argparse.Namespace) -> int:
     from vramctl.app import build, default_state_path
     from vramctl.sources.statefile import StateWriteError
-    from vramctl.web.api import ApiServer
+    from vramctl.web.server import FaceOptions, serve
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_nofile_limit()
@@ -199,13 +202,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     host, port = args.listen
     token = args.token or os.environ.get("VRAMCTL_TOKEN") or None
+    options = FaceOptions(api=(host, port), gateway=args.gateway or None, token=token, allowed_hosts=tuple(args.allow_host or ()))
     try:
-        api = ApiServer(built.supervisor, host, port, token, allowed_hosts=args.allow_host or (), state=built.state)
+        face = serve(built.supervisor, options, state=built.state)
     except (ValueError, OSError) as err:
-        print(f"vramctl: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+        print(f"vramctl: {err}", file=sys.stderr)
         built.supervisor.runtime.close()
         return EXIT_USAGE
-    _mount_holds(api, built.supervisor, token)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -213,21 +216,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    api = face.api
     try:
         built.state.write_supervisor({"pid": os.getpid(), "url": f"http://{api.host}:{api.port}", "startedAt": time.time()})
     except StateWriteError as err:
         print(f"vramctl: {err}: choose a writable place with --state", file=sys.stderr)
-        api.stop()
+        face.stop()
         built.supervisor.runtime.close()
         return EXIT_USAGE
-    api.start()
+    face.start()
     built.supervisor.start()
     for note in built.supervisor.notes:
         print(f"vramctl: {note}", file=sys.stderr)
     print(f"vramctl: listening on http://{api.host}:{api.port} (status: /status, metrics: /metrics)", file=sys.stderr, flush=True)
-    gateway = _start_gateway(args, built.supervisor, token)
-    if gateway is False:
-        done.set()
+    _say_gateway(face)
     if args.once:
         for w in built.supervisor.workers.values():
             deadline = time.monotonic() + 600
@@ -236,9 +238,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         done.set()
     done.wait()
     print("vramctl: shutting down (models keep running; `vramctl switch ''` frees the GPU)", file=sys.stderr)
-    if gateway:
-        gateway.stop()
-    api.stop()
+    face.stop()
     built.supervisor.stop()
     try:
         built.state.write_supervisor(None)
@@ -247,32 +247,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _mount_holds(api: Any, supervisor: Any, token: str | None, refusal: str | None = None) -> None:
-    """``POST /holds``, renew and release on the API (what `vramctl hold` and ``vramctl.client`` call)."""
-    from vramctl.web.holds import HoldsApi
-    from vramctl.web.serving import SupervisorHolder, holds_refusal
-
-    holder = SupervisorHolder(supervisor)
-    holds = HoldsApi(holder, holder.names, refusal=holds_refusal(refusal), token=token)
-    api.mount(HoldsApi.matches, holds.handle)
-
-
-def _start_gateway(args: argparse.Namespace, supervisor: Any, token: str | None, refusal: str | None = None) -> Any:
-    """``--gateway HOST:PORT``: the OpenAI-style gateway and /holds on their
-    own address. None when not asked for; False when it could not start."""
-    if not args.gateway:
-        return None
-    from vramctl.web.serving import GatewayServer, SupervisorHolder
-
-    host, port = args.gateway
-    try:
-        gw = GatewayServer(SupervisorHolder(supervisor), host, port, supervisor.metrics.registry, token=token, refusal=refusal)
-        gw.start()
-    except (ValueError, OSError, RuntimeError) as err:
-        print(f"vramctl: cannot run the gateway on {host}:{port}: {err}", file=sys.stderr)
-        return False
-    print(f"vramctl: gateway on http://{gw.host}:{gw.port} (/v1/..., /models/NAME/..., /holds)", file=sys.stderr, flush=True)
-    return gw
+def _say_gateway(face: Face) -> None:
+    gw = face.gateway
+    if gw is not None:
+        print(f"vramctl: gateway on http://{gw.host}:{gw.port} (/v1/..., /models/NAME/..., /holds)", file=sys.stderr, flush=True)
 
 
 def _print_progress(p: dict[str, Any]) -> None:
@@ -441,7 +419,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     """Act on the ModelDeployments whose spec.nodeName is this node, until SIGTERM."""
     from vramctl.app import build_operator
     from vramctl.spec.models import GpuProbeConfig
-    from vramctl.web.api import ApiServer, is_loopback
+    from vramctl.web.guards import is_loopback
+    from vramctl.web.server import FaceOptions, serve
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -484,23 +463,24 @@ def cmd_operator(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     host, port = args.listen
     token = args.token or os.environ.get("VRAMCTL_TOKEN") or None
+    options = FaceOptions(
+        api=(host, port),
+        gateway=args.gateway or None,
+        token=token,
+        switch_refusal=SWITCH_IN_KUBERNETES,
+        holds_on_api=bool(token) or is_loopback(host),  # holds switch GPUs: off loopback only with the token
+    )
     try:
-        api = ApiServer(built.supervisor, host, port, token, switch_refusal=SWITCH_IN_KUBERNETES)
+        face = serve(built.supervisor, options)
     except (ValueError, OSError) as err:
-        print(f"vramctl: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+        print(f"vramctl: {err}", file=sys.stderr)
         built.supervisor.runtime.close()
         return EXIT_USAGE
     controller = ModelDeployments(args.node_name, built.supervisor, built.runtime, built.make_worker, session=session)
-    if token or is_loopback(host):  # holds switch GPUs: off loopback only with the token
-        _mount_holds(api, built.supervisor, token)
-    api.start()
+    api = face.api
+    face.start()
     built.supervisor.start()
-    gateway = _start_gateway(args, built.supervisor, token)
-    if gateway is False:
-        controller.close()
-        api.stop()
-        built.supervisor.stop()
-        return EXIT_USAGE
+    _say_gateway(face)
     where = "all namespaces" if not args.namespace else "namespace(s) " + ", ".join(args.namespace)
     print(
         f"vramctl operator: node {args.node_name}, instance {args.instance}, {where}; "
@@ -512,10 +492,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
         run_handlers(controller, clusterwide=not args.namespace, namespaces=args.namespace or (), timer_interval=args.timer_seconds)
     finally:
         print("vramctl operator: shutting down (models keep running)", file=sys.stderr, flush=True)
-        if gateway:
-            gateway.stop()
         controller.close()
-        api.stop()
+        face.stop()
         built.supervisor.stop()
     return EXIT_OK
 

@@ -29,11 +29,11 @@ from typing import Any
 
 import openai
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from vramctl.demand.desk import Lease, Refused
-from vramctl.web.gateway import Gateway, ModelInfo, Route, make_app
+from vramctl.web.gateway import GATEWAY_MAX_BODY, Gateway, ModelInfo, Route
+from vramctl.web.server import HttpServer
 
 # -- stand-in backends -----------------------------------------------------------
 
@@ -183,34 +183,25 @@ class FakeHolder:
 
 
 class GatewayThread:
+    """The gateway on a listener of its own (the one guards middleware in front), on loopback."""
+
     def __init__(self, holder: FakeHolder, token: str | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.gateway = Gateway(holder, self.registry, token=token, poll_seconds=0.05)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway", daemon=True)
-        self.runner: web.AppRunner | None = None
+        self.gateway = Gateway(holder, self.registry, poll_seconds=0.05, strip_authorization=token is not None)
+        self.token = token
+        self.server: HttpServer | None = None
         self.port = 0
 
     def __enter__(self) -> GatewayThread:
-        self.thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        self.server = HttpServer()
+        listener = self.server.listen("gateway", "127.0.0.1", 0, [self.gateway.add_routes], token=self.token, max_body=GATEWAY_MAX_BODY)
+        self.port = listener.port
+        self.server.start()
         return self
 
-    async def _start(self) -> int:
-        self.runner = web.AppRunner(make_app(self.gateway), access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        server = site._server
-        assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-
     def __exit__(self, *_: object) -> None:
-        if self.runner is not None:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+        if self.server is not None:
+            self.server.stop()
 
     @property
     def url(self) -> str:

@@ -215,8 +215,15 @@ def holding(up: Up, model: str, seconds: float) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "vramctl", "hold", "--url", f"http://127.0.0.1:{up.api}", "--ttl", "30", model, "--",
          sys.executable, "-c", f"import time; time.sleep({seconds})"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
+
+
+def end(hold: subprocess.Popen[str]) -> None:
+    """SIGKILL the hold and its command (its process group): neither is left behind."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(hold.pid, signal.SIGKILL)
+    hold.wait()
 
 
 def switch(up: Up, model: str, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -242,8 +249,7 @@ def test_post_switch_waits_for_live_holds_unless_forced(up: Up) -> None:
         assert took >= 1.0  # it waited for the hold (1.5 s command) rather than cutting it
         assert hold.wait(30) == 0  # the holder's command ran to its end undisturbed
     finally:
-        if hold.poll() is None:
-            hold.kill()
+        end(hold)
     # Forced: at once, whatever holds say.
     hold2 = holding(up, "sdxl", 20)
     try:
@@ -252,5 +258,4 @@ def test_post_switch_waits_for_live_holds_unless_forced(up: Up) -> None:
         assert r.returncode == 0 and "queued" not in r.stdout, r.stdout + r.stderr
         up.wait(lambda g: g["queue"]["holds"] == {}, timeout=10)  # the cut hold was revoked
     finally:
-        hold2.kill()
-        hold2.wait()
+        end(hold2)

@@ -11,16 +11,16 @@ from typing import Any
 import pytest
 
 from tests.support.fakes import FakeGpu, FakeRuntime
+from tests.support.http_face import Served, serve_face
 from tests.support.workers import spec
 from vramctl.observed import WorkloadState
 from vramctl.telemetry import register as register_collector
-from vramctl.web.api import ApiServer
 from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
 from vramctl.worker.supervisor import Supervisor
 
 
 @pytest.fixture
-def stack() -> Iterator[tuple[ApiServer, GpuWorker, FakeRuntime]]:
+def stack() -> Iterator[tuple[Served, GpuWorker, FakeRuntime]]:
     rt = FakeRuntime(states={"llm": WorkloadState.RUNNING})
     d = spec()
     metrics = Metrics()
@@ -28,13 +28,12 @@ def stack() -> Iterator[tuple[ApiServer, GpuWorker, FakeRuntime]]:
     w.reconcile_once()
     sup = Supervisor([w], rt, metrics)
     register_collector(sup)  # as app.build does: phase, holder and GPU series are read at scrape time
-    api = ApiServer(sup, "127.0.0.1", 0, token=None)
-    api.start()
+    api = serve_face(sup)
     yield api, w, rt
     api.stop()
 
 
-def call(api: ApiServer, method: str, path: str, body: Any = None, token: str | None = None, raw: bytes | None = None) -> tuple[int, Any]:
+def call(api: Served, method: str, path: str, body: Any = None, token: str | None = None, raw: bytes | None = None) -> tuple[int, Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(f"http://127.0.0.1:{api.port}{path}", data=data, method=method)
     if data is not None:
@@ -49,7 +48,7 @@ def call(api: ApiServer, method: str, path: str, body: Any = None, token: str | 
         return err.code, json.loads(err.read())
 
 
-def test_status_healthz_metrics(stack: tuple[ApiServer, GpuWorker, FakeRuntime]) -> None:
+def test_status_healthz_metrics(stack: tuple[Served, GpuWorker, FakeRuntime]) -> None:
     api, _, _ = stack
     code, st = call(api, "GET", "/status")
     assert code == 200 and st["gpus"]["0"]["phase"] == "Ready" and st["gpus"]["0"]["runningModels"] == ["llm"]
@@ -58,7 +57,7 @@ def test_status_healthz_metrics(stack: tuple[ApiServer, GpuWorker, FakeRuntime])
     assert code == 200 and 'vramctl_phase{gpu="0",phase="Ready"} 1.0' in text
 
 
-def test_switch_is_accepted_and_applied(stack: tuple[ApiServer, GpuWorker, FakeRuntime]) -> None:
+def test_switch_is_accepted_and_applied(stack: tuple[Served, GpuWorker, FakeRuntime]) -> None:
     api, w, rt = stack
     code, reply = call(api, "POST", "/switch", {"model": "sdxl"})
     assert code == 202 and reply["activeModel"] == "sdxl" and reply["generation"] == w.desired.generation
@@ -80,7 +79,7 @@ def test_switch_is_accepted_and_applied(stack: tuple[ApiServer, GpuWorker, FakeR
     ],
 )
 def test_bad_switch_names_the_field_and_changes_nothing(
-    stack: tuple[ApiServer, GpuWorker, FakeRuntime], body: dict[str, Any], status: int, field: str, words: str
+    stack: tuple[Served, GpuWorker, FakeRuntime], body: dict[str, Any], status: int, field: str, words: str
 ) -> None:
     api, w, rt = stack
     gen = w.desired.generation
@@ -91,7 +90,7 @@ def test_bad_switch_names_the_field_and_changes_nothing(
     assert rt.calls == []
 
 
-def test_invalid_json_and_unknown_endpoint(stack: tuple[ApiServer, GpuWorker, FakeRuntime]) -> None:
+def test_invalid_json_and_unknown_endpoint(stack: tuple[Served, GpuWorker, FakeRuntime]) -> None:
     api, _, _ = stack
     code, reply = call(api, "POST", "/switch", raw=b"{model: sdxl")
     assert code == 400 and "not valid JSON" in reply["error"]
@@ -102,8 +101,7 @@ def test_token_is_required_when_configured() -> None:
     rt = FakeRuntime()
     d = spec()
     w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(baseline_mib=0))
-    api = ApiServer(Supervisor([w], rt, Metrics()), "127.0.0.1", 0, token="s3cret")
-    api.start()
+    api = serve_face(Supervisor([w], rt, Metrics()), token="s3cret")
     try:
         assert call(api, "POST", "/switch", {"model": "sdxl"})[0] == 401
         assert call(api, "POST", "/switch", {"model": "sdxl"}, token="wrong")[0] == 401
@@ -118,4 +116,4 @@ def test_non_loopback_without_token_refuses_to_start() -> None:
     d = spec()
     w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(baseline_mib=0))
     with pytest.raises(ValueError, match="needs a token"):
-        ApiServer(Supervisor([w], rt, Metrics()), "0.0.0.0", 0, token=None)
+        serve_face(Supervisor([w], rt, Metrics()), host="0.0.0.0")

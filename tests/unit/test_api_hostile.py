@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from tests.support.fakes import FakeGpu, FakeRuntime
+from tests.support.http_face import Served, serve_face
 from tests.support.workers import spec
 from vramctl.observed import WorkloadState
 from vramctl.sources.statefile import StateWriteError
 from vramctl.telemetry import register as register_collector
-from vramctl.web.api import ApiServer
 from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
 from vramctl.worker.supervisor import Supervisor
 
@@ -29,7 +29,7 @@ GOOD = b'{"model": "sdxl"}'
 
 
 class Stack:
-    def __init__(self, api: ApiServer, worker: GpuWorker, sup: Supervisor) -> None:
+    def __init__(self, api: Served, worker: GpuWorker, sup: Supervisor) -> None:
         self.api, self.worker, self.sup = api, worker, sup
         self.gen0 = worker.desired.generation
 
@@ -46,8 +46,7 @@ def make_stack(**kw: Any) -> Stack:
     w.reconcile_once()
     sup = Supervisor([w], rt, metrics)
     register_collector(sup)
-    api = ApiServer(sup, "127.0.0.1", 0, token=None, **kw)
-    api.start()
+    api = serve_face(sup, **kw)
     return Stack(api, w, sup)
 
 
@@ -58,7 +57,7 @@ def stack() -> Iterator[Stack]:
     s.api.stop()
 
 
-def raw(api: ApiServer, data: bytes, *, shut_write: bool = False, timeout: float = 3.0) -> bytes:
+def raw(api: Served, data: bytes, *, shut_write: bool = False, timeout: float = 3.0) -> bytes:
     """Send bytes, read until the server closes or ``timeout``; b"" when nothing came."""
     with socket.create_connection(("127.0.0.1", api.port), timeout=timeout) as s:
         s.sendall(data)
@@ -79,7 +78,7 @@ def raw(api: ApiServer, data: bytes, *, shut_write: bool = False, timeout: float
         return out
 
 
-def post(api: ApiServer, body: bytes, headers: dict[str, str] | None = None, host: str | None = None) -> bytes:
+def post(api: Served, body: bytes, headers: dict[str, str] | None = None, host: str | None = None) -> bytes:
     hdrs = {"Host": host or f"127.0.0.1:{api.port}", "Content-Type": "application/json", "Content-Length": str(len(body)), "Connection": "close"}
     hdrs.update(headers or {})
     head = "".join(f"{k}: {v}\r\n" for k, v in hdrs.items() if v != "")

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from aiohttp import web
 
 from tests.support.fake_worker import FakeWorker
 from vramctl import client
 from vramctl.demand import policy as dq
 from vramctl.demand.desk import HoldDesk, InboxHolder, Refused
-from vramctl.web.holds import HoldsApi, make_app
+from vramctl.web.holds import HoldsApi
+from vramctl.web.server import HttpServer
 
 MODELS = ["llm", "sdxl", "tts"]
 
@@ -32,37 +32,20 @@ class Stack:
             InboxHolder(self.worker.post, gpu_of=lambda _m: "0", clock=self.worker.now), lambda: MODELS, refusal=refusal, poll_seconds=0.05
         )
         self.stop = threading.Event()
-        self.loop = asyncio.new_event_loop()
-        self.threads = [
-            threading.Thread(target=self.worker.run, args=(self.stop,), daemon=True),
-            threading.Thread(target=self.loop.run_forever, daemon=True),
-        ]
-        self.runner: web.AppRunner | None = None
-        self.url = ""
+        self.thread = threading.Thread(target=self.worker.run, args=(self.stop,), daemon=True)
+        self.server = HttpServer()
+        self.listener = self.server.listen("api", "127.0.0.1", 0, [self.api.add_routes])
+        self.url = f"http://127.0.0.1:{self.listener.port}"
 
     def __enter__(self) -> Stack:
-        for t in self.threads:
-            t.start()
-        port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        self.url = f"http://127.0.0.1:{port}"
+        self.thread.start()
+        self.server.start()
         return self
 
-    async def _start(self) -> int:
-        self.runner = web.AppRunner(make_app(self.api), access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-
     def __exit__(self, *_: object) -> None:
-        assert self.runner is not None
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.server.stop()
         self.stop.set()
-        for t in self.threads:
-            t.join(5)
+        self.thread.join(5)
 
     def settle(self) -> None:
         deadline = time.monotonic() + 5

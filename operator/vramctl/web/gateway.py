@@ -23,9 +23,10 @@ one that dies mid-stream ends the stream with an SSE ``error`` event (the
 status line has already been sent). A client that goes away while queued
 withdraws its demand (the acquire is cancelled), so it causes no switch.
 
-``Gateway.handle`` dispatches by path by itself, so the gateway runs either
-as its own ``web.Application`` (``make_app``) on its own port, or beside
-another aiohttp server that hands it the requests ``Gateway.matches``.
+``Gateway.add_routes`` puts these routes on a listener's application
+(``vramctl.web.server``); the guards in front of them (token, Host, Origin,
+JSON bodies and their limits) are every listener's (``vramctl.web.guards``).
+The body's ``model`` is read through ``OpenAIBody`` (the 400 names it).
 
 Nothing here knows the worker: ``Holder`` is the whole contract.
 """
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -44,17 +44,17 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from yarl import URL
 
 from vramctl.demand.desk import Lease, Refused
+from vramctl.web.guards import DOC, RAW, HttpError, body_of, parse_body
 
-__all__ = ["Gateway", "GatewayMetrics", "Holder", "Lease", "ModelInfo", "Refused", "Route", "make_app"]
-
-OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 IMAGES_ROUTE = "/v1/images/generations"
 MODELS_ROUTE = "/v1/models"
 PASSTHROUGH_PREFIX = "/models/"
-MAX_BODY = 32 * 1024 * 1024  # chat bodies carry base64 images
+GATEWAY_MAX_BODY = 32 * 1024 * 1024  # chat bodies carry base64 images
 # Headers that belong to one hop, never forwarded (RFC 9110 7.6.1), plus the
 # ones aiohttp sets itself.
 HOP_BY_HOP = frozenset(
@@ -152,13 +152,12 @@ class _ClientGone(Exception):
     pass
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
+class OpenAIBody(BaseModel):
+    """The part of an OpenAI-style body the gateway reads; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: StrictStr | None = Field(None, min_length=1, description="a non-empty string (a model of GET /v1/models)")
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
@@ -173,12 +172,13 @@ def _error(
 
 class Gateway:
     """The proxy. ``start()`` opens the backend connection pool, ``close()``
-    ends it (``make_app`` does both on the app's startup and cleanup).
+    ends it (``add_routes`` ties both to the application's life).
 
-    ``token``: when set, every request needs ``Authorization: Bearer
-    <token>`` (required off loopback, like the API); it is not forwarded.
     ``poll_seconds``: how often a waiting or streaming request checks that
-    its client is still there.
+    its client is still there. ``connection_limit``: backend connections at
+    most (the listener's connection cap: each proxied request holds one).
+    ``strip_authorization``: the caller's ``Authorization`` is vramctl's
+    token (one is set), not forwarded; else it passes to the backend.
     """
 
     def __init__(
@@ -186,13 +186,15 @@ class Gateway:
         holder: Holder,
         registry: CollectorRegistry,
         *,
-        token: str | None = None,
         poll_seconds: float = 0.25,
         connect_timeout_seconds: float = 10.0,
+        connection_limit: int = 0,
+        strip_authorization: bool = False,
     ) -> None:
         self.holder = holder
         self.metrics = GatewayMetrics(registry)
-        self.token = token
+        self.connection_limit = connection_limit
+        self.strip_authorization = strip_authorization
         self.poll_seconds = poll_seconds
         self.connect_timeout_seconds = connect_timeout_seconds
         self._session: aiohttp.ClientSession | None = None
@@ -200,7 +202,7 @@ class Gateway:
     async def start(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+                connector=aiohttp.TCPConnector(limit=self.connection_limit),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_seconds),
                 auto_decompress=False,  # pass bodies through as the backend encoded them
                 cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies
@@ -212,90 +214,69 @@ class Gateway:
             await self._session.close()
             self._session = None
 
-    @staticmethod
-    def matches(path: str) -> bool:
-        return path in OPENAI_ROUTES or path in (IMAGES_ROUTE, MODELS_ROUTE) or path.startswith(PASSTHROUGH_PREFIX)
+    def add_routes(self, app: web.Application) -> None:
+        for path in OPENAI_ROUTES:
+            app.router.add_post(path, self.openai)
+        app.router.add_post(IMAGES_ROUTE, self.images)
+        app.router.add_get(MODELS_ROUTE, self.model_list)
+        app.router.add_route("*", PASSTHROUGH_PREFIX + "{name}", self.passthrough)
+        app.router.add_route("*", PASSTHROUGH_PREFIX + "{name}/{tail:.*}", self.passthrough)
 
-    # -- dispatch ----------------------------------------------------------
+        async def pool(_: web.Application) -> AsyncIterator[None]:
+            await self.start()
+            yield
+            await self.close()
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        refusal = self._check_caller(request)
-        if refusal is not None:
-            return refusal
-        path = request.path
-        try:
-            if path == MODELS_ROUTE:
-                if request.method != "GET":
-                    return _method_not_allowed(request.method, path, "GET")
-                return web.json_response(self._model_list())
-            if path in OPENAI_ROUTES or path == IMAGES_ROUTE:
-                if request.method != "POST":
-                    return _method_not_allowed(request.method, path, "POST")
-                body, doc = await self._json_body(request)
-                route = self._route_for(doc, images=path == IMAGES_ROUTE)
-                if doc.get("model") != route.served_name:
-                    doc["model"] = route.served_name
-                    body = json.dumps(doc).encode()
-                return await self._proxy(request, route, request.raw_path, body)
-            if path.startswith(PASSTHROUGH_PREFIX):
-                name = path[len(PASSTHROUGH_PREFIX) :].partition("/")[0]
-                target = self.holder.resolve(name)
-                if target is None:
-                    raise self._unknown(name, "path")
-                raw_path, question, query = request.raw_path.partition("?")
-                tail = "/" + raw_path[len(PASSTHROUGH_PREFIX) :].partition("/")[2]
-                raw = await request.read() if request.can_read_body else None
-                return await self._proxy(request, target, tail + question + query, raw)
-        except _BadRequest as exc:
-            return _error(exc.status, exc.message, "invalid_request_error", exc.param, exc.code)
-        except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"the body is larger than {MAX_BODY} bytes", "invalid_request_error")
-        return _error(404, f"no such route {path}", "invalid_request_error", code="not_found")
+        app.cleanup_ctx.append(pool)
 
-    def _check_caller(self, request: web.BaseRequest) -> web.Response | None:
-        if self.token is not None:
-            header = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(header.encode(), f"Bearer {self.token}".encode()):
-                return _error(401, "missing or wrong bearer token: send `Authorization: Bearer <token>`", "authentication_error")
-        # A web page of another site must not make the GPU switch (a no-cors
-        # POST reaches loopback too).
-        site = request.headers.get("Sec-Fetch-Site", "").lower()
-        if site in ("cross-site", "same-site"):
-            return _error(403, f"a {site} request from a web page may not use the gateway", "permission_error", "Sec-Fetch-Site")
-        return None
+    # -- routes ----------------------------------------------------------------
 
-    async def _json_body(self, request: web.BaseRequest) -> tuple[bytes, dict[str, Any]]:
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            raise _BadRequest(413, f"the body is {request.content_length} bytes; at most {MAX_BODY} are taken")
-        body = await request.read()
-        try:
-            doc = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _BadRequest(400, f"the body is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise _BadRequest(400, 'the body must be a JSON object like {"model": "...", ...}')
-        return body, doc
+    async def model_list(self, _: web.Request) -> web.StreamResponse:
+        return web.json_response(self._model_list())
 
-    def _route_for(self, doc: dict[str, Any], images: bool) -> Route:
-        name = doc.get("model")
+    async def openai(self, request: web.Request) -> web.StreamResponse:
+        return await self._by_body(request, images=False)
+
+    async def images(self, request: web.Request) -> web.StreamResponse:
+        return await self._by_body(request, images=True)
+
+    async def _by_body(self, request: web.Request, images: bool) -> web.StreamResponse:
+        doc = body_of(request)
+        body = parse_body(OpenAIBody, doc, '{"model": "...", ...}')
+        route = self._route_for(body.model, images)
+        raw = request[RAW]
+        if body.model != route.served_name:
+            doc["model"] = route.served_name
+            raw = json.dumps(doc).encode()
+        return await self._proxy(request, route, request.raw_path, raw)
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        target = self.holder.resolve(name)
+        if target is None:
+            raise self._unknown(name, "path")
+        raw_path, question, query = request.raw_path.partition("?")
+        tail = "/" + raw_path[len(PASSTHROUGH_PREFIX) :].partition("/")[2]
+        raw = request[RAW] if DOC in request else None
+        return await self._proxy(request, target, tail + question + query, raw)
+
+    def _route_for(self, name: str | None, images: bool) -> Route:
         if name is None and images:
             sdxl = [m for m in self.holder.models() if m.engine == "sdxl"]
             if len(sdxl) != 1:
-                raise _BadRequest(400, "model is required: name the image model (more or fewer than one sdxl model is configured)", "model")
+                raise HttpError(400, "model is required: name the image model (more or fewer than one sdxl model is configured)", "model")
             name = sdxl[0].name
         if name is None:
-            raise _BadRequest(400, "model is required: name one of the models of GET /v1/models", "model")
-        if not isinstance(name, str) or not name:
-            raise _BadRequest(400, f"model must be a non-empty string, got {json.dumps(name)}", "model")
+            raise HttpError(400, "model is required: name one of the models of GET /v1/models", "model")
         route = self.holder.resolve(name)
         if route is None:
             raise self._unknown(name, "model")
         return route
 
-    def _unknown(self, name: str, param: str) -> _BadRequest:
+    def _unknown(self, name: str, param: str) -> HttpError:
         known = sorted({n for m in self.holder.models() for n in (m.name, m.served_name)})
-        return _BadRequest(
-            404, f"The model {name!r} does not exist; known models: {', '.join(known) or '(none)'}", param, "model_not_found"
+        return HttpError(
+            404, f"The model {name!r} does not exist; known models: {', '.join(known) or '(none)'}", param, code="model_not_found"
         )
 
     def _model_list(self) -> dict[str, Any]:
@@ -314,7 +295,7 @@ class Gateway:
 
     # -- proxying ------------------------------------------------------------
 
-    async def _proxy(self, request: web.BaseRequest, route: Route, path: str, body: bytes | None) -> web.StreamResponse:
+    async def _proxy(self, request: web.Request, route: Route, path: str, body: bytes | None) -> web.StreamResponse:
         t0 = time.perf_counter()
         code = "500"
         error: str | None = None
@@ -371,7 +352,7 @@ class Gateway:
         # ``path``: the backend's path and query, as the client encoded them (no re-quoting).
         url = URL(route.base_url.rstrip("/") + path, encoded=True)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        if self.token is not None:
+        if self.strip_authorization:
             headers.pop("Authorization", None)
         try:
             upstream = await self._session.request(request.method, url, data=body, headers=headers, allow_redirects=False)
@@ -449,17 +430,3 @@ def _bad_gateway(route: Route, detail: str) -> web.Response:
 
 def _method_not_allowed(method: str, path: str, allowed: str) -> web.Response:
     return _error(405, f"{method} is not allowed on {path}; use {allowed}", "invalid_request_error", headers={"Allow": allowed})
-
-
-def make_app(gateway: Gateway, *, client_max_size: int = MAX_BODY) -> web.Application:
-    """The gateway as an application of its own (its own port)."""
-    app = web.Application(client_max_size=client_max_size, handler_args={"max_field_size": 16 * 1024})
-
-    async def pool(_: web.Application) -> AsyncIterator[None]:
-        await gateway.start()
-        yield
-        await gateway.close()
-
-    app.cleanup_ctx.append(pool)
-    app.router.add_route("*", "/{tail:.*}", gateway.handle)
-    return app

@@ -3,27 +3,18 @@
 ``SupervisorHolder`` is the event loop's side of every GPU's hold queue:
 it posts demands into the right worker's inbox (``GpuWorker.post``) and
 waits for the answer, and it tells the gateway where each model is served.
-``GatewayServer`` runs the OpenAI-style gateway, and ``/holds`` beside it,
-on an address of its own (``vramctl up --gateway 127.0.0.1:9401``), in a
-thread with its own event loop; the API server mounts ``HoldsApi`` too.
+One instance serves ``/holds`` and the gateway on every port
+(``vramctl.web.server.serve``), so hold ids are known on each.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry
-
 from vramctl.demand.desk import DeskCommand, Grant, InboxHolder, Lease, Refused
-from vramctl.web.api import is_loopback
-from vramctl.web.gateway import MAX_BODY, Gateway, ModelInfo, Route
-from vramctl.web.holds import HoldsApi
+from vramctl.web.gateway import ModelInfo, Route
 from vramctl.worker.actor import GpuWorker
 from vramctl.worker.supervisor import Supervisor
 
@@ -94,93 +85,3 @@ class SupervisorHolder(InboxHolder):
             for m, ms in sorted(w.spec.models.items()):
                 out.append(ModelInfo(m, w.spec.served_name(m), str(w.gpu), states.get(m, "absent"), ms.engine, m == active))
         return out
-
-
-def holds_refusal(refusal: str | None) -> Callable[[str], Refused | None]:
-    """Holds refused up front (the spec decides: Kubernetes' declared mode), or none."""
-    return (lambda _model: Refused(409, refusal)) if refusal else (lambda _model: None)
-
-
-class GatewayServer:
-    """The gateway and ``/holds`` on their own address, in a thread of their own."""
-
-    def __init__(
-        self,
-        holder: SupervisorHolder,
-        host: str,
-        port: int,
-        registry: CollectorRegistry,
-        *,
-        token: str | None = None,
-        refusal: str | None = None,
-    ) -> None:
-        if not is_loopback(host) and not token:
-            raise ValueError(f"the gateway on {host} (not loopback) needs a token: pass --token or set VRAMCTL_TOKEN")
-        self.host, self.port = host, port
-        self.gateway = Gateway(holder, registry, token=token)
-        for info in holder.models():  # label sets at zero: rates over the first requests are not NaN
-            self.gateway.metrics.requests.labels(info.gpu, info.name, "200")
-            self.gateway.metrics.duration.labels(info.gpu, info.name)
-            self.gateway.metrics.in_flight.labels(info.gpu, info.name)
-        self.holds = HoldsApi(holder, holder.names, refusal=holds_refusal(refusal), token=token)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        if HoldsApi.matches(request.path):
-            return await self.holds.handle(request)
-        return await self.gateway.handle(request)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="vramctl-gateway", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the gateway did not start within 10 s")
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._serve())
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    async def _serve(self) -> None:
-        app = web.Application(client_max_size=MAX_BODY, handler_args={"max_field_size": 16 * 1024})
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        await self.gateway.start()
-        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=75)
-        await self._runner.setup()
-        try:
-            site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
-            await site.start()
-            server: Any = site._server  # the bound port, when 0 was asked for
-            if self.port == 0 and server is not None and server.sockets:
-                self.port = int(server.sockets[0].getsockname()[1])
-        except OSError as err:
-            self._error = err
-            asyncio.get_running_loop().stop()
-        finally:
-            self._ready.set()
-
-    def stop(self) -> None:
-        loop = self._loop
-        if loop is None or self._thread is None:
-            return
-
-        async def down() -> None:
-            with contextlib.suppress(Exception):
-                if self._runner is not None:
-                    await self._runner.cleanup()
-                await self.gateway.close()
-            asyncio.get_running_loop().stop()
-
-        with contextlib.suppress(RuntimeError):
-            asyncio.run_coroutine_threadsafe(down(), loop)
-        self._thread.join(10)

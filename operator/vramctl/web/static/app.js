@@ -419,7 +419,7 @@ function logLine(ev) {
   }
   const li = el(
     "li",
-    { "data-kind": ev.kind, "data-step": step, "data-id": ev.id },
+    { "data-kind": ev.kind, "data-step": step, "data-id": ev.id, "data-seq": ev.kind === "progress" ? d.seq : null },
     el("time", { text: clock(ev.kind === "progress" ? d.time : ev.time) }),
     ` gpu${ev.gpu} `,
     el("span", { class: "step", text: step }),
