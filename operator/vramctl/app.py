@@ -21,7 +21,7 @@ from vramctl.runtimes.base import Runtime
 from vramctl.sources.statefile import StateFile, StateWriteError
 from vramctl.spec.models import Config, ConfigError, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
 from vramctl.telemetry import register as register_collector
-from vramctl.worker.actor import DesiredSink, GpuWorker, Metrics, StatusSink, WorkerSettings
+from vramctl.worker.actor import Admission, DesiredSink, GpuWorker, Metrics, StatusSink, WorkerSettings
 from vramctl.worker.supervisor import Supervisor, holders_of
 
 log = logging.getLogger("vramctl")
@@ -198,7 +198,7 @@ class BuiltOperator:
 
     supervisor: Supervisor
     runtime: Runtime
-    make_worker: Callable[[DeploymentSpec, StatusSink, DesiredSink], GpuWorker]
+    make_worker: Callable[[DeploymentSpec, StatusSink, DesiredSink, Admission], GpuWorker]
 
 
 def build_operator(
@@ -231,12 +231,19 @@ def build_operator(
     supervisor = Supervisor([], runtime, metrics, notes)
     register_collector(supervisor, dcgm_compat=dcgm_compat)
 
-    def make_worker(d: DeploymentSpec, status_sink: StatusSink, desired_sink: DesiredSink) -> GpuWorker:
+    def make_worker(d: DeploymentSpec, status_sink: StatusSink, desired_sink: DesiredSink, admission: Admission) -> GpuWorker:
         config = config_for(d)
         ref = _SpecRef(d)
         probe = build_probe(config, ref, runtime, supervisor.notes)
         w = GpuWorker(
-            d, runtime, probe, WorkerSettings.from_config(config), status_sink=status_sink, desired_sink=desired_sink, metrics=metrics
+            d,
+            runtime,
+            probe,
+            WorkerSettings.from_config(config),
+            status_sink=status_sink,
+            desired_sink=desired_sink,
+            admission=admission,
+            metrics=metrics,
         )
         ref.worker = w
         return w

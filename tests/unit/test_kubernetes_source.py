@@ -15,7 +15,7 @@ from vramctl.sources.kubernetes.controller import ModelDeployments
 from vramctl.sources.kubernetes.handlers import finalizer_for
 from vramctl.sources.kubernetes.specs import InvalidSpec
 from vramctl.spec.models import DeploymentSpec
-from vramctl.worker.actor import DesiredSink, GpuWorker, Metrics, StatusSink, WorkerSettings
+from vramctl.worker.actor import Admission, DesiredSink, GpuWorker, Metrics, StatusSink, WorkerSettings
 from vramctl.worker.supervisor import Supervisor
 
 NODE = "node-a"
@@ -69,9 +69,18 @@ class Rig:
         self.wall = Wall()
         self.workers: list[GpuWorker] = []
 
-        def make_worker(d: DeploymentSpec, status: StatusSink, desired: DesiredSink) -> GpuWorker:
+        def make_worker(d: DeploymentSpec, status: StatusSink, desired: DesiredSink, admission: Admission) -> GpuWorker:
             settings = WorkerSettings(poll_interval_s=0.001, memory_timeout_s=0.05, baseline_mib=0)
-            w = GpuWorker(d, self.rt, FakeGpu(self.rt, d), settings, status_sink=status, desired_sink=desired, metrics=self.metrics)
+            w = GpuWorker(
+                d,
+                self.rt,
+                FakeGpu(self.rt, d),
+                settings,
+                status_sink=status,
+                desired_sink=desired,
+                admission=admission,
+                metrics=self.metrics,
+            )
             self.workers.append(w)
             return w
 

@@ -50,9 +50,8 @@ def rig(d: DeploymentSpec, rt: FakeRuntime) -> tuple[GpuWorker, FakeSleeper, Met
     gpu = FakeGpu(rt, d)
     metrics = Metrics(CollectorRegistry())
     s = WorkerSettings(poll_interval_s=0.01, memory_timeout_s=5, backoff_initial_s=30, resync_s=5, baseline_mib=0)
-    w = GpuWorker(d, rt, gpu, s, metrics=metrics)
     sleeper = FakeSleeper(rt)
-    w.actuator.sleeper = sleeper
+    w = GpuWorker(d, rt, gpu, s, metrics=metrics, sleeper=sleeper)
     return w, sleeper, metrics
 
 
@@ -208,7 +207,6 @@ def test_a_model_with_switch_strategy_stop_is_stopped_as_before() -> None:
     w, _, _ = rig(spec(), rt)
     switch(w, "sdxl")
     assert rt.calls == [("stop", "cold"), ("start", "sdxl")]
-
 
 
 def test_freeing_the_gpu_stops_sleeping_models_too_and_idle_sleep_keeps_them_asleep() -> None:

@@ -35,12 +35,13 @@ class Op:
 
 class Actuator:
     """Runs the runtime's slow calls on one thread of their own; ``inline``
-    runs them on the caller's thread (deterministic tests, ``--once``)."""
+    runs them on the caller's thread (deterministic tests, ``--once``).
+    ``sleeper``: the model servers' sleep API (``HttpSleeper`` by default)."""
 
-    def __init__(self, runtime: Runtime, on_done: Callable[[], None], inline: bool = False) -> None:
+    def __init__(self, runtime: Runtime, on_done: Callable[[], None], inline: bool = False, sleeper: Sleeper | None = None) -> None:
         self.runtime, self.on_done, self.inline = runtime, on_done, inline
         self._pool: ThreadPoolExecutor | None = None
-        self.sleeper: Sleeper = HttpSleeper()
+        self.sleeper: Sleeper = sleeper or HttpSleeper()
 
     def submit(self, spec: DeploymentSpec, action: OpAction) -> Op:
         fn: Callable[[], Any]

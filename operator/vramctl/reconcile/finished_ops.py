@@ -22,6 +22,7 @@ from typing import Any
 from vramctl.planner import Cleanup, Sleep, Start, Stop, Wake
 from vramctl.reconcile.actuator import Op, OpAction
 from vramctl.reconcile.backoff import Backoff
+from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.errors import Classified, ErrorClass, classify
 from vramctl.reconcile.model_view import ModelView
 from vramctl.reconcile.model_watch import ModelWatch, Tracking
@@ -48,7 +49,7 @@ class FinishedOps:
 
     def __init__(
         self,
-        ctx: Any,
+        ctx: LoopContext,
         track: Tracking,
         backoff: Backoff,
         sleep: SleepBook,

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from vramctl.observed import Desired
 from vramctl.planner import Start, Stop
 from vramctl.reconcile.actuator import Op
+from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.gating import GateDecision
 from vramctl.reconcile.model_view import ModelView
 from vramctl.reconcile.model_watch import ModelWatch, Tracking
@@ -34,7 +34,7 @@ class HandStarts:
 
     def __init__(
         self,
-        ctx: Any,
+        ctx: LoopContext,
         runtime: Runtime,
         track: Tracking,
         watch: ModelWatch,

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from vramctl.observed import Desired, Observed, WorkloadState
 from vramctl.reconcile.backoff import Backoff
+from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.gating import StartGate
 from vramctl.spec.models import DeploymentSpec
 
@@ -48,7 +48,7 @@ class ModelWatch:
     crashed while starting, exited on its own; and failures, each with its
     back-off (a crash loop keeps backing off) and the switch's outcome."""
 
-    def __init__(self, ctx: Any, backoff: Backoff, track: Tracking, changed: Callable[[], None]) -> None:
+    def __init__(self, ctx: LoopContext, backoff: Backoff, track: Tracking, changed: Callable[[], None]) -> None:
         self.ctx, self.backoff, self.track, self.changed = ctx, backoff, track, changed
 
     def account(self, spec: DeploymentSpec, desired: Desired, observed: Observed, now: float) -> None:
@@ -101,10 +101,10 @@ class ModelWatch:
         what = f"{m!r} was removed outside vramctl (docker compose down or docker rm; run `vramctl switch ''` first to free the GPU)"
         if spec.on_removed == "release" and m == desired.active:
             self.ctx.note("removed-outside", m, f"{what}: freeing the GPU (onRemoved: release)")
-            self.ctx.request(None, (), source="removed-outside")
+            self.ctx.want(None, (), "removed-outside")
         elif spec.on_removed == "release":
             self.ctx.note("removed-outside", m, f"{what}: dropped from the companions (onRemoved: release)")
-            self.ctx.request(desired.active, tuple(c for c in desired.companions if c != m), source="removed-outside")
+            self.ctx.want(desired.active, tuple(c for c in desired.companions if c != m), "removed-outside")
         else:
             self.ctx.note("removed-outside", m, f"{what}: recreating it (onRemoved: recreate)")
 

@@ -28,14 +28,14 @@ The ``Reconciler`` coordinates; each of its concerns is a small part of its own:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from vramctl.gpu.base import GpuProbe
 from vramctl.observed import Desired, Observed
 from vramctl.planner import Cleanup, Plan, Sleep, Start, Stop, WaitForMemory, WaitHealthy, Wake, plan
 from vramctl.reconcile import memory_gate
-from vramctl.reconcile.actuator import Op, OpAction, announcement
+from vramctl.reconcile.actuator import Actuator, Op, OpAction, announcement
 from vramctl.reconcile.backoff import Backoff
+from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.errors import classify
 from vramctl.reconcile.finished_ops import FinishedOps
 from vramctl.reconcile.hand_starts import HandStarts
@@ -45,7 +45,7 @@ from vramctl.reconcile.release_wait import ReleaseWait
 from vramctl.reconcile.runtime_outage import RuntimeOutage
 from vramctl.reconcile.settled import next_look, report
 from vramctl.reconcile.start_checks import StartChecks
-from vramctl.reconcile.warm import SleepBook, Sleeper, WarmSwitches
+from vramctl.reconcile.warm import SleepBook, SleepMetrics, WarmSwitches
 from vramctl.runtimes.base import Runtime, StartEvent
 from vramctl.spec.models import DeploymentSpec
 
@@ -71,15 +71,23 @@ class Reconciler:
     """The loop-owned state of one GPU and its tick. Not thread-safe on
     purpose: only the worker's loop (or a test, in its place) calls it.
 
-    ``note(step, model, message)`` records progress; ``phase(phase, reason,
-    message)`` moves the status book; ``request(active, companions, source)``
-    hands a new desired state to the worker's own request path (a start made
-    behind vramctl's back becomes the desired model).
+    ``ctx`` (``context.LoopContext``) is all it and its parts may ask of
+    their worker; ``actuator`` runs its stops, starts, sleeps and wakes;
+    ``sleep_metrics`` counts warm switches' fall-backs and residues.
     """
 
-    def __init__(self, spec: DeploymentSpec, desired: Desired, runtime: Runtime, probe: GpuProbe, ctx: Any) -> None:
+    def __init__(
+        self,
+        spec: DeploymentSpec,
+        desired: Desired,
+        runtime: Runtime,
+        probe: GpuProbe,
+        actuator: Actuator,
+        ctx: LoopContext,
+        sleep_metrics: SleepMetrics | None = None,
+    ) -> None:
         self.spec, self.desired = spec, desired
-        self.runtime, self.probe, self.ctx = runtime, probe, ctx
+        self.runtime, self.probe, self.actuator, self.ctx = runtime, probe, actuator, ctx
         s = ctx.settings
         self.backoff = Backoff(s.backoff_initial_s, s.backoff_max_s, s.stable_s)
         self.baseline = memory_gate.Baseline(s.baseline_mib, s.baseline_mib is not None, s.baseline_mib is not None)
@@ -89,7 +97,7 @@ class Reconciler:
         self.op: Op | None = None
         self.invalid: str | None = None  # the initial desired state failed validation
         self.sleep = SleepBook()
-        self.warm = WarmSwitches(ctx, self.sleep)
+        self.warm = WarmSwitches(ctx, self.sleep, sleep_metrics)
         self.outage = RuntimeOutage(ctx, runtime)
         self.release = ReleaseWait(ctx, probe, self.track, self.sleep, self.warm)
         self.checks = StartChecks(ctx, runtime, self.watch)
@@ -140,7 +148,7 @@ class Reconciler:
         if retry is not None:
             return retry, True
         try:
-            observed = observe(self.runtime, self.spec, self.track, self._sleeper(), self.sleep)
+            observed = observe(self.runtime, self.spec, self.track, self.actuator.sleeper, self.sleep)
         except Exception as err:
             return self.outage.error(self.spec, classify(err), now)
         self.outage.reachable(now)
@@ -172,9 +180,9 @@ class Reconciler:
     def _step(self, p: Plan, now: float) -> tuple[float, bool]:
         """The plan's first step that can be taken now."""
         s = self.ctx.settings
-        if self.ctx.book.switch is None and p.switching:
+        if not self.ctx.switch_in_progress and p.switching:
             self.ctx.begin_switch(self.view.holder(), self.desired.active, now)
-        elif self.ctx.book.phase in ("Idle", "Ready") and not p.switching:
+        elif self.ctx.current_phase in ("Idle", "Ready") and not p.switching:
             self.ctx.phase("Switching", "Starting", "; ".join(p.describe()))
         refused = self.checks.unrunnable(self.spec, self.desired, self.view.observed, p, now)
         if refused is not None:
@@ -226,17 +234,13 @@ class Reconciler:
         # returns only when it is done).
         self.view.show(action.model, OP_STATES[type(action).__name__])
         self.ctx.publish()
-        self.ctx.actuator.sleeper = self._sleeper()
-        self.op = self.ctx.actuator.submit(self.spec, action)
+        self.op = self.actuator.submit(self.spec, action)
         self._publish_states()
 
     def _op_done(self, now: float) -> None:
         op, self.op = self.op, None
         assert op is not None
         self.finished.done(op, self.spec, now)
-
-    def _sleeper(self) -> Sleeper:
-        return getattr(self.ctx, "sleeper", None) or self.ctx.actuator.sleeper  # type: ignore[no-any-return]
 
     # -------------------------------------------------------------- waits
 

@@ -12,12 +12,12 @@ after the stopped models exited (``last_release_seconds``, a metric).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 from vramctl.gpu.base import GpuProbe
 from vramctl.observed import Desired
 from vramctl.planner import WaitForMemory
 from vramctl.reconcile import memory_gate
+from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.model_watch import Tracking
 from vramctl.reconcile.warm import SleepBook, WarmSwitches
 from vramctl.spec.models import DeploymentSpec
@@ -47,7 +47,7 @@ def waiting_message(w: WaitForMemory) -> str:
 class ReleaseWait:
     """One GPU's memory wait (see the module's docstring)."""
 
-    def __init__(self, ctx: Any, probe: GpuProbe, track: Tracking, sleep: SleepBook, warm: WarmSwitches) -> None:
+    def __init__(self, ctx: LoopContext, probe: GpuProbe, track: Tracking, sleep: SleepBook, warm: WarmSwitches) -> None:
         self.ctx, self.probe, self.track, self.sleep, self.warm = ctx, probe, track, sleep, warm
         self.mem_wait: tuple[tuple[int, int], memory_gate.MemoryWait] | None = None  # (generation, need) -> the wait
         self.blocked: str | None = None  # why the phase is Blocked
@@ -85,8 +85,7 @@ class ReleaseWait:
         if v.blocked is not None:
             if self.blocked is None:
                 self.ctx.phase("Blocked", "MemoryNotReleased", v.blocked)
-                self.ctx.finish_switch("blocked", now)
-                self.ctx.book.observed_generation = desired.generation
+                self.ctx.finish_switch("blocked", now)  # answers the desired generation
             self.blocked = v.blocked
             return max(s.poll_interval_s, 0.25), True
         return s.poll_interval_s, False

@@ -14,8 +14,8 @@ changes the desired state (``engine_restarted``).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
+from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.errors import Classified, ErrorClass, Outage
 from vramctl.runtimes.base import Runtime
 from vramctl.spec.models import DeploymentSpec
@@ -34,7 +34,7 @@ def is_transient(c: Classified) -> bool:
 class RuntimeOutage:
     """An outage of the runtime, and the moment after it (see the module's docstring)."""
 
-    def __init__(self, ctx: Any, runtime: Runtime) -> None:
+    def __init__(self, ctx: LoopContext, runtime: Runtime) -> None:
         self.ctx, self.runtime = ctx, runtime
         self.outage: Outage | None = None
         self.after_outage = False  # the runtime answers again; until the next settled state

@@ -12,10 +12,9 @@ the worker (``ctx``).
 
 from __future__ import annotations
 
-from typing import Any
-
 from vramctl.observed import Desired
 from vramctl.planner import Plan
+from vramctl.reconcile.context import LoopContext
 
 
 def settled_phase(desired: Desired, p: Plan, now: float, phase: str) -> tuple[str, str, str] | None:
@@ -42,12 +41,11 @@ def next_look(p: Plan, now: float, resync_s: float) -> float:
     return wait
 
 
-def report(ctx: Any, desired: Desired, p: Plan, now: float) -> None:
+def report(ctx: LoopContext, desired: Desired, p: Plan, now: float) -> None:
     """The desired generation is observed, the switch in progress (if any)
     ends in success, the worker learns it settled, and the phase says how."""
-    ctx.book.observed_generation = desired.generation
-    ctx.finish_switch("success", now)
+    ctx.finish_switch("success", now)  # answers the desired generation
     ctx.settled(now, ok=not p.deferred)
-    verdict = settled_phase(desired, p, now, ctx.book.phase)
+    verdict = settled_phase(desired, p, now, ctx.current_phase)
     if verdict is not None:
         ctx.phase(*verdict)

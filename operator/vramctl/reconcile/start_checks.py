@@ -11,10 +11,9 @@ answers before the model runs is served by something else: a failure.
 
 from __future__ import annotations
 
-from typing import Any
-
 from vramctl.observed import Desired, Observed
 from vramctl.planner import Plan, Start
+from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.model_watch import ModelWatch
 from vramctl.runtimes.base import Runtime
 from vramctl.runtimes.health import LocalResourceError, http_ready
@@ -24,7 +23,7 @@ from vramctl.spec.models import DeploymentSpec
 class StartChecks:
     """The checks before a start (see the module's docstring)."""
 
-    def __init__(self, ctx: Any, runtime: Runtime, watch: ModelWatch) -> None:
+    def __init__(self, ctx: LoopContext, runtime: Runtime, watch: ModelWatch) -> None:
         self.ctx, self.runtime, self.watch = ctx, runtime, watch
         self.refused: tuple[int, str, str] | None = None  # (generation, model, problem) last said
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from vramctl.gpu.base import GpuProbe
 from vramctl.observed import GpuSnapshot, Observed
+from vramctl.reconcile.context import LoopContext
 from vramctl.runtimes import sleepctl
 from vramctl.spec.models import DeploymentSpec
 
-FALLBACK_REASONS = ("SleepFailed", "SleepTimeout", "ResidueOverLimit", "ResidueGrowing", "WakeFailed", "MaxCycles")
+FALLBACK_REASONS = ("SleepFailed", "SleepTimeout", "ResidueOverLimit", "ResidueGrowing", "WakeFailed", "MaxCycles", "CheckpointRefused")
 MIB = 1 << 20
 
 
@@ -68,7 +69,7 @@ def _target(spec: DeploymentSpec, model: str) -> sleepctl.SleepTarget:
 
 def sleepable(spec: DeploymentSpec, model: str) -> bool:
     m = spec.models.get(model)
-    return m is not None and m.switch_strategy == "sleep"
+    return m is not None and m.warm_switch  # sleep or checkpoint
 
 
 class SleepMetrics:
@@ -125,7 +126,9 @@ class SleepBook:
         limit = spec.models[m].sleep_settings.max_cycles if m in spec.models else None
         return limit is not None and self.cycles.get(m, 0) >= limit
 
-    def verify(self, spec: DeploymentSpec, snap: GpuSnapshot, baseline_mib: int, now: float, max_grace_s: float) -> list[tuple[str, str, str]]:
+    def verify(
+        self, spec: DeploymentSpec, snap: GpuSnapshot, baseline_mib: int, now: float, max_grace_s: float
+    ) -> list[tuple[str, str, str]]:
         """Check the residues of the sleeps that returned. Returns (model, step,
         message) for each verdict: step ``asleep`` (verified), or a fall-back
         reason (``ResidueOverLimit`` after the model's ``sleep.residueSettleSeconds``,
@@ -160,15 +163,13 @@ class SleepBook:
 
 
 class WarmSwitches:
-    """The loop's side of warm switches that needs its worker (``ctx``: notes,
-    metrics): fall-backs, the residue check after a sleep, a woken model
-    becoming healthy. Only the worker's loop calls it."""
+    """The loop's side of warm switches that needs its worker (``ctx``: notes;
+    ``metrics``: fall-backs and residues counted): fall-backs, the residue
+    check after a sleep, a woken model becoming healthy. Only the worker's
+    loop calls it."""
 
-    def __init__(self, ctx: Any, book: SleepBook) -> None:
-        self.ctx, self.book = ctx, book
-
-    def _metrics(self) -> SleepMetrics | None:
-        return getattr(getattr(self.ctx, "metrics", None), "sleep", None)
+    def __init__(self, ctx: LoopContext, book: SleepBook, metrics: SleepMetrics | None = None) -> None:
+        self.ctx, self.book, self.metrics = ctx, book, metrics
 
     def fallback(self, spec: DeploymentSpec, m: str, reason: str, why: str, now: float) -> None:
         """A warm switch goes the cold way: ``m`` is stopped (and started cold when wanted)."""
@@ -176,9 +177,8 @@ class WarmSwitches:
         self.book.waking.discard(m)
         self.book.strategy = "cold"
         self.ctx.note("SleepFallback", m, f"{reason}: {why}; stopping {m!r} and going the cold way")
-        metrics = self._metrics()
-        if metrics is not None:
-            metrics.fallbacks.labels(str(spec.gpu), reason).inc()
+        if self.metrics is not None:
+            self.metrics.fallbacks.labels(str(spec.gpu), reason).inc()
 
     def verify(self, spec: DeploymentSpec, probe: GpuProbe, baseline_mib: int, now: float, memory_timeout_s: float) -> bool:
         """The sleeps that returned, checked on the GPU. True when one fell back (re-plan)."""
@@ -187,12 +187,11 @@ class WarmSwitches:
         except Exception:
             return False
         fell = False
-        metrics = self._metrics()
         for m, step, msg in self.book.verify(spec, snap, baseline_mib, now, memory_timeout_s):
             if step == "asleep":
                 self.ctx.note("asleep", m, msg)
-                if metrics is not None:
-                    metrics.residue.labels(str(spec.gpu), m).set(self.book.residues[m][-1] * MIB)
+                if self.metrics is not None:
+                    self.metrics.residue.labels(str(spec.gpu), m).set(self.book.residues[m][-1] * MIB)
             else:
                 self.fallback(spec, m, step, msg, now)
                 fell = True

@@ -6,10 +6,18 @@ mutable field (``Reconciler``) and publishes an immutable snapshot that the
 API, the metrics collector and the status writers read without waiting
 for a switch. Status sinks are written by the loop alone, in order.
 
-``request`` validates and records the desired state on the caller's thread
-before it is queued, under one lock, so a caller learns at once when the
-request is invalid or could not be recorded, and the order of the recorded
-states is the order the loop applies them.
+``request`` validates, admits and records the desired state on the
+caller's thread before it is queued, under one lock, so a caller learns at
+once when the request is invalid or could not be recorded, and the order of
+the recorded states is the order the loop applies them. The loop's own
+wishes (the hold queue's switches, a start gated, a removal outside
+vramctl) take the same checks through ``_want`` and are applied at once,
+never through ``request`` and the inbox. An ``Admission`` (the Kubernetes
+source: the spec decides) may put another desired state in place of the
+one asked for, as a check when it is admitted, not by a request of its own.
+
+What the reconciler may ask of its worker is ``reconcile.context.LoopContext``
+(``_LoopPort`` here); status and progress are the ``WorkerReporter``'s.
 """
 
 from __future__ import annotations
@@ -34,17 +42,16 @@ from vramctl.gpu.base import GpuProbe
 from vramctl.host.memory import MEMINFO, HostMemoryReading, read_host_memory
 from vramctl.observed import Desired
 from vramctl.reconcile.actuator import Actuator
+from vramctl.reconcile.context import LoopSettings
 from vramctl.reconcile.reconciler import Reconciler
-from vramctl.reconcile.warm import SleepMetrics
+from vramctl.reconcile.warm import Sleeper, SleepMetrics
 from vramctl.runtimes.base import Runtime, StartEvent
 from vramctl.runtimes.checkpoint import StrategySleeper
 from vramctl.spec.models import Config, DeploymentSpec, DesiredStateError, GpuProbeConfig, check_desired
-from vramctl.spec.pitfalls import Finding
 from vramctl.status.book import SWITCH_OUTCOMES, StatusBook
-from vramctl.worker.reporting import WorkerReporting
+from vramctl.worker.reporting import WorkerReporter
 
 log = logging.getLogger("vramctl.worker.supervisor")
-
 
 
 class StatusSink(Protocol):
@@ -53,6 +60,14 @@ class StatusSink(Protocol):
 
 class DesiredSink(Protocol):
     def write_desired(self, gpu: int, desired: Desired, source: str, config_default: dict[str, Any] | None = None) -> None: ...
+
+
+class Admission(Protocol):
+    def admit(self, gpu: int, desired: Desired, source: str) -> Desired:
+        """The desired state to record and apply for ``desired`` asked by
+        ``source``: ``desired`` itself, or another in its place (its
+        generation is replaced by ``desired``'s). Called with the worker's
+        request lock held: never calls back into the worker."""
 
 
 class Metrics:
@@ -165,10 +180,12 @@ def fitting(spec: DeploymentSpec, active: str, companions: tuple[str, ...], tota
     return tuple(keep), tuple(dropped)
 
 
-class GpuWorker(WorkerReporting):
+class GpuWorker:
     """Owns one GPU. Entry points for any thread: request, update_spec,
     gate_start, poke, stop, and the published reads (status, progress,
-    model_states)."""
+    model_states). ``sleep`` is how ``reconcile_once`` waits between ticks
+    (a test's clock advances instead); ``sleeper`` is the model servers'
+    sleep API; ``admission`` checks each desired state as it is admitted."""
 
     def __init__(
         self,
@@ -183,14 +200,17 @@ class GpuWorker(WorkerReporting):
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        admission: Admission | None = None,
+        sleeper: Sleeper | None = None,
     ) -> None:
         self.gpu = deployment.gpu
         self.runtime, self.probe, self.settings = runtime, probe, settings
         self.status_sink, self.desired_sink = status_sink, desired_sink
         self.metrics = metrics or Metrics()
-        self.clock, self.wall = clock, wall
+        self.clock, self.wall, self._sleep, self.admission = clock, wall, sleep, admission
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._request_lock = threading.RLock()  # callers (and a sink that overrules); never held across a tick
+        self._request_lock = threading.Lock()  # callers and the loop's own wishes; never held across a tick
         self._thread: threading.Thread | None = None
         self._total: int | None = None
         # Published (replaced whole, read without a lock): the newest spec and
@@ -198,20 +218,29 @@ class GpuWorker(WorkerReporting):
         self.spec = deployment
         self._desired = initial or Desired(deployment.active_model, tuple(deployment.companions), 0)
         self.book = StatusBook(self.gpu, wall())
-        self.actuator = Actuator(runtime, self.poke)
+        self.actuator = Actuator(runtime, self.poke, sleeper=sleeper)
         # switchStrategy checkpoint: the driver's checkpoint API, loaded now (not at the first switch).
         warm = StrategySleeper(self.actuator.sleeper, probe.snapshot, runtime.owners)
         warm.prepare(deployment)
         self.actuator.sleeper = warm
-        self._rec = Reconciler(deployment, self._desired, runtime, probe, self)
+        self._rec = Reconciler(deployment, self._desired, runtime, probe, self.actuator, _LoopPort(self), self.metrics.sleep)
+        self.reporter = WorkerReporter(
+            self.gpu,
+            self._rec,
+            self.book,
+            self.metrics,
+            runtime=runtime,
+            probe=probe,
+            settings=settings,
+            write_status=status_sink.write_status if status_sink is not None else None,
+            clock=clock,
+            wall=wall,
+        )
         self.lane = FastLane(self.poke, self.clock)
         self.queue = _Queue(self, deployment)
-        self._findings: list[Finding] = []
-        self._last_written: dict[str, Any] | None = None
-        self._status: Mapping[str, Any] = {}
         self.metrics.init_gpu(self.gpu)
-        self._check_config(deployment)
-        self._check_initial()
+        self.reporter.check_config(deployment, self.total_mib())
+        self.reporter.check_initial(self.spec, self._desired, self.total_mib())
         self.publish()
 
     # --------------------------------------------------------- commands
@@ -248,24 +277,51 @@ class GpuWorker(WorkerReporting):
         record it: then nothing changes. ``keep_asleep`` (with no model):
         put to sleep what can sleep instead of freeing the GPU."""
         with self._request_lock:
-            dropped: tuple[str, ...] = ()
-            if companions is None:
-                # Default: "no model" frees the whole GPU; otherwise keep the
-                # current companions that still fit beside the new model.
-                companions, dropped = ((), ()) if active is None else fitting(self.spec, active, self._desired.companions, self.total_mib())
-            check_desired(self.spec, active, companions, self.total_mib())
-            self._preflight(active, companions)
-            desired = Desired(active or None, tuple(companions), self._desired.generation + 1, keep_asleep and not active and not companions)
-            if self.desired_sink is not None:
-                before = self._desired
-                self.desired_sink.write_desired(self.gpu, desired, source)
-                if self._desired is not before:
-                    return self._desired  # the sink overruled it with a request of its own (Kubernetes: the spec decides)
-            if (desired.active, desired.companions) != (self._desired.active, self._desired.companions):
-                self.lane.close()  # no new request slips in for a model on its way out; the queue reopens it
-            self._desired = desired
-            self._inbox.put(_Request(desired, source, dropped))
+            desired, dropped, said = self._admit(active, companions, source, keep_asleep)
+            self._inbox.put(_Request(desired, said, dropped))
         return desired
+
+    def _want(self, active: str | None, companions: tuple[str, ...] | None, source: str, keep_asleep: bool = False) -> Desired:
+        """A desired state of the loop's own (loop thread only): the checks of
+        ``request``, then applied at once instead of queued behind itself."""
+        with self._request_lock:
+            desired, dropped, said = self._admit(active, companions, source, keep_asleep)
+        self._adopt(desired, said, dropped)
+        self.poke()  # the loop looks again now, not at its resync (it may be settling when it wants)
+        return desired
+
+    def _admit(
+        self, active: str | None, companions: tuple[str, ...] | None, source: str, keep_asleep: bool
+    ) -> tuple[Desired, tuple[str, ...], str]:
+        """Validate, preflight, admit and record a desired state (request lock
+        held); it becomes the newest handed in. Returns it, the companions
+        dropped for it, and how its source is said."""
+        dropped: tuple[str, ...] = ()
+        if companions is None:
+            # Default: "no model" frees the whole GPU; otherwise keep the
+            # current companions that still fit beside the new model.
+            companions, dropped = ((), ()) if active is None else fitting(self.spec, active, self._desired.companions, self.total_mib())
+        check_desired(self.spec, active, companions, self.total_mib())
+        self._preflight(active, companions)
+        desired = Desired(active or None, tuple(companions), self._desired.generation + 1, keep_asleep and not active and not companions)
+        said = source
+        if self.admission is not None:
+            admitted = replace(self.admission.admit(self.gpu, desired, source), generation=desired.generation)
+            if admitted != desired:
+                try:
+                    check_desired(self.spec, admitted.active, admitted.companions, self.total_mib())
+                except DesiredStateError as err:
+                    log.warning(
+                        "gpu%d: the desired state admitted in place of %s's is invalid (%s); kept %s's", self.gpu, source, err, source
+                    )
+                else:
+                    desired, dropped, said = admitted, (), f"{source}, overruled"
+        if self.desired_sink is not None:
+            self.desired_sink.write_desired(self.gpu, desired, source)
+        if (desired.active, desired.companions) != (self._desired.active, self._desired.companions):
+            self.lane.close()  # no new request slips in for a model on its way out; the queue reopens it
+        self._desired = desired
+        return desired, dropped, said
 
     def _preflight(self, active: str | None, companions: tuple[str, ...]) -> None:
         """Refuse a request whose new models cannot start here (image missing,
@@ -283,7 +339,7 @@ class GpuWorker(WorkerReporting):
 
     def holds_against(self, active: str | None) -> int:
         """Live holds that a switch to ``active`` would end (on the models it stops)."""
-        q = self._status.get("queue") or {}
+        q = self.reporter.status.get("queue") or {}
         running = self._desired.active
         if active is None or active == running:
             return 0  # freeing the GPU (`switch ''`) is immediate: it is what `down` needs first
@@ -315,17 +371,21 @@ class GpuWorker(WorkerReporting):
                 delay, settled = self._tick()
                 if settled and self._inbox.empty():
                     return
-                time.sleep(min(delay, self.settings.poll_interval_s))
+                self._sleep(min(delay, self.settings.poll_interval_s))
         finally:
             self.actuator.inline = inline
 
     # ------------------------------------------------------------ reads
 
     def status(self) -> dict[str, Any]:
-        return dict(self._status)
+        return dict(self.reporter.status)
 
     def published_status(self) -> Mapping[str, Any]:
-        return self._status
+        return self.reporter.status
+
+    def publish(self) -> None:
+        """Render the snapshot readers see (loop thread)."""
+        self.reporter.publish(self.queue.desk.snapshot())
 
     def progress(self, since: int = 0) -> list[dict[str, Any]]:
         return [p for p in list(self.book.progress) if p["seq"] > since]
@@ -384,7 +444,7 @@ class GpuWorker(WorkerReporting):
             delay, settled = self._rec.tick()
         except Exception:  # never die: report and retry at the next resync
             log.exception("gpu%d: reconcile tick failed", self.gpu)
-            self.phase("Failed", "ReconcileError", "internal error; see the log")
+            self.reporter.phase("Failed", "ReconcileError", "internal error; see the log")
             delay, settled = self.settings.resync_s, True
         delay = self.queue.due(delay)
         self.publish()
@@ -395,20 +455,108 @@ class GpuWorker(WorkerReporting):
         rec = self._rec
         match cmd:
             case _Request(desired=d, source=source, dropped=dropped):
-                for c in dropped:
-                    self.note("dropped", c, f"companion {c!r} does not fit beside {d.active!r}: not kept")
-                rec.desired, rec.invalid = d, None
-                members = (d.active or "(none)") + (f" + {', '.join(d.companions)}" if d.companions else "")
-                self.note("requested", d.active, f"desired: {members} ({source})")
+                if d.generation > rec.desired.generation:  # else the loop's own wish came after it
+                    self._adopt(d, source, dropped)
             case _UpdateSpec(spec=spec):
                 rec.spec, rec.invalid = spec, None
                 self.queue.update_spec(spec)
                 rec.backoff.reset()  # a fixed spec deserves a try at once
-                self._check_config(spec)
+                self.reporter.check_config(spec, self.total_mib())
             case _Gate(event=ev):
                 rec.gate(ev)
             case AddDemand() | Withdraw() | Release() | Renew():
                 self.queue.desk.handle(cmd, self.clock())
+
+    def _adopt(self, d: Desired, source: str, dropped: tuple[str, ...]) -> None:
+        """The loop takes ``d`` as its desired state (loop thread)."""
+        for c in dropped:
+            self.reporter.note("dropped", c, f"companion {c!r} does not fit beside {d.active!r}: not kept")
+        self._rec.desired, self._rec.invalid = d, None
+        members = (d.active or "(none)") + (f" + {', '.join(d.companions)}" if d.companions else "")
+        self.reporter.note("requested", d.active, f"desired: {members} ({source})")
+
+
+class _LoopPort:
+    """What the reconciler may ask of its worker (``reconcile.context.LoopContext``),
+    routed to the worker's reporter, its hold queue and its own wishes.
+    Loop thread only."""
+
+    def __init__(self, worker: GpuWorker) -> None:
+        self.w = worker
+
+    @property
+    def settings(self) -> LoopSettings:
+        return self.w.settings
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.w.clock
+
+    @property
+    def switch_in_progress(self) -> bool:
+        return self.w.book.switch is not None
+
+    @property
+    def current_phase(self) -> str:
+        return self.w.book.phase
+
+    def note(self, step: str, model: str | None, message: str) -> None:
+        self.w.reporter.note(step, model, message)
+
+    def phase(self, phase: str, reason: str, message: str) -> None:
+        self.w.reporter.phase(phase, reason, message)
+
+    def condition(self, ctype: str, value: bool, reason: str, message: str) -> None:
+        self.w.reporter.condition(ctype, value, reason, message)
+
+    def begin_switch(self, source: str | None, target: str | None, now: float) -> None:
+        self.w.reporter.begin_switch(source, target, now)
+
+    def finish_switch(self, outcome: str, now: float) -> None:
+        if outcome != "success":
+            self.w.queue.failed(now, self.w.book.message)
+        self.w.reporter.finish_switch(outcome, now)
+
+    def settled(self, now: float, ok: bool) -> None:
+        self.w.queue.settled(now, ok)
+
+    def violation(self, heavy_live: list[str]) -> None:
+        self.w.reporter.violation(heavy_live)
+
+    def gated(self, ev: StartEvent, not_adopted: str | None = None) -> None:
+        """A start made behind vramctl's back was paused: it becomes the desired state, unless ``not_adopted`` says why not."""
+        self.w.reporter.gated(ev, not_adopted)
+        if not_adopted is not None:
+            return
+        rec = self.w._rec
+        d = rec.desired
+        try:
+            if rec.spec.models[ev.model].heavy:
+                self.w._want(ev.model, None if d.active != ev.model else d.companions, "docker-start")
+            elif ev.model not in d.companions:
+                self.w._want(d.active, (*d.companions, ev.model), "docker-start")
+        except DesiredStateError as err:
+            self.note("rejected", ev.model, f"{ev.model!r} cannot run here: {err}; it stays paused and will be stopped")
+        except Exception as err:  # the desired state could not be recorded
+            self.note("rejected", ev.model, f"{ev.model!r} could not be made the desired model: {err}; it stays paused and will be stopped")
+
+    def want(self, active: str | None, companions: tuple[str, ...] | None, source: str) -> None:
+        self.w._want(active, companions, source)
+
+    def publish(self) -> None:
+        self.w.publish()
+
+    def logs(self, spec: DeploymentSpec, model: str) -> list[str]:
+        try:
+            return self.w.runtime.logs_tail(spec, model, 15)
+        except Exception:
+            return []
+
+    def has_commands(self) -> bool:
+        return not self.w._inbox.empty()
+
+    def total_mib(self) -> int | None:
+        return self.w.total_mib()
 
 
 class _Queue:
@@ -466,11 +614,11 @@ class _Queue:
         try:
             if decision.switch_to is not None:
                 t = decision.switch_to
-                self.target = (t, self.w.request(t.model, t.companions, source="queue").generation)
+                self.target = (t, self.w._want(t.model, t.companions, "queue").generation)
             elif decision.companions is not None:
-                self.companions = (decision.companions, self.w.request(d.active, decision.companions, source="queue").generation)
+                self.companions = (decision.companions, self.w._want(d.active, decision.companions, "queue").generation)
             elif decision.idle in ("sleep", "free"):
-                self.w.request(None, (), source=f"idle ({decision.idle})", keep_asleep=decision.idle == "sleep")
+                self.w._want(None, (), f"idle ({decision.idle})", keep_asleep=decision.idle == "sleep")
         except DesiredStateError as err:
             if decision.switch_to is not None:
                 self.desk.switch_failed(str(err), now)

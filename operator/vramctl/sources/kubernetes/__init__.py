@@ -13,5 +13,3 @@
 
 Only this package imports kopf (an import-linter contract).
 """
-
-

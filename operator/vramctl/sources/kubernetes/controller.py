@@ -25,12 +25,13 @@ Why it is shaped like this:
   (merge patch) only when the document changed.
 - Another writer of desired state on the node (a container started by hand,
   seen on the docker event stream) is overruled at once: the spec is the
-  desired state here, so the worker is sent back to it before it acts, and a
-  Warning Event says how to switch instead (``kubectl patch``).
+  desired state here, so the worker's admission check puts the spec's in
+  its place before it acts, and a Warning Event says how to switch instead
+  (``kubectl patch``).
 
 The parts, each a module of this package: ``entries`` (what is known about
 each ModelDeployment), ``specs`` (parse, validate, report problems),
-``claims`` (conflicts over a GPU), ``workers`` (build, hand over, overrule,
+``claims`` (conflicts over a GPU), ``workers`` (build, hand over, admit,
 retire), ``outbox`` (dirty marks and Events, never blocking) and ``writer``
 (the thread that writes them). ``ModelDeployments`` coordinates them under
 one lock.
@@ -47,7 +48,6 @@ from typing import Any
 
 import kopf
 
-from vramctl.observed import Desired
 from vramctl.runtimes.base import Runtime
 from vramctl.sources.kubernetes.claims import GpuClaims
 from vramctl.sources.kubernetes.client import Session, StatusApi
@@ -255,10 +255,6 @@ class ModelDeployments:
     def mark(self, entry: Entry) -> None:
         """The status of ``entry`` may have changed (never blocks, takes no lock)."""
         self._outbox.mark(entry)
-
-    def overrule(self, entry: Entry, desired: Desired, source: str) -> None:
-        """Another source asked the worker for ``desired``: send it back to the spec (see ``EntryWorkers.overrule``)."""
-        self._workers.overrule(entry, desired, source)
 
     def event(self, ref: dict[str, Any], etype: str, reason: str, message: str) -> None:
         self._outbox.event(ref, etype, reason, message)

@@ -7,8 +7,10 @@ place that talks to the workers on a ModelDeployment's behalf:
 - ``hand_over`` gives a valid spec to the entry's worker (building one for a
   new entry), level-triggered: a request equal to what the worker already
   wants is not made, so a spec delivered twice bumps nothing;
-- ``overrule`` sends a worker back to the spec when another writer of
-  desired state (a container started by hand) asked for something else;
+- ``admit`` is the worker's admission check: when another writer of
+  desired state (a container started by hand) asks for something else, the
+  spec's desired state is admitted in its place (with a Warning Event), as
+  a check inside the worker's own admission, never a request of its own;
 - ``retire`` stops a worker and removes its GPU's models (slow: the caller
   does it outside the controller's lock), ``bare`` finds them for a
   ModelDeployment this process never ran.
@@ -28,14 +30,14 @@ from vramctl.sources.kubernetes.outbox import Outbox
 from vramctl.sources.kubernetes.specs import InvalidSpec, spec_path
 from vramctl.sources.kubernetes.status import HandedDesired
 from vramctl.spec.models import DeploymentSpec, DesiredStateError
-from vramctl.worker.actor import DesiredSink, GpuWorker, StatusSink
+from vramctl.worker.actor import Admission, DesiredSink, GpuWorker, StatusSink
 from vramctl.worker.supervisor import Supervisor
 
 log = logging.getLogger("vramctl.kubernetes")
 
 SOURCE = "kubernetes"  # the `source` of the requests made from a ModelDeployment's spec
 
-WorkerFactory = Callable[[DeploymentSpec, StatusSink, DesiredSink], GpuWorker]
+WorkerFactory = Callable[[DeploymentSpec, StatusSink, DesiredSink, Admission], GpuWorker]
 
 
 def _shape(spec: DeploymentSpec | None) -> dict[str, Any] | None:
@@ -46,9 +48,10 @@ def _shape(spec: DeploymentSpec | None) -> dict[str, Any] | None:
 
 
 class EntrySink:
-    """One ModelDeployment's StatusSink and DesiredSink. Called on worker
-    threads, possibly with the worker's request lock held: never takes the
-    controller's lock (the controller takes it before the worker's)."""
+    """One ModelDeployment's StatusSink, DesiredSink and Admission. Called on
+    worker threads, possibly with the worker's request lock held: never takes
+    the controller's lock (the controller takes it before the worker's) and
+    never calls back into the worker."""
 
     def __init__(self, workers: EntryWorkers, entry: Entry) -> None:
         self.workers, self.entry = workers, entry
@@ -57,8 +60,10 @@ class EntrySink:
         self.workers.outbox.mark(self.entry)
 
     def write_desired(self, gpu: int, desired: Desired, source: str, config_default: dict[str, Any] | None = None) -> None:
-        if source != SOURCE:
-            self.workers.overrule(self.entry, desired, source)
+        """Nothing to record: the ModelDeployment's spec is the record."""
+
+    def admit(self, gpu: int, desired: Desired, source: str) -> Desired:
+        return self.workers.admit(self.entry, desired, source)
 
 
 class EntryWorkers:
@@ -101,7 +106,7 @@ class EntryWorkers:
         """A new worker for ``entry``'s GPU, added to the supervisor."""
         self._own(entry, spec)
         sink = EntrySink(self, entry)
-        worker = self.make_worker(spec, sink, sink)
+        worker = self.make_worker(spec, sink, sink, sink)
         entry.worker, entry.spec, entry.generation = worker, spec, generation
         entry.handed = HandedDesired(worker.desired, generation)
         self.supervisor.add_worker(worker)
@@ -112,21 +117,19 @@ class EntryWorkers:
         if isinstance(self.runtime, PodRuntime):
             self.runtime.own(spec.gpu, PodOwner(entry.namespace, entry.name, entry.uid))
 
-    def overrule(self, entry: Entry, desired: Desired, source: str) -> None:
-        """Another source asked the worker for ``desired`` (e.g. a container
-        started by hand): the ModelDeployment's spec is the desired state, so
-        send the worker back to it before it acts. Called with the worker's
-        request lock held, on the worker's or the event watcher's thread."""
+    def admit(self, entry: Entry, desired: Desired, source: str) -> Desired:
+        """The worker's admission check for ``desired`` asked by ``source``:
+        another source (e.g. a container started by hand) is overruled, since
+        the ModelDeployment's spec is the desired state here; the spec's is
+        admitted in its place before the worker acts, and a Warning Event says
+        how to switch instead. Called with the worker's request lock held,
+        on the worker's thread or a caller's."""
         spec, worker = entry.spec, entry.worker
-        if spec is None or worker is None or entry.gone or spec.switching.mode == "onDemand":
-            return  # onDemand: the clients' holds decide, not the spec
+        if source == SOURCE or spec is None or worker is None or entry.gone or spec.switching.mode == "onDemand":
+            return desired  # onDemand: the clients' holds decide, not the spec
         want = (spec.active_model, tuple(spec.companions))
         if (desired.active, desired.companions) == want:
-            return
-        try:
-            worker.request(want[0], want[1], source=SOURCE)
-        except DesiredStateError as err:
-            log.warning("%s/%s: could not restore the spec's desired state: %s", entry.namespace, entry.name, err)
+            return desired
         self.outbox.event(
             entry.ref(),
             "Warning",
@@ -135,6 +138,7 @@ class EntryWorkers:
             f"kept. To switch, edit the ModelDeployment: kubectl -n {entry.namespace} patch md {entry.name} --type merge "
             f'-p \'{{"spec":{{"activeModel":"{desired.active or ""}"}}}}\'',
         )
+        return Desired(want[0], want[1], desired.generation)
 
     def bare(self, name: str, raw: dict[str, Any], entries: Iterable[Entry]) -> Retiring:
         """A ModelDeployment this process never ran (its spec was never valid
