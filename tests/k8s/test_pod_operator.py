@@ -108,7 +108,6 @@ def test_delete_removes_the_pods_and_the_owner_reference_collects_them(cluster: 
 
     # Without the operator: only the owner reference is left to do it.
     c.kube.create_md(c.ns, "gpu1", c.spec(gpu=1))
-    c.op.start()
     c.wait_md("gpu1", settled(1, ["llm"]))
     c.op.stop()
     c.kube.patch_md(c.ns, "gpu1", {"metadata": {"finalizers": None}})

@@ -53,6 +53,8 @@ class PodOperator:
         self.logs: list[Path] = []
 
     def start(self) -> PodOperator:
+        if self.proc is not None and self.proc.poll() is None:
+            raise AssertionError(f"vramctl operator (pid {self.proc.pid}) still runs: stop it before starting another")
         log = self.tmp / f"operator-{len(self.logs)}.log"
         self.logs.append(log)
         cmd = [
