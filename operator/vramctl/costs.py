@@ -16,7 +16,10 @@ the residue on the GPU and the host memory the weights took.
 ``waking`` ... ``awake``) into measured durations; ``switch_seconds``
 composes the estimate of a whole switch (the active model away, the target
 back: Retry-After), ``turn_seconds`` that of a switch there and back (what
-the demand queue's serving window avoids).
+the demand queue's serving window avoids). ``choose_way`` picks the
+cheapest way a switch can take within the host memory, residue and
+pinned-memory budgets and the sleep cycles left; ``eviction_order`` stops
+the sleeper cheapest to bring back cold first.
 
 Pure: no I/O, no clock (``now`` is passed in), no logging. The book is a
 plain dict on the way out and in (``to_dict`` / ``from_dict``), so the state
@@ -316,3 +319,131 @@ class Stopwatch:
     @property
     def pending(self) -> Mapping[str, tuple[StepKind, float]]:
         return dict(self._began)
+
+
+# -- the way a switch takes, and who is evicted ------------------------------------------
+
+Way = Literal["stop", "sleep", "checkpoint"]
+
+
+@dataclass(frozen=True)
+class WayNeeds:
+    """One way for a model to give the GPU away and take it back, and what
+    it holds meanwhile: host memory (of it ``pinned_mib`` page-locked), GPU
+    residue, and whether it counts against ``sleep.maxCycles``."""
+
+    way: Way
+    away: Path
+    back: Path
+    host_mib: int = 0
+    residue_mib: int = 0
+    pinned_mib: int = 0
+    cycles: bool = False
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What a model going away may still take (None: no limit): host memory
+    left beside the other sleepers and checkpoints, GPU memory left for
+    residues beside the next model, the pinned-memory ceiling (probed at
+    start; under 1 GiB on WSL2 and Docker Desktop), and whether its sleep
+    cycles are not used up."""
+
+    host_mib: int | None = None
+    residue_mib: int | None = None
+    pinned_mib: int | None = None
+    cycles_left: bool = True
+
+
+@dataclass(frozen=True)
+class Choice:
+    needs: WayNeeds
+    seconds: float  # away and back
+    why: str
+
+    @property
+    def way(self) -> Way:
+        return self.needs.way
+
+
+def ways_of(book: CostBook, spec: DeploymentSpec, model: str) -> tuple[WayNeeds, ...]:
+    """The ways ``model`` may take under its spec: a stop always; its sleep
+    (level 1 pins its weights' copy in host memory) or its checkpoint (the
+    driver keeps the memory in host RAM and nothing on the GPU). The residue
+    is the last measured one, else ``sleep.maxResidueMiB``."""
+    m = spec.models[model]
+    stop = WayNeeds("stop", "stop", "start")
+    if not m.warm_switch:
+        return (stop,)
+    s = m.sleep_settings
+    host = s.host_memory_mib or 0
+    if m.switch_strategy == "checkpoint":
+        return (stop, WayNeeds("checkpoint", "checkpoint", "restore", host_mib=host, cycles=True))
+    away = path_of(spec, model, "sleep")
+    known = book.costs(model, away)
+    residue = known.residue_mib if known is not None and known.residue_mib is not None else s.max_residue_mib
+    level1 = s.level == 1
+    return (
+        stop,
+        WayNeeds(
+            "sleep",
+            away,
+            path_of(spec, model, "wake"),
+            host_mib=host if level1 else 0,
+            residue_mib=residue,
+            pinned_mib=host if level1 else 0,
+            cycles=True,
+        ),
+    )
+
+
+def over_budget(w: WayNeeds, b: Budgets) -> str | None:
+    """Why ``w`` does not fit ``b``, or None."""
+    if b.host_mib is not None and w.host_mib > b.host_mib:
+        return f"{w.host_mib} MiB of host memory, {b.host_mib} MiB left"
+    if b.residue_mib is not None and w.residue_mib > b.residue_mib:
+        return f"a residue of {w.residue_mib} MiB on the GPU, {b.residue_mib} MiB left"
+    if b.pinned_mib is not None and w.pinned_mib > b.pinned_mib:
+        return f"{w.pinned_mib} MiB of pinned memory, over the ceiling of {b.pinned_mib} MiB"
+    if w.cycles and not b.cycles_left:
+        return "its sleep.maxCycles are used up"
+    return None
+
+
+def choose_way(
+    book: CostBook, spec: DeploymentSpec, model: str, ways: Iterable[WayNeeds], budgets: Budgets, total_mib: int | None = None
+) -> Choice:
+    """The cheapest way (away and back, by the book's estimates) that fits
+    every budget; a stop needs none, so there is always one. ``why`` says
+    what it costs, what the others would, and why any does not fit."""
+    fitting: list[tuple[float, WayNeeds]] = []
+    refused: list[str] = []
+    for w in ways:
+        problem = over_budget(w, budgets)
+        seconds = sum(book.estimate(model, p, declared_gib(spec, model, p, total_mib)).seconds for p in (w.away, w.back))
+        if problem is None:
+            fitting.append((seconds, w))
+        else:
+            refused.append(f"{w.way} does not fit ({problem})")
+    if not any(w.way == "stop" for _, w in fitting):
+        stop = WayNeeds("stop", "stop", "start")
+        fitting.append((sum(book.estimate(model, p, declared_gib(spec, model, p, total_mib)).seconds for p in ("stop", "start")), stop))
+    fitting.sort(key=lambda sw: sw[0])
+    seconds, best = fitting[0]
+    others = [f"{w.way} {s:.1f} s" for s, w in fitting[1:]]
+    why = f"{best.way}: {seconds:.1f} s away and back" + (f" (against {', '.join(others)})" if others else "")
+    return Choice(best, seconds, why + "".join(f"; {r}" for r in refused))
+
+
+def eviction_order(
+    book: CostBook, spec: DeploymentSpec, sleepers: Iterable[str], last_used: Mapping[str, float], total_mib: int | None = None
+) -> list[str]:
+    """The sleepers in the order they are stopped when room is needed: the
+    one cheapest to bring back cold first (by the book's ``start``
+    estimate), the least recently used among equals."""
+
+    def key(m: str) -> tuple[float, float, str]:
+        cold = book.estimate(m, "start", declared_gib(spec, m, "start", total_mib)).seconds
+        return (cold, last_used.get(m, 0.0), m)
+
+    return sorted((m for m in sleepers if m in spec.models), key=key)

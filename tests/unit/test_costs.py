@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,14 +17,20 @@ from vramctl.costs import (
     PATHS,
     PRIORS,
     RECENT,
+    Budgets,
     CostBook,
     Estimate,
     Stopwatch,
+    WayNeeds,
+    choose_way,
     declared_gib,
+    eviction_order,
+    over_budget,
     path_of,
     paths_of,
     switch_seconds,
     turn_seconds,
+    ways_of,
 )
 from vramctl.spec.models import DeploymentSpec
 
@@ -337,3 +344,108 @@ def test_estimate_stays_within_the_recent_measurements(records: list[tuple[str, 
             else:
                 assert est == Estimate(PRIORS[path].seconds(10.0), "prior")
     assert CostBook.from_dict(json.loads(json.dumps(b.to_dict()))).to_dict() == b.to_dict()
+
+
+# -- the way a switch takes, and who is evicted ---------------------------------------------------
+
+WARM = WayNeeds("sleep", "sleep-l1", "wake-l1", host_mib=8000, residue_mib=900, pinned_mib=8000, cycles=True)
+CKPT = WayNeeds("checkpoint", "checkpoint", "restore", host_mib=18000, cycles=True)
+STOP = WayNeeds("stop", "stop", "start")
+
+
+def measured() -> CostBook:
+    return book(
+        ("m", "stop", 1.0),
+        ("m", "start", 30.0),
+        ("m", "sleep-l1", 0.3),
+        ("m", "wake-l1", 0.2),
+        ("m", "checkpoint", 9.0),
+        ("m", "restore", 4.0),
+    )
+
+
+@pytest.mark.parametrize(
+    ("budgets", "way", "seconds", "why"),
+    [
+        (Budgets(), "sleep", 0.5, "sleep: 0.5 s away and back (against checkpoint 13.0 s, stop 31.0 s)"),
+        (Budgets(pinned_mib=1024), "checkpoint", 13.0, "over the ceiling of 1024 MiB"),  # WSL2: pinned memory under 1 GiB
+        (Budgets(host_mib=10000), "sleep", 0.5, "checkpoint does not fit (18000 MiB of host memory, 10000 MiB left)"),
+        (Budgets(host_mib=4000), "stop", 31.0, "sleep does not fit (8000 MiB of host memory, 4000 MiB left)"),
+        (Budgets(residue_mib=500, host_mib=20000), "checkpoint", 13.0, "a residue of 900 MiB on the GPU, 500 MiB left"),
+        (Budgets(cycles_left=False), "stop", 31.0, "its sleep.maxCycles are used up"),
+    ],
+)
+def test_choose_way_takes_the_cheapest_that_fits(budgets: Budgets, way: str, seconds: float, why: str) -> None:
+    c = choose_way(measured(), spec(m=stopper()), "m", (STOP, WARM, CKPT), budgets)
+    assert (c.way, c.seconds) == (way, pytest.approx(seconds))
+    assert why in c.why
+
+
+def test_choose_way_with_priors_prefers_warm_and_always_has_a_stop() -> None:
+    s = spec(m=sleeper(level=1, vram=16 * 1024, host=14 * 1024))
+    assert choose_way(CostBook(), s, "m", ways_of(CostBook(), s, "m"), Budgets()).way == "sleep"
+    assert choose_way(CostBook(), s, "m", (), Budgets()).way == "stop"
+
+
+@pytest.mark.parametrize(
+    ("model", "ways"),
+    [
+        (stopper(), [STOP]),
+        (sleeper(level=1, host=8000), [STOP, replace(WARM, residue_mib=1536)]),  # residue: sleep.maxResidueMiB until measured
+        (sleeper(level=2, host=None), [STOP, WayNeeds("sleep", "sleep-l2", "wake-l2", residue_mib=1536, cycles=True)]),
+        (checkpointed(host=18000), [STOP, CKPT]),
+    ],
+)
+def test_ways_of(model: dict[str, Any], ways: list[WayNeeds]) -> None:
+    assert list(ways_of(CostBook(), spec(m=model), "m")) == ways
+
+
+def test_ways_of_use_the_measured_residue() -> None:
+    b = CostBook()
+    b.record("m", "sleep-l1", 0.3, residue_mib=700)
+    assert ways_of(b, spec(m=sleeper(level=1)), "m")[1].residue_mib == 700
+
+
+def test_eviction_goes_by_the_cost_of_a_cold_start_then_recency() -> None:
+    s = spec(big=stopper(40 * 1024), small=stopper(4 * 1024), a=stopper(8 * 1024), b=stopper(8 * 1024))
+    b = book(("big", "start", 90.0), ("small", "start", 5.0))
+    order = eviction_order(b, s, ["big", "small", "a", "b", "gone"], {"a": 20.0, "b": 10.0})
+    # small (5 s) first; a and b tie on their prior (8 GiB): the least recently used (b) first; big (90 s) last.
+    assert order == ["small", "b", "a", "big"]
+
+
+ways = st.lists(
+    st.builds(
+        WayNeeds,
+        way=st.sampled_from(["stop", "sleep", "checkpoint"]),
+        away=st.sampled_from(PATHS),
+        back=st.sampled_from(PATHS),
+        host_mib=st.integers(0, 40000),
+        residue_mib=st.integers(0, 4000),
+        pinned_mib=st.integers(0, 40000),
+        cycles=st.booleans(),
+    ),
+    max_size=4,
+)
+budgets = st.builds(
+    Budgets,
+    host_mib=st.none() | st.integers(0, 40000),
+    residue_mib=st.none() | st.integers(0, 4000),
+    pinned_mib=st.none() | st.integers(0, 40000),
+    cycles_left=st.booleans(),
+)
+
+
+@given(ways=ways, b=budgets, records=st.lists(st.tuples(st.just("m"), st.sampled_from(PATHS), st.floats(0, 300)), max_size=20))
+def test_the_chosen_way_never_exceeds_a_budget_and_nothing_cheaper_fits(
+    ways: list[WayNeeds], b: Budgets, records: list[tuple[str, Any, float]]
+) -> None:
+    cb = book(*records)
+    s = spec(m=stopper())
+    c = choose_way(cb, s, "m", ways, b)
+    assert over_budget(c.needs, b) is None
+    assert c.needs in ways or c.needs == STOP
+    for w in ways:
+        if over_budget(w, b) is None:
+            cost = sum(cb.estimate("m", p, declared_gib(s, "m", p)).seconds for p in (w.away, w.back))
+            assert c.seconds <= cost + 1e-9
