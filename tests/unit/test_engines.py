@@ -448,7 +448,7 @@ def test_engine_problems_name_the_field_and_the_fix(model: dict[str, Any], path:
 
 def test_env_policy_typo_is_named() -> None:
     assert problems({"m": {"image": "i"}}, envPolicy={"sdpaDefault": False}) == [
-        ("gpus[0].envPolicy.sdpaDefault", "unknown field: check its spelling (fields are camelCase, e.g. vramMiB, activeModel)")
+        ("gpus[0].envPolicy.sdpaDefault", "unknown field: check its spelling, did you mean sdpaDefaults?")
     ]
 
 

@@ -39,7 +39,7 @@ documents = st.one_of(
     st.builds(
         lambda d, dflt, extra: json.dumps({"version": 1, "gpus": {"0": {"desired": d, "configDefault": dflt}, **extra}}).encode(),
         desired_like,
-        st.sampled_from([DEFAULT, {"activeModel": "sdxl", "companions": []}]),
+        st.sampled_from([DEFAULT, {"activeModel": "sdxl", "companions": []}]) | json_values,
         st.dictionaries(st.sampled_from(["1", "x"]), json_values, max_size=1),
     ),
     st.sampled_from([b'{"gpus": {"0": {"desired": {"generation": 1e400}}}}', b"[" * 5000, "ü".encode("utf-16")]),
@@ -72,6 +72,13 @@ def _oracle(raw: bytes) -> tuple[bool, Desired | None]:
         return True, None
     if type(g) is not int or not 0 <= g < 2**53:
         return True, None
+    if "configDefault" in entry:  # what the config said when it was recorded: damaged, it proves nothing
+        dflt = entry["configDefault"]
+        if not isinstance(dflt, dict):
+            return True, None
+        da, dc = dflt.get("activeModel"), dflt.get("companions", [])
+        if (da is not None and not isinstance(da, str)) or not isinstance(dc, list) or not all(isinstance(x, str) for x in dc):
+            return True, None
     return False, Desired(a or None, tuple(c), g)
 
 

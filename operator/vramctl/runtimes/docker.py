@@ -60,7 +60,7 @@ from vramctl.runtimes.base import (
     check_instance,
 )
 from vramctl.runtimes.health import http_ready
-from vramctl.spec.models import ComposeConfig, DeploymentSpec, ModelSpec, StopSpec
+from vramctl.spec.models import ComposeConfig, DeploymentSpec, ModelSpec, StopSpec, image_reference_problem
 
 log = logging.getLogger(__name__)
 
@@ -748,10 +748,17 @@ class DockerRuntime:
             return None  # compose creates it on start; a missing service is a start error naming it
         if m.image is None:
             return f"{model!r} has no image"
+        bad = image_reference_problem(m.image)
+        if bad is not None:  # the engine would refuse it only at the start, after the running model was stopped
+            return bad
         try:
             self.client.images.get(m.image)
         except docker.errors.ImageNotFound:
             return f"image {m.image} not found locally; build or pull it (vramctl never pulls images)"
+        except docker.errors.APIError as err:
+            if err.status_code in (400, 404) and not _engine_unreachable(err):
+                return f"the Docker engine refuses image {m.image!r}: {_explain(err)}"
+            raise
         return None
 
     def cleanup(self, deployment: DeploymentSpec, model: str) -> None:

@@ -68,7 +68,7 @@ from vramctl.runtimes.base import (
     check_instance,
 )
 from vramctl.runtimes.health import http_ready
-from vramctl.spec.models import DeploymentSpec
+from vramctl.spec.models import DeploymentSpec, image_reference_problem
 
 log = logging.getLogger(__name__)
 
@@ -821,7 +821,7 @@ class PodRuntime:
             return f"{model!r} is not in the spec"
         if m.image is None:
             return f"{model!r} has no image: the Pod runtime needs one"
-        return None
+        return image_reference_problem(m.image)
 
     def cleanup(self, deployment: DeploymentSpec, model: str) -> None:
         """Nothing to do: an ended Pod's containers are gone; ``start`` replaces it."""

@@ -71,6 +71,33 @@ def _parse_desired(entry: Any) -> Desired | str:
     return Desired(active or None, tuple(companions), gen, keep and not active and not companions)
 
 
+def _config_default_problem(entry: Any) -> str | None:
+    """Why a recorded ``configDefault`` (the config's activeModel and
+    companions when the desired state was recorded) is damaged, or None.
+    A damaged one says nothing about whether the config changed since: it
+    must not pass for "changed" and switch the GPU to the config's model."""
+    if not isinstance(entry, dict):
+        return f"configDefault is {entry!r:.60}, not an object with activeModel and companions"
+    active = entry.get("activeModel")
+    if active is not None and not isinstance(active, str):
+        return f"configDefault.activeModel is {active!r:.60}, not a model name"
+    companions = entry.get("companions", [])
+    if not isinstance(companions, list) or not all(isinstance(c, str) for c in companions):
+        return f"configDefault.companions is {companions!r:.60}, not a list of model names"
+    return None
+
+
+def _entry_problem(entry: dict[str, Any]) -> str | None:
+    """The first damage of one GPU's entry (its desired state, its configDefault), or None."""
+    if "desired" in entry:
+        parsed = _parse_desired(entry["desired"])
+        if isinstance(parsed, str):
+            return parsed
+    if "configDefault" in entry:
+        return _config_default_problem(entry["configDefault"])
+    return None
+
+
 class StateFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -145,10 +172,8 @@ class StateFile:
         for key, entry in data["gpus"].items():
             if not isinstance(entry, dict):
                 self._gpu_problems.setdefault(key, f"state file {self.path}: gpus.{key} is a {type(entry).__name__}, not an object")
-            elif "desired" in entry:
-                parsed = _parse_desired(entry["desired"])
-                if isinstance(parsed, str):
-                    self._gpu_problems.setdefault(key, f"state file {self.path}: gpus.{key}.{parsed}")
+            elif (problem := _entry_problem(entry)) is not None:
+                self._gpu_problems.setdefault(key, f"state file {self.path}: gpus.{key}.{problem}")
         return data  # type: ignore[no-any-return]
 
     def _damaged(self, why: str) -> dict[str, Any]:
@@ -192,9 +217,12 @@ class StateFile:
             data = self.read()
             data["gpus"] = {k: v for k, v in data["gpus"].items() if isinstance(v, dict)}
             for key in self._gpu_problems:
-                # A damaged desired entry is not carried on as if it were valid.
-                if isinstance(data["gpus"].get(key), dict) and isinstance(_parse_desired(data["gpus"][key].get("desired")), str):
-                    data["gpus"][key].pop("desired", None)
+                # A damaged desired entry or configDefault is not carried on as if it were valid.
+                entry = data["gpus"].get(key)
+                if isinstance(entry, dict) and isinstance(_parse_desired(entry.get("desired")), str):
+                    entry.pop("desired", None)
+                if isinstance(entry, dict) and "configDefault" in entry and _config_default_problem(entry["configDefault"]):
+                    entry.pop("configDefault", None)
             mutate(data)
             data["version"] = VERSION
             tmp: str | None = None

@@ -8,6 +8,7 @@ the person reading them is editing YAML, not Python.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -51,6 +52,24 @@ from vramctl.status.redact import secrets_in
 MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+# Docker's image reference grammar (github.com/distribution/reference,
+# regexp.go): [host[:port]/]path[:tag][@digest]; ``image_reference_problem``.
+_ALNUM = r"[a-z0-9]+"
+_PATH_COMPONENT = _ALNUM + r"(?:(?:[._]|__|-+)" + _ALNUM + r")*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST = r"(?:" + _DOMAIN_COMPONENT + r"(?:\." + _DOMAIN_COMPONENT + r")*|\[[a-fA-F0-9:]+\])"
+_NAME = r"(?:" + _HOST + r"(?::[0-9]+)?/)?" + _PATH_COMPONENT + r"(?:/" + _PATH_COMPONENT + r")*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+IMAGE_REFERENCE_RE = re.compile(r"(?P<name>" + _NAME + r")(?::" + _TAG + r")?(?:@" + _DIGEST + r")?", re.ASCII)
+MAX_IMAGE_NAME = 255
+
+# Upper bounds: a GPU's memory (1 TiB, beyond any card made) and a host's
+# (64 TiB). Larger numbers are typing errors that would make the budget
+# arithmetic meaningless rather than configurations.
+MAX_GPU_MIB = 1 << 20
+MAX_HOST_MIB = 1 << 26
+
 # Default safety margin kept free when no explicit vramBudgetMiB is given.
 DEFAULT_MARGIN_MIB = 512
 
@@ -63,6 +82,22 @@ SDPA_DEFAULT_ENV: Mapping[str, str] = {
     "VLLM_USE_TRITON_FLASH_ATTN": "0",
     "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512",
 }
+
+
+def image_reference_problem(image: str) -> str | None:
+    """Why ``image`` is not a Docker image reference, or None when it is one.
+    Checked before anything is stopped for it: the engine would refuse it
+    only at the start ("invalid reference format"), and a reference with a
+    newline or a flag in it must never reach a command line."""
+    m = IMAGE_REFERENCE_RE.fullmatch(image)
+    if m is None:
+        return (
+            f"{image!r} is not a Docker image reference: [registry[:port]/]name[:tag][@digest], "
+            "name in lowercase letters, digits and . _ - separators, e.g. vllm/vllm-openai:v0.11.0"
+        )
+    if len(m.group("name")) > MAX_IMAGE_NAME:
+        return f"{image[:40]!r}... is not a Docker image reference: its name is longer than {MAX_IMAGE_NAME} characters"
+    return None
 
 
 def _alias(name: str) -> str:
@@ -103,7 +138,7 @@ class HealthSpec(_Model):
     port: int | None = Field(default=None, ge=1, le=65535, description="Port of the health path on 127.0.0.1.")
     host: str = Field(default="127.0.0.1", description="Host of the health path.")
     docker_healthcheck: bool = Field(default=False, description="Use the container's own HEALTHCHECK status instead of HTTP.")
-    interval_seconds: float = Field(default=0.1, gt=0, le=30, description="How often the health path is polled while starting.")
+    interval_seconds: float = Field(default=0.1, ge=0.01, le=30, description="How often the health path is polled while starting.")
 
     @model_validator(mode="after")
     def _path_needs_port(self) -> HealthSpec:
@@ -164,16 +199,19 @@ class SleepSpec(_Model):
     max_residue_mib: int = Field(
         default=1536,
         ge=0,
+        le=MAX_GPU_MIB,
         description="VRAM the model may keep while asleep (CUDA context, graphs), in MiB; more after a sleep means stop it instead.",
     )
     host_memory_mib: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_HOST_MIB,
         description="Level 1: host RAM the weights take while asleep, in MiB (about their size); checkpoint: about 1.1x the VRAM the model holds. Counted against hostMemoryBudgetMiB.",
     )
     max_cycles: int | None = Field(
         default=None,
         ge=1,
+        le=1_000_000,
         description="Sleeps before the model is stopped and started cold instead (bounds leaks across cycles); unset: no bound.",
     )
     residue_settle_seconds: float = Field(
@@ -247,6 +285,7 @@ class ModelSpec(_Model):
     vram_mib: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_GPU_MIB,
         description="VRAM the model holds when loaded, in MiB. engine vllm: used only while the GPU's total is unknown (vLLM takes gpuMemoryUtilization x total).",
     )
     ipc_mode: str | None = Field(
@@ -277,6 +316,15 @@ class ModelSpec(_Model):
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
         return _check_env(v)
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, v: str | None) -> str | None:
+        if v is not None:
+            problem = image_reference_problem(v)
+            if problem is not None:
+                raise ValueError(problem)
+        return v
 
     @field_validator("ports")
     @classmethod
@@ -540,11 +588,12 @@ class DeploymentSpec(_Model):
     active_model: str | None = Field(default=None, description="Heavy model that should hold the GPU; empty frees it.")
     companions: list[str] = Field(default_factory=list, description="Light models to run beside the active one.")
     vram_budget_mib: int | None = Field(
-        default=None, ge=1, description="VRAM vramctl may plan with, in MiB. Default: total minus a 512 MiB margin."
+        default=None, ge=1, le=MAX_GPU_MIB, description="VRAM vramctl may plan with, in MiB. Default: total minus a 512 MiB margin."
     )
     host_memory_budget_mib: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_HOST_MIB,
         description=(
             "Host RAM the sleeping models' weights may take, in MiB (the sum of their sleep.hostMemoryMiB, level 1). "
             "Default: MemAvailable at start minus a margin (10% of MemTotal, at least 2 GiB); the status shows it as hostMemoryBudget. "
@@ -831,13 +880,17 @@ def check_sleep(spec: DeploymentSpec, total_mib: int | None = None, host_budget_
 
 class GpuProbeConfig(_Model):
     kind: Literal["auto", "nvml", "simulated"] = Field(default="auto", description="auto: NVML when it loads, else simulated.")
-    total_mib: int = Field(default=16303, ge=1, description="Simulated GPU: total memory in MiB.")
-    baseline_mib: int = Field(default=0, ge=0, description="Simulated GPU: memory used with no model loaded.")
+    total_mib: int = Field(default=16303, ge=1, le=MAX_GPU_MIB, description="Simulated GPU: total memory in MiB.")
+    baseline_mib: int = Field(default=0, ge=0, le=MAX_GPU_MIB, description="Simulated GPU: memory used with no model loaded.")
     release_delay_seconds: float = Field(
         default=0.3, ge=0, le=60, description="Simulated GPU: memory is freed this long after a workload exits."
     )
-    poll_interval_seconds: float = Field(default=0.05, gt=0, le=5, description="How often memory is polled while waiting for it.")
-    margin_mib: int = Field(default=256, ge=0, description="Used memory may exceed the baseline by this much and count as free.")
+    poll_interval_seconds: float = Field(
+        default=0.05, ge=0.005, le=5, description="How often memory is polled while waiting for it (at least 5 ms)."
+    )
+    margin_mib: int = Field(
+        default=256, ge=0, le=MAX_GPU_MIB, description="Used memory may exceed the baseline by this much and count as free."
+    )
     memory_timeout_seconds: float = Field(
         default=60.0, gt=0, le=3600, description="How long to wait for memory before the phase becomes Blocked."
     )
@@ -866,7 +919,7 @@ class Config(_Model):
     gpu_probe: GpuProbeConfig = Field(default_factory=GpuProbeConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     backoff_initial_seconds: float = Field(
-        default=2.0, gt=0, le=600, description="Wait after a failed start before retrying; doubles each time."
+        default=2.0, ge=0.1, le=600, description="Wait after a failed start before retrying; doubles each time."
     )
     backoff_max_seconds: float = Field(default=300.0, gt=0, le=86400, description="Upper bound of the retry wait.")
     resync_seconds: float = Field(default=5.0, ge=0.5, le=3600, description="A worker re-observes at least this often.")
@@ -918,14 +971,55 @@ def _join_path(path: str, field: str | None) -> str:
     return path + ("" if field.startswith("[") else ".") + field
 
 
+def _known_keys() -> frozenset[str]:
+    """Every key a config or spec may hold, as written (the fields' aliases)."""
+    out: set[str] = set()
+    todo: list[type[BaseModel]] = [BaseModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if sub.__module__ in (__name__, "vramctl.spec.engines"):
+                out.update(f.alias or name for name, f in sub.model_fields.items())
+    return frozenset(out)
+
+
+def _meant(key: str) -> str | None:
+    """The key an unknown ``key`` was probably meant to be: its camelCase
+    (vram_mib -> vramMiB), the same letters in another case, or a close spelling."""
+    known = _known_keys()
+    camel = _alias(key)
+    if camel != key and camel in known:
+        return camel
+    folded = {k.lower(): k for k in known}
+    if key.lower().replace("_", "") in folded:
+        return folded[key.lower().replace("_", "")]
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def problems_from(err: ValidationError) -> list[tuple[str, str]]:
     out = []
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
         msg = e["msg"].removeprefix("Value error, ")
         field = getattr((e.get("ctx") or {}).get("error"), "field", None)
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+            # The key as the user wrote it, not converted like a field name.
+            key, loc = loc[-1], loc[:-1]
+            field = key
+            meant = _meant(key)
+            if meant is None:
+                msg = "unknown field: check its spelling (fields are camelCase, e.g. vramMiB, activeModel)"
+            else:
+                msg = f"unknown field: check its spelling, did you mean {meant}?"
+                if "_" in key:
+                    msg += " (fields are camelCase; snake_case keys are not read)"
+                elif key.lower() == meant.lower():
+                    msg += " (fields are camelCase, with units spelled MiB)"
+        elif e["type"] == "extra_forbidden":
             msg = "unknown field: check its spelling (fields are camelCase, e.g. vramMiB, activeModel)"
+        elif e["type"] == "int_parsing_size":
+            msg = "the number is far too large for this field"
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif e["type"] == "too_short":
@@ -939,7 +1033,9 @@ def parse_config(data: Any, source: str = "config") -> Config:
     if isinstance(data, dict) and "models" in data and "gpus" not in data:
         data = {"gpus": [data]}
     try:
-        return Config.model_validate(data)
+        # Keys as documented only (camelCase): a snake_case key is refused
+        # with the key it meant, never read silently.
+        return Config.model_validate(data, by_name=False)
     except ValidationError as err:
         raise ConfigError(source, problems_from(err)) from None
 
