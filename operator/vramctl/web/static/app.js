@@ -389,11 +389,13 @@ function render() {
   }
 }
 
+// One render per burst of events of a task; a microtask, since timers and
+// animation frames are throttled in a tab that is not in front.
 let renderPending = false;
 function scheduleRender() {
   if (renderPending) return;
   renderPending = true;
-  requestAnimationFrame(() => {
+  queueMicrotask(() => {
     renderPending = false;
     render();
   });
