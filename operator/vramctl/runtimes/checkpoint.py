@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vramctl.host.memory import read_host_memory
+from vramctl.host.procfs import read_stat
 from vramctl.observed import GpuSnapshot
 from vramctl.runtimes.sleepctl import FallbackReason, SleepCallError
 from vramctl.spec.models import DeploymentSpec
@@ -245,6 +246,7 @@ class Checkpointed:
 
     pids: tuple[int, ...]
     gpu_mib: int  # what NVML showed them holding before
+    started: tuple[int | None, ...] = ()  # each process's start time (clock ticks): a pid reused is not ours
     host_mib: int | None = None  # their RSS while checkpointed
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -323,7 +325,7 @@ class CheckpointSleeper:
             self._undo(driver, locked, saved)
             raise CheckpointError(f"checkpointing {model!r}: {err}", "CheckpointRefused" if err.refused else "SleepFailed") from None
         t_saved = self.clock()
-        record = Checkpointed(pids, gpu_mib)
+        record = Checkpointed(pids, gpu_mib, tuple(_start_ticks(pid) for pid in pids))
         self.done[model] = record
         left = self._wait_gone(model, pids)
         if left:
@@ -347,6 +349,7 @@ class CheckpointSleeper:
     def wake(self, spec: DeploymentSpec, model: str) -> None:
         """Restore and unlock every checkpointed process of ``model``; returns once each runs and NVML lists it again."""
         driver = self._driver()
+        t0 = self.clock()
         pids = self._pids(spec, model)
         if not pids:
             raise CheckpointError(f"no checkpointed process of {model!r} is known: nothing to restore", "WakeFailed")
@@ -366,7 +369,15 @@ class CheckpointSleeper:
         missing = self._wait_back(model, pids)
         if missing:
             raise CheckpointError(f"{model!r} restored but NVML does not list {missing} {self.confirm_timeout_s:g}s later", "WakeFailed")
-        self.done.pop(model, None)
+        rec = self.done.pop(model, None)
+        log.info(
+            "gpu%d: %r restored (pids %s): %s MiB back on the GPU in %.2fs",
+            spec.gpu,
+            model,
+            list(pids),
+            rec.gpu_mib if rec is not None else "?",
+            self.clock() - t0,
+        )
 
     def is_sleeping(self, spec: DeploymentSpec, model: str) -> bool | None:
         """The driver's word: True when a process of ``model`` is checkpointed
@@ -423,6 +434,9 @@ class CheckpointSleeper:
 
     def _pids(self, spec: DeploymentSpec, model: str) -> tuple[int, ...]:
         rec = self.done.get(model)
+        if rec is not None and rec.started != tuple(_start_ticks(pid) for pid in rec.pids):
+            self.done.pop(model)  # stopped since (a fall-back, by hand): its processes are gone
+            rec = None
         if rec is not None:
             return rec.pids
         if self.owners is None:
@@ -457,6 +471,11 @@ class CheckpointSleeper:
             if not missing or self.clock() >= deadline:
                 return missing
             self.pause(CONFIRM_POLL_S)
+
+
+def _start_ticks(pid: int) -> int | None:
+    st = read_stat(pid)
+    return st.start_ticks if st is not None and not st.exited else None
 
 
 def _host_available_mib() -> int | None:
