@@ -6,12 +6,12 @@ worker finds its sleeping models and keeps them asleep."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.support.clock import ManualClock, until
 from tests.support.fakes import FakeGpu, FakeRuntime, FakeSleeper
 from vramctl.observed import WorkloadState
 from vramctl.spec.models import DeploymentSpec
@@ -46,12 +46,13 @@ def spec(budget: int = 15500, **llm_sleep: Any) -> DeploymentSpec:
     )
 
 
-def rig(d: DeploymentSpec, rt: FakeRuntime) -> tuple[GpuWorker, FakeSleeper, Metrics]:
+def rig(d: DeploymentSpec, rt: FakeRuntime, clock: ManualClock | None = None) -> tuple[GpuWorker, FakeSleeper, Metrics]:
     gpu = FakeGpu(rt, d)
     metrics = Metrics(CollectorRegistry())
     s = WorkerSettings(poll_interval_s=0.01, memory_timeout_s=5, backoff_initial_s=30, resync_s=5, baseline_mib=0)
     sleeper = FakeSleeper(rt)
-    w = GpuWorker(d, rt, gpu, s, metrics=metrics, sleeper=sleeper)
+    clock = clock or ManualClock()  # waits (a wake's health, idle) pass in no real time
+    w = GpuWorker(d, rt, gpu, s, metrics=metrics, sleeper=sleeper, clock=clock, sleep=clock.sleep)
     return w, sleeper, metrics
 
 
@@ -237,12 +238,13 @@ def test_idle_sleep_puts_the_model_to_sleep_and_idle_free_stops_it(action: str, 
     base = spec().model_dump(by_alias=True, exclude_none=True)
     d = DeploymentSpec.model_validate({**base, "idle": {"afterSeconds": 0.3, "action": action}})
     rt = FakeRuntime(states={"llm": RUN})
-    w, _, _ = rig(d, rt)
+    clock = ManualClock()
+    w, _, _ = rig(d, rt, clock)
     w.start()
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and w.model_states().get("llm") != state:
-            time.sleep(0.01)
+        t0 = clock()
+        assert until(lambda: w.model_states().get("llm") == state, clock, w, step=0.05)
+        assert clock() - t0 >= 0.3  # after idle.afterSeconds
         assert rt.calls == calls and w.model_states()["llm"] == state
         assert w.status()["phase"] == "Idle"
     finally:

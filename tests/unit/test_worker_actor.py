@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.clock import ManualClock, until
 from tests.support.fakes import FakeGpu, FakeRuntime
 from tests.support.workers import three_heavy as spec
 from tests.support.workers import wait_for
@@ -49,13 +51,15 @@ class CountingRuntime(FakeRuntime):
         return super().check_health(deployment, model)
 
 
-def started(rt: FakeRuntime, d: DeploymentSpec | None = None, run: bool = True, **kw: object) -> tuple[GpuWorker, FakeGpu]:
+def started(
+    rt: FakeRuntime, d: DeploymentSpec | None = None, run: bool = True, clock: ManualClock | None = None, **kw: object
+) -> tuple[GpuWorker, FakeGpu]:
     d = d or spec()
     gpu = FakeGpu(rt, d)
     s = WorkerSettings(poll_interval_s=0.02, memory_timeout_s=30, backoff_initial_s=30, resync_s=5, baseline_mib=0)
     for k, v in kw.items():
         setattr(s, k, v)
-    w = GpuWorker(d, rt, gpu, s)
+    w = GpuWorker(d, rt, gpu, s, clock=clock or time.monotonic)
     if run:
         w.start()
     return w, gpu
@@ -200,14 +204,17 @@ def test_an_unreachable_runtime_is_an_outage_not_a_failure() -> None:
     rt = FakeRuntime(states={"llm": RUN})
     down = threading.Event()
     observe = rt.observe
+    refused: list[float] = []
+    clock = ManualClock()
 
     def flaky(d: DeploymentSpec):  # type: ignore[no-untyped-def]
         if down.is_set():
+            refused.append(clock())
             raise TransientError("the Docker engine is unreachable: connection refused")
         return observe(d)
 
     rt.observe = flaky  # type: ignore[method-assign]
-    w, _ = started(rt)
+    w, _ = started(rt, clock=clock)
     assert wait_for(lambda: w.status()["phase"] == "Ready")
     down.set()
     w.request("sdxl", ())
@@ -217,10 +224,11 @@ def test_an_unreachable_runtime_is_an_outage_not_a_failure() -> None:
     assert w.status()["phase"] != "Failed"
     assert w.desired.active == "sdxl"  # an outage never changes the desired state
     notes = [p for p in w.progress() if p["step"] == "runtime-unavailable"]
-    time.sleep(0.5)
-    assert [p for p in w.progress() if p["step"] == "runtime-unavailable"] == notes  # said once per outage
+    assert until(lambda: len(refused) >= 4, clock, w)  # retried (0.2 s doubling, at most 1 s) ...
+    assert [p for p in w.progress() if p["step"] == "runtime-unavailable"] == notes  # ... and said once per outage
+    assert all(b - a >= 0.2 - 1e-9 for a, b in itertools.pairwise(refused))  # backed off, never spun
     down.clear()
-    assert wait_for(lambda: w.status()["phase"] == "Ready" and rt.states.get("sdxl") is RUN, timeout=8)
+    assert until(lambda: w.status()["phase"] == "Ready" and rt.states.get("sdxl") is RUN, clock, w)
     assert cond()["status"] == "False"
     w.stop()
 

@@ -10,13 +10,26 @@ import time
 
 import pytest
 
+from tests.support.clock import ManualClock, until, until_async
+from tests.support.fakes import FakeGpu, FakeRuntime
 from tests.support.workers import loading, queued, start, wait_for
 from tests.support.workers import three_heavy as spec
-from vramctl.demand.desk import Refused
+from vramctl.demand.desk import InboxHolder, Refused
 from vramctl.observed import WorkloadState
 from vramctl.spec.models import DeploymentSpec
+from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
+
+
+def start_on(clock: ManualClock, d: DeploymentSpec) -> tuple[GpuWorker, FakeRuntime, InboxHolder]:
+    """``start`` on a clock the test moves: the queue's timers (serving window,
+    drain, idle) pass in no real time."""
+    rt = FakeRuntime(states={"llm": RUN})
+    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1), clock=clock)
+    w.start()
+    assert wait_for(lambda: w.status()["phase"] == "Ready")
+    return w, rt, InboxHolder(lambda _gpu, cmd: w.post(cmd), gpu_of=lambda _m: "0", clock=w.clock)
 
 
 def test_a_hold_switches_and_is_granted_once_the_model_is_healthy() -> None:
@@ -38,16 +51,21 @@ def test_a_hold_switches_and_is_granted_once_the_model_is_healthy() -> None:
 
 
 def test_a_switch_away_waits_for_a_live_hold_then_the_drain_timeout() -> None:
-    w, rt, holder = start(queued(maxServeSeconds=3, drainTimeoutSeconds=1))
+    clock = ManualClock()
+    w, rt, holder = start_on(clock, queued(maxServeSeconds=3, drainTimeoutSeconds=1))
 
     async def go() -> None:
         g = await asyncio.wait_for(holder.demand("llm", ttl_seconds=30), 5)
-        t0 = time.monotonic()
+        t0 = clock()
         other = asyncio.ensure_future(holder.demand("sdxl", ttl_seconds=30))
-        await asyncio.sleep(0.5)
+        assert await until_async(lambda: w.status()["queue"]["queueDepth"] == 1, clock, w, step=0.0)  # posted
+        clock.advance(0.5)
+        w.poke()
+        await asyncio.sleep(0.05)
         assert not other.done() and ("start", "sdxl") not in rt.calls  # no switch while the llm hold is live
-        g2 = await asyncio.wait_for(other, 10)
-        waited = time.monotonic() - t0
+        assert await until_async(other.done, clock, w, step=0.05)
+        g2 = other.result()
+        waited = clock() - t0
         assert g2.model == "sdxl" and waited >= 0.9  # the drain ran its course (drainTimeoutSeconds 1)
         assert await holder.renew(g.id) == "revoked"  # the llm holder learns its hold ended: 409
 
@@ -58,17 +76,21 @@ def test_a_switch_away_waits_for_a_live_hold_then_the_drain_timeout() -> None:
 
 
 def test_a_client_gone_while_queued_causes_no_switch() -> None:
-    w, rt, holder = start(queued(maxServeSeconds=30, drainTimeoutSeconds=30))
+    clock = ManualClock()
+    w, rt, holder = start_on(clock, queued(maxServeSeconds=30, drainTimeoutSeconds=30))
 
     async def go() -> None:
         g = await asyncio.wait_for(holder.demand("llm", ttl_seconds=30), 5)
+        t0 = clock()
         waiting = asyncio.ensure_future(holder.demand("sdxl", ttl_seconds=30))
-        await asyncio.sleep(0.3)
+        assert await until_async(lambda: w.status()["queue"]["queueDepth"] == 1, clock, w, step=0.0)
         waiting.cancel()  # the client closed its connection
         with pytest.raises(asyncio.CancelledError):
             await waiting
         holder.release(g.id)
-        await asyncio.sleep(0.5)
+        # Past the serving window and the drain (30 s + 30 s): still no switch.
+        assert not await until_async(lambda: ("start", "sdxl") in rt.calls, clock, w, step=2.0, timeout=0.3)
+        assert clock() - t0 > 60
 
     try:
         asyncio.run(go())
@@ -99,8 +121,9 @@ def test_a_full_queue_answers_503_with_retry_after() -> None:
 def test_idle_returns_to_the_default_model_and_free_frees_the_gpu() -> None:
     d = spec()
     base = d.model_dump(by_alias=True, exclude_none=True)
-    w, rt, holder = start(
-        DeploymentSpec.model_validate({**base, "idle": {"afterSeconds": 0.5, "action": "default", "defaultModel": "llm"}})
+    clock = ManualClock()
+    w, rt, holder = start_on(
+        clock, DeploymentSpec.model_validate({**base, "idle": {"afterSeconds": 0.5, "action": "default", "defaultModel": "llm"}})
     )
 
     async def go() -> None:
@@ -110,13 +133,16 @@ def test_idle_returns_to_the_default_model_and_free_frees_the_gpu() -> None:
     try:
         asyncio.run(go())
         assert w.desired.active == "sdxl"
-        assert wait_for(lambda: w.desired.active == "llm" and w.status()["phase"] == "Ready", timeout=5)  # quiet for 0.5 s: back to llm
+        t0 = clock()
+        assert until(lambda: w.desired.active == "llm" and w.status()["phase"] == "Ready", clock, w, step=0.05)
+        assert clock() - t0 >= 0.5  # quiet for 0.5 s: back to llm
         assert rt.states.get("llm") is RUN and rt.states.get("sdxl") is not RUN
     finally:
         w.stop()
-    w2, rt2, _ = start(DeploymentSpec.model_validate({**base, "idle": {"afterSeconds": 0.5, "action": "free"}}))
+    clock2 = ManualClock()
+    w2, rt2, _ = start_on(clock2, DeploymentSpec.model_validate({**base, "idle": {"afterSeconds": 0.5, "action": "free"}}))
     try:
-        assert wait_for(lambda: w2.desired.active is None and w2.status()["phase"] == "Idle", timeout=5)
+        assert until(lambda: w2.desired.active is None and w2.status()["phase"] == "Idle", clock2, w2, step=0.05)
         assert not any(s is RUN for s in rt2.states.values())
     finally:
         w2.stop()
