@@ -109,12 +109,14 @@ class CostBook:
     def __init__(self, recent: int = RECENT) -> None:
         self.keep = recent
         self.paths: dict[str, dict[Path, PathCosts]] = {}
+        self.version = 0  # grows with every change (readers re-render their view)
 
     def record(self, model: str, path: Path, seconds: float, *, residue_mib: int | None = None, host_mib: int | None = None) -> None:
         """One measurement; a negative or non-finite duration is ignored."""
         if not math.isfinite(seconds) or seconds < 0:
             return
         pc = self.paths.setdefault(model, {}).setdefault(path, PathCosts())
+        self.version += 1
         pc.recent = [*pc.recent, seconds][-self.keep :]
         if residue_mib is not None:
             pc.residue_mib = residue_mib
@@ -136,6 +138,7 @@ class CostBook:
         """Drop the models no longer in the spec."""
         keep = set(keep_models)
         self.paths = {m: p for m, p in self.paths.items() if m in keep}
+        self.version += 1
 
     # -- a plain dict, for the state file --------------------------------------------
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from vramctl.costs import CostBook, turn_seconds
 from vramctl.demand import policy as dq
 from vramctl.demand.desk import AddDemand, HoldDesk, QueueMetrics, Release, Renew, Withdraw
 from vramctl.demand.lane import FastLane
@@ -185,7 +186,8 @@ class GpuWorker:
     gate_start, poke, stop, and the published reads (status, progress,
     model_states). ``sleep`` is how ``reconcile_once`` waits between ticks
     (a test's clock advances instead); ``sleeper`` is the model servers'
-    sleep API; ``admission`` checks each desired state as it is admitted."""
+    sleep API; ``admission`` checks each desired state as it is admitted;
+    ``costs``: the switch costs learned before a restart (``StateFile.costs``)."""
 
     def __init__(
         self,
@@ -203,6 +205,7 @@ class GpuWorker:
         sleep: Callable[[float], None] = time.sleep,
         admission: Admission | None = None,
         sleeper: Sleeper | None = None,
+        costs: Any = None,
     ) -> None:
         self.gpu = deployment.gpu
         self.runtime, self.probe, self.settings = runtime, probe, settings
@@ -235,6 +238,7 @@ class GpuWorker:
             write_status=status_sink.write_status if status_sink is not None else None,
             clock=clock,
             wall=wall,
+            costs=CostBook.from_dict(costs),
         )
         self.lane = FastLane(self.poke, self.clock)
         self.queue = _Queue(self, deployment)
@@ -385,7 +389,7 @@ class GpuWorker:
 
     def publish(self) -> None:
         """Render the snapshot readers see (loop thread)."""
-        self.reporter.publish(self.queue.desk.snapshot())
+        self.reporter.publish(self.queue.desk.snapshot(), self._total)
 
     def progress(self, since: int = 0) -> list[dict[str, Any]]:
         return [p for p in list(self.book.progress) if p["seq"] > since]
@@ -608,6 +612,7 @@ class _Queue:
         now = self.w.clock()
         lane = self.w.lane
         self.desk.state = dq.lane_activity(self.desk.state, lane.close(), lane.last_used, now)
+        self.desk.state = replace(self.desk.state, switch_costs=self._turns())
         decision = self.desk.tick(now)
         self.wake_at = decision.wake_at
         d = self.w.desired
@@ -626,6 +631,14 @@ class _Queue:
                 self.desk.companions_failed(str(err), now)
         if decision.switch_to is None and decision.idle is None and not self._moved(self.w.desired):
             lane.open(dq.lane_models(self.desk.state))
+
+    def _turns(self) -> tuple[tuple[str, float], ...]:
+        """What serving each other heavy model would cost in switches, there
+        and back (the cost book's estimates): the queue's serving window."""
+        w, active = self.w, self.desk.state.active
+        spec, asleep = w._rec.spec, w._rec.asleep
+        heavy = [m for m, ms in spec.models.items() if ms.heavy and m != active]
+        return tuple((m, turn_seconds(w.reporter.costs, spec, active, m, asleep, w._total)) for m in heavy)
 
     def settled(self, now: float, ok: bool) -> None:
         d = self.w._rec.desired

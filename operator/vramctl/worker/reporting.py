@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter, Histogram
 
+from vramctl.costs import CostBook, Stopwatch, path_of
 from vramctl.gpu.base import GpuProbe
 from vramctl.host.memory import budget_in_use
 from vramctl.observed import Desired
@@ -45,7 +46,9 @@ class ReportMetrics(Protocol):
 
 class WorkerReporter:
     """Status, progress and metrics of one GPU's worker. ``rec``: the loop's
-    state it reports on; ``write_status``: the status sink, if any."""
+    state it reports on; ``write_status``: the status sink, if any;
+    ``costs``: the switch cost book, fed by the steps the progress records
+    (``costs.Stopwatch``) and published as the status's ``costs``."""
 
     def __init__(
         self,
@@ -60,8 +63,12 @@ class WorkerReporter:
         write_status: Callable[[int, dict[str, Any]], None] | None,
         clock: Callable[[], float],
         wall: Callable[[], float],
+        costs: CostBook | None = None,
     ) -> None:
         self.gpu, self.rec, self.book, self.metrics = gpu, rec, book, metrics
+        self.costs = costs or CostBook()
+        self.stopwatch = Stopwatch()
+        self._costs_view: tuple[int, DeploymentSpec, int | None, dict[str, Any]] | None = None
         self.runtime, self.probe, self.write_status = runtime, probe, write_status
         self.settings, self.clock, self.wall = settings, clock, wall
         self.findings: list[Finding] = []
@@ -83,6 +90,21 @@ class WorkerReporter:
         message = self.redacted(message)
         self.book.note(step, model, message, self.wall())
         log.log(logging.WARNING if step in WARNING_STEPS else logging.INFO, "gpu%d: %s", self.gpu, message)
+        self._measure(step, model)
+
+    def _measure(self, step: str, model: str | None) -> None:
+        """A step that ends a start, stop, sleep or wake is a measurement for the cost book."""
+        done = self.stopwatch.step(step, model, self.clock())
+        spec = self.rec.spec
+        if done is None or model is None or model not in spec.models:
+            return
+        kind, seconds = done
+        residue = host = None
+        if kind == "sleep":
+            history = self.rec.sleep.residues.get(model)
+            residue = history[-1] if history else None
+            host = spec.models[model].host_memory_asleep_mib or None
+        self.costs.record(model, path_of(spec, model, kind), seconds, residue_mib=residue, host_mib=host)
 
     def phase(self, phase: str, reason: str, message: str) -> None:
         message = self.redacted(message)
@@ -162,7 +184,14 @@ class WorkerReporter:
         mib, source = budget_in_use(spec.host_memory_budget_mib, reading)
         return {"hostMemoryBudget": {"mib": mib, "source": source}}
 
-    def publish(self, queue: Mapping[str, Any]) -> None:
+    def _costs(self, total_mib: int | None) -> dict[str, Any]:
+        """The cost book's view (rendered again only when it or the spec changed)."""
+        v, spec = self._costs_view, self.rec.spec
+        if v is None or v[0] != self.costs.version or v[1] is not spec or v[2] != total_mib:
+            v = self._costs_view = (self.costs.version, spec, total_mib, self.costs.view(spec, total_mib))
+        return v[3]
+
+    def publish(self, queue: Mapping[str, Any], total_mib: int | None = None) -> None:
         """Render the snapshot readers see (``queue``: the hold queue's
         snapshot); write the status sink when it changed."""
         rec, d = self.rec, self.rec.desired
@@ -183,6 +212,7 @@ class WorkerReporter:
             **({"asleepModels": list(rec.asleep)} if rec.asleep else {}),
             modelStates={m: s for m, s in rec.model_states.items() if s != "absent"},
             **self._host_budget(),
+            costs=self._costs(total_mib),
         )
         self.status = status
         comparable = {k: v for k, v in status.items() if k not in ("backoff", "progressSeq")}
