@@ -175,6 +175,7 @@ def raise_nofile_limit() -> tuple[int, int]:
 def cmd_up(args: argparse.Namespace) -> int:
     from vramctl.app import build, default_state_path
     from vramctl.sources.statefile import StateWriteError
+    from vramctl.web.page import status_page
     from vramctl.web.server import FaceOptions, serve
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -202,7 +203,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     host, port = args.listen
     token = args.token or os.environ.get("VRAMCTL_TOKEN") or None
-    options = FaceOptions(api=(host, port), gateway=args.gateway or None, token=token, allowed_hosts=tuple(args.allow_host or ()))
+    options = FaceOptions(
+        api=(host, port),
+        gateway=args.gateway or None,
+        token=token,
+        allowed_hosts=tuple(args.allow_host or ()),
+        api_routes=(status_page(built.supervisor, token_set=token is not None),),
+    )
     try:
         face = serve(built.supervisor, options, state=built.state)
     except (ValueError, OSError) as err:
@@ -228,7 +235,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     built.supervisor.start()
     for note in built.supervisor.notes:
         print(f"vramctl: {note}", file=sys.stderr)
-    print(f"vramctl: listening on http://{api.host}:{api.port} (status: /status, metrics: /metrics)", file=sys.stderr, flush=True)
+    print(
+        f"vramctl: listening on http://{api.host}:{api.port} (page: /, status: /status, events: /events, metrics: /metrics)",
+        file=sys.stderr,
+        flush=True,
+    )
     _say_gateway(face)
     if args.once:
         for w in built.supervisor.workers.values():
@@ -420,6 +431,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from vramctl.app import build_operator
     from vramctl.spec.models import GpuProbeConfig
     from vramctl.web.guards import is_loopback
+    from vramctl.web.page import status_page
     from vramctl.web.server import FaceOptions, serve
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -469,6 +481,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         token=token,
         switch_refusal=SWITCH_IN_KUBERNETES,
         holds_on_api=bool(token) or is_loopback(host),  # holds switch GPUs: off loopback only with the token
+        api_routes=(status_page(built.supervisor, refusal=SWITCH_IN_KUBERNETES, token_set=token is not None),),
     )
     try:
         face = serve(built.supervisor, options)

@@ -33,13 +33,14 @@ import contextlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
 from vramctl.status.events import DEFAULT_SUBSCRIBER_LIMIT, Event, EventJournal
 from vramctl.status.redact import redact_status
+from vramctl.web.guards import public
 
 log = logging.getLogger("vramctl.web.events")
 
@@ -49,16 +50,10 @@ MAX_STREAMS = 256
 MEMORY_INTERVAL = 0.5
 _ENCODED_KEPT = 4096
 
-# A check run before the stream opens (the Host allow-list): an error response, or None to go on.
-Guard = Callable[[web.BaseRequest], web.StreamResponse | None]
 # What the hello adds to the journal's view (runtime, notes, models, read-only mode).
 Extra = Callable[[], Mapping[str, Any]]
 # Every GPU's memory now (blocking: run in an executor).
 MemorySample = Callable[[], Mapping[int, Mapping[str, Any]]]
-
-
-def _no_guard(_request: web.BaseRequest) -> web.StreamResponse | None:
-    return None
 
 
 class EventStream:
@@ -72,7 +67,6 @@ class EventStream:
         secrets: Callable[[], frozenset[str]] = frozenset,
         extra: Extra = dict,
         memory: MemorySample | None = None,
-        guard: Guard = _no_guard,
         limit: int = DEFAULT_SUBSCRIBER_LIMIT,
         write_timeout: float = WRITE_TIMEOUT,
         keepalive: float = KEEPALIVE,
@@ -80,7 +74,7 @@ class EventStream:
         memory_interval: float = MEMORY_INTERVAL,
     ) -> None:
         self.journal = journal
-        self.secrets, self.extra, self.memory, self.guard = secrets, extra, memory, guard
+        self.secrets, self.extra, self.memory = secrets, extra, memory
         self.limit, self.write_timeout, self.keepalive = limit, write_timeout, keepalive
         self.max_streams, self.memory_interval = max_streams, memory_interval
         self.streams = 0
@@ -114,9 +108,6 @@ class EventStream:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
             return web.json_response({"error": "/events answers GET only"}, status=405, headers={"Allow": "GET, HEAD"})
-        refused = self.guard(request)
-        if refused is not None:
-            return refused
         if self.streams >= self.max_streams:
             return web.json_response(
                 {"error": f"{self.streams} event streams are open (at most {self.max_streams}): retry later"},
@@ -251,9 +242,10 @@ def _abort(request: web.BaseRequest) -> None:
 
 
 def add_routes(app: web.Application, stream: EventStream) -> None:
-    """``GET /events`` on ``app``; the sampler ends with the app."""
-    handle: Callable[[web.Request], Awaitable[web.StreamResponse]] = stream.handle
-    app.router.add_get("/events", handle)
+    """``GET /events`` on ``app``, a public read like ``/status`` (an
+    ``EventSource`` cannot send a token; the guards still bound the
+    connections); the streams and the sampler end when the app shuts down."""
+    app.router.add_get("/events", public(stream.handle))
 
     async def closing(_app: web.Application) -> None:
         await stream.close()

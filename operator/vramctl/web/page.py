@@ -21,12 +21,14 @@ page needs to draw every model of the spec (also those that never ran).
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from vramctl.web.events import EventStream, Guard
+from vramctl.web.events import EventStream
+from vramctl.web.events import add_routes as add_event_routes
+from vramctl.web.guards import public
 from vramctl.worker.actor import GpuWorker
 from vramctl.worker.supervisor import Supervisor
 
@@ -61,15 +63,10 @@ FILES = {
 _HOLDING = frozenset({"running", "starting", "stopping", "sleeping", "waking", "paused"})
 
 
-def _no_guard(_request: web.BaseRequest) -> web.StreamResponse | None:
-    return None
-
-
 class StatusPage:
     """Serves ``/`` and ``/static/{name}`` from the package, read once."""
 
-    def __init__(self, guard: Guard = _no_guard) -> None:
-        self.guard = guard
+    def __init__(self) -> None:
         root = importlib.resources.files("vramctl.web") / "static"
         self.files = {name: (root / name).read_bytes() for name in FILES}
 
@@ -80,9 +77,6 @@ class StatusPage:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
             return web.json_response({"error": f"{request.rel_url.path} answers GET only"}, status=405, headers={"Allow": "GET, HEAD"})
-        refused = self.guard(request)
-        if refused is not None:
-            return refused
         path = request.rel_url.path
         name = "index.html" if path == "/" else path.removeprefix("/static/")
         body = self.files.get(name)
@@ -92,9 +86,23 @@ class StatusPage:
 
 
 def add_routes(app: web.Application, page: StatusPage) -> None:
-    handle: Callable[[web.Request], Awaitable[web.StreamResponse]] = page.handle
-    app.router.add_get("/", handle)
-    app.router.add_get("/static/{name}", handle)
+    """``GET /`` and ``/static/{name}``: public reads (what they show, ``/status`` shows)."""
+    app.router.add_get("/", public(page.handle))
+    app.router.add_get("/static/{name}", public(page.handle))
+
+
+def status_page(supervisor: Supervisor, *, refusal: str | None = None, token_set: bool = False) -> Callable[[web.Application], None]:
+    """The route adder of the page and ``GET /events`` over ``supervisor``
+    (``FaceOptions.api_routes``). ``refusal``: why the page may not act
+    (the desired state comes from ModelDeployments), shown on it."""
+    page = StatusPage()
+    stream = event_stream_for(supervisor, refusal=refusal, token_set=token_set)
+
+    def add(app: web.Application) -> None:
+        add_routes(app, page)
+        add_event_routes(app, stream)
+
+    return add
 
 
 # ------------------------------------------------------------ what the page reads
@@ -163,9 +171,7 @@ def page_extra(supervisor: Supervisor, refusal: str | None, token_set: bool) -> 
     return extra
 
 
-def event_stream_for(
-    supervisor: Supervisor, *, refusal: str | None = None, token_set: bool = False, guard: Guard = _no_guard
-) -> EventStream:
+def event_stream_for(supervisor: Supervisor, *, refusal: str | None = None, token_set: bool = False) -> EventStream:
     """The ``GET /events`` handler of ``supervisor``'s journal, with the page's additions."""
 
     cache: dict[int, tuple[object, frozenset[str]]] = {}
@@ -188,4 +194,4 @@ def event_stream_for(
                 continue  # the probe cannot tell now: no sample rather than a wrong one
         return out
 
-    return EventStream(supervisor.journal, secrets=secrets, extra=page_extra(supervisor, refusal, token_set), memory=memory, guard=guard)
+    return EventStream(supervisor.journal, secrets=secrets, extra=page_extra(supervisor, refusal, token_set), memory=memory)
