@@ -21,6 +21,7 @@ from vramctl.demand.policy import (
     add_demand,
     apply,
     decide,
+    policies_of,
     release,
     serve_cutoff,
     serve_window,
@@ -28,6 +29,7 @@ from vramctl.demand.policy import (
     switch_cost,
     switch_done,
 )
+from vramctl.spec.models import DeploymentSpec
 
 
 def state(
@@ -202,3 +204,24 @@ def test_the_cost_aware_cutoff_is_never_later_than_the_fixed_one(
     assert (a is None) == (f is None)
     if a is not None and f is not None:
         assert a <= f
+
+
+# -- the setting ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("queue", "factor"),
+    [
+        ({}, SERVE_COST_FACTOR),  # the spec's default is the policy's
+        ({"serveCostFactor": 2}, 2.0),
+        ({"serveCostFactor": None}, None),  # the fixed window
+    ],
+)
+def test_serve_cost_factor_from_the_spec(queue: dict[str, object], factor: float | None) -> None:
+    spec = DeploymentSpec.model_validate({"models": {"llm": {"image": "x"}}, "queue": queue})
+    assert policies_of(spec)[0].serve_cost_factor == factor
+
+
+def test_a_negative_serve_cost_factor_is_refused() -> None:
+    with pytest.raises(ValueError, match="serveCostFactor"):
+        DeploymentSpec.model_validate({"models": {"llm": {"image": "x"}}, "queue": {"serveCostFactor": -1}})

@@ -96,7 +96,7 @@ def light_models(spec: DeploymentSpec) -> frozenset[str]:
 def policies_of(spec: DeploymentSpec) -> tuple[QueuePolicy, IdlePolicy]:
     """The GPU's ``queue`` and ``idle`` settings as the policy takes them."""
     q = spec.queue
-    queue = QueuePolicy(q.max_queue, q.queue_timeout_seconds, q.max_serve_seconds, q.drain_timeout_seconds)
+    queue = QueuePolicy(q.max_queue, q.queue_timeout_seconds, q.max_serve_seconds, q.drain_timeout_seconds, q.serve_cost_factor)
     return queue, IdlePolicy(spec.idle.after_seconds, spec.idle.action, spec.idle_default_model)
 
 

@@ -555,6 +555,14 @@ class QueueSpec(_Model):
         le=86400,
         description="A switch away waits this long at most for the active model's holds to end; then they are revoked (renew answers 409).",
     )
+    serve_cost_factor: float | None = Field(
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="Anti-thrash follows the switch it avoids: while a demand for another model waits, the active model keeps "
+        "getting new demands for this many times the learned cost of a switch there and back (0.5 s warm: seconds; cold: "
+        "bursts kept together), never longer than maxServeSeconds - drainTimeoutSeconds. Null: always that fixed window.",
+    )
 
     @model_validator(mode="after")
     def _timeout_covers_a_turn(self) -> QueueSpec:
