@@ -61,8 +61,8 @@ class Prior:
         return self.floor + self.per_gib * max(0.0, gib)
 
 
-# From the figures measured on H100 and H200 (docs/DESIGN "Switch costs",
-# "Warm switching for servers without a sleep API"):
+# From the figures measured on H100 and H200 (benchmarks/results:
+# sdxl_gpu-h100.json, warm_proof-h200.json; benchmarks/checkpoint_probe.py):
 # - start: our SDXL server (16.5 GiB) took 30.7 s from a cold start to its
 #   first image: 1.9 s/GiB; a vLLM cold start is 15-100 s.
 # - stop: a SIGTERM'd server exits in about a second; freeing grows a little with size.
