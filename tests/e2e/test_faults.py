@@ -67,7 +67,9 @@ def test_a_port_served_by_something_else_is_not_taken_for_health(
     vramctl: Callable[[dict[str, Any]], LiveUp], ports: dict[str, int], docker_client: docker.DockerClient, instance: str
 ) -> None:
     """Something already answers sdxl's health port: vramctl must not call
-    sdxl healthy (its own container cannot even bind the port)."""
+    sdxl healthy (its own container cannot even bind the port), and finds it
+    in the preflight: the switch is refused with the reason before llm is
+    stopped."""
 
     class Ok(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -86,9 +88,11 @@ def test_a_port_served_by_something_else_is_not_taken_for_health(
         v.wait(lambda g: g["phase"] == "Ready")
         r = v.cli("switch", "sdxl", "--wait", "--timeout", "20")
         assert r.returncode != 0, r.stdout
-        g = v.wait(lambda g: g["phase"] == "Failed")
-        assert f"port {ports['sdxl']}" in g["message"] and "something else serves it" in g["message"], g["message"]
-        assert live(docker_client, instance).get("sdxl") != "running"
+        said = r.stdout + r.stderr
+        assert f"port {ports['sdxl']}" in said and "something else serves it" in said, said
+        g = v.gpu()
+        assert g["activeModel"] == "llm" and g["phase"] == "Ready", g  # refused before anything stopped
+        assert live(docker_client, instance).get("sdxl") != "running" and live(docker_client, instance).get("llm") == "running"
     finally:
         squatter.shutdown()
         squatter.server_close()

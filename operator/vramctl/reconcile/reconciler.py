@@ -256,9 +256,12 @@ class Reconciler:
         if now - since < timeout:
             return interval, False
         if m in self.sleep.waking:
+            # The cold way now: stop it, confirm the memory, start it (never a
+            # second wait for the health of the process that did not wake).
             self.track.forget(m)
             self.warm.fallback(self.spec, m, "WakeFailed", f"{m!r} not healthy within {timeout:.0f}s after its wake", now)
-            return 0.0, False
+            self._submit(Stop(m, "not healthy after its wake; going the cold way"))
+            return self.ctx.settings.poll_interval_s, False
         logs = self.ctx.logs(self.spec, m)
         self.ctx.note("stopping", m, f"{m!r} not healthy after {timeout:.0f}s: stopping it")
         self.track.forget(m)

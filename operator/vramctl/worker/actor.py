@@ -45,6 +45,7 @@ from vramctl.observed import Desired
 from vramctl.reconcile.actuator import Actuator
 from vramctl.reconcile.context import LoopSettings
 from vramctl.reconcile.reconciler import Reconciler
+from vramctl.reconcile.start_checks import squatted
 from vramctl.reconcile.warm import Sleeper, SleepMetrics
 from vramctl.runtimes.base import Runtime, StartEvent
 from vramctl.runtimes.checkpoint import StrategySleeper
@@ -329,8 +330,10 @@ class GpuWorker:
 
     def _preflight(self, active: str | None, companions: tuple[str, ...]) -> None:
         """Refuse a request whose new models cannot start here (image missing,
-        executable not found) before anything is stopped for it."""
+        executable not found, health port answered by a foreign server)
+        before anything is stopped for it."""
         running = self._rec.model_states
+        live = {m for m, s in running.items() if s not in ("absent", "stopped", "failed")}
         for path, m in [("activeModel", active), *((f"companions[{i}]", c) for i, c in enumerate(companions))]:
             if m is None or running.get(m) in ("running", "starting", "paused"):
                 continue
@@ -338,6 +341,8 @@ class GpuWorker:
                 problem = self.runtime.preflight(self.spec, m)
             except Exception:
                 continue  # the runtime cannot tell now (an outage): the start will say
+            if problem is None and m not in live:
+                problem = squatted(self.spec, m, live)
             if problem is not None:
                 raise DesiredStateError(f"{m!r} cannot start: {problem}; nothing was stopped", path)
 
