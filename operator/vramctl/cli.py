@@ -1,6 +1,7 @@
 """The ``vramctl`` command line.
 
 ``vramctl up``      run the supervisor in the foreground (embedded demo by default)
+``vramctl down``    stop everything an instance runs (its ``up`` first), sleepers too; remove its containers
 ``vramctl switch``  ask it for another model, following the switch step by step
 ``vramctl status``  what holds each GPU
 ``vramctl validate`` check a config file; exit 2 with every problem named, WARN lines for pitfalls (exit 0)
@@ -30,6 +31,7 @@ from vramctl.spec.pitfalls import Finding, env_pitfalls
 
 if TYPE_CHECKING:
     from vramctl.web.server import Face
+    from vramctl.worker.supervisor import Supervisor
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_LISTEN = "127.0.0.1:9400"
@@ -248,14 +250,81 @@ def cmd_up(args: argparse.Namespace) -> int:
                 time.sleep(0.1)
         done.set()
     done.wait()
-    print("vramctl: shutting down (models keep running; `vramctl switch ''` frees the GPU)", file=sys.stderr)
     face.stop()
-    built.supervisor.stop()
+    _stop_supervisor(built.supervisor, keep_models=args.keep_models)
     try:
         built.state.write_supervisor(None)
     except StateWriteError as err:
         print(f"vramctl: {err}", file=sys.stderr)
     return EXIT_OK
+
+
+def _stop_supervisor(supervisor: Supervisor, keep_models: bool) -> None:
+    """Stop the workers; then, for the process runtime unless ``keep_models``,
+    the models (their children), sleepers included, each said. Docker's
+    containers outlive vramctl as compose's do (``vramctl down`` ends them)."""
+    from vramctl.runtimes.teardown import take_down
+
+    if keep_models or supervisor.runtime.kind != "process":
+        why = "--keep-models" if keep_models else f"the {supervisor.runtime.kind} runtime"
+        print(f"vramctl: shutting down; models keep running ({why}); `vramctl down` stops them", file=sys.stderr, flush=True)
+        supervisor.stop()
+        return
+    print("vramctl: shutting down: stopping the models (`vramctl up --keep-models` keeps them for the next up)", file=sys.stderr, flush=True)
+    for w in supervisor.workers.values():
+        w.stop()  # nothing starts a model again behind the teardown
+    for t in take_down(supervisor.runtime, [w.spec for w in supervisor.workers.values()], remove_created=False):
+        print(f"vramctl: gpu{t.gpu}: {t.said}", file=sys.stderr, flush=True)
+    supervisor.stop()
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """Stop everything this instance runs (a running ``vramctl up`` first),
+    sleepers included; remove the containers vramctl created; say what was done."""
+    from vramctl.app import build_runtime, default_state_path
+    from vramctl.host.procfs import read_stat
+    from vramctl.runtimes.teardown import take_down
+    from vramctl.sources.statefile import StateFile, running_supervisor
+
+    try:
+        config = _load(args)
+    except ConfigError as err:
+        print(err.render(), file=sys.stderr)
+        return EXIT_USAGE
+    state_path = Path(args.state) if args.state else default_state_path()
+    notes: list[str] = []
+    runtime = build_runtime(config, state_path.parent, args.instance, notes)
+    try:
+        before = {(d.gpu, m): w.ref for d in config.gpus for m, w in runtime.observe(d).items() if w.state.live}
+        pid = running_supervisor(StateFile(state_path))
+        if pid is not None:
+            first = read_stat(pid)
+
+            def runs() -> bool:  # the same process, not exited (a reused pid has another start time)
+                st = read_stat(pid)
+                return st is not None and first is not None and not st.exited and st.start_ticks == first.start_ticks
+
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + args.timeout
+            while time.monotonic() < deadline and runs():
+                time.sleep(0.05)
+            if runs():
+                print(f"vramctl down: vramctl up (pid {pid}) still runs {args.timeout:.0f}s after SIGTERM; nothing else done", file=sys.stderr)
+                return EXIT_FAIL
+            print(f"stopped vramctl up (pid {pid})")
+        taken = take_down(runtime, config.gpus, remove_created=runtime.kind == "docker")
+    finally:
+        runtime.close()
+    said = {(t.gpu, t.model) for t in taken}
+    kind = "pid" if runtime.kind == "process" else runtime.kind
+    for (gpu, model), ref in sorted(before.items()):
+        if (gpu, model) not in said:
+            print(f"gpu{gpu}: stopped {model} ({kind} {ref[:12]}): by vramctl up as it shut down")
+    for t in taken:
+        print(f"gpu{t.gpu}: {t.said}")
+    if not taken and not before and pid is None:
+        print(f"nothing runs for instance {args.instance!r}")
+    return EXIT_FAIL if any(t.said.startswith("could not") for t in taken) else EXIT_OK
 
 
 def _say_gateway(face: Face) -> None:
@@ -533,8 +602,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT for the OpenAI-style gateway and /holds (off unless given; off loopback it needs the token)",
     )
     up.add_argument("--once", action="store_true", help="converge once, then exit")
+    up.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="process runtime: leave the models running at a graceful stop, for the next up to adopt (default: stop them)",
+    )
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=cmd_up)
+
+    dn = sub.add_parser("down", help="stop everything this instance runs (vramctl up first), sleepers too; remove its containers")
+    dn.add_argument("--config", help="config file (default: the embedded demo stack)")
+    dn.add_argument("--state", help="state file (default: $XDG_STATE_HOME/vramctl/state.json)")
+    dn.add_argument("--instance", default="default", help="the instance to take down (as given to vramctl up)")
+    dn.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a running vramctl up to stop (default 120)")
+    dn.set_defaults(func=cmd_down)
 
     hd = sub.add_parser(
         "hold",

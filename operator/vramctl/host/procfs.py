@@ -7,6 +7,7 @@ model it started. Both read the same file, so it is parsed here only.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,3 +72,29 @@ def read_stat(pid: int, proc: Path = Path("/proc")) -> ProcStat | None:
         return parse_stat((proc / str(pid) / "stat").read_bytes())
     except OSError:
         return None
+
+
+def boot_time(proc: Path = Path("/proc")) -> float | None:
+    """When this machine booted (``btime`` of ``/proc/stat``), in seconds since the epoch."""
+    try:
+        for line in (proc / "stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def started_at(stat: ProcStat, proc: Path = Path("/proc")) -> float | None:
+    """When the process of ``stat`` started, in seconds since the epoch (to a clock tick)."""
+    booted = boot_time(proc)
+    return None if booted is None else booted + stat.start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def read_cmdline(pid: int, proc: Path = Path("/proc")) -> list[str]:
+    """The process's arguments; [] when it is gone or unreadable."""
+    try:
+        raw = (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from vramctl.host.procfs import read_cmdline, read_stat, started_at
 from vramctl.observed import Desired
 from vramctl.status.redact import redact_status
 
@@ -204,6 +205,13 @@ class StateFile:
     def desired(self, gpu: int) -> Desired | None:
         return self.desired_or_problem(gpu)[0]
 
+    def costs(self, gpu: int) -> Any:
+        """The switch costs last recorded with ``gpu``'s status (its ``costs``;
+        ``vramctl.costs.CostBook.from_dict`` reads them and drops what is
+        damaged), or None: a restarted supervisor keeps what it learned."""
+        status = self._gpu_entry(self.read(), gpu).get("status")
+        return status.get("costs") if isinstance(status, dict) else None
+
     def config_default(self, gpu: int) -> dict[str, Any] | None:
         entry = self._gpu_entry(self.read(), gpu).get("configDefault")
         return entry if isinstance(entry, dict) else None
@@ -297,6 +305,26 @@ class StateFile:
                 data["supervisor"] = info
 
         self.update(mutate)
+
+
+def running_supervisor(state: StateFile) -> int | None:
+    """The pid of the ``vramctl up`` this state file records, while it still
+    runs: the process exists and is not exiting, runs vramctl, and started
+    before it recorded itself (a pid reused since started later). None
+    otherwise: none recorded, or it ended (cleanly, or killed)."""
+    sup = state.read().get("supervisor")
+    if not isinstance(sup, dict):
+        return None
+    pid, at = sup.get("pid"), sup.get("startedAt")
+    if type(pid) is not int or pid <= 1 or pid == os.getpid() or not isinstance(at, (int, float)):
+        return None
+    st = read_stat(pid)
+    if st is None or st.exited:
+        return None
+    began = started_at(st)
+    if began is None or began > at + 1.0:
+        return None
+    return pid if any("vramctl" in a for a in read_cmdline(pid)) else None
 
 
 def _no_constant(name: str) -> float:
