@@ -182,7 +182,9 @@ def build(config: Config, state_path: Path, instance: str = "default") -> Built:
         except StateWriteError:
             runtime.close()
             raise
-        w = GpuWorker(d, runtime, probe, settings, initial=initial, status_sink=state, desired_sink=state, metrics=metrics)
+        w = GpuWorker(
+            d, runtime, probe, settings, initial=initial, status_sink=state, desired_sink=state, metrics=metrics, costs=state.costs(d.gpu)
+        )
         ref.worker = w
         workers.append(w)
     for n in notes:
