@@ -2,7 +2,8 @@
 that moves only while a runtime call runs): every start, stop, sleep and
 wake is timed from its progress steps, shown in /status (``costs``) and as
 vramctl_switch_cost_seconds, handed to a restarted worker, and passed to
-the queue as what serving each other model would cost."""
+the queue as what serving each other model would cost (and one switch, for
+Retry-After)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,5 @@ def test_the_queue_is_told_what_serving_each_other_model_costs() -> None:
     w.queue.step()
     # llm stops (2) and sdxl starts (30), then sdxl stops (3) and llm starts (20).
     assert w.queue.desk.state.switch_costs == (("sdxl", 55.0),)
+    # Retry-After counts one switch: llm stops (2), sdxl starts (30).
+    assert w.queue.desk.state.switch_estimate_seconds == 32.0

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from vramctl.costs import CostBook, turn_seconds
+from vramctl.costs import CostBook, switch_seconds, turn_seconds
 from vramctl.demand import policy as dq
 from vramctl.demand.desk import AddDemand, HoldDesk, QueueMetrics, Release, Renew, Withdraw
 from vramctl.demand.lane import FastLane
@@ -617,7 +617,8 @@ class _Queue:
         now = self.w.clock()
         lane = self.w.lane
         self.desk.state = dq.lane_activity(self.desk.state, lane.close(), lane.last_used, now)
-        self.desk.state = replace(self.desk.state, switch_costs=self._turns())
+        turns, longest = self._costs()
+        self.desk.state = replace(self.desk.state, switch_costs=turns, switch_estimate_seconds=longest)
         decision = self.desk.tick(now)
         self.wake_at = decision.wake_at
         d = self.w.desired
@@ -637,13 +638,18 @@ class _Queue:
         if decision.switch_to is None and decision.idle is None and not self._moved(self.w.desired):
             lane.open(dq.lane_models(self.desk.state))
 
-    def _turns(self) -> tuple[tuple[str, float], ...]:
-        """What serving each other heavy model would cost in switches, there
-        and back (the cost book's estimates): the queue's serving window."""
-        w, active = self.w, self.desk.state.active
+    def _costs(self) -> tuple[tuple[tuple[str, float], ...], float]:
+        """By the cost book: what serving each other heavy model would cost in
+        switches, there and back (the queue's serving window), and the
+        longest switch to one of them (its Retry-After)."""
+        w, active, book = self.w, self.desk.state.active, self.w.reporter.costs
         spec, asleep = w._rec.spec, w._rec.asleep
         heavy = [m for m, ms in spec.models.items() if ms.heavy and m != active]
-        return tuple((m, turn_seconds(w.reporter.costs, spec, active, m, asleep, w._total)) for m in heavy)
+        turns = tuple((m, turn_seconds(book, spec, active, m, asleep, w._total)) for m in heavy)
+        longest = max(
+            (switch_seconds(book, spec, active, m, asleep, w._total) for m in heavy), default=dq.QueueState.switch_estimate_seconds
+        )
+        return turns, longest
 
     def settled(self, now: float, ok: bool) -> None:
         d = self.w._rec.desired
