@@ -3,6 +3,8 @@
 - a wake that answers but never gets healthy stops the model at its start
   timeout and goes the cold way (stop, confirm the memory, start), without
   waiting out a second start timeout (issue 18, item 5);
+- the sleep timeout is the model's own (``sleep.timeoutSeconds``, by default
+  derived from its size), and a hung ``/sleep`` falls back at it (item 6);
 - a health port already answered by a foreign server (a squatter) refuses
   the switch in the preflight, naming the port: the working model is never
   stopped for it, whether the squatter was there when the switch was asked
@@ -17,15 +19,19 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from tests.support.clock import ManualClock
 from tests.support.fakes import FakeGpu, FakeRuntime, FakeSleeper
 from vramctl.observed import WorkloadState
-from vramctl.spec.models import DeploymentSpec, DesiredStateError
+from vramctl.reconcile.warm import HttpSleeper
+from vramctl.runtimes.sleepctl import SleepCallError, fallback_reason
+from vramctl.spec.models import DeploymentSpec, DesiredStateError, ModelSpec
 from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
@@ -172,3 +178,83 @@ def test_a_port_shared_with_the_model_it_replaces_is_not_a_squatter(squatter: in
     w.reconcile_once()
     w.request("sdxl", ())  # not refused in the preflight
     assert w.desired.active == "sdxl"
+
+
+# ------------------------------------------------------------------ item 6
+
+
+class _HungSleep(http.server.BaseHTTPRequestHandler):
+    """A model server whose /sleep never answers (until the test ends)."""
+
+    release = threading.Event()
+
+    def do_POST(self) -> None:
+        self.release.wait(30)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_the_sleep_timeout_is_the_models_own_and_a_hung_sleep_falls_back_at_it() -> None:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HungSleep)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    port = int(srv.server_address[1])
+    try:
+        doc = sleepy(port, 12000)
+        doc["sleep"]["timeoutSeconds"] = 0.5
+        d = DeploymentSpec.model_validate({"gpu": 0, "activeModel": "llm", "models": {"llm": doc}})
+        t0 = time.monotonic()
+        with pytest.raises(SleepCallError) as err:
+            HttpSleeper().sleep(d, "llm")
+        assert time.monotonic() - t0 < 3  # its own 0.5 s, not a fixed 60 s
+        assert fallback_reason(err.value, waking=False) == "SleepTimeout"
+    finally:
+        _HungSleep.release.set()
+        srv.shutdown()
+        srv.server_close()
+        t.join(5)
+
+
+@pytest.mark.parametrize(
+    ("doc", "low", "high"),
+    [
+        ({"vramMiB": 2048, "sleep": {"level": 1, "hostMemoryMiB": 2048}}, 10, 20),  # small: seconds, not a minute
+        (
+            {"vramMiB": 14336, "sleep": {"level": 1, "hostMemoryMiB": 14336}},
+            30,
+            60,
+        ),  # 14 GiB copied to pageable host memory: about 11 s measured
+        ({"vramMiB": 14336, "sleep": {"level": 2}}, 10, 20),  # level 2 drops the weights: no copy
+        ({"vramMiB": 14336, "sleep": {"level": 1, "hostMemoryMiB": 14336, "timeoutSeconds": 7}}, 7, 7),
+    ],
+)
+def test_the_default_sleep_timeout_follows_the_models_size(doc: dict[str, Any], low: float, high: float) -> None:
+    m = ModelSpec.model_validate(
+        {
+            "image": "i",
+            "switchStrategy": "sleep",
+            "health": {"port": 9, "path": "/h"},
+            **doc,
+            "sleep": {"path": "/sleep", "wakePath": "/wake_up", **doc["sleep"]},
+        }
+    )
+    assert low <= m.sleep_timeout_seconds <= high
+
+
+def test_a_sleep_timeout_that_is_not_positive_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValidationError) as err:
+        ModelSpec.model_validate(
+            {
+                "image": "i",
+                "switchStrategy": "sleep",
+                "health": {"port": 9, "path": "/h"},
+                "sleep": {"path": "/sleep", "wakePath": "/wake_up", "timeoutSeconds": 0},
+            }
+        )
+    assert "timeoutSeconds" in str(err.value)

@@ -38,14 +38,18 @@ class Sleeper(Protocol):
 
 
 class HttpSleeper:
-    """The model servers' sleep API through ``sleepctl``."""
+    """The model servers' sleep API through ``sleepctl``. A sleep waits at
+    most the model's own ``sleep.timeoutSeconds`` (``sleep_timeout_s``, when
+    given, for every model): past it, the call fails (SleepTimeout) and the
+    model goes the cold way at once."""
 
-    def __init__(self, sleep_timeout_s: float = 60.0, wake_timeout_s: float = 60.0, state_timeout_s: float = 1.0) -> None:
+    def __init__(self, sleep_timeout_s: float | None = None, wake_timeout_s: float = 60.0, state_timeout_s: float = 1.0) -> None:
         self.sleep_timeout_s, self.wake_timeout_s, self.state_timeout_s = sleep_timeout_s, wake_timeout_s, state_timeout_s
 
     def sleep(self, spec: DeploymentSpec, model: str) -> int | None:
         t = _target(spec, model)
-        return sleepctl.sleep(t.base_url, t.api, t.level, self.sleep_timeout_s).residue_mib
+        timeout = self.sleep_timeout_s if self.sleep_timeout_s is not None else spec.models[model].sleep_timeout_seconds
+        return sleepctl.sleep(t.base_url, t.api, t.level, timeout).residue_mib
 
     def wake(self, spec: DeploymentSpec, model: str) -> None:
         t = _target(spec, model)

@@ -221,6 +221,13 @@ class SleepSpec(_Model):
         description="How long after its sleep returned the model's VRAM may still be over maxResidueMiB (the driver frees "
         "late); past it the sleep goes the cold way (ResidueOverLimit). At most the GPU's memoryTimeoutSeconds.",
     )
+    timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="How long the sleep call may take before the model goes the cold way at once (SleepTimeout). Unset: "
+        "10 s plus, per GiB of vramMiB (else hostMemoryMiB), 2 s at level 1 (a copy to pageable host memory) or 0.25 s at level 2.",
+    )
     path: str | None = Field(default=None, description="engine container: the path POSTed to sleep (level=N is added to its query).")
     wake_path: str | None = Field(default=None, description="engine container: the path POSTed to wake the model.")
     state_path: str | None = Field(default=None, description='engine container: a GET path answering {"is_sleeping": true|false}.')
@@ -465,6 +472,19 @@ class ModelSpec(_Model):
     def sleep_settings(self) -> SleepSpec:
         """``sleep``, or its defaults."""
         return self.sleep or SleepSpec()
+
+    @property
+    def sleep_timeout_seconds(self) -> float:
+        """``sleep.timeoutSeconds``, or a default from the model's size and level
+        (unknown size: 60 s)."""
+        s = self.sleep_settings
+        if s.timeout_seconds is not None:
+            return s.timeout_seconds
+        size_mib = self.vram_mib or s.host_memory_mib
+        if not size_mib:
+            return 60.0
+        per_gib = 2.0 if s.level == 1 else 0.25
+        return round(10.0 + per_gib * size_mib / 1024, 1)
 
     @property
     def sleep_api(self) -> SleepApi | None:
