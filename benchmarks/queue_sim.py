@@ -10,21 +10,23 @@ warm 0.5 s (sleep level 1 and wake) and cold 25 s (stop and cold start).
 
 Three policies, side by side on the same requests:
 
-- **cost-aware**: the product's default, the serving window k x the
-  switch's cost (``queue.serveCostFactor``, k = 5), at most
-  ``maxServeSeconds - drainTimeoutSeconds``; the worker's cost book tells the
-  queue each switch's cost (here: the measured figure);
+- **cost-aware**: the product's default, the serving window k x the cost
+  of the switches it avoids, there and back (``queue.serveCostFactor``,
+  k = 5), at most ``maxServeSeconds - drainTimeoutSeconds``; the worker's
+  cost book tells the queue those costs (here: the measured figures);
 - **fixed**: today's window, ``maxServeSeconds - drainTimeoutSeconds``
   whatever a switch costs (``serveCostFactor`` unset);
 - **naive**: switch to each request's model in arrival order, once the
   requests in flight have ended.
 
 Printed per cost: p50/p95/max wait, switches, total time (and the share of
-it spent switching); then a sweep of k with warm costs. A third cost case,
+it spent switching), with drainTimeoutSeconds 15 (as gateway_bench.py: a
+little above the longest request) and again with the default 30; then a
+sweep of k with warm costs. A third cost case,
 ``mixed`` (the LLM sleeps, SDXL only stops: 0.5 s to the LLM, 25 s to SDXL),
 shows the window following each switch's own cost.
 
-    python benchmarks/queue_sim.py                    # ~20 s on one core
+    python benchmarks/queue_sim.py                    # ~3 s on one core
     python benchmarks/queue_sim.py --json benchmarks/results/queue_sim.json
 
 Targets (issue 20): with warm costs, p95 wait at least 2x lower than the
