@@ -190,7 +190,7 @@ def test_status_schema_takes_what_the_operator_writes() -> None:
 def test_phases_are_the_supervisors() -> None:
     (v,) = crd_object()["spec"]["versions"]
     phase = v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["phase"]
-    assert phase["enum"] == ["Idle", "Switching", "Ready", "Blocked", "Failed"]
+    assert phase["enum"] == ["Idle", "Switching", "Ready", "Blocked", "Failed", "Unknown"]
 
 
 def test_committed_crd_is_one_document() -> None:

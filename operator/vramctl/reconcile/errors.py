@@ -63,6 +63,6 @@ class Outage:
         """One more failed try; returns the delay before the next."""
         self.tries += 1
         self.error = err
-        delay = min(0.2 * 2.0 ** (self.tries - 1), 1.0)
+        delay = min(0.2 * 2.0 ** min(self.tries - 1, 8), 1.0)  # bounded exponent: an outage may last for hours
         self.retry_at = now + delay
         return delay

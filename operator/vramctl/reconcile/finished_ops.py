@@ -122,6 +122,7 @@ class FinishedOps:
         m = op.action.model
         if is_transient(c):
             self.outage.error(spec, c, now)
+            self.view.runtime_unreachable()
             return
         logs = self.ctx.logs(op.spec, m)
         if isinstance(op.action, Start):

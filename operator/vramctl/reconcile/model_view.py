@@ -26,7 +26,8 @@ from vramctl.spec.models import DeploymentSpec
 log = logging.getLogger("vramctl.worker.supervisor")
 
 # A model's state as its worker knows it (vramctl_model_state).
-MODEL_STATES = ("running", "starting", "paused", "stopping", "stopped", "failed", "absent", "asleep", "sleeping", "waking")
+# "unknown": the runtime cannot be asked (an outage); what was seen may no longer run.
+MODEL_STATES = ("running", "starting", "paused", "stopping", "stopped", "failed", "absent", "asleep", "sleeping", "waking", "unknown")
 
 # A model's state while an action on it is in flight, by the action's kind.
 OP_STATES = {"Stop": "stopping", "Start": "starting", "Cleanup": "stopping", "Sleep": "sleeping", "Wake": "waking"}
@@ -101,9 +102,18 @@ class ModelView:
         self.running: list[str] = []
         self.asleep: list[str] = []
         self.states: Mapping[str, str] = {}
+        self.unknown = False  # the runtime cannot be asked: nothing is shown running
+
+    def runtime_unreachable(self) -> None:
+        """The runtime cannot be asked: every model seen is ``unknown``, none
+        running or asleep, until the next observation."""
+        self.unknown = True
+        self.running, self.asleep = [], []
+        self.states = {m: "unknown" for m, s in self.states.items() if s != "absent"}
 
     def update(self, observed: Observed, p: Plan) -> None:
         """A new observation and the plan made from it."""
+        self.unknown = False
         stopped = {a.model for a in p.actions if isinstance(a, (Stop, Cleanup))}
         self.kept = frozenset(m for m, w in observed.workloads.items() if w.state.live and m not in stopped)
         self.running = sorted(m for m, w in observed.workloads.items() if w.state is WorkloadState.RUNNING and not w.asleep)
@@ -115,6 +125,8 @@ class ModelView:
     ) -> None:
         """Model states for readers: the last observation, overlaid with the
         action in flight (``failed``: models whose last start failed)."""
+        if self.unknown:
+            return
         states = states_of(spec, self.observed.workloads, failed)
         if in_flight is not None:
             states[in_flight.model] = OP_STATES[type(in_flight).__name__]

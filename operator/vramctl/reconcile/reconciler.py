@@ -150,8 +150,12 @@ class Reconciler:
         try:
             observed = observe(self.runtime, self.spec, self.track, self.actuator.sleeper, self.sleep)
         except Exception as err:
-            return self.outage.error(self.spec, classify(err), now)
-        self.outage.reachable(now)
+            verdict = self.outage.error(self.spec, classify(err), now)
+            if self.outage.outage is not None:
+                self.view.runtime_unreachable()
+            return verdict
+        if self.outage.reachable(now):
+            self.release.blocked = None  # a memory wait says again where it stands
         self.watch.account(self.spec, self.desired, observed, now)
         self.warm.awake(observed, self.track.started_at, now)
         if self.op is not None:  # account stopped a model that did not come up

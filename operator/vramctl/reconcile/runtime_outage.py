@@ -1,9 +1,11 @@
 """The runtime (docker engine, process table, API server) cannot be asked.
 
 Owned by one worker's loop. A transient error (``errors.classify``) starts an
-outage: said once (progress and the RuntimeUnavailable condition), retried
-with back-off (``errors.Outage``), while the switch in progress stays in
-progress and nothing is changed. Any other error is reported and retried at
+outage: said once (progress, the RuntimeUnavailable condition, and the phase
+``Unknown`` with the engine named: what runs is not known, so the models are
+shown unknown), retried with back-off (``errors.Outage``), while nothing is
+changed. When the runtime answers, the phase is the loop's again (Switching
+until the next settled state says Ready, Failed or Blocked). Any other error is reported and retried at
 the resync. When the runtime answers again the condition clears; until the
 next settled state the loop then knows that the engine may have restarted
 containers by their restart policies on its own: it looks for a moment
@@ -25,6 +27,13 @@ log = logging.getLogger("vramctl.worker.supervisor")
 # After an engine outage, how long to look before starting anything: the
 # engine restarts containers by their restart policies right after it answers.
 ENGINE_SETTLE_S = 2.0
+
+# What each runtime asks, as the status names it.
+ENGINES = {"docker": "the Docker engine", "kubernetes": "the Kubernetes API server", "process": "the process table"}
+
+
+def engine_of(kind: str) -> str:
+    return ENGINES.get(kind, f"the {kind} runtime")
 
 
 def is_transient(c: Classified) -> bool:
@@ -57,22 +66,28 @@ class RuntimeOutage:
             return self.ctx.settings.resync_s, True
         if self.outage is None:
             self.outage = Outage(c, now)
-            msg = f"the {self.runtime.kind} runtime is unreachable ({c.message}); vramctl keeps retrying and changes nothing meanwhile"
+            msg = (
+                f"{engine_of(self.runtime.kind)} is unreachable ({c.message}); the models are unknown until it answers; "
+                "vramctl keeps retrying and changes nothing meanwhile"
+            )
             self.ctx.note("runtime-unavailable", None, msg)
             self.ctx.condition("RuntimeUnavailable", True, c.reason, msg)
+            self.ctx.phase("Unknown", "RuntimeUnavailable", msg)
         return self.outage.again(c, now), True
 
-    def reachable(self, now: float) -> None:
-        """The runtime answered: an outage, if any, is over."""
+    def reachable(self, now: float) -> bool:
+        """The runtime answered: an outage, if any, is over (True when one was)."""
         if self.outage is None:
-            return
+            return False
         gone = now - self.outage.since
         self.outage = None
         self.after_outage = True  # until the next settled state
         self.reachable_at = now
-        msg = f"the {self.runtime.kind} runtime answers again after {gone:.1f}s; reconciling"
+        msg = f"{engine_of(self.runtime.kind)} answers again after {gone:.1f}s; reconciling"
         self.ctx.note("runtime-available", None, msg)
         self.ctx.condition("RuntimeUnavailable", False, "Reachable", msg)
+        self.ctx.phase("Switching", "RuntimeAvailable", msg)  # until the next settled state says how it is
+        return True
 
     def settling(self, now: float) -> float | None:
         """Seconds to look before a start or wake, None when it may go now.

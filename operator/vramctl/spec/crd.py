@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from vramctl.spec.models import DeploymentSpec
-from vramctl.status.book import PHASE_BLOCKED, PHASE_FAILED, PHASE_IDLE, PHASE_READY, PHASE_SWITCHING
+from vramctl.status.book import PHASE_BLOCKED, PHASE_FAILED, PHASE_IDLE, PHASE_READY, PHASE_SWITCHING, PHASE_UNKNOWN
 
 GROUP = "vramctl.io"
 VERSION = "v1alpha1"
@@ -48,7 +48,7 @@ PLURAL = "modeldeployments"
 SINGULAR = "modeldeployment"
 SHORT_NAMES = ("md",)
 CRD_NAME = f"{PLURAL}.{GROUP}"
-PHASES = (PHASE_IDLE, PHASE_SWITCHING, PHASE_READY, PHASE_BLOCKED, PHASE_FAILED)
+PHASES = (PHASE_IDLE, PHASE_SWITCHING, PHASE_READY, PHASE_BLOCKED, PHASE_FAILED, PHASE_UNKNOWN)
 
 # Where the generated CRD is committed, relative to the repository root.
 COMMITTED_PATHS = (
@@ -383,7 +383,8 @@ def status_schema() -> dict[str, Any]:
                 "type": "string",
                 "enum": list(PHASES),
                 "description": "Idle: no model desired. Switching: a switch is under way. Ready: the desired models are healthy. "
-                "Blocked: memory did not come back (a foreign process holds it). Failed: a start failed; retried after a backoff.",
+                "Blocked: memory did not come back (a foreign process holds it). Failed: a start failed; retried after a backoff. "
+                "Unknown: the runtime (the Docker engine, the API server) cannot be asked; the models are shown unknown until it answers.",
             },
             "message": {"type": "string", "description": "What the phase is about, in words."},
             "nodeName": {"type": "string", "description": "Node of the vramctl instance that wrote this status."},

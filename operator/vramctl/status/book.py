@@ -20,7 +20,9 @@ PHASE_SWITCHING = "Switching"
 PHASE_READY = "Ready"
 PHASE_BLOCKED = "Blocked"
 PHASE_FAILED = "Failed"
-PHASES = (PHASE_IDLE, PHASE_SWITCHING, PHASE_READY, PHASE_BLOCKED, PHASE_FAILED)
+# The runtime (the Docker engine, the API server) cannot be asked: what runs is not known.
+PHASE_UNKNOWN = "Unknown"
+PHASES = (PHASE_IDLE, PHASE_SWITCHING, PHASE_READY, PHASE_BLOCKED, PHASE_FAILED, PHASE_UNKNOWN)
 SWITCH_OUTCOMES = ("success", "failed", "blocked")
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ConfigWarnings", "RuntimeUnavailable")
 # Progress steps logged as warnings.
