@@ -447,6 +447,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return EXIT_OK
+    for gpu, g in st["gpus"].items():  # first: nothing below is known while the engine is away
+        if g.get("phase") == "Unknown":
+            print(f"runtime unreachable (gpu {gpu}): {g.get('message')}", flush=True)
     if st.get("stale"):
         print("(supervisor not running: last recorded status)")
     for note in st.get("notes", []):
@@ -458,8 +461,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             if last
             else ""
         )
+        running = "unknown" if g.get("phase") == "Unknown" else (",".join(g.get("runningModels", [])) or "-")
         print(
-            f"gpu {gpu}: {g.get('phase')}  active={g.get('activeModel') or '-'}  running={','.join(g.get('runningModels', [])) or '-'}"
+            f"gpu {gpu}: {g.get('phase')}  active={g.get('activeModel') or '-'}  running={running}"
             + (f"  asleep={','.join(g['asleepModels'])}" if g.get("asleepModels") else "")
             + lasts
         )
