@@ -218,7 +218,11 @@ def config(plan: Plan, strategy: str, tts: bool = False) -> dict[str, Any]:
     return {
         "runtime": "process",
         "gpuProbe": probe,
-        "gpus": [{"name": "warm-proof", "gpu": plan.gpu, "models": models}],
+        "gpus": [
+            {"name": "warm-proof", "gpu": plan.gpu, "models": models}
+            # A fresh VM's MemAvailable may start small and grow: the checkpointed models' budget is set, not read.
+            | ({"hostMemoryBudgetMiB": sum(m["sleep"]["hostMemoryMiB"] for m in models.values())} if strategy == "checkpoint" else {})
+        ],
     }
 
 

@@ -143,11 +143,13 @@ def test_a_switch_away_and_back_by_checkpoint(make: Any) -> None:
 
 
 def _break_health_after_wake(r: Rig) -> None:
-    # The stand-in's /wake_up with STANDIN_WAKE_BROKEN turns its /health to 503 for good:
-    # called while it is checkpointed, the restore comes back to a server that is not healthy.
-    req = urllib.request.Request(f"http://127.0.0.1:{r.ports['llm']}/wake_up", data=b"", method="POST")
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        json.loads(resp.read() or b"{}")
+    # The stand-in with STANDIN_WAKE_BROKEN answers 503 on /health for good after a
+    # sleep and a wake of its own API (the fake driver leaves its HTTP thread running):
+    # the restore then comes back to a server that is not healthy.
+    for path in ("/sleep?level=1", "/wake_up"):
+        req = urllib.request.Request(f"http://127.0.0.1:{r.ports['llm']}{path}", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            json.loads(resp.read() or b"{}")
 
 
 @pytest.mark.parametrize(
@@ -209,7 +211,9 @@ def test_each_fall_back_ends_in_a_cold_stop(make: Any, case: str, reason: str) -
     r.cu.fail.clear()
     r.gpu.hide = set()
     r.worker.reconcile_once()
-    assert any(m == "llm" and reason in msg for m, msg in r.fallbacks()), [(p["step"], p.get("model"), p["message"]) for p in r.worker.progress()]
+    assert any(m == "llm" and reason in msg for m, msg in r.fallbacks()), [
+        (p["step"], p.get("model"), p["message"]) for p in r.worker.progress()
+    ]
     assert not alive(llm)  # the suspended process was stopped...
     assert r.states()["llm"] == "running" and r.pid("llm") != llm  # ...and llm started cold
     assert r.states()["sdxl"] == "asleep"

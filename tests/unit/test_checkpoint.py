@@ -217,6 +217,7 @@ def test_a_restore_that_fails_is_a_failed_wake(step: str) -> None:
         sl.wake(spec(), "llm")
     assert err.value.fallback == "WakeFailed"
     assert sleepctl.fallback_reason(err.value, waking=True) == "WakeFailed"
+    assert sl.is_sleeping(spec(), "llm") is True  # never taken for awake: the fall-back stops it
 
 
 def test_a_restored_process_that_does_not_come_back_to_the_gpu_is_a_failed_wake() -> None:
@@ -226,6 +227,7 @@ def test_a_restored_process_that_does_not_come_back_to_the_gpu_is_a_failed_wake(
     with pytest.raises(CheckpointError, match="does not list") as err:
         sl.wake(spec(), "llm")
     assert err.value.fallback == "WakeFailed"
+    assert sl.is_sleeping(spec(), "llm") is True  # running per the driver, but not back on the GPU
 
 
 def test_without_the_api_every_checkpoint_is_refused_with_the_reason() -> None:

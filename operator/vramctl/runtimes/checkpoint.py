@@ -181,7 +181,9 @@ def open_driver(cu: Any, binding: str, wsl2: bool = False) -> tuple[CudaBindings
     try:
         init = cu.cuInit(0)
         if init[0] != cu.CUresult.CUDA_SUCCESS:
-            return None, Availability(False, f"cuInit failed: {getattr(init[0], 'name', init[0])} (no GPU or driver here?)", binding=binding)
+            return None, Availability(
+                False, f"cuInit failed: {getattr(init[0], 'name', init[0])} (no GPU or driver here?)", binding=binding
+            )
         err, version = cu.cuDriverGetVersion()
         if err != cu.CUresult.CUDA_SUCCESS:
             return None, Availability(False, f"cuDriverGetVersion failed: {getattr(err, 'name', err)}", binding=binding)
@@ -215,7 +217,10 @@ def load_driver() -> tuple[CudaBindingsDriver | None, Availability]:
 
                 binding = f"cuda-bindings {version('cuda-bindings')}"
             except Exception as err:
-                _loaded = None, Availability(False, f"the cuda-bindings package is not installed (pip install 'vramctl[checkpoint]'): {err}")
+                _loaded = (
+                    None,
+                    Availability(False, f"the cuda-bindings package is not installed (pip install 'vramctl[checkpoint]'): {err}"),
+                )
             else:
                 _loaded = open_driver(cu, binding, under_wsl2())
         return _loaded
@@ -248,6 +253,7 @@ class Checkpointed:
     gpu_mib: int  # what NVML showed them holding before
     started: tuple[int | None, ...] = ()  # each process's start time (clock ticks): a pid reused is not ours
     host_mib: int | None = None  # their RSS while checkpointed
+    failed: bool = False  # a restore that did not come back: never taken for awake (the fall-back stops it)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -329,7 +335,9 @@ class CheckpointSleeper:
         self.done[model] = record
         left = self._wait_gone(model, pids)
         if left:
-            raise CheckpointError(f"{model!r} checkpointed but NVML still lists {left} {self.confirm_timeout_s:g}s later", "ResidueOverLimit")
+            raise CheckpointError(
+                f"{model!r} checkpointed but NVML still lists {left} {self.confirm_timeout_s:g}s later", "ResidueOverLimit"
+            )
         rss = [rss_mib(pid) for pid in pids]
         record.host_mib = sum(r for r in rss if r is not None) if any(r is not None for r in rss) else None
         record.seconds = {"lock": t_locked - t0, "checkpoint": t_saved - t_locked, "confirm": self.clock() - t_saved}
@@ -363,11 +371,14 @@ class CheckpointSleeper:
                     driver.unlock(pid)
                 st = driver.state(pid)
             except DriverError as err:
+                self._failed(model, pids)
                 raise CheckpointError(f"restoring {model!r}: {err}", "WakeFailed") from None
             if st is not ProcessState.RUNNING:
+                self._failed(model, pids)
                 raise CheckpointError(f"{model!r} process {pid} is {st} after its restore, not running", "WakeFailed")
         missing = self._wait_back(model, pids)
         if missing:
+            self._failed(model, pids)
             raise CheckpointError(f"{model!r} restored but NVML does not list {missing} {self.confirm_timeout_s:g}s later", "WakeFailed")
         rec = self.done.pop(model, None)
         log.info(
@@ -384,8 +395,12 @@ class CheckpointSleeper:
         (or locked); False when they run; None when none is known."""
         if self.driver is None:
             return None
+        pids = self._pids(spec, model)
+        rec = self.done.get(model)
+        if rec is not None and rec.failed:
+            return True  # its restore failed: not awake, whatever the driver says; the fall-back stops it
         states = []
-        for pid in self._pids(spec, model):
+        for pid in pids:
             try:
                 states.append(self.driver.state(pid))
             except DriverError:
@@ -403,6 +418,12 @@ class CheckpointSleeper:
         return rec.host_mib if rec is not None else None
 
     # ------------------------------------------------------------- the parts
+
+    def _failed(self, model: str, pids: tuple[int, ...]) -> None:
+        rec = self.done.get(model)
+        if rec is None:
+            rec = self.done[model] = Checkpointed(pids, 0, tuple(_start_ticks(pid) for pid in pids))
+        rec.failed = True
 
     def _driver(self) -> CheckpointDriver:
         if self.driver is None:
