@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -348,28 +348,28 @@ def cmd_switch(args: argparse.Namespace) -> int:
         body["gpu"] = args.gpu
     if args.force:
         body["force"] = True
+    # Followed from before the request, so that no step of the switch is missed.
+    events = _open_events(base, min(_EVENT_READ_TIMEOUT, args.timeout + 1)) if args.wait else None
     try:
         status, reply = _request(base + "/switch", "POST", body, token)
     except (urllib.error.URLError, OSError) as err:
+        _close(events)
         print(f"vramctl: no supervisor answers at {base} ({err}); start one with `vramctl up`", file=sys.stderr)
         return EXIT_FAIL
     if status != 202:
+        _close(events)
         field = f" [{reply.get('field')}]" if isinstance(reply, dict) and reply.get("field") else ""
         print(f"vramctl: switch refused{field}: {reply.get('error') if isinstance(reply, dict) else reply}", file=sys.stderr)
         return EXIT_USAGE if status in (400, 404, 422) else EXIT_FAIL
     if reply.get("queued"):
-        return _wait_queued(base, args, reply)
+        return _wait_queued(base, args, reply, events)
     gpu, gen, seq = reply["gpu"], reply["generation"], reply["progressSeq"]
     target = reply["activeModel"] or "(no model)"
     if not args.wait:
         print(f"switch to {target} requested on gpu {gpu} (generation {gen})")
         return EXIT_OK
-    deadline = time.monotonic() + args.timeout
-    while True:
-        polled = _poll(base, gpu, seq)
-        if polled is None:
-            return EXIT_FAIL
-        g, seq = polled
+
+    def ended(g: dict[str, Any]) -> int | None:
         if g["desiredGeneration"] > gen:
             print(f"vramctl: superseded by a newer request (generation {g['desiredGeneration']})", file=sys.stderr)
             return EXIT_FAIL
@@ -386,10 +386,103 @@ def cmd_switch(args: argparse.Namespace) -> int:
                 return EXIT_OK
             print(f"vramctl: switch to {target} ended {phase}: {g['message']}", file=sys.stderr)
             return EXIT_FAIL
-        if time.monotonic() > deadline:
-            print(f"vramctl: timed out after {args.timeout:.0f}s; phase {g['phase']}: {g['message']}", file=sys.stderr)
+        return None
+
+    deadline = time.monotonic() + args.timeout
+    rc, seq, g = _follow(events, gpu, seq, deadline, ended)
+    if rc is not None:
+        return rc
+    while time.monotonic() <= deadline:  # no event stream (an older vramctl), or it broke: poll
+        polled = _poll(base, gpu, seq)
+        if polled is None:
             return EXIT_FAIL
+        g, seq = polled
+        rc = ended(g)
+        if rc is not None:
+            return rc
         time.sleep(0.1)
+    print(f"vramctl: timed out after {args.timeout:.0f}s; phase {(g or {}).get('phase')}: {(g or {}).get('message')}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+_EVENT_READ_TIMEOUT = 30.0  # the stream sends a comment every 15 s while nothing happens
+
+
+def _open_events(base: str, timeout: float = _EVENT_READ_TIMEOUT, last_id: int | None = None) -> Any | None:
+    """``GET /events`` open (its first event not read yet), or None when this
+    supervisor serves no event stream or does not answer: then the caller polls."""
+    req = urllib.request.Request(base + "/events", headers={"Accept": "text/event-stream"})
+    if last_id is not None:
+        req.add_header("Last-Event-ID", str(last_id))
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+        resp.close()
+        return None
+    return resp
+
+
+def _close(stream: Any | None) -> None:
+    if stream is not None:
+        stream.close()
+
+
+def _read_events(stream: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event name, its JSON data) per Server-Sent Event as it arrives; a
+    comment (the stream's keep-alive) yields ("", {}) so the reader looks at
+    its clock. Ends with the stream; raises OSError when it breaks."""
+    kind, data = "message", list[str]()
+    for raw in stream:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if data:
+                yield kind, json.loads("\n".join(data))
+            kind, data = "message", list[str]()
+        elif line.startswith(":"):
+            yield "", {}
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                kind = value
+            elif name == "data":
+                data.append(value)
+
+
+def _follow(
+    stream: Any | None, gpu: int, seq: int, deadline: float, ended: Callable[[dict[str, Any]], int | None]
+) -> tuple[int | None, int, dict[str, Any] | None]:
+    """Follow ``gpu`` on the event stream: print its progress after ``seq``
+    (as the polling of /status does), ask ``ended`` at each of its statuses.
+    (``ended``'s exit code, or None when the stream ended, broke or the
+    deadline passed; the last seq printed; the last status seen). Closes the stream."""
+    if stream is None:
+        return None, seq, None
+    last: dict[str, Any] | None = None
+    try:
+        for kind, doc in _read_events(stream):
+            g: dict[str, Any] | None = None
+            if kind == "hello":
+                g = ((doc.get("gpus") or {}).get(str(gpu)) or {}).get("status")
+            elif kind == "status" and doc.get("gpu") == gpu:
+                g = doc["data"]
+            elif kind == "progress" and doc.get("gpu") == gpu and doc["data"]["seq"] > seq:
+                _print_progress(doc["data"])
+                seq = doc["data"]["seq"]
+            if g:
+                last = g
+                rc = ended(g)
+                if rc is not None:
+                    return rc, seq, last
+            if time.monotonic() > deadline:
+                break
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # the stream broke: the caller polls from ``seq``
+    finally:
+        stream.close()
+    return None, seq, last
 
 
 def _poll(base: str, gpu: int, seq: int) -> tuple[dict[str, Any], int] | None:
@@ -406,22 +499,33 @@ def _poll(base: str, gpu: int, seq: int) -> tuple[dict[str, Any], int] | None:
     return st["gpus"][str(gpu)], seq
 
 
-def _wait_queued(base: str, args: argparse.Namespace, reply: dict[str, Any]) -> int:
+def _wait_queued(base: str, args: argparse.Namespace, reply: dict[str, Any], events: Any | None = None) -> int:
     """A switch queued behind live holds (use --force to cut them): it comes
     when they end or the drain times out."""
     gpu, target, seq = reply["gpu"], reply["activeModel"], reply["progressSeq"]
     print(f"switch to {target} queued on gpu {gpu}: {reply['holds']} hold(s) on the running model drain first (--force cuts them)")
     if not args.wait:
+        _close(events)
         return EXIT_OK
+
+    def ended(g: dict[str, Any]) -> int | None:
+        if g["activeModel"] == target and g["phase"] == "Ready" and g["observedGeneration"] >= g["desiredGeneration"]:
+            print(f"{target} holds gpu {gpu}: Ready")
+            return EXIT_OK
+        return None
+
     deadline = time.monotonic() + args.timeout
+    rc, seq, _ = _follow(events, gpu, seq, deadline, ended)
+    if rc is not None:
+        return rc
     while time.monotonic() < deadline:
         polled = _poll(base, gpu, seq)
         if polled is None:
             return EXIT_FAIL
         g, seq = polled
-        if g["activeModel"] == target and g["phase"] == "Ready" and g["observedGeneration"] >= g["desiredGeneration"]:
-            print(f"{target} holds gpu {gpu}: Ready")
-            return EXIT_OK
+        rc = ended(g)
+        if rc is not None:
+            return rc
         time.sleep(0.1)
     print(f"vramctl: timed out after {args.timeout:.0f}s waiting for the queued switch to {target}", file=sys.stderr)
     return EXIT_FAIL
@@ -432,7 +536,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         _, st = _request(base + "/status")
     except (urllib.error.URLError, OSError) as err:
-        if args.state and Path(args.state).exists():
+        if args.state and Path(args.state).exists() and not args.watch:
             from vramctl.sources.statefile import StateFile
 
             recorded = StateFile(args.state)
@@ -455,29 +559,114 @@ def cmd_status(args: argparse.Namespace) -> int:
     for note in st.get("notes", []):
         print(f"note: {note}")
     for gpu, g in st["gpus"].items():
-        last = g.get("lastSwitch") or {}
-        lasts = (
-            f"; last switch {last.get('from') or '-'} -> {last.get('to') or '-'} {last.get('outcome')} in {last.get('durationSeconds')}s"
-            if last
-            else ""
-        )
-        running = "unknown" if g.get("phase") == "Unknown" else (",".join(g.get("runningModels", [])) or "-")
-        print(
-            f"gpu {gpu}: {g.get('phase')}  active={g.get('activeModel') or '-'}  running={running}"
-            + (f"  asleep={','.join(g['asleepModels'])}" if g.get("asleepModels") else "")
-            + lasts
-        )
-        if g.get("message"):
-            print(f"  {g['message']}")
-        q = g.get("queue") or {}
-        if q.get("holds") or q.get("queueDepth"):
-            holds = ", ".join(f"{m} x{n}" for m, n in sorted((q.get("holds") or {}).items())) or "none"
-            waiting = ", ".join(f"{m} x{n}" for m, n in sorted((q.get("waiting") or {}).items())) or "none"
-            drain = "; draining for a switch" if q.get("draining") else ""
-            print(f"  holds: {holds}; waiting: {waiting}{drain}")
-        for w in g.get("configWarnings") or []:
-            print(f"  {'ERROR' if w.get('severity') == 'error' else 'WARN'} {w.get('path')}: {w.get('message')}")
+        _print_gpu(gpu, g)
+    if args.watch:
+        return _watch(base, {gpu: _summary(g) for gpu, g in st["gpus"].items()})
     return EXIT_OK
+
+
+def _summary(g: dict[str, Any]) -> tuple[Any, ...]:
+    """What the one-line view of a GPU shows: a change of it is printed by --watch."""
+    q = g.get("queue") or {}
+    return (
+        g.get("phase"),
+        g.get("activeModel"),
+        tuple(g.get("runningModels") or ()),
+        tuple(g.get("asleepModels") or ()),
+        json.dumps(g.get("lastSwitch"), sort_keys=True),
+        json.dumps(q.get("holds"), sort_keys=True),
+        json.dumps(q.get("waiting"), sort_keys=True),
+        g.get("message"),
+    )
+
+
+def _print_gpu(gpu: str, g: dict[str, Any]) -> None:
+    last = g.get("lastSwitch") or {}
+    lasts = (
+        f"; last switch {last.get('from') or '-'} -> {last.get('to') or '-'} {last.get('outcome')} in {last.get('durationSeconds')}s"
+        if last
+        else ""
+    )
+    running = "unknown" if g.get("phase") == "Unknown" else (",".join(g.get("runningModels", [])) or "-")
+    print(
+        f"gpu {gpu}: {g.get('phase')}  active={g.get('activeModel') or '-'}  running={running}"
+        + (f"  asleep={','.join(g['asleepModels'])}" if g.get("asleepModels") else "")
+        + lasts,
+        flush=True,
+    )
+    if g.get("message"):
+        print(f"  {g['message']}", flush=True)
+    q = g.get("queue") or {}
+    if q.get("holds") or q.get("queueDepth"):
+        holds = ", ".join(f"{m} x{n}" for m, n in sorted((q.get("holds") or {}).items())) or "none"
+        waiting = ", ".join(f"{m} x{n}" for m, n in sorted((q.get("waiting") or {}).items())) or "none"
+        drain = "; draining for a switch" if q.get("draining") else ""
+        print(f"  holds: {holds}; waiting: {waiting}{drain}", flush=True)
+    for w in g.get("configWarnings") or []:
+        print(f"  {'ERROR' if w.get('severity') == 'error' else 'WARN'} {w.get('path')}: {w.get('message')}", flush=True)
+
+
+_WATCH_RECONNECTS = 20  # a supervisor gone for longer than this many tries (about 1 s apart) ends --watch
+
+
+def _watch(base: str, shown: dict[str, tuple[Any, ...]]) -> int:
+    """``status --watch``: every step as it happens, and a GPU's status again
+    when what its line shows changed; from ``GET /events``, resumed after a
+    break with the last id seen (polling ``/status`` where no event stream
+    is served). Ends with Ctrl-C (0) or when the supervisor stays away (1)."""
+    last_id: int | None = None
+    misses = 0
+    try:
+        while misses < _WATCH_RECONNECTS:
+            stream = _open_events(base, last_id=last_id)
+            if stream is None:
+                if _poll_once(base, shown) is None:
+                    misses += 1
+                else:
+                    misses = 0
+                time.sleep(1.0)
+                continue
+            misses = 0
+            try:
+                for kind, doc in _read_events(stream):
+                    if kind == "hello":
+                        last_id = doc.get("lastId", last_id)
+                        for gpu, v in (doc.get("gpus") or {}).items():
+                            if v.get("status"):
+                                _show_if_changed(gpu, v["status"], shown)
+                        continue
+                    if "id" in doc:
+                        last_id = doc["id"]
+                    if kind == "progress":
+                        _print_progress(doc["data"])
+                    elif kind == "status":
+                        _show_if_changed(str(doc["gpu"]), doc["data"], shown)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            finally:
+                stream.close()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    print(f"vramctl: lost the supervisor at {base}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _show_if_changed(gpu: str, g: dict[str, Any], shown: dict[str, tuple[Any, ...]]) -> None:
+    summary = _summary(g)
+    if shown.get(gpu) != summary:
+        shown[gpu] = summary
+        _print_gpu(gpu, g)
+
+
+def _poll_once(base: str, shown: dict[str, tuple[Any, ...]]) -> bool | None:
+    try:
+        _, st = _request(base + "/status")
+    except (urllib.error.URLError, OSError):
+        return None
+    for gpu, g in st["gpus"].items():
+        _show_if_changed(gpu, g, shown)
+    return True
 
 
 SWITCH_IN_KUBERNETES = (
@@ -641,6 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show what holds each GPU")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", action="store_true", help="then follow it: each step, and a GPU again when it changes (Ctrl-C ends)")
     st.add_argument("--url")
     st.add_argument("--state", help="read this state file when no supervisor answers")
     st.set_defaults(func=cmd_status)

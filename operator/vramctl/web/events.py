@@ -12,11 +12,11 @@ too old (or from an earlier run) starts over from a fresh ``hello``.
 Bounds, whatever the readers do:
 
 - at most ``max_streams`` streams (503 with Retry-After beyond);
-- each stream buffers at most ``limit`` events in the journal; a write that
-  the reader does not take within ``write_timeout`` seconds, or a buffer
-  that overflows, ends the stream (the connection is aborted, its buffers
-  freed): a slow reader is dropped, never buffered without bound; it
-  reconnects with its last id;
+- each stream buffers at most ``limit`` events in the journal, and
+  ``SEND_BUFFER`` bytes in its transport and in the kernel; a write that the reader does not take within
+  ``write_timeout`` seconds, or a buffer that overflows, ends the stream
+  (the connection is aborted, its buffers freed): a slow reader is dropped,
+  never buffered without bound; it reconnects with its last id;
 - a comment every ``keepalive`` seconds tells a proxy (and a reader's
   timeout) that the stream lives.
 
@@ -32,6 +32,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -48,6 +50,12 @@ WRITE_TIMEOUT = 10.0
 KEEPALIVE = 15.0
 MAX_STREAMS = 256
 MEMORY_INTERVAL = 0.5
+# What one stream may hold unsent, in the kernel (autotuned, its send buffer
+# could reach megabytes per reader) and in its transport (aiohttp's default
+# high-water mark is 64 KiB): a reader that takes nothing blocks the writes
+# after this much, and is dropped ``write_timeout`` later. Events are small
+# (a status is 1-3 KB); a reader that keeps up never comes near it.
+SEND_BUFFER = 16 * 1024
 _ENCODED_KEPT = 4096
 
 # What the hello adds to the journal's view (runtime, notes, models, read-only mode).
@@ -148,6 +156,7 @@ class EventStream:
             }
         )
         try:
+            _small_send_buffer(request)
             await resp.prepare(request)
             if request.method == "HEAD":
                 return resp
@@ -235,10 +244,30 @@ def _last_event_id(value: str | None) -> int | None:
     return n if n >= 0 else None
 
 
-def _abort(request: web.BaseRequest) -> None:
+def _small_send_buffer(request: web.BaseRequest) -> None:
     transport = request.transport
-    if transport is not None:
-        transport.abort()  # what it holds unsent is dropped with it
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.set_write_buffer_limits(high=SEND_BUFFER)
+
+
+def _abort(request: web.BaseRequest) -> None:
+    """End the connection at once, with what it holds unsent: a reset (linger
+    0), so that the kernel does not keep the unsent events for a reader that
+    takes nothing either."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def add_routes(app: web.Application, stream: EventStream) -> None:
