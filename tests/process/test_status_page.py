@@ -257,3 +257,23 @@ def test_the_page_is_served_with_a_policy_that_allows_this_origin_only(live: lis
             body = r.read().decode()
             assert r.headers["Content-Security-Policy"] == csp
         assert "http://" not in body and "https://" not in body and "innerHTML" not in body and "eval(" not in body
+
+
+def test_put_to_sleep_keeps_a_residue_and_frees_the_rest(live: list[LiveUp], tmp_path: Path, browser: WebDriver, shots: Path) -> None:
+    up = start(live, tmp_path)
+    assert up.post({"model": "sdxl", "sleep": True})[0] == 400  # sleep frees the GPU: never with a model
+    open_page(browser, up)
+    browser.find_element(By.CSS_SELECTOR, "button[data-action=sleep]").click()
+    until(lambda: rows(browser)["llm"] == {"state": "asleep", "active": "false"}, what="llm asleep on the page")
+    until(
+        lambda: (
+            [e.get_attribute("data-model") for e in browser.find_elements(By.CSS_SELECTOR, ".bar [data-model]")] == ["llm"]
+            and browser.find_elements(By.CSS_SELECTOR, ".bar .seg-residue")
+        ),
+        what="only llm's residue on the bar",
+    )
+    g = up.gpu()
+    assert g["activeModel"] is None and g["asleepModels"] == ["llm"]
+    assert "asleep" in browser.find_element(By.CSS_SELECTOR, "tr[data-model=llm] .state").text
+    browser.save_screenshot(str(shots / "6-asleep.png"))
+    assert console_errors(browser) == []

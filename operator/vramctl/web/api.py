@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -53,6 +54,7 @@ class SwitchBody(BaseModel):
     companions: list[StrictStr] | None = Field(None, description="a list of model names (light models beside it)")
     gpu: StrictInt | None = Field(None, description="a whole number (a GPU index)")
     force: StrictBool = Field(False, description="true or false (switch now, even away from held models)")
+    sleep: StrictBool = Field(False, description="true or false (with model null: put what can sleep to sleep instead of stopping it)")
 
 
 class Api:
@@ -147,6 +149,8 @@ class Api:
             raise HttpError(409, self.switch_refusal, close=True)
         body = parse_body(SwitchBody, body_of(request))
         gpu, model, companions = self._target(body)
+        if body.sleep and (model is not None or companions):
+            raise HttpError(400, "field `sleep` puts the GPU's models to sleep: send it with model null and no companions", "sleep")
         worker = self.supervisor.workers[gpu]
         held = worker.holds_against(model)
         if held and not body.force and model is not None:
@@ -173,7 +177,7 @@ class Api:
                     raise HttpError(507, f"the switch was not applied: {err}") from None
             seq = worker.published_status().get("progressSeq", 0)
             try:
-                d = await loop.run_in_executor(None, worker.request, model, companions, "api")
+                d = await loop.run_in_executor(None, functools.partial(worker.request, model, companions, "api", keep_asleep=body.sleep))
             except DesiredStateError as err:
                 field = (err.field or "model").replace("activeModel", "model")
                 raise HttpError(422, str(err), field.split("[")[0]) from None
