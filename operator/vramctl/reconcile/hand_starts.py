@@ -6,7 +6,10 @@ it was vramctl's own. Anyone else's start (``docker compose --profile sdxl up
 can allocate, and handed to the worker (``ctx.gated``), which makes a heavy
 one the desired model so that the plan hands the GPU over; unless it is not
 adopted (``not_adopted`` says why). vramctl's own container started again by
-its restart policy is a crash: a failure with back-off, and stopped.
+its restart policy is a crash: a failure with back-off, and stopped. Started
+again right after a stop by hand (a ``kill`` event from the engine, or an
+exit without a crash's code: ``docker compose restart``, stop then start),
+it is the user's restart: it is let come back, and its health is waited for.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from vramctl.runtimes.base import Runtime, StartEvent
 from vramctl.spec.models import DeploymentSpec
 
 log = logging.getLogger("vramctl.worker.supervisor")
+
+# Exit codes of a stop, not a crash: clean, SIGINT, SIGTERM.
+_CLEAN_EXITS = (0, 130, 143)
 
 
 class HandStarts:
@@ -49,6 +55,9 @@ class HandStarts:
         """A managed workload of this GPU started (``op``: the action in flight).
         Anyone else's start is frozen at once, before it can allocate; a heavy
         one becomes the desired model and the plan hands over."""
+        if ev.action in ("kill", "die"):
+            self._stopped(ev, op)
+            return
         if ev.action != "start":
             return  # the next tick (this one's poke) observes the change
         starting = op.action.model if op is not None and isinstance(op.action, Start) else None
@@ -57,6 +66,16 @@ class HandStarts:
             self.pause(ev, spec, desired)
         elif decision is GateDecision.RESTARTED:
             self._restarted(ev, spec, desired, op)
+
+    def _stopped(self, ev: StartEvent, op: Op | None) -> None:
+        """A model vramctl runs was signalled by the engine (``kill``: ``docker
+        stop``, ``docker restart``) or exited without a crash's code, and not by
+        vramctl's own stop: a stop by hand, maybe a restart."""
+        m = ev.model
+        if m not in self.track.healthy | self.track.starting or (op is not None and op.action.model == m):
+            return
+        if ev.action == "kill" or ev.exit_code in _CLEAN_EXITS:
+            self.track.stopped_by_hand.setdefault(m, self.ctx.clock())
 
     def _restarted(self, ev: StartEvent, spec: DeploymentSpec, desired: Desired, op: Op | None) -> None:
         """vramctl's own container of ``ev.model`` was started again by its
@@ -67,6 +86,15 @@ class HandStarts:
             self.pause(ev, spec, desired)
             return
         now = self.ctx.clock()
+        if self.track.restart_pending(m, now):
+            del self.track.stopped_by_hand[m]
+            self.track.forget(m)
+            self.track.gate.refs[m] = ev.ref  # still vramctl's container
+            self.track.started_at[m], self.track.starting = now, self.track.starting | {m}
+            self.ctx.note(
+                "restarted-outside", m, f"{m!r} was restarted outside vramctl (docker compose restart): waiting until it is healthy"
+            )
+            return
         logs = self.ctx.logs(spec, m)
         self.track.forget(m)
         self.watch.fail(m, "CrashLoop", f"{m!r} crashed and its restart policy started it again", logs, now)

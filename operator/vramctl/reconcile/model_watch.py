@@ -19,6 +19,10 @@ from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.gating import StartGate
 from vramctl.spec.models import DeploymentSpec
 
+# A model stopped by hand (``docker compose restart``, stop then start) that
+# starts again within this long was restarted by the user: not a crash.
+RESTART_WINDOW_S = 5.0
+
 
 @dataclass
 class Tracking:
@@ -33,6 +37,7 @@ class Tracking:
     exited: tuple[str, ...] = ()  # the models of that stop (and any cleaned up since)
     ready: dict[str, bool] = field(default_factory=dict)  # last health verdict, kept over local resource errors
     exited_on_its_own: set[str] = field(default_factory=set)  # failed as "Exited": a removal if it disappears next
+    stopped_by_hand: dict[str, float] = field(default_factory=dict)  # model -> when a stop outside vramctl was seen
 
     def forget(self, model: str) -> None:
         """vramctl is done with ``model`` (stopped, failed): its start, health and health wait are forgotten."""
@@ -41,6 +46,11 @@ class Tracking:
         self.starting.discard(model)
         self.healthy.discard(model)
         self.health_since.pop(model, None)
+
+    def restart_pending(self, model: str, now: float) -> bool:
+        """``model`` was stopped by hand less than ``RESTART_WINDOW_S`` ago: it may be coming back."""
+        at = self.stopped_by_hand.get(model)
+        return at is not None and now - at < RESTART_WINDOW_S
 
 
 class ModelWatch:
@@ -66,6 +76,9 @@ class ModelWatch:
                     self.track.starting.discard(m)
                     self.ctx.note("healthy", m, f"{m!r} is healthy after {now - self.track.started_at.get(m, now):.2f}s")
         self.backoff.settle(now)
+        for m, at in list(self.track.stopped_by_hand.items()):
+            if now - at >= RESTART_WINDOW_S:
+                del self.track.stopped_by_hand[m]  # not started again: it exited (judged below)
         for m in sorted(self.track.exited_on_its_own):
             # Exited, then removed (``docker rm -f`` and ``compose down`` kill
             # first): not a crash after all, but a removal outside vramctl.
@@ -79,6 +92,8 @@ class ModelWatch:
             gone = observed.workloads.get(m)
             if gone is not None and gone.state.live:
                 continue
+            if gone is not None and self.track.restart_pending(m, now):
+                continue  # stopped by hand a moment ago: a restart (`docker compose restart`) brings it back
             code = gone.exit_code if gone is not None else None
             was_starting = m in self.track.starting
             self.track.forget(m)
@@ -93,6 +108,11 @@ class ModelWatch:
             else:
                 self.track.exited_on_its_own.add(m)
                 self.fail(m, "Exited", f"{m!r} exited on its own after it was healthy (exit code {code})", logs, now)
+
+    def restart_pending(self, desired: Desired, observed: Observed, now: float) -> bool:
+        """A wanted model stopped by hand may be on its way back: nothing is
+        started in its place until it is, or the window is over."""
+        return any(self.track.restart_pending(m, now) and not observed.state(m).live for m in desired.members)
 
     def _removed(self, spec: DeploymentSpec, desired: Desired, m: str) -> None:
         """A wanted model's workload was removed outside vramctl (``docker

@@ -157,6 +157,8 @@ class Reconciler:
         if self.outage.reachable(now):
             self.release.blocked = None  # a memory wait says again where it stands
         self.watch.account(self.spec, self.desired, observed, now)
+        if self.watch.restart_pending(self.desired, observed, now):
+            return self.ctx.settings.poll_interval_s, False  # stopped by hand a moment ago: it may be restarting
         self.warm.awake(observed, self.track.started_at, now)
         if self.op is not None:  # account stopped a model that did not come up
             return self.ctx.settings.poll_interval_s, False

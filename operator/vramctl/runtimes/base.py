@@ -72,11 +72,13 @@ class StartEvent:
     gpu: int
     ref: str
     heavy: bool
-    # "start"; or "die", "destroy", "pause", "unpause": the worker only looks again at once.
+    # "start" (gated); "kill", "die", "restart" (a stop or restart by hand is told from a crash);
+    # or "destroy", "pause", "unpause": the worker only looks again at once.
     action: str = "start"
     # Started only because every `docker compose up` starts it (a compose
     # service without a profile), not because someone asked for it by name.
     incidental: bool = False
+    exit_code: int | None = None  # of a "die"
 
 
 @runtime_checkable

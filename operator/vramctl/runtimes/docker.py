@@ -217,9 +217,11 @@ def _classified(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-# 'start' is gated; the others only make the worker look again at once
-# (a container removed or paused by hand shows in the status immediately).
-_WATCHED_EVENTS = ("start", "die", "destroy", "pause", "unpause")
+# 'start' is gated; 'kill', 'die' and 'restart' tell a stop or restart by
+# hand (`docker compose restart`) from a crash; the others only make the
+# worker look again at once (a container removed or paused by hand shows in
+# the status immediately).
+_WATCHED_EVENTS = ("start", "kill", "die", "restart", "destroy", "pause", "unpause")
 
 
 @dataclass(frozen=True)
@@ -907,6 +909,7 @@ class DockerRuntime:
             heavy=attrs.get(LABEL_CLASS, "heavy") != "light",
             action=action,
             incidental=action == "start" and self._without_profile(attrs),
+            exit_code=_int_or_none(attrs.get("exitCode")) if action == "die" else None,
         )
         try:
             on_start(event)
@@ -918,3 +921,10 @@ class DockerRuntime:
     def close(self) -> None:
         if self._owns_client:
             self.client.close()
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None

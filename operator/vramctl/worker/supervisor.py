@@ -161,8 +161,8 @@ class Supervisor:
         w = self._workers.get(ev.gpu)
         if w is None:
             return
-        if ev.action == "start":
-            w.gate_start(ev)
+        if ev.action in ("start", "kill", "die", "restart"):
+            w.gate_start(ev)  # the loop tells a stop or restart by hand from a crash
         else:
             w.poke()
 
