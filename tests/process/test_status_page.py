@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -39,7 +41,7 @@ TOKEN = "page-test-token-5e1f"
 SLEEP_API = {"path": "/sleep", "wakePath": "/wake_up", "statePath": "/is_sleeping"}
 
 
-def page_config() -> dict[str, Any]:
+def page_config(**gpu: Any) -> dict[str, Any]:
     """llm sleeps when it gives the GPU away (its residue stays on the bar), sdxl stops, tts is light."""
     llm = standin(free_port(), vram=9000, STANDIN_SLEEP_SECONDS="0.1", STANDIN_WAKE_SECONDS="0.1", STANDIN_RESIDUE_MIB="600")
     llm["switchStrategy"] = "sleep"
@@ -52,6 +54,7 @@ def page_config() -> dict[str, Any]:
                 "gpu": 0,
                 "activeModel": "llm",
                 "models": {"llm": llm, "sdxl": standin(free_port(), vram=6000), "tts": standin(free_port(), cls="light", vram=2000)},
+                **gpu,
             }
         ],
     }
@@ -108,8 +111,8 @@ def live(tmp_path: Path) -> Iterator[list[LiveUp]]:
         up.kill_models()
 
 
-def start(live: list[LiveUp], tmp: Path, cls: type[LiveUp] = LiveUp) -> LiveUp:
-    up = cls(tmp, page_config())
+def start(live: list[LiveUp], tmp: Path, cls: type[LiveUp] = LiveUp, cfg: dict[str, Any] | None = None) -> LiveUp:
+    up = cls(tmp, cfg or page_config())
     live.append(up)
     up.start()
     return up
@@ -276,4 +279,44 @@ def test_put_to_sleep_keeps_a_residue_and_frees_the_rest(live: list[LiveUp], tmp
     assert g["activeModel"] is None and g["asleepModels"] == ["llm"]
     assert "asleep" in browser.find_element(By.CSS_SELECTOR, "tr[data-model=llm] .state").text
     browser.save_screenshot(str(shots / "6-asleep.png"))
+    assert console_errors(browser) == []
+
+
+def _hold(up: LiveUp, model: str, out: list[dict[str, Any]]) -> None:
+    req = urllib.request.Request(
+        up.url + "/holds", data=json.dumps({"model": model, "ttlSeconds": 60}).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        out.append(json.loads(r.read()))
+
+
+def test_holds_and_the_queue_with_waiting_times_and_a_hold_cancelled(
+    live: list[LiveUp], tmp_path: Path, browser: WebDriver, shots: Path
+) -> None:
+    # Holds switch the GPU (onDemand); a switch waits up to 30 s for the holds on the running model.
+    up = start(live, tmp_path, cfg=page_config(switching={"mode": "onDemand"}, queue={"drainTimeoutSeconds": 30, "maxServeSeconds": 30}))
+    held: list[dict[str, Any]] = []
+    _hold(up, "llm", held)  # granted at once: llm is active
+    open_page(browser, up)
+    until(lambda: browser.find_elements(By.CSS_SELECTOR, "[data-hold-model=llm] button[data-action=cancel-hold]"), what="llm's hold")
+    waiter = threading.Thread(target=_hold, args=(up, "sdxl", held), daemon=True)
+    waiter.start()  # waits: llm is held
+    waiting = until(lambda: browser.find_elements(By.CSS_SELECTOR, "[data-waiting-model=sdxl]"), what="sdxl waiting")[0]
+    assert "1 waiting, for" in waiting.text
+    time.sleep(1.2)
+    until(
+        lambda: re.search(r"for [1-9]\d* s", browser.find_element(By.CSS_SELECTOR, "[data-waiting-model=sdxl]").text),
+        what="the wait counted",
+    )
+    browser.save_screenshot(str(shots / "7-queue.png"))
+    browser.find_element(By.CSS_SELECTOR, "[data-hold-model=llm] button[data-action=cancel-hold]").click()
+    waiter.join(30)
+    assert [h["model"] for h in held] == ["llm", "sdxl"]  # the cancel let the waiting demand through
+    until(lambda: rows(browser)["sdxl"]["active"] == "true", what="sdxl active")
+    until(
+        lambda: (
+            browser.find_elements(By.CSS_SELECTOR, "[data-hold-model=sdxl]")
+            and not browser.find_elements(By.CSS_SELECTOR, "[data-hold-model=llm]")
+        )
+    )
     assert console_errors(browser) == []
