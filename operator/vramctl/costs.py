@@ -205,11 +205,11 @@ def _mib(x: Any) -> int | None:
 
 
 def paths_of(spec: DeploymentSpec, model: str) -> tuple[Path, ...]:
-    """The ways ``model`` can go and come back under its spec (its switchStrategy)."""
+    """The ways ``model`` can go and come back under its spec (its switchStrategy; auto: stop or sleep)."""
     m = spec.models[model]
     if m.switch_strategy == "checkpoint":
         return ("start", "stop", "checkpoint", "restore")
-    if m.switch_strategy == "sleep":
+    if m.sleeps_by_api:
         level = m.sleep_settings.level
         return ("start", "stop", "sleep-l1" if level == 1 else "sleep-l2", "wake-l1" if level == 1 else "wake-l2")
     return ("start", "stop")
@@ -450,3 +450,37 @@ def eviction_order(
         return (cold, last_used.get(m, 0.0), m)
 
     return sorted((m for m in sleepers if m in spec.models), key=key)
+
+
+def budgets_for(
+    spec: DeploymentSpec,
+    model: str,
+    *,
+    sleepers: Iterable[str],
+    awake_next: Iterable[str],
+    cycles_left: bool = True,
+    total_mib: int | None = None,
+    margin_mib: int = 256,
+    host_budget_mib: int | None = None,
+    pinned_ceiling_mib: int | None = None,
+) -> Budgets:
+    """What is left for ``model`` going away beside the other ``sleepers``
+    (asleep and staying so) while ``awake_next`` run: the host memory budget
+    (``hostMemoryBudgetMiB``, else ``host_budget_mib``) less the sleepers'
+    host memory; the GPU's budget (``vramBudgetMiB``, else total less the
+    margin) less the next models' reservations and the sleepers' residues;
+    the pinned-memory ceiling (``pinnedMemoryCeilingMiB``, else
+    ``pinned_ceiling_mib``, the probe's) less what the level-1 sleepers pin.
+    None where the budget is unknown (no limit)."""
+    others = [m for m in dict.fromkeys(sleepers) if m != model and m in spec.models]
+    host_budget = spec.host_memory_budget_mib if spec.host_memory_budget_mib is not None else host_budget_mib
+    host_left = None if host_budget is None else host_budget - sum(spec.models[m].host_memory_asleep_mib for m in others)
+    vram = spec.vram_budget_mib if spec.vram_budget_mib is not None else (total_mib - margin_mib if total_mib is not None else None)
+    residue_left = None
+    if vram is not None:
+        awake = sum(spec.reservation_mib(m, total_mib) or 0 for m in dict.fromkeys(awake_next) if m in spec.models and m != model)
+        residue_left = vram - awake - sum(spec.models[m].sleep_settings.max_residue_mib for m in others)
+    ceiling = spec.pinned_memory_ceiling_mib if spec.pinned_memory_ceiling_mib is not None else pinned_ceiling_mib
+    pinned = [m for m in others if spec.models[m].sleeps_by_api and spec.models[m].sleep_settings.level == 1]
+    pinned_left = None if ceiling is None else ceiling - sum(spec.models[m].host_memory_asleep_mib for m in pinned)
+    return Budgets(host_left, residue_left, pinned_left, cycles_left)

@@ -13,13 +13,15 @@ sleeps is woken (``Wake``, behind a WaitForMemory like a Start). At most one
 heavy model is awake or waking per GPU; asleep models count against the
 budget by their residue (maxResidueMiB) and against host memory by
 hostMemoryMiB. When the next model's reservation plus the residues would not
-fit, sleeping models are stopped, least recently used first. ``cold`` names
+fit, sleeping models are stopped in the caller's eviction order
+(``costs.eviction_order``: the one cheapest to bring back cold first), else
+least recently used first. ``cold`` names
 models that must go the cold way this time (a sleep fall-back, maxCycles).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
@@ -138,14 +140,18 @@ def plan(
     cold: Set[str] = frozenset(),
     last_used: Mapping[str, float] | None = None,
     host_budget_mib: int | None = None,
+    eviction_order: Sequence[str] | None = None,
 ) -> Plan:
     """``total_mib``: the GPU's total memory when known; a vLLM model's
     reservation is gpuMemoryUtilization x total (``DeploymentSpec.reservation``).
     ``cold``: models that are stopped rather than put to sleep (and stopped if
     they sleep); ``last_used``: when each model was last awake (eviction order);
-``host_budget_mib``: the default host-memory budget of the level-1 sleepers
-(read from MemAvailable at start), used where the spec sets no
-``hostMemoryBudgetMiB``; None: unbounded.
+    ``host_budget_mib``: the default host-memory budget of the level-1 sleepers
+    (read from MemAvailable at start), used where the spec sets no
+    ``hostMemoryBudgetMiB``; None: unbounded. ``eviction_order``: the sleepers
+    in the order they are stopped when room is needed (a model it does not
+    name goes after those it does, least recently used first); None: least
+    recently used first.
 
     The steps, each a function of its own: leftovers are cleaned up
     (``_cleanups``); what is live and not wanted is stopped or put to sleep
@@ -159,7 +165,7 @@ def plan(
         cold = {w.model for w in live}  # free the GPU: nothing sleeps on it, sleepers are stopped too
     release = _release(spec, live, wanted, cold)
     waking = [m for m in release.sleepers if m in wanted]
-    _evict(spec, desired, observed, live, release, waking, margin_mib, total_mib, last_used or {}, host_budget_mib)
+    _evict(spec, desired, observed, live, release, waking, margin_mib, total_mib, last_used or {}, host_budget_mib, eviction_order)
     actions: list[Action] = [*_cleanups(observed), *_sleeps_and_stops(spec, observed, live, release)]
     stopped = [a.model for a in actions if isinstance(a, (Cleanup, Stop))]
     first = _first_wait(spec, live, release.sleepers, stopped, baseline_mib, margin_mib, total_mib)
@@ -234,15 +240,19 @@ def _evict(
     total_mib: int | None,
     last_used: Mapping[str, float],
     default_host_budget_mib: int | None,
+    order: Sequence[str] | None = None,
 ) -> None:
     """Eviction: the awake models, the next ones and the residues must fit the
-    budget (and the sleepers' host memory the host budget); the least
-    recently used sleepers that stay asleep are stopped first."""
+    budget (and the sleepers' host memory the host budget); the sleepers that
+    stay asleep are stopped in ``order`` (else least recently used first)."""
     staying = [m for m in release.sleepers if m not in waking]
     budget = spec.vram_budget_mib if spec.vram_budget_mib is not None else (total_mib - margin_mib if total_mib is not None else None)
     base = _awake_reservations(spec, desired, observed, live, release, waking, total_mib)
-    # The model put to sleep now was awake until now: the most recently used.
-    staying.sort(key=lambda m: (float("inf") if m in release.to_sleep else last_used.get(m, float("-inf")), m))
+    # The model put to sleep now was awake until now: the most recently used, the last to go.
+    rank = {m: i for i, m in enumerate(order or ())}
+    staying.sort(
+        key=lambda m: (m in release.to_sleep, rank.get(m, len(rank)), last_used.get(m, float("-inf")), m),
+    )
     host_budget = spec.host_memory_budget_mib if spec.host_memory_budget_mib is not None else default_host_budget_mib
     while staying:
         residues = sum(_residue(spec, m) for m in staying)

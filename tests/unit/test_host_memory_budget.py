@@ -74,6 +74,9 @@ def test_the_settings_read_the_default_budget_at_start(tmp_path: Path) -> None:
 def test_without_host_memory_budget_the_default_evicts_the_least_recently_used_sleeper() -> None:
     rt = FakeRuntime(states={"a": RUN}, residue={m: 500 for m in "abcd"})
     w = rig(spec(), rt, settings(MEMINFO))
+    for m in "abcd":  # equally costly to bring back cold: among equals the least recently used goes
+        for _ in range(3):
+            w.reporter.costs.record(m, "start", 20.0)
     w.reconcile_once()
     switch(w, "b")  # a asleep: 10000 MiB of host memory
     switch(w, "c")  # a and b asleep: 20000 <= 23600

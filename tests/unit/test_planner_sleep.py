@@ -3,7 +3,8 @@
 At most one heavy model awake or waking per GPU after any plan; residues plus
 the awake model never exceed the budget; a sleepable model that is not wanted
 sleeps, a wanted one that sleeps is woken behind a memory wait; sleepers are
-evicted least recently used first; ``cold`` models are stopped instead.
+evicted in the order given (the cost book's), else least recently used
+first; ``cold`` models are stopped instead.
 """
 
 from __future__ import annotations
@@ -111,6 +112,21 @@ def test_sleepers_are_evicted_least_recently_used_first_when_the_next_model_woul
     assert p.actions[0] == Stop("sdxl", "evicted: its residue does not fit beside the next model")
 
 
+def test_an_eviction_order_overrides_recency_and_the_model_put_to_sleep_now_goes_last() -> None:
+    # llm was used last, but the order says it is the cheapest to bring back cold: it goes first.
+    recent = {"llm": 9.0, "sdxl": 5.0}
+    p = run(desired("flux"), obs(asleep("llm"), asleep("sdxl")), 15000, last_used=recent, eviction_order=["llm", "sdxl"])
+    assert p.actions[0] == Stop("llm", "evicted: its residue does not fit beside the next model")
+    assert not any(isinstance(a, Stop) and a.model == "sdxl" for a in p.actions)
+    # A model the order does not name goes after those it names.
+    p = run(desired("flux"), obs(asleep("llm"), asleep("sdxl")), 15000, last_used=recent, eviction_order=["sdxl"])
+    assert p.actions[0] == Stop("sdxl", "evicted: its residue does not fit beside the next model")
+    # The model put to sleep by this plan was awake until now: evicted last, whatever the order.
+    p = run(desired("flux"), obs(asleep("llm"), sdxl="running"), 15000, last_used=recent, eviction_order=["sdxl", "llm"])
+    assert Stop("llm", "evicted: its residue does not fit beside the next model") in p.actions
+    assert Sleep("sdxl", "not desired") in p.actions
+
+
 def test_drifted_asleep_model_is_stopped() -> None:
     w = replace(asleep("llm"), drifted=True)
     assert run(desired("llm"), obs(w)).actions[0] == Stop("llm", "spec changed")
@@ -122,7 +138,7 @@ NAMES = ["llm", "sdxl", "flux", "tts"]
 
 
 @st.composite
-def worlds(draw: st.DrawFn) -> tuple[Desired, Observed, dict[str, float], frozenset[str], int | None]:
+def worlds(draw: st.DrawFn) -> tuple[Desired, Observed, dict[str, float], frozenset[str], int | None, list[str] | None]:
     heavies = ["llm", "sdxl", "flux"]
     active = draw(st.none() | st.sampled_from(heavies))
     companions = ("tts",) if draw(st.booleans()) else ()
@@ -141,7 +157,8 @@ def worlds(draw: st.DrawFn) -> tuple[Desired, Observed, dict[str, float], frozen
     last_used = {n: float(draw(st.integers(0, 9))) for n in NAMES if draw(st.booleans())}
     cold = frozenset(draw(st.lists(st.sampled_from(["llm", "sdxl"]), unique=True)))
     total = draw(st.sampled_from([None, 16000, 15000, 20000]))
-    return Desired(active, companions, 0, draw(st.booleans())), Observed(ws), last_used, cold, total
+    order = draw(st.none() | st.permutations(["llm", "sdxl"]).map(list) | st.just(["sdxl"]))
+    return Desired(active, companions, 0, draw(st.booleans())), Observed(ws), last_used, cold, total, order
 
 
 def awake_heavies(o: Observed) -> list[str]:
@@ -151,10 +168,10 @@ def awake_heavies(o: Observed) -> list[str]:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds())
 def test_at_most_one_heavy_awake_or_waking_and_residues_fit(
-    world: tuple[Desired, Observed, dict[str, float], frozenset[str], int | None],
+    world: tuple[Desired, Observed, dict[str, float], frozenset[str], int | None, list[str] | None],
 ) -> None:
-    d, o, last_used, cold, total = world
-    p = run(d, o, total, cold=cold, last_used=last_used)
+    d, o, last_used, cold, total, order = world
+    p = run(d, o, total, cold=cold, last_used=last_used, eviction_order=order)
     note(f"plan: {p.describe()}")
     # While the plan runs: a Start or Wake of a heavy model only when no other heavy is awake
     awake = set(awake_heavies(o))
@@ -176,4 +193,4 @@ def test_at_most_one_heavy_awake_or_waking_and_residues_fit(
         )
         assert used <= total - MARGIN, f"{used} MiB after {p.describe()}"
     # And the plan converges: nothing left to do
-    assert run(d, after, total, cold=cold, last_used=last_used).actions == ()
+    assert run(d, after, total, cold=cold, last_used=last_used, eviction_order=order).actions == ()

@@ -1,7 +1,8 @@
 """Warm switching through the real worker on recording fakes (FakeSleeper):
 a switch puts the old model to sleep and a switch back wakes it; every
 fall-back reason stops the model and goes the cold way with a SleepFallback
-step; sleeping models are evicted least recently used first; a restarted
+step; sleeping models are evicted cheapest to bring back cold first (the
+cost book), least recently used among equals; a restarted
 worker finds its sleeping models and keeps them asleep."""
 
 from __future__ import annotations
@@ -169,16 +170,39 @@ def test_max_cycles_stops_the_model_instead_of_a_sleep() -> None:
     assert rt.calls[-2:] == [("sleep", "sdxl"), ("start", "llm")]
 
 
-def test_sleeping_models_are_evicted_least_recently_used_first() -> None:
-    d = DeploymentSpec.model_validate(
+def four_sleepers() -> DeploymentSpec:
+    return DeploymentSpec.model_validate(
         {
             "gpu": 0,
             "activeModel": "a",  # no vramBudgetMiB: the GPU's 16000 MiB less the 256 MiB margin
             "models": {m: sleepy(19010 + i, 11000, 2000) for i, m in enumerate(("a", "b", "c", "d"))},
         }
     )
+
+
+def cold_starts(w: GpuWorker, **seconds: float) -> None:
+    """The cost book's cold starts (three each: a start the test makes, measured 0 s, leaves the median)."""
+    for m, s in seconds.items():
+        for _ in range(3):
+            w.reporter.costs.record(m, "start", s)
+
+
+def test_sleeping_models_are_evicted_cheapest_to_bring_back_cold_first() -> None:
     rt = FakeRuntime(states={"a": RUN}, residue={m: 1500 for m in "abcd"})
-    w, _, _ = rig(d, rt)
+    w, _, _ = rig(four_sleepers(), rt)
+    cold_starts(w, a=60.0, b=20.0, c=20.0, d=20.0)  # a: a vLLM cold start; the others cheaper
+    w.reconcile_once()
+    switch(w, "b")
+    switch(w, "c")
+    switch(w, "d")  # three residues beside d do not fit: a is the least recently used, but b is cheaper to bring back
+    assert ("stop", "b") in rt.calls and ("stop", "a") not in rt.calls
+    assert w.model_states()["a"] == "asleep" and w.model_states()["c"] == "asleep"
+
+
+def test_sleeping_models_equally_costly_are_evicted_least_recently_used_first() -> None:
+    rt = FakeRuntime(states={"a": RUN}, residue={m: 1500 for m in "abcd"})
+    w, _, _ = rig(four_sleepers(), rt)
+    cold_starts(w, a=20.0, b=20.0, c=20.0, d=20.0)
     w.reconcile_once()
     switch(w, "b")  # 11000 + a 2000 fits 15744
     switch(w, "c")  # 11000 + a 2000 + b 2000 = 15000 fits

@@ -22,13 +22,16 @@ The ``Reconciler`` coordinates; each of its concerns is a small part of its own:
 - ``start_checks``: can a plan's starts run, is a health port free;
 - ``release_wait``: the wait for the GPU's memory before a start (Blocked);
 - ``hand_starts``: the gating of starts made behind vramctl's back;
-- ``settled``: what an empty plan means (Ready, Idle, backing off).
+- ``settled``: what an empty plan means (Ready, Idle, backing off);
+- ``ways``: switchStrategy auto's way per switch away, and the sleepers'
+  eviction order, by the switch costs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence, Set
 
+from vramctl.costs import CostBook
 from vramctl.gpu.base import GpuProbe
 from vramctl.observed import Desired, Observed
 from vramctl.planner import Cleanup, Plan, Sleep, Start, Stop, WaitForMemory, WaitHealthy, Wake, plan
@@ -46,6 +49,7 @@ from vramctl.reconcile.runtime_outage import RuntimeOutage
 from vramctl.reconcile.settled import next_look, report
 from vramctl.reconcile.start_checks import StartChecks
 from vramctl.reconcile.warm import SleepBook, SleepMetrics, WarmSwitches
+from vramctl.reconcile.ways import WayChoices
 from vramctl.runtimes.base import Runtime, StartEvent
 from vramctl.spec.models import DeploymentSpec
 
@@ -61,10 +65,12 @@ def plan_for(
     total: int | None,
     book: SleepBook | None = None,
     host_budget: int | None = None,
+    also_cold: Set[str] = frozenset(),
+    eviction_order: Sequence[str] | None = None,
 ) -> Plan:
-    cold = frozenset(book.cold) if book is not None else frozenset()
+    cold = (frozenset(book.cold) if book is not None else frozenset()) | also_cold
     last_used = book.last_used if book else None
-    return plan(spec, desired, observed, now, backoff.until, baseline or 0, margin, total, cold, last_used, host_budget)
+    return plan(spec, desired, observed, now, backoff.until, baseline or 0, margin, total, cold, last_used, host_budget, eviction_order)
 
 
 class Reconciler:
@@ -73,7 +79,8 @@ class Reconciler:
 
     ``ctx`` (``context.LoopContext``) is all it and its parts may ask of
     their worker; ``actuator`` runs its stops, starts, sleeps and wakes;
-    ``sleep_metrics`` counts warm switches' fall-backs and residues.
+    ``sleep_metrics`` counts warm switches' fall-backs and residues;
+    ``costs``: the GPU's switch cost book (switchStrategy auto, eviction).
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class Reconciler:
         actuator: Actuator,
         ctx: LoopContext,
         sleep_metrics: SleepMetrics | None = None,
+        costs: CostBook | None = None,
     ) -> None:
         self.spec, self.desired = spec, desired
         self.runtime, self.probe, self.actuator, self.ctx = runtime, probe, actuator, ctx
@@ -98,6 +106,7 @@ class Reconciler:
         self.invalid: str | None = None  # the initial desired state failed validation
         self.sleep = SleepBook()
         self.warm = WarmSwitches(ctx, self.sleep, sleep_metrics)
+        self.ways = WayChoices(ctx, self.sleep, costs if costs is not None else CostBook())
         self.outage = RuntimeOutage(ctx, runtime)
         self.release = ReleaseWait(ctx, probe, self.track, self.sleep, self.warm)
         self.checks = StartChecks(ctx, runtime, self.watch)
@@ -166,6 +175,9 @@ class Reconciler:
         if self.ctx.has_commands():
             return 0.0, False  # a newer command (maybe from this look) is applied before anything is done
         s = self.ctx.settings
+        total = self.ctx.total_mib()
+        host_budget = s.host_memory.budget_mib if s.host_memory is not None else None
+        auto_cold = self.ways.cold(self.spec, self.desired, observed, total, s.margin_mib, host_budget, s.pinned_ceiling_mib)
         p = plan_for(
             self.spec,
             self.desired,
@@ -174,9 +186,11 @@ class Reconciler:
             self.backoff,
             self.baseline.mib,
             s.margin_mib,
-            self.ctx.total_mib(),
+            total,
             self.sleep,
-            s.host_memory.budget_mib if s.host_memory is not None else None,
+            host_budget,
+            auto_cold,
+            self.ways.eviction_order(self.spec, total),
         )
         self._view(observed, p)
         if p.empty:

@@ -228,6 +228,12 @@ class SleepSpec(_Model):
         description="How long the sleep call may take before the model goes the cold way at once (SleepTimeout). Unset: "
         "10 s plus, per GiB of vramMiB (else hostMemoryMiB), 2 s at level 1 (a copy to pageable host memory) or 0.25 s at level 2.",
     )
+    prewarm: bool = Field(
+        default=False,
+        description="After the model first becomes ready and no demand waits, sleep and wake it once while idle, so that the "
+        "one-time costs of its first sleep (pinning host memory: 8-9 s for a 14 GiB vLLM) are paid off the user's path. "
+        "Never while a demand for another model waits.",
+    )
     path: str | None = Field(default=None, description="engine container: the path POSTed to sleep (level=N is added to its query).")
     wake_path: str | None = Field(default=None, description="engine container: the path POSTed to wake the model.")
     state_path: str | None = Field(default=None, description='engine container: a GET path answering {"is_sleeping": true|false}.')
@@ -311,9 +317,9 @@ class ModelSpec(_Model):
         min_length=1,
         description="Name clients use for this model at the gateway (the body's model). Default: vllm.servedModelName, else vllm.model, else the model's name.",
     )
-    switch_strategy: Literal["stop", "sleep", "checkpoint"] = Field(
+    switch_strategy: Literal["stop", "sleep", "checkpoint", "auto"] = Field(
         default="stop",
-        description="How the model gives the GPU away. stop: the server is stopped. sleep: it is put to sleep (vllm, sdxl, or a container with sleep paths), its memory checked down to sleep.maxResidueMiB, and woken when wanted again. checkpoint: any CUDA server, suspended from outside by the NVIDIA driver's checkpoint API (driver 570+, Linux, not WSL2; the process and docker runtimes): its GPU memory goes to host memory, every process of it leaves the GPU, and it is restored when wanted again.",
+        description="How the model gives the GPU away. stop: the server is stopped. sleep: it is put to sleep (vllm, sdxl, or a container with sleep paths), its memory checked down to sleep.maxResidueMiB, and woken when wanted again. auto: at each switch away, sleep or stop, whichever costs less away and back by the switch costs learned (priors from its size until measured) and fits the host memory, residue and pinned-memory budgets and sleep.maxCycles; the progress says which and why. checkpoint: any CUDA server, suspended from outside by the NVIDIA driver's checkpoint API (driver 570+, Linux, not WSL2; the process and docker runtimes): its GPU memory goes to host memory, every process of it leaves the GPU, and it is restored when wanted again.",
     )
     sleep: SleepSpec | None = Field(
         default=None, description="switchStrategy sleep or checkpoint: the level and limits (default: level 1)."
@@ -465,8 +471,13 @@ class ModelSpec(_Model):
 
     @property
     def warm_switch(self) -> bool:
-        """The model gives the GPU away without a stop: switchStrategy sleep or checkpoint."""
+        """The model may give the GPU away without a stop: switchStrategy sleep, checkpoint or auto."""
         return self.switch_strategy != "stop"
+
+    @property
+    def sleeps_by_api(self) -> bool:
+        """Its server's sleep API is used: switchStrategy sleep, or auto (sleep or stop, per switch)."""
+        return self.switch_strategy in ("sleep", "auto")
 
     @property
     def sleep_settings(self) -> SleepSpec:
@@ -488,8 +499,8 @@ class ModelSpec(_Model):
 
     @property
     def sleep_api(self) -> SleepApi | None:
-        """How to sleep, wake and query this model; None unless switchStrategy is sleep."""
-        if self.switch_strategy != "sleep":
+        """How to sleep, wake and query this model; None unless switchStrategy is sleep or auto."""
+        if not self.sleeps_by_api:
             return None
         s = self.sleep_settings
         return sleep_api(self.engine, s.path, s.wake_path, s.state_path)
@@ -503,7 +514,7 @@ class ModelSpec(_Model):
 
     def rendering(self) -> Rendering:
         """What the model's engine contributes (nothing for engine container)."""
-        sleeps = self.switch_strategy == "sleep"
+        sleeps = self.sleeps_by_api
         if self.vllm is not None:
             return render_vllm(self.vllm, sleep=sleeps)
         if self.sdxl is not None:
@@ -600,6 +611,20 @@ class IdleSpec(_Model):
     """What to do when nothing was held, queued or requested for a while."""
 
     after_seconds: float | None = Field(default=None, gt=0, le=7 * 86400, description="Quiet time before the idle action; unset: never.")
+    sleep_after_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=7 * 86400,
+        description="Two-stage idle, first stage: after this much quiet time the active model is put to sleep (it keeps its "
+        "CUDA context and host memory; a model that cannot sleep is stopped). Shorthand for afterSeconds with action sleep.",
+    )
+    stop_after_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=7 * 86400,
+        description="Two-stage idle, second stage: after this much quiet time (counted from the last use, like the first) "
+        "every model is stopped, sleepers too: power, CUDA context and host memory given back.",
+    )
     action: Literal["default", "sleep", "free"] = Field(
         default="default",
         description="default: switch to the default model; sleep: put the active model to sleep (engines that can); free: stop it.",
@@ -627,6 +652,14 @@ class DeploymentSpec(_Model):
             "Default: MemAvailable at start minus a margin (10% of MemTotal, at least 2 GiB); the status shows it as hostMemoryBudget. "
             "Sleepers over it are stopped, least recently used first."
         ),
+    )
+    pinned_memory_ceiling_mib: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_HOST_MIB,
+        description="Host memory that can be pinned (page-locked) for level-1 sleepers, in MiB; switchStrategy auto stops a "
+        "model whose sleep would pin more. Default: probed at start (WSL2 and Docker Desktop: 768 MiB, their measured "
+        "ceiling is 0.75-1 GiB; elsewhere no ceiling).",
     )
     env: dict[str, EnvValue] = Field(
         default_factory=dict,
@@ -680,6 +713,16 @@ class DeploymentSpec(_Model):
                 raise FieldProblem(f"{path} {name!r} is not one of the models: {', '.join(sorted(self.models))}", path)
             if not self.models[name].heavy:
                 raise FieldProblem(f"{path} {name!r} is class light: name a heavy model", path)
+        idle = self.idle
+        if idle.sleep_after_seconds is not None and idle.after_seconds is not None:
+            raise FieldProblem("idle.sleepAfterSeconds is afterSeconds with action sleep: set one of them", "idle.sleepAfterSeconds")
+        first = idle.sleep_after_seconds if idle.sleep_after_seconds is not None else idle.after_seconds
+        if idle.stop_after_seconds is not None and first is not None and idle.stop_after_seconds <= first:
+            raise FieldProblem(
+                f"idle.stopAfterSeconds {idle.stop_after_seconds:g} must be longer than the first stage ({first:g} s): "
+                "both count from the last use",
+                "idle.stopAfterSeconds",
+            )
         if self.idle.after_seconds is not None and self.idle.action == "default" and self.idle_default_model is None:
             raise FieldProblem(
                 "idle.action default needs a model to return to: set idle.defaultModel (or switching.defaultModel)", "idle.defaultModel"
@@ -865,9 +908,11 @@ def check_sleep(spec: DeploymentSpec, total_mib: int | None = None, host_budget_
     MemAvailable; unchecked when neither is known). VRAM: for each heavy
     model, its reservation plus every other sleeper's ``maxResidueMiB`` must
     fit the VRAM budget (vramBudgetMiB, else total minus the margin; unchecked
-    while neither is known). The worst case is spelled out.
+    while neither is known). The worst case is spelled out. A model with
+    ``switchStrategy: auto`` is not counted: it is stopped when its sleep
+    would not fit (``costs.choose_way``).
     """
-    sleepers = sorted(n for n, m in spec.models.items() if m.warm_switch)
+    sleepers = sorted(n for n, m in spec.models.items() if m.warm_switch and m.switch_strategy != "auto")
     if not sleepers:
         return
     host = [(n, spec.models[n].host_memory_asleep_mib) for n in sleepers if spec.models[n].host_memory_asleep_mib]

@@ -212,7 +212,7 @@ def _alloc_conf_expandable(value: str) -> bool:
 
 
 def _vllm_sleeps(name: str, m: ModelSpec) -> bool:
-    if m.engine == "vllm" and m.switch_strategy == "sleep":
+    if m.engine == "vllm" and m.sleeps_by_api:
         return True
     return (m.vllm is not None and m.vllm.enable_sleep_mode) or any(
         _norm(f) == "enable-sleep-mode" for _, args in _arg_sources(name, m) for f, _ in _flags(args)
@@ -223,7 +223,7 @@ def _sleep_mode_findings(d: DeploymentSpec, name: str, m: ModelSpec) -> list[Fin
     if not _vllm_sleeps(name, m):
         return []
     env = d.merged_env(name)
-    off = "set switchStrategy: stop" if m.switch_strategy == "sleep" else "turn vllm.enableSleepMode off"
+    off = "set switchStrategy: stop" if m.sleeps_by_api else "turn vllm.enableSleepMode off"
     out = []
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         conf = env.get(var, "")
@@ -254,7 +254,7 @@ BLACKWELL_SAFE_CYCLES = 3
 
 
 def _sleep_strategy_findings(name: str, m: ModelSpec, wsl2: bool, cc: tuple[int, int] | None) -> list[Finding]:
-    if m.switch_strategy != "sleep":
+    if not m.sleeps_by_api:
         return []
     s = m.sleep_settings
     out = []

@@ -40,7 +40,7 @@ from vramctl.demand import policy as dq
 from vramctl.demand.desk import AddDemand, HoldDesk, QueueMetrics, Release, Renew, Withdraw
 from vramctl.demand.lane import FastLane
 from vramctl.gpu.base import GpuProbe
-from vramctl.host.memory import MEMINFO, HostMemoryReading, read_host_memory
+from vramctl.host.memory import MEMINFO, PROC_VERSION, HostMemoryReading, probe_pinned_ceiling, read_host_memory
 from vramctl.observed import Desired
 from vramctl.reconcile.actuator import Actuator
 from vramctl.reconcile.context import LoopSettings
@@ -130,12 +130,16 @@ class WorkerSettings:
     # The host memory at start: the default budget of the level-1 sleepers
     # where the spec sets no hostMemoryBudgetMiB (None: unknown, unbounded).
     host_memory: HostMemoryReading | None = None
+    # The pinned-memory ceiling probed at start (WSL2, Docker Desktop), where
+    # the spec sets no pinnedMemoryCeilingMiB (None: no ceiling known).
+    pinned_ceiling_mib: int | None = None
 
     @classmethod
-    def from_config(cls, config: Config, meminfo: Path = MEMINFO) -> WorkerSettings:
+    def from_config(cls, config: Config, meminfo: Path = MEMINFO, proc_version: Path = PROC_VERSION) -> WorkerSettings:
         p: GpuProbeConfig = config.gpu_probe
         return cls(
             host_memory=read_host_memory(meminfo),
+            pinned_ceiling_mib=probe_pinned_ceiling(proc_version)[0],
             poll_interval_s=p.poll_interval_seconds,
             margin_mib=p.margin_mib,
             memory_timeout_s=p.memory_timeout_seconds,
@@ -227,7 +231,8 @@ class GpuWorker:
         warm = StrategySleeper(self.actuator.sleeper, probe.snapshot, runtime.owners)
         warm.prepare(deployment)
         self.actuator.sleeper = warm
-        self._rec = Reconciler(deployment, self._desired, runtime, probe, self.actuator, _LoopPort(self), self.metrics.sleep)
+        cost_book = CostBook.from_dict(costs)
+        self._rec = Reconciler(deployment, self._desired, runtime, probe, self.actuator, _LoopPort(self), self.metrics.sleep, cost_book)
         self.reporter = WorkerReporter(
             self.gpu,
             self._rec,
@@ -239,7 +244,7 @@ class GpuWorker:
             write_status=status_sink.write_status if status_sink is not None else None,
             clock=clock,
             wall=wall,
-            costs=CostBook.from_dict(costs),
+            costs=cost_book,
         )
         self.lane = FastLane(self.poke, self.clock)
         self.queue = _Queue(self, deployment)
