@@ -320,3 +320,34 @@ def test_holds_and_the_queue_with_waiting_times_and_a_hold_cancelled(
         )
     )
     assert console_errors(browser) == []
+
+
+def test_read_only_where_the_desired_state_comes_from_model_deployments(tmp_path: Path, browser: WebDriver, shots: Path) -> None:
+    """The operator's face (``switch_refusal``), built in this process as ``vramctl operator`` builds it."""
+    from vramctl.app import build
+    from vramctl.spec.models import load_config
+    from vramctl.web.page import status_page
+    from vramctl.web.server import FaceOptions, serve
+
+    refusal = "desired state comes from ModelDeployment resources here: kubectl patch md ..."
+    harness = LiveUp(tmp_path, page_config())  # its config, state and instance; its model records for the clean-up
+    built = build(load_config(str(harness.config_path)), harness.state_path, instance=harness.instance)
+    options = FaceOptions(
+        api=("127.0.0.1", harness.port), switch_refusal=refusal, api_routes=(status_page(built.supervisor, refusal=refusal),)
+    )
+    face = serve(built.supervisor, options)
+    try:
+        face.start()
+        built.supervisor.start()
+        harness.wait(lambda g: g["phase"] == "Ready")
+        open_page(browser, harness)
+        notice = browser.find_element(By.ID, "readonly")
+        assert notice.is_displayed() and notice.text.startswith("Read-only: desired state comes from ModelDeployment")
+        buttons = browser.find_elements(By.CSS_SELECTOR, "button[data-action]")
+        assert buttons and all(not b.is_enabled() for b in buttons)
+        browser.save_screenshot(str(shots / "8-read-only.png"))
+        assert console_errors(browser) == []
+    finally:
+        face.stop()
+        built.supervisor.stop()
+        harness.kill_models()
