@@ -188,7 +188,7 @@ def test_oversized_body_is_refused_and_nothing_hidden_in_it_runs(stack: Stack) -
         f"POST /switch HTTP/1.1\r\nHost: 127.0.0.1:{stack.api.port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(GOOD)}\r\n\r\n"
     ).encode() + GOOD
-    body = b" " * (70 * 1024) + hidden
+    body = b" " * (300 * 1024) + hidden  # over API_MAX_BODY (256 KiB)
     reply = post(stack.api, body, {"Connection": ""})
     assert status_of(reply) == 413 and reply.count(b"HTTP/1.1") == 1
     time.sleep(0.3)

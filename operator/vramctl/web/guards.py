@@ -47,6 +47,7 @@ from pydantic import BaseModel, ValidationError
 log = logging.getLogger("vramctl.web")
 
 MAX_DEPTH = 64  # tool schemas nest deeply; nothing real nests deeper
+API_MAX_BODY = 256 * 1024  # switch and hold bodies are tiny; room to refuse a deep one as too deep
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 OPENAI_PREFIXES = ("/v1/", "/models/")
@@ -126,7 +127,7 @@ class Policy:
         *,
         token: str | None = None,
         allowed_hosts: Collection[str] = (),
-        max_body: int = 64 * 1024,
+        max_body: int = API_MAX_BODY,
         max_depth: int = MAX_DEPTH,
         body_timeout: float = 10.0,
     ) -> None:

@@ -53,7 +53,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from vramctl.web.api import Api, StateStore
 from vramctl.web.gateway import GATEWAY_MAX_BODY, Gateway
-from vramctl.web.guards import HttpError, Policy, check, dumps, is_loopback, render, unmatched
+from vramctl.web.guards import API_MAX_BODY, HttpError, Policy, check, dumps, is_loopback, render, unmatched
 from vramctl.web.holds import HoldsApi
 from vramctl.web.serving import SupervisorHolder
 from vramctl.worker.supervisor import Supervisor
@@ -155,6 +155,35 @@ class _Handler(RequestHandler):
     problem, logged at debug: they are the client's."""
 
     door: HttpServer
+    answering = False  # a whole request arrived and its answer is not written yet
+    sock: socket.socket | None = None
+
+    def idle(self) -> bool:
+        """No request being answered and none waiting unread in the kernel
+        (a client that just sent its request is not idle, though not read yet)."""
+        if self.answering:
+            return False
+        if self.sock is None:
+            return True
+        try:
+            return not self.sock.recv(1, socket.MSG_PEEK)  # b"": the peer closed
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return True
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages:
+            self.answering = True
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self.answering = bool(self._messages)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -187,7 +216,6 @@ class HttpServer:
         self.cap = self.limits.connection_cap()
         self.limiter = LogLimiter(log, self.limits.log_interval)
         self.listeners: list[Listener] = []
-        self.busy: set[object] = set()  # connections whose request is being answered
         self._open: dict[_Handler, None] = {}  # oldest first
         self._pending = 0  # accepted, transport not made yet
         self.refused = 0
@@ -208,7 +236,7 @@ class HttpServer:
         *,
         token: str | None = None,
         allowed_hosts: Collection[str] = (),
-        max_body: int = 64 * 1024,
+        max_body: int = API_MAX_BODY,
     ) -> Listener:
         """Bind ``host:port`` now (OSError when taken); served from ``start()``."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -235,38 +263,34 @@ class HttpServer:
         return app
 
     def _middleware(self, listener: Listener) -> Any:
-        policy, busy, requests, name = listener.policy, self.busy, self._requests, listener.name
+        policy, requests, name, open_ = listener.policy, self._requests, listener.name, self._open
 
         @web.middleware
         async def guarded(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
             proto = request.protocol
-            busy.add(proto)
+            if proto in open_:  # the least recently used connection is evicted first
+                del open_[proto]
+                open_[proto] = None
             try:
-                try:
-                    refused = unmatched(request)
-                    if refused is not None:
-                        raise refused
-                    await check(policy, request)
-                    resp: web.StreamResponse = await handler(request)
-                except HttpError as err:
-                    resp = render(request.path, err)
-                except web.HTTPException as exc:  # aiohttp's own (a body over client_max_size)
-                    resp = render(request.path, HttpError(exc.status, exc.reason, close=True))
-                except (ConnectionError, aiohttp.ClientConnectionResetError) as err:
-                    log.debug("client went away during %s %s: %s", request.method, request.path, type(err).__name__)
-                    resp = web.Response(status=CLIENT_GONE)
-                    resp.force_close()
-                except asyncio.CancelledError:
-                    _count(requests, name, request, CLIENT_GONE)
-                    log.debug("client went away during %s %s (cancelled)", request.method, request.path)
-                    raise
-                except Exception as exc:
-                    self.limiter(
-                        f"handler:{request.path}", f"unexpected error answering {request.method} {request.path}", logging.ERROR, exc
-                    )
-                    resp = render(request.path, HttpError(500, "internal error: see vramctl's log", close=True))
-            finally:
-                busy.discard(proto)
+                refused = unmatched(request)
+                if refused is not None:
+                    raise refused
+                await check(policy, request)
+                resp: web.StreamResponse = await handler(request)
+            except HttpError as err:
+                resp = render(request.path, err)
+            except web.HTTPException as exc:  # aiohttp's own (a body over client_max_size)
+                resp = render(request.path, HttpError(exc.status, exc.reason, close=True))
+            except (ConnectionError, aiohttp.ClientConnectionResetError):
+                resp = web.Response(status=CLIENT_GONE)  # nobody reads it: aiohttp drops it with the connection
+                resp.force_close()
+            except asyncio.CancelledError:
+                _count(requests, name, request, CLIENT_GONE)
+                log.debug("client went away during %s %s (cancelled)", request.method, request.path)
+                raise
+            except Exception as exc:
+                self.limiter(f"handler:{request.path}", f"unexpected error answering {request.method} {request.path}", logging.ERROR, exc)
+                resp = render(request.path, HttpError(500, "internal error: see vramctl's log", close=True))
             if resp.status == CLIENT_GONE:
                 log.debug("client went away during %s %s", request.method, request.path)
             _count(requests, name, request, resp.status)
@@ -283,6 +307,7 @@ class HttpServer:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             loop.set_exception_handler(self._loop_error)
             try:
@@ -296,6 +321,10 @@ class HttpServer:
             try:
                 loop.run_forever()
             finally:
+                pending = asyncio.all_tasks(loop)  # connections still being torn down
+                for task in pending:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
 
@@ -316,6 +345,7 @@ class HttpServer:
                 access_log=None,
                 keepalive_timeout=self.limits.idle_timeout,
                 max_field_size=16 * 1024,
+                lingering_time=0.5,  # a refused body is not waited for long
                 shutdown_timeout=1.0,
             )
             await runner.setup()
@@ -368,7 +398,11 @@ class HttpServer:
                 else:
                     self.limiter(f"accept:{err.errno}", f"{listener.name}: accepting a connection failed: {err}")
                 return
-            if len(self._open) + self._pending >= self.cap and not self._evict_idlest():
+            # At the cap the idlest open connection makes room. With none idle,
+            # connections still being made may be trimmed once made (``_opened``),
+            # so a burst is admitted within a small slack; beyond it, refused.
+            total = len(self._open) + self._pending
+            if total >= self.cap and not self._evict_idlest() and (self._pending == 0 or total >= self.cap + ACCEPTS_PER_TICK):
                 conn.close()
                 self.refused += 1
                 self.limiter(
@@ -388,6 +422,7 @@ class HttpServer:
             kwargs: dict[str, Any] = server._kwargs
             handler = _Handler(server, loop=loop, **kwargs)
             handler.door = self
+            handler.sock = conn
             await loop.connect_accepted_socket(lambda: handler, conn)
         except OSError as err:
             conn.close()
@@ -397,24 +432,40 @@ class HttpServer:
 
     def _opened(self, handler: _Handler) -> None:
         self._open[handler] = None
+        while len(self._open) > self.cap and self._evict_idlest():  # the cap came down while it was being made
+            pass
 
     def _closed(self, handler: _Handler) -> None:
         self._open.pop(handler, None)
 
     def _evict_idlest(self) -> bool:
         for handler in self._open:
-            if handler not in self.busy:
+            if handler.idle():  # idle, or its request head is still arriving
                 del self._open[handler]
                 handler.force_close()
                 return True
         return False
 
     def _exhausted(self, listener: Listener, err: OSError) -> None:
-        """Out of descriptors: give up the spare one to accept and close the
-        waiting connection (new connections are the ones refused), pause
-        accepting on this listener for a moment, and say so once per interval."""
+        """Out of descriptors (something else in the process holds them):
+        lower the cap below what is open now and close the idlest connections
+        above it, so descriptors come back to the worker and the state file;
+        give up the spare descriptor to accept and close the waiting
+        connection (new connections are the ones refused); say so once per
+        interval. Accepting pauses briefly only when no spare is left."""
         loop = self._loop
         assert loop is not None
+        lowered = max(16, len(self._open) + self._pending - 32)
+        if lowered < self.cap:
+            self.cap = lowered
+            while len(self._open) > self.cap and self._evict_idlest():
+                pass
+        self.refused += 1
+        self.limiter(
+            "descriptors",
+            f"{listener.name}: out of file descriptors ({err.strerror}): refusing new connections; "
+            f"the connection cap is now {self.cap} ({len(self._open)} open; raise the open-file limit)",
+        )
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None
@@ -423,13 +474,7 @@ class HttpServer:
                 conn.close()
             with contextlib.suppress(OSError):
                 self._spare = os.open(os.devnull, os.O_RDONLY)
-        self.refused += 1
-        self.limiter(
-            "descriptors",
-            f"{listener.name}: out of file descriptors ({err.strerror}): refusing new connections "
-            f"({len(self._open)} open, cap {self.cap}; raise the open-file limit or lower the connection cap)",
-        )
-        if not listener.paused:
+        if self._spare is None and not listener.paused:
             listener.paused = True
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(listener.sock.fileno())

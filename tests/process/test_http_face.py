@@ -1,0 +1,253 @@
+"""The HTTP face of a live ``vramctl up --gateway`` under a flood of idle
+connections and out of descriptors: what the door promises
+(vramctl.web.server), seen from outside.
+
+The flood comes from a helper process of its own (its descriptor limit raised
+so it can hold 20,000 sockets) that keeps its connections open and opens a
+new one for each the server closes, for as long as the test runs (bounded).
+``vramctl up`` runs with an open-file limit of 1024: without a cap at the
+door the flood would take every descriptor of the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.live_up import LiveUp, config
+from tests.support.ports import free_port
+
+SERVER_NOFILE = 1024
+FLOOD = 20_000
+
+# The flood: FLOOD connections spread over the ports given, each reopened when
+# the server closes it, until stdin closes or 120 s pass. Prints "held N" once.
+FLOODER = r"""
+import resource, selectors, socket, sys, time
+want, ports = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want + 200, max(hard, want + 200)))
+except (ValueError, OSError):
+    want = min(want, hard - 200)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+sel = selectors.DefaultSelector()
+sel.register(sys.stdin, selectors.EVENT_READ, None)
+def connect(i):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(("127.0.0.1", ports[i % len(ports)]))
+    sel.register(s, selectors.EVENT_READ, i)
+held = 0
+for i in range(want):
+    try:
+        connect(i)
+        held += 1
+    except OSError:
+        break
+print("held", held, flush=True)
+deadline = time.monotonic() + 120
+reopened = 0
+while time.monotonic() < deadline:
+    for key, _ in sel.select(0.5):
+        if key.data is None:
+            if not sys.stdin.readline():
+                print("reopened", reopened, flush=True)
+                sys.exit(0)
+            continue
+        try:
+            gone = key.fileobj.recv(4096) == b""
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            gone = True
+        if gone:
+            sel.unregister(key.fileobj)
+            key.fileobj.close()
+            if reopened < 200_000:
+                connect(key.data)
+                reopened += 1
+"""
+
+
+def on_demand_config() -> dict[str, Any]:
+    cfg = config()
+    gpu = cfg["gpus"][0]
+    gpu["switching"] = {"mode": "onDemand"}
+    gpu["models"]["llm"]["servedModelName"] = "qwen-7b"
+    return cfg
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[LiveUp]:
+    v = LiveUp(tmp_path, on_demand_config())
+    v.gateway_port = free_port()  # type: ignore[attr-defined]
+    v.extra_args = ["--gateway", f"127.0.0.1:{v.gateway_port}"]  # type: ignore[attr-defined]
+    try:
+        yield v
+    finally:
+        v.stop()
+        v.kill_models()
+
+
+def low_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (SERVER_NOFILE, SERVER_NOFILE))
+
+
+def call(url: str, body: Any | None = None, method: str | None = None, timeout: float = 15) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        return err.code, json.loads(raw) if raw else None
+
+
+def test_twenty_thousand_idle_connections_leave_requests_switches_and_the_state_file_working(up: LiveUp) -> None:
+    up.start(preexec_fn=low_nofile)
+    gw = f"http://127.0.0.1:{up.gateway_port}"  # type: ignore[attr-defined]
+    flood = subprocess.Popen(
+        [sys.executable, "-c", FLOODER, str(FLOOD), str(up.port), str(up.gateway_port)],  # type: ignore[attr-defined]
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert flood.stdout is not None and flood.stdin is not None
+        held = int(flood.stdout.readline().split()[1])
+        assert held >= FLOOD - 1000, held  # the flood holds its connections (the kernel's side of them)
+        time.sleep(1.0)  # the server works through its backlog, at the cap
+        assert up.proc is not None
+        open_fds = len(os.listdir(f"/proc/{up.proc.pid}/fd"))
+        assert open_fds < SERVER_NOFILE - 64, open_fds  # descriptors left for the worker and the state file
+        chat = {"model": "qwen-7b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        code, reply = call(gw + "/v1/chat/completions", chat)
+        assert code == 200 and reply["choices"][0]["message"]["content"] == "tok0 tok1 ", reply
+        code, reply = call(up.url + "/switch", {"model": "sdxl"})
+        assert code == 202, reply
+        up.wait(lambda g: g["phase"] == "Ready" and g["runningModels"] == ["sdxl"], timeout=30)
+        recorded = json.loads(up.state_path.read_text())
+        assert recorded["gpus"]["0"]["desired"]["activeModel"] == "sdxl"  # the state file was written
+        flood.stdin.close()
+        reopened = int(flood.stdout.readline().split()[1])
+        assert reopened > 0  # the server refused at the door, and the flood kept pressing
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+        flood.wait(10)
+    text = up.log_text()
+    assert "Traceback" not in text and "Too many open files" not in text, text[-3000:]
+    assert len(text.encode()) < 200_000, f"{len(text)} bytes of log"
+    assert "not healthy" not in text
+
+
+def test_a_hold_made_on_either_port_is_renewed_and_released_on_either(up: LiveUp) -> None:
+    up.start()
+    gw = f"http://127.0.0.1:{up.gateway_port}"  # type: ignore[attr-defined]
+    for made, other in ((gw, up.url), (up.url, gw)):
+        code, grant = call(made + "/holds", {"model": "llm", "ttlSeconds": 30})
+        assert code == 200, grant
+        up.wait(lambda g: g["queue"]["holds"] == {"llm": 1})
+        assert call(f"{other}/holds/{grant['id']}/renew", {"ttlSeconds": 30}) == (200, {"id": grant["id"]})
+        assert call(f"{made}/holds/{grant['id']}/renew", method="POST", body={}) == (200, {"id": grant["id"]})
+        assert call(f"{other}/holds/{grant['id']}", method="DELETE")[0] == 204
+        up.wait(lambda g: g["queue"]["holds"] == {})
+        assert call(f"{made}/holds/{grant['id']}", method="DELETE")[0] == 404
+
+
+def test_a_client_gone_while_queued_is_a_499_and_one_debug_line(up: LiveUp) -> None:
+    up.extra_args.append("-v")
+    up.start()
+    gw_port: int = up.gateway_port  # type: ignore[attr-defined]
+    # A hold on llm keeps sdxl queued; the sdxl client goes away while it waits.
+    code, grant = call(up.url + "/holds", {"model": "llm", "ttlSeconds": 30})
+    assert code == 200
+    body = b'{"model": "sdxl"}'
+    with socket.create_connection(("127.0.0.1", gw_port), timeout=5) as s:
+        s.sendall(
+            f"POST /holds HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        up.wait(lambda g: g["queue"]["queueDepth"] == 1)
+    up.wait(lambda g: g["queue"]["queueDepth"] == 0)
+    assert call(f"{up.url}/holds/{grant['id']}", method="DELETE")[0] == 204
+    with urllib.request.urlopen(up.url + "/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert 'vramctl_http_requests_total{code="499",listener="gateway",route="/holds"} 1.0' in metrics, [
+        ln for ln in metrics.splitlines() if "http_requests" in ln
+    ]
+    text = up.log_text()
+    assert "Traceback" not in text and " ERROR " not in text
+    assert len([ln for ln in text.splitlines() if "client went away" in ln]) == 1, text[-2000:]
+    assert up.gpu()["runningModels"] == ["llm"]  # the demand was withdrawn: no switch
+
+
+# A listener whose cap is above the process's descriptor limit (something else
+# took the descriptors): accept fails with EMFILE. Prints its port, serves until
+# stdin closes, then prints how many connections it refused.
+OUT_OF_FDS = r"""
+import logging, resource, sys
+from vramctl.web.server import HttpServer, Limits
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+server = HttpServer(Limits(max_connections=5000, idle_timeout=60))
+listener = server.listen("api", "127.0.0.1", 0, [])
+server.start()
+print(listener.port, flush=True)
+sys.stdin.readline()
+print(server.refused, flush=True)
+server.stop()
+"""
+
+
+def test_out_of_descriptors_is_refused_at_the_door_and_logged_once_per_interval() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OUT_OF_FDS], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    held: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        port = int(proc.stdout.readline())
+        for _ in range(600):  # far more than the 128 descriptors of the server
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(1.0)  # the backlog is worked through: the cap comes down, the idlest are closed
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:  # a real request still gets its answer
+            c.sendall(b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert c.recv(100).startswith(b"HTTP/1.1 404 "), "no answer"
+        closed = 0
+        for s in held:
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        assert closed >= 400, closed  # the server did not keep what it could not afford
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert int(proc.stdout.readline()) > 0
+    finally:
+        for s in held:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=10)
+    lines = [ln for ln in err.splitlines() if "out of file descriptors" in ln]
+    assert 1 <= len(lines) <= 2, err[-3000:]  # one line per 10 s interval, not one per attempt
+    assert "Traceback" not in err and "socket.accept() out of system resource" not in err, err[-3000:]
