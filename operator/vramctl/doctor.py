@@ -334,7 +334,9 @@ def kubernetes_checks(k: KubeFacts) -> list[Check]:
                 "runtime class",
                 f"RuntimeClass {k.runtime_class} does not exist"
                 + ("; model Pods cannot start (--pod-gpu runtimeClass)" if rc_needed else ""),
-                "install the NVIDIA GPU Operator or nvidia-container-toolkit (k3s creates `nvidia` when it finds the toolkit), or set --runtime-class",
+                "create it: install the NVIDIA GPU Operator or nvidia-container-toolkit (k3s creates `nvidia` when it finds the toolkit); "
+                "or name another with --runtime-class; or give the GPU another way: --pod-gpu resource (the device plugin) "
+                "or a model's gpuRequest: resource | none",
             )
         )
     else:

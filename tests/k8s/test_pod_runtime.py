@@ -57,6 +57,7 @@ class Rig:
     def __init__(self, emulator: EmulatorThread, tmp: Path) -> None:
         self.ns = f"t{uuid.uuid4().hex[:8]}"
         self.node = f"node-{self.ns}"
+        self.emulator = emulator
         self.kube = KubeClient(emulator.url)
         self.api = KubeApi(lambda: kopf.ConnectionInfo(server=emulator.url))
         self.rt = PodRuntime(self.api, self.node, "test", gpu_uuid=lambda gpu: UUID, poll_s=0.02)
@@ -353,6 +354,7 @@ def test_observation_reads_the_watched_copy_and_sees_changes_made_elsewhere(rig:
     rt = PodRuntime(counting, rig.node, "test", poll_s=0.02)
     try:
         spec = rig.deploy({"llm": model(free_port()), "tts": model(free_port(), cls="light")})
+        rig.rt.close()  # one vramctl per node and instance: the rig's own would take rt's Pods for intruders
         rt.own(0, PodOwner(rig.ns, "gpu0", rig.md["metadata"]["uid"]))
         rt.start(spec, "llm")
         assert list(rt.caches) == [rig.ns]  # one watch, in the ModelDeployment's namespace
@@ -422,3 +424,134 @@ def test_a_foreign_pod_on_the_node_is_named_by_its_uid(rig: Rig) -> None:
     assert rig.rt.pod_of_uid(here["metadata"]["uid"]) == f"{rig.ns}/comfyui"
     assert rig.rt.pod_of_uid(there["metadata"]["uid"]) is None  # not on this node
     assert rig.rt.pod_of_uid("no-such-uid") is None
+
+
+def _by_hand(rig: Rig, like: dict[str, Any], name: str, model_name: str) -> dict[str, Any]:
+    """A Pod made by hand from one of vramctl's (its labels, its node), as `kubectl get -o yaml | edit | create` makes it."""
+    meta = like["metadata"]
+    labels = {**meta["labels"], "vramctl.io/model": model_name}
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels, "annotations": {"vramctl.io/model-name": model_name}},
+        # An image the test kubelet cannot run: the time to its deletion is
+        # measured, and no stand-in of it runs beside vramctl's.
+        "spec": {**like["spec"], "containers": [{**like["spec"]["containers"][0], "image": "by-hand:latest"}]},
+    }
+    created: dict[str, Any] = rig.kube.request("POST", f"/api/v1/namespaces/{rig.ns}/pods", body)
+    return created
+
+
+def test_a_pod_made_by_hand_with_our_labels_is_deleted_as_soon_as_the_watch_sees_it(rig: Rig) -> None:
+    spec = rig.deploy({"llm": model(free_port()), "sdxl": model(free_port())})
+    rig.rt.start(spec, "llm")
+    wait_for(rig.rt.caches[rig.ns].synced.is_set)
+    ours = rig.pod("gpu0-llm")
+    assert ours is not None
+    assert rig.emulator.emu is not None
+    actions = rig.emulator.emu.pod_actions  # (arrival time, verb, path) of vramctl's Pod writes, at the API server
+    took = []
+    for i in range(5):
+        name = f"by-hand-{i}"
+        t0 = time.time()
+        _by_hand(rig, ours, name, "sdxl")
+        wait_for(lambda: any(v == "delete" and p.endswith(f"/pods/{name}") for _, v, p in actions), timeout=5)  # noqa: B023
+        took.append(next(t for t, v, p in actions if v == "delete" and p.endswith(f"/pods/{name}")) - t0)
+        assert rig.pod(name) is None  # deleted with grace 0: gone at once
+    print(f"\n[intruder] creation to vramctl's DELETE at the API server: {', '.join(f'{t * 1000:.0f}' for t in took)} ms")
+    # The target is 200 ms (17-106 ms on a quiet 2-core machine); the bounds
+    # leave room for a busy one while still failing a resync-driven deletion (5 s).
+    assert sorted(took)[2] < 0.5 and max(took) < 1.5, took
+    wait_for(lambda: len([e for e in rig.kube.events(rig.ns) if e.get("reason") == "IntruderPodDeleted"]) == 5)
+    said = [e["message"] for e in rig.kube.events(rig.ns) if e.get("reason") == "IntruderPodDeleted"]
+    assert any(f"{rig.ns}/by-hand-0" in m and "not created by vramctl" in m for m in said), said
+    assert all(e["involvedObject"]["name"] == "gpu0" for e in rig.kube.events(rig.ns) if e.get("reason") == "IntruderPodDeleted")
+    # vramctl's own Pods are never taken for intruders: the running one, nor one it starts now.
+    assert not (rig.pod("gpu0-llm") or {}).get("metadata", {}).get("deletionTimestamp")
+    rig.rt.stop(spec, "llm")
+    rig.rt.start(spec, "sdxl")
+    time.sleep(0.3)
+    assert rig.rt.observe(spec)["sdxl"].state is WorkloadState.RUNNING
+    assert not any("gpu0-sdxl" in e["message"] for e in rig.kube.events(rig.ns) if e.get("reason") == "IntruderPodDeleted")
+
+
+def test_pods_found_at_start_are_adopted_not_taken_for_intruders(rig: Rig) -> None:
+    spec = rig.deploy({"llm": model(free_port())})
+    rig.rt.start(spec, "llm")
+    again = PodRuntime(rig.api, rig.node, "test", poll_s=0.02)  # vramctl restarted: its Pod is there already
+    try:
+        again.own(0, PodOwner(rig.ns, "gpu0", rig.md["metadata"]["uid"]))
+        wait_for(again.caches[rig.ns].synced.is_set)
+        time.sleep(0.3)
+        assert again.observe(spec)["llm"].state is WorkloadState.RUNNING
+        assert not (rig.pod("gpu0-llm") or {}).get("metadata", {}).get("deletionTimestamp")
+    finally:
+        again.close()
+    rig.rt.stop(spec, "llm")
+
+
+# ------------------------------------------------- what a real API server does
+
+
+def test_a_graceful_delete_keeps_a_bound_pod_terminating_until_the_final_delete(emulator: EmulatorThread) -> None:
+    kube, ns = KubeClient(emulator.url), f"t{uuid.uuid4().hex[:8]}"
+    path = f"/api/v1/namespaces/{ns}/pods"
+
+    def create(name: str, node: str | None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"containers": [{"name": "x", "image": "y"}], **({"nodeName": node} if node else {})}
+        made: dict[str, Any] = kube.request("POST", path, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
+        return made
+
+    bound = create("bound", "no-kubelet-here")
+    kube.request("DELETE", f"{path}/bound", {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 5})
+    time.sleep(0.3)
+    pod = kube.request("GET", f"{path}/bound")  # no finalizers, and still there: Terminating
+    assert pod["metadata"]["deletionTimestamp"] and pod["metadata"]["deletionGracePeriodSeconds"] == 5
+    kube.request("DELETE", f"{path}/bound", {"gracePeriodSeconds": 30})  # a longer grace never lengthens it
+    assert kube.request("GET", f"{path}/bound")["metadata"]["deletionGracePeriodSeconds"] == 5
+    with pytest.raises(Exception, match="409"):
+        kube.request("DELETE", f"{path}/bound", {"gracePeriodSeconds": 0, "preconditions": {"uid": "another"}})
+    kube.request("DELETE", f"{path}/bound", {"gracePeriodSeconds": 0, "preconditions": {"uid": bound["metadata"]["uid"]}})
+    with pytest.raises(Exception, match="404"):
+        kube.request("GET", f"{path}/bound")
+    create("unbound", None)
+    kube.request("DELETE", f"{path}/unbound")  # no kubelet will ever act on it: gone at once
+    with pytest.raises(Exception, match="404"):
+        kube.request("GET", f"{path}/unbound")
+
+
+def test_the_test_kubelet_ends_a_deleted_pod_with_the_final_delete(rig: Rig) -> None:
+    spec = rig.deploy({"llm": model(free_port(), stop=0.2)})
+    rig.rt.start(spec, "llm")
+    out = rig.rt.stop(spec, "llm")
+    assert out.was_running and out.seconds < 3
+    assert rig.kubelet.final_deletes == [f"{rig.ns}/gpu0-llm"]
+    assert rig.pod("gpu0-llm") is None
+
+
+def test_a_missing_default_service_account_is_a_transient_refusal(rig: Rig) -> None:
+    spec = rig.deploy({"llm": model(free_port())})
+    assert rig.emulator.emu is not None
+    rig.emulator.emu.no_service_account.add(rig.ns)
+    try:
+        with pytest.raises(TransientError, match=r"ServiceAccount .*/default does not exist yet.*retrying"):
+            rig.rt.start(spec, "llm")
+    finally:
+        rig.emulator.emu.no_service_account.discard(rig.ns)
+    assert rig.rt.start(spec, "llm")  # once it exists, the same start works
+    rig.rt.stop(spec, "llm")
+
+
+def test_a_missing_runtime_class_is_said_with_its_fix(rig: Rig) -> None:
+    spec = rig.deploy({"llm": model(free_port())})
+    assert rig.emulator.emu is not None
+    rig.emulator.emu.runtime_classes = set()
+    try:
+        with pytest.raises(StartError) as info:
+            rig.rt.start(spec, "llm")
+    finally:
+        rig.emulator.emu.runtime_classes = None
+    said = str(info.value)
+    for words in ("RuntimeClass 'nvidia' does not exist", "create it", "--pod-gpu resource", "gpuRequest"):
+        assert words in said, said
+    assert rig.pod("gpu0-llm") is None

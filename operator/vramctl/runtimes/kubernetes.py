@@ -37,12 +37,14 @@ namespace and what to add, which the ModelDeployment's status then shows.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import re
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -122,6 +124,14 @@ POD_ACCESS: tuple[tuple[str, str], ...] = (
 # refusals (Pod Security, quotas) are 403s too, without these words. The
 # quotes may be JSON-escaped (a watch's error is the Status object's text).
 _RBAC_DENIED = re.compile(r'cannot (?P<verb>[a-z]+) resource \\?"(?P<resource>[^"\\]+)\\?"')
+# Two admission refusals of a Pod create (403s too) that are not RBAC. The
+# ServiceAccount admission plugin refuses Pods while the namespace's
+# `default` ServiceAccount does not exist yet: a race of a few hundred ms
+# after the namespace was created, which passes on its own. The RuntimeClass
+# plugin refuses a Pod naming a RuntimeClass that does not exist: nothing
+# changes until someone creates it or asks for the GPU another way.
+_NO_SERVICE_ACCOUNT = re.compile(r'error looking up service account (?P<sa>[^:]+): serviceaccount \\?"[^"\\]+\\?" not found')
+_NO_RUNTIME_CLASS = re.compile(r'RuntimeClass \\?"(?P<name>[^"\\]+)\\?" not found')
 _NAMESPACED = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/?]+)/")
 
 
@@ -151,6 +161,28 @@ def _explained(err: KubeApiError, path: str) -> KubeApiError:
     if denied is None or namespaced is None:
         return err
     return Forbidden(urllib.parse.unquote(namespaced["ns"]), denied["verb"], denied["resource"])
+
+
+def _admission_refusal(err: KubeApiError, namespace: str, runtime_class: str) -> TransientError | str | None:
+    """A Pod create refused by an admission plugin, said with its fix: the
+    missing `default` ServiceAccount as a TransientError (retried), the
+    missing RuntimeClass as the message of a StartError; None otherwise."""
+    if err.status != 403:
+        return None
+    text = str(err)
+    if (sa := _NO_SERVICE_ACCOUNT.search(text)) is not None:
+        return TransientError(
+            f"the API server refused the Pod: ServiceAccount {sa['sa']} does not exist yet (a namespace just created "
+            "gets it within a second); retrying"
+        )
+    if (rc := _NO_RUNTIME_CLASS.search(text)) is not None:
+        return (
+            f"RuntimeClass {rc['name']!r} does not exist, so the API server refuses the model's Pod in {namespace}: create it "
+            "(the NVIDIA GPU Operator or nvidia-container-toolkit does; k3s creates `nvidia` when it finds the toolkit), "
+            "or give the GPU another way: the operator's --pod-gpu resource (the device plugin's nvidia.com/gpu) or none, "
+            "or the model's gpuRequest: resource | none" + (f" (--runtime-class names {runtime_class!r})" if rc["name"] != runtime_class else "")
+        )
+    return None
 
 
 class KubeRequests(Protocol):
@@ -192,9 +224,23 @@ class PodCache:
     it; on errors it lists again, with back-off (tenacity) until ``close``.
     """
 
-    def __init__(self, api: KubeRequests, node: str, instance: str, namespace: str, watch_timeout_s: int = 60) -> None:
+    def __init__(
+        self,
+        api: KubeRequests,
+        node: str,
+        instance: str,
+        namespace: str,
+        watch_timeout_s: int = 60,
+        on_listed: Callable[[list[dict[str, Any]]], None] | None = None,
+        on_new: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.api, self.node, self.instance, self.namespace = api, node, instance, namespace
         self.watch_timeout_s = watch_timeout_s
+        # ``on_listed``: the Pods of the first listing (there before vramctl
+        # looked: adopted). ``on_new``: each Pod first seen after it, by a
+        # watch event or a later listing, on the watch's thread.
+        self.on_listed, self.on_new = on_listed, on_new
+        self._listed_once = False
         self._pods: dict[str, dict[str, Any]] = {}  # uid -> Pod
         self._lock = threading.Lock()
         self.synced = threading.Event()
@@ -260,8 +306,17 @@ class PodCache:
         except KubeApiError as err:
             raise _explained(err, path) from None
         rv = str((listing.get("metadata") or {}).get("resourceVersion") or "")
+        listed = {str(_meta(p).get("uid")): p for p in listing.get("items") or [] if self._ours(p)}
         with self._lock:
-            self._pods = {str(_meta(p).get("uid")): p for p in listing.get("items") or [] if self._ours(p)}
+            before, self._pods = self._pods, listed
+        if not self._listed_once:
+            self._listed_once = True
+            if self.on_listed is not None:
+                self.on_listed(list(listed.values()))
+        elif self.on_new is not None:
+            for uid, pod in listed.items():
+                if uid not in before:
+                    self.on_new(pod)
         self.synced.set()
         while not self._stop.is_set():
             query = self._query(
@@ -285,10 +340,13 @@ class PodCache:
                     continue
                 uid = str(_meta(obj).get("uid"))
                 with self._lock:
+                    new = kind != "DELETED" and uid not in self._pods
                     if kind == "DELETED":
                         self._pods.pop(uid, None)
                     else:
                         self._pods[uid] = obj
+                if new and self.on_new is not None:
+                    self.on_new(obj)
 
     def pods(self) -> list[dict[str, Any]] | None:
         """Our Pods of the namespace as last seen; None while the watch is not up."""
@@ -298,11 +356,15 @@ class PodCache:
             return [p for p in self._pods.values() if _meta(p).get("namespace") == self.namespace]
 
     def put(self, pod: Mapping[str, Any]) -> None:
-        """Our own write, applied before the watch brings it."""
+        """Our own write (or read), applied before the watch brings it; a Pod
+        first seen this way is judged like one the watch brings."""
         uid = _meta(pod).get("uid")
         if uid and self._ours(pod) and _meta(pod).get("namespace") == self.namespace:
             with self._lock:
+                new = str(uid) not in self._pods
                 self._pods[str(uid)] = dict(pod)
+            if new and self._listed_once and self.on_new is not None:
+                self.on_new(dict(pod))
 
     def forget(self, name: str) -> None:
         """The API server said the Pod is gone."""
@@ -539,6 +601,13 @@ class PodRuntime:
         self._caches_lock = threading.Lock()
         self._names: dict[str, str] = {}  # pod uid -> "namespace/name", for naming foreign GPU processes
         self._names_at = float("-inf")
+        # Intruders: the uids of the Pods vramctl created or found at its
+        # first listing, and the Pods it is creating now (their uid is not
+        # known until the API server answers, and the watch may be faster).
+        self._mine: set[str] = set()
+        self._creating: set[tuple[str, str]] = set()
+        self._mine_lock = threading.Lock()
+        self.intruders_deleted = 0
 
     # -------------------------------------------------------------- owners
 
@@ -550,13 +619,82 @@ class PodRuntime:
         with self._caches_lock:
             namespaces = {o.namespace for o in self._owners.values()}
             for namespace in namespaces - set(self.caches):
-                cache = self.caches[namespace] = PodCache(self.api, self.node, self.instance, namespace)
+                cache = self.caches[namespace] = PodCache(
+                    self.api, self.node, self.instance, namespace, on_listed=self._adopt, on_new=self._judge
+                )
                 cache.start()
             for namespace in set(self.caches) - namespaces:  # no ModelDeployment of this node is there any more
                 self.caches.pop(namespace).close(wait_s=0)
 
     def _owner(self, deployment: DeploymentSpec) -> PodOwner | None:
         return self._owners.get(deployment.gpu)
+
+    # ----------------------------------------------------------- intruders
+
+    def _adopt(self, pods: list[dict[str, Any]]) -> None:
+        """The Pods there before vramctl looked (a restart): vramctl's own, adopted."""
+        with self._mine_lock:
+            self._mine.update(str(_meta(p).get("uid")) for p in pods)
+
+    def _judge(self, pod: dict[str, Any]) -> None:
+        """A Pod with vramctl's labels on this node, first seen now. One that
+        vramctl did not create is an intruder: a heavy model started beside the
+        holder behind vramctl's back. It is deleted at once (grace 0: its
+        containers get SIGKILL) and an Event on the ModelDeployment names it;
+        waiting for the next resync let it run for seconds."""
+        meta = _meta(pod)
+        uid, namespace, name = str(meta.get("uid")), str(meta.get("namespace")), str(meta.get("name"))
+        with self._mine_lock:
+            if uid in self._mine:
+                return
+            if (namespace, name) in self._creating:
+                self._mine.add(uid)  # the watch was faster than the answer to our own create
+                return
+        if meta.get("deletionTimestamp"):
+            return  # on its way out already
+        labels = meta.get("labels") or {}
+        what = f"Pod {namespace}/{name} (model {labels.get(LABEL_MODEL, '?')}, gpu {labels.get(LABEL_GPU, '?')})"
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
+        try:
+            self.api.request("DELETE", self._pods_path(namespace, name), body)
+        except KubeApiError as err:
+            if err.status not in (404, 409):  # gone already, or another Pod of that name by now
+                log.warning("%s carries vramctl's labels but was not created by it; deleting it failed: %s", what, err)
+            return
+        self.intruders_deleted += 1
+        message = (
+            f"{what} carries vramctl's labels but was not created by vramctl: deleted at once (grace 0), "
+            "so that it cannot run beside the GPU's holder; ask vramctl for the model instead (activeModel, POST /switch)"
+        )
+        log.warning("%s", message)
+        self._event(namespace, labels.get(LABEL_GPU), "IntruderPodDeleted", message)
+
+    def _event(self, namespace: str, gpu: str | None, reason: str, message: str) -> None:
+        """A Warning Event on the ModelDeployment of ``gpu`` in ``namespace`` (best effort)."""
+        owners = [(g, o) for g, o in self._owners.items() if o.namespace == namespace]
+        owner = next((o for g, o in owners if str(g) == gpu), owners[0][1] if owners else None)
+        if owner is None:
+            return
+        now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{owner.name}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+            "involvedObject": {"apiVersion": OWNER_API_VERSION, "kind": OWNER_KIND, "namespace": namespace, "name": owner.name, "uid": owner.uid},
+            "type": "Warning",
+            "reason": reason,
+            "message": message,
+            "source": {"component": "vramctl", "host": self.node},
+            "reportingComponent": "vramctl.io/operator",
+            "reportingInstance": self.node,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.api.request("POST", f"/api/v1/namespaces/{urllib.parse.quote(namespace)}/events", event)
+        except KubeApiError as err:
+            log.warning("event %s on %s/%s not recorded: %s", reason, namespace, owner.name, err)
 
     def pod_of_uid(self, uid: str) -> str | None:
         """"namespace/name" of the Pod ``uid`` on this node, ours or not: a GPU
@@ -699,10 +837,14 @@ class PodRuntime:
             self._delete_and_wait(owner.namespace, name, m.stop.grace_period_seconds)
         uuid = self.gpu_uuid(deployment.gpu) if self.gpu_uuid is not None else None
         body = render_pod(deployment, model, owner, self.node, self.instance, self.gpu_mode, self.runtime_class, uuid)
+        with self._mine_lock:
+            self._creating.add((owner.namespace, name))
         try:
             created = self._call("POST", self._pods_path(owner.namespace), body)
             uid = _meta(created or {}).get("uid")
             if uid:
+                with self._mine_lock:
+                    self._mine.add(str(uid))
                 self._known[(owner.namespace, name)] = str(uid)
                 if (cache := self.caches.get(owner.namespace)) is not None:
                     cache.put(created)
@@ -711,7 +853,13 @@ class PodRuntime:
                 raise TransientError(f"Pod {owner.namespace}/{name} still exists (being deleted?): {err}") from None
             if isinstance(err, Forbidden):
                 raise
-            raise StartError(f"the Pod of {model!r} could not be created: {err}") from None
+            refused = _admission_refusal(err, owner.namespace, self.runtime_class)
+            if isinstance(refused, TransientError):
+                raise refused from None
+            raise StartError(refused or f"the Pod of {model!r} could not be created: {err}") from None
+        finally:
+            with self._mine_lock:
+                self._creating.discard((owner.namespace, name))
         return self._wait_running(deployment, model, owner, name, m.start_timeout_seconds)
 
     def _wait_running(self, deployment: DeploymentSpec, model: str, owner: PodOwner, name: str, timeout: float) -> str:

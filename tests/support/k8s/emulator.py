@@ -19,6 +19,19 @@ deliberately simplistic. What this subclass adds, and why:
 - ``kind``/``apiVersion`` on lists (``kubectl get`` refuses a list without them).
 - a failed JSON-patch ``test`` answers 422 like the real server (kopf then
   retries on the next event), not 500.
+- Pod deletion as a real API server does it: a graceful delete of a Pod bound
+  to a node (``gracePeriodSeconds`` from the DeleteOptions or the query, else
+  the Pod's ``terminationGracePeriodSeconds``, else 30) only marks it
+  Terminating (``deletionTimestamp``, ``deletionGracePeriodSeconds``); the
+  object stays, whatever its finalizers, until a delete with grace 0 (the
+  kubelet's final delete, once its containers are gone) and its finalizers
+  are gone. A Pod on no node, or deleted with grace 0, goes at once. A
+  ``preconditions.uid`` that does not match answers 409.
+- two admission refusals of a Pod create, in the API server's words (403),
+  when a test asks for them: ``no_service_account`` (namespaces whose
+  ``default`` ServiceAccount does not exist yet, the race after a namespace
+  is created) and ``runtime_classes`` (when set, the RuntimeClasses that
+  exist; a Pod naming another is refused).
 
 - a bounded request log (see ``_forget_old_requests``): kmock keeps every
   request and routes each new one by scanning them all.
@@ -107,6 +120,9 @@ class Emulator(kmock.KubernetesEmulator):
         self.denied: list[Access] = []
         # (arrival time, create | delete, path) of vramctl's Pod writes (benchmarks/reconcile_latency.py)
         self.pod_actions: list[tuple[float, str, str]] = []
+        # Admission refusals of Pod creates (see the module docstring).
+        self.no_service_account: set[str] = set()
+        self.runtime_classes: set[str] | None = None
 
     def _next_rv(self) -> str:
         self._rv += 1
@@ -175,6 +191,90 @@ class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is None or request.action not in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
             return await super()._handle(request)
+        if request.resource == MD_POD_RESOURCE and request.action == kmock.action.CREATE:
+            refused = self._admission(request)
+            if refused is not None:
+                return refused
+        if request.resource == MD_POD_RESOURCE and request.name is not None and request.action != kmock.action.CREATE:
+            async with self._mutations:
+                try:
+                    if request.action == kmock.action.DELETE:
+                        return await self._delete_pod(request)
+                    if self._gracefully_terminating(request):
+                        return await self._update_terminating_pod(request)
+                except kmock.KubernetesError as err:
+                    return await self._render_error(err)
+            return await self._handle_mutation(request)
+        return await self._handle_mutation(request)
+
+    def _admission(self, request: kmock.Request) -> aiohttp.web.Response | None:
+        """A Pod create refused as the ServiceAccount or RuntimeClass admission plugin refuses it, else None."""
+        data = request.data if isinstance(request.data, dict) else {}
+        namespace = request.namespace or (data.get("metadata") or {}).get("namespace") or ""
+        name = (data.get("metadata") or {}).get("name") or ""
+        if namespace in self.no_service_account:
+            message = f'pods "{name}" is forbidden: error looking up service account {namespace}/default: serviceaccount "default" not found'
+            return _forbidden(message, {"name": name, "kind": "pods"})
+        wanted = (data.get("spec") or {}).get("runtimeClassName")
+        if wanted and self.runtime_classes is not None and wanted not in self.runtime_classes:
+            return _forbidden(f'pods "{name}" is forbidden: pod rejected: RuntimeClass "{wanted}" not found', {"name": name, "kind": "pods"})
+        return None
+
+    def _pod(self, request: kmock.Request) -> Any:
+        key = (request.resource, request.namespace, request.name)
+        obj = self._objects[key] if key in self._objects else None  # noqa: SIM401 - kmock's array has no get()
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesError(status=404, reason="NotFound", message=f'pods "{request.name}" not found')
+        return obj
+
+    def _gracefully_terminating(self, request: kmock.Request) -> bool:
+        key = (request.resource, request.namespace, request.name)
+        obj = self._objects[key] if key in self._objects else None  # noqa: SIM401 - kmock's array has no get()
+        if obj is None or obj.deleted:
+            return False
+        meta = obj.raw.get("metadata") or {}
+        return bool(meta.get("deletionTimestamp")) and int(meta.get("deletionGracePeriodSeconds") or 0) > 0
+
+    async def _delete_pod(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """A Pod's DELETE (see the module docstring: graceful deletion)."""
+        obj = self._pod(request)
+        raw = obj.raw
+        meta, spec = raw.get("metadata") or {}, raw.get("spec") or {}
+        options = request.data if isinstance(request.data, dict) else {}
+        uid = ((options.get("preconditions") or {}).get("uid")) or None
+        if uid is not None and uid != meta.get("uid"):
+            raise kmock.KubernetesError(
+                status=409, reason="Conflict", message=f"Precondition failed: UID in precondition: {uid}, UID in object meta: {meta.get('uid')}"
+            )
+        asked = options.get("gracePeriodSeconds", (request.params or {}).get("gracePeriodSeconds"))
+        grace = int(asked) if asked is not None else int(spec.get("terminationGracePeriodSeconds", 30))
+        if not spec.get("nodeName"):
+            grace = 0  # no kubelet will ever act on it
+        if meta.get("deletionTimestamp"):
+            grace = min(grace, int(meta.get("deletionGracePeriodSeconds") or 0))  # a delete only shortens the grace
+        async with self._lock:
+            if grace == 0 and not meta.get("finalizers"):
+                obj.delete()
+                gone = obj.last.raw
+                await self._buses[request.resource].put({"type": "DELETED", "object": gone})
+                return aiohttp.web.json_response(gone)
+            mark = {"deletionTimestamp": meta.get("deletionTimestamp") or _now(), "deletionGracePeriodSeconds": grace}
+            obj.patch({"metadata": {**mark, "resourceVersion": self._next_rv()}})
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+            return aiohttp.web.json_response(obj.raw)
+
+    async def _update_terminating_pod(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """A write to a Pod that is Terminating with grace left: applied, but
+        (unlike kmock) the Pod is not dropped when its finalizers go: only the
+        kubelet's final delete ends it."""
+        obj = self._pod(request)
+        request = self._prepare_update(request)
+        async with self._lock:
+            obj.patch(request.data)
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+            return aiohttp.web.json_response(obj.raw)
+
+    async def _handle_mutation(self, request: kmock.Request) -> Any:
         # One mutation at a time: the state read below must be the state the
         # parent class then patches (it takes its own lock only inside).
         async with self._mutations:

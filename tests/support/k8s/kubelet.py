@@ -9,10 +9,12 @@ container's state, id and exit code, and its output as ``pods/log``.
 
 - An image it does not know (not ``vramctl-standin...``) never runs: the
   container waits with ``ImagePullBackOff``, as a kubelet that cannot pull.
-- Deletion is graceful, as in a cluster: the kubelet holds a finalizer of its
-  own on every Pod it admits, so the object stays (with its
-  ``deletionTimestamp``) until the process got SIGTERM, the Pod's grace
-  period passed (then SIGKILL) and it exited; only then is the object gone.
+- Deletion is graceful, as in a cluster: the API server keeps a deleted Pod
+  (Terminating, with its ``deletionTimestamp``) until the kubelet's final
+  delete; the kubelet sends SIGTERM, waits the Pod's grace period (then
+  SIGKILL), reports the exit, and then deletes the Pod with grace 0 (with its
+  uid as precondition). A Pod deleted at once (grace 0) is gone from the API
+  before the kubelet looks: its process is killed at the next round.
 - ``TEST_KUBELET_OOM=1`` in a container's env: its exit is reported as
   ``OOMKilled``.
 - Exclusivity: a heavy stand-in (label ``vramctl.io/class`` not ``light``)
@@ -41,7 +43,6 @@ from typing import Any
 
 from tests.support.k8s.emulator import ApiError, EmulatorThread, KubeClient
 
-FINALIZER = "kubelet.test/containers"
 STANDIN_PREFIX = "vramctl-standin"
 
 
@@ -84,6 +85,7 @@ class TestKubelet:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"test-kubelet-{node}", daemon=True)
         self.errors: list[str] = []
+        self.final_deletes: list[str] = []  # namespace/name of each Pod it deleted with grace 0, in order
 
     def __enter__(self) -> TestKubelet:
         self._thread.start()
@@ -153,10 +155,6 @@ class TestKubelet:
             oom=env.get("TEST_KUBELET_OOM") == "1",
         )
         self.runs[uid] = run
-        finalizers = [*(meta.get("finalizers") or []), FINALIZER]
-        self.kube.request(
-            "PATCH", f"/api/v1/namespaces/{ns}/pods/{name}", {"metadata": {"finalizers": finalizers}}, "application/merge-patch+json"
-        )
         log.write_text("")
         assert self.emulator.emu is not None
         self.emulator.emu.pod_logs[(ns, name)] = log
@@ -275,15 +273,12 @@ class TestKubelet:
         self._release(pod)
 
     def _release(self, pod: dict[str, Any]) -> None:
+        """The kubelet's final delete: its containers are gone, the API server may forget the Pod."""
         meta = pod["metadata"]
-        left = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
-        with contextlib.suppress(ApiError):
-            self.kube.request(
-                "PATCH",
-                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                {"metadata": {"finalizers": left or None}},
-                "application/merge-patch+json",
-            )
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
+        with contextlib.suppress(ApiError):  # gone already
+            self.kube.request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", body)
+        self.final_deletes.append(f"{meta['namespace']}/{meta['name']}")
 
     def _kill(self, run: _Run) -> None:
         if run.alive:
