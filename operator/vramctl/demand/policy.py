@@ -40,6 +40,10 @@ hypothesis simulation (tests/unit/test_demand_queue.py):
   the newest beyond ``maxQueue`` waiting demands; both with a Retry-After.
 - **Idle.** With nothing held, queued or switching for ``idle.afterSeconds``,
   go to the default model, sleep, or free the GPU (once per idle period).
+  Two stages (``idle.sleepAfterSeconds``: afterSeconds with action sleep;
+  ``idle.stopAfterSeconds``): the first puts the active model to sleep (it
+  keeps its CUDA context and host memory, so the next use is a wake), the
+  second, counted from the same last use, frees the GPU, sleepers too.
 
 A sleeping model counts as not active: waking it is the worker's way of
 "switching" to it.
@@ -81,11 +85,13 @@ class QueuePolicy:
 
 @dataclass(frozen=True)
 class IdlePolicy:
-    """The ``idle`` settings of a GPU; ``after_seconds`` None: never idle."""
+    """The ``idle`` settings of a GPU; ``after_seconds`` None: never idle.
+    ``stop_after_seconds``: the second stage (free the GPU); None: none."""
 
     after_seconds: float | None = None
     action: IdleAction = "default"
     default_model: str | None = None
+    stop_after_seconds: float | None = None
 
 
 def light_models(spec: DeploymentSpec) -> frozenset[str]:
@@ -95,9 +101,10 @@ def light_models(spec: DeploymentSpec) -> frozenset[str]:
 
 def policies_of(spec: DeploymentSpec) -> tuple[QueuePolicy, IdlePolicy]:
     """The GPU's ``queue`` and ``idle`` settings as the policy takes them."""
-    q = spec.queue
+    q, i = spec.queue, spec.idle
     queue = QueuePolicy(q.max_queue, q.queue_timeout_seconds, q.max_serve_seconds, q.drain_timeout_seconds, q.serve_cost_factor)
-    return queue, IdlePolicy(spec.idle.after_seconds, spec.idle.action, spec.idle_default_model)
+    after, action = (i.sleep_after_seconds, "sleep") if i.sleep_after_seconds is not None else (i.after_seconds, i.action)
+    return queue, IdlePolicy(after, action, spec.idle_default_model, i.stop_after_seconds)
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,7 @@ class QueueState:
     drain_since: float | None = None
     last_activity: float = 0.0
     idled: bool = False
+    idle_stopped: bool = False  # the second idle stage ran (or a first stage that freed the GPU)
     revoked: tuple[str, ...] = ()
     switch_estimate_seconds: float = 30.0
     switch_costs: tuple[tuple[str, float], ...] = ()
@@ -227,7 +235,9 @@ class Decision:
 
 def add_demand(state: QueueState, demand: Demand) -> QueueState:
     """A new demand (admission control happens in ``decide``)."""
-    return replace(state, demands=(*state.demands, demand), last_activity=max(state.last_activity, demand.arrived), idled=False)
+    return replace(
+        state, demands=(*state.demands, demand), last_activity=max(state.last_activity, demand.arrived), idled=False, idle_stopped=False
+    )
 
 
 def withdraw(state: QueueState, demand_id: str, now: float) -> QueueState:
@@ -346,7 +356,7 @@ def lane_activity(state: QueueState, in_flight: dict[str, int], last_used: float
     out = replace(state, holds=(*kept, *lane))
     busy_at = now if lane else last_used
     if busy_at is not None and busy_at > state.last_activity:
-        out = replace(out, last_activity=busy_at, idled=False)
+        out = replace(out, last_activity=busy_at, idled=False, idle_stopped=False)
     return out
 
 
@@ -490,8 +500,10 @@ def decide(state: QueueState, now: float) -> Decision:
 
     # Idle: nothing held, waiting or switching.
     idle = state.idle
-    if idle.after_seconds is not None and not state.idled and not holds and not waiting and not grant:
-        at = max(state.last_activity, state.active_since) + idle.after_seconds
+    quiet = not holds and not waiting and not grant
+    since = max(state.last_activity, state.active_since)
+    if idle.after_seconds is not None and not state.idled and quiet:
+        at = since + idle.after_seconds
         if now >= at:
             if idle.action == "default":
                 if idle.default_model is not None and idle.default_model != state.active:
@@ -500,6 +512,12 @@ def decide(state: QueueState, now: float) -> Decision:
                 return replace(decision, idle=idle.action, wake_at=_first_after(wakes, now))
         else:
             wakes.append(at)
+    # The second stage: something runs or sleeps (a model active, or put to sleep by the first stage).
+    if idle.stop_after_seconds is not None and not state.idle_stopped and quiet and (state.active is not None or state.idled):
+        at = since + idle.stop_after_seconds
+        if now >= at:
+            return replace(decision, idle="free", wake_at=_first_after(wakes, now))
+        wakes.append(at)
     return replace(decision, wake_at=_first_after(wakes, now))
 
 
@@ -532,7 +550,7 @@ def apply(state: QueueState, decision: Decision, now: float) -> QueueState:
     if decision.companions is not None:
         out = replace(out, companions_pending=decision.companions)
     if decision.idle is not None:
-        out = replace(out, idled=True)
+        out = replace(out, idled=True, idle_stopped=out.idle_stopped or decision.idle == "free")
         if decision.idle in ("sleep", "free"):
             out = replace(out, active=None, active_companions=())
     return out
