@@ -97,3 +97,8 @@ class LoopContext(Protocol):
         """A command waits in the worker's inbox: apply it before acting."""
 
     def total_mib(self) -> int | None: ...
+
+    def hold_off_demands(self) -> bool:
+        """If nothing waits, is held or is in flight in the GPU's queue: keep
+        new demands waiting (the fast lane shut) until the loop next settles,
+        and True; else False (sleep.prewarm's cycle runs only then)."""

@@ -24,7 +24,8 @@ The ``Reconciler`` coordinates; each of its concerns is a small part of its own:
 - ``hand_starts``: the gating of starts made behind vramctl's back;
 - ``settled``: what an empty plan means (Ready, Idle, backing off);
 - ``ways``: switchStrategy auto's way per switch away, and the sleepers'
-  eviction order, by the switch costs.
+  eviction order, by the switch costs;
+- ``prewarm``: sleep.prewarm's one sleep and wake while nothing waits.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from vramctl.reconcile.finished_ops import FinishedOps
 from vramctl.reconcile.hand_starts import HandStarts
 from vramctl.reconcile.model_view import OP_STATES, ModelView, observe
 from vramctl.reconcile.model_watch import ModelWatch, Tracking
+from vramctl.reconcile.prewarm import Prewarm
 from vramctl.reconcile.release_wait import ReleaseWait
 from vramctl.reconcile.runtime_outage import RuntimeOutage
 from vramctl.reconcile.settled import next_look, report
@@ -107,6 +109,7 @@ class Reconciler:
         self.sleep = SleepBook()
         self.warm = WarmSwitches(ctx, self.sleep, sleep_metrics)
         self.ways = WayChoices(ctx, self.sleep, costs if costs is not None else CostBook())
+        self.prewarm = Prewarm(ctx, self.sleep)
         self.outage = RuntimeOutage(ctx, runtime)
         self.release = ReleaseWait(ctx, probe, self.track, self.sleep, self.warm)
         self.checks = StartChecks(ctx, runtime, self.watch)
@@ -194,6 +197,10 @@ class Reconciler:
         )
         self._view(observed, p)
         if p.empty:
+            warm = self.prewarm.begin(self.spec, self.desired, observed)
+            if warm is not None:  # the next plan wakes it; the loop settles after
+                self._submit(Sleep(warm, "prewarm"))
+                return s.poll_interval_s, False
             return self._settle(p, now), True
         return self._step(p, now)
 

@@ -572,6 +572,9 @@ class _LoopPort:
     def total_mib(self) -> int | None:
         return self.w.total_mib()
 
+    def hold_off_demands(self) -> bool:
+        return self.w.queue.hold_off()
+
 
 class _Queue:
     """The worker's side of its hold queue (``hold_desk.HoldDesk``, loop thread
@@ -655,6 +658,23 @@ class _Queue:
             (switch_seconds(book, spec, active, m, asleep, w._total) for m in heavy), default=dq.QueueState.switch_estimate_seconds
         )
         return turns, longest
+
+    def hold_off(self) -> bool:
+        """Nothing waits, is held or is in flight: new demands wait (the lane
+        shut, the desk switching to what runs) until the loop settles, and
+        True. Else the lane reopens as the queue decides, and False."""
+        now, lane = self.w.clock(), self.w.lane
+        self.desk.state = dq.lane_activity(self.desk.state, lane.close(), lane.last_used, now)
+        st = self.desk.state
+        if st.demands or st.holds or st.companions_pending is not None or st.drain_since is not None:
+            self.step()
+            return False
+        d = self.w._rec.desired
+        if self.target is None and st.switching_to is None and d.active is not None:
+            t = dq.Target(d.active, d.companions)
+            self.desk.state = replace(st, active=None, active_companions=(), switching_to=t)
+            self.target = (t, d.generation)
+        return True
 
     def settled(self, now: float, ok: bool) -> None:
         d = self.w._rec.desired
