@@ -24,7 +24,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -63,8 +63,17 @@ class Api:
     POST /switch answers 409 with this text. ``state``: checked writable
     before each switch (507 when it is not)."""
 
-    def __init__(self, supervisor: Supervisor, *, state: StateStore | None = None, switch_refusal: str | None = None) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        *,
+        state: StateStore | None = None,
+        switch_refusal: str | None = None,
+        metrics_body: Callable[[], bytes] | None = None,
+    ) -> None:
         self.supervisor = supervisor
+        # The exposition text; the composition root passes one rendering shared by concurrent scrapes (telemetry).
+        self._render_metrics = metrics_body or functools.partial(generate_latest, supervisor.metrics.registry)
         self.state = state
         self.switch_refusal = switch_refusal
         self._switch_lock: asyncio.Lock | None = None
@@ -138,7 +147,7 @@ class Api:
         fut = self._metrics_inflight
         if fut is None or fut.done():
             loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(self._metrics_pool, generate_latest, self.supervisor.metrics.registry)
+            fut = loop.run_in_executor(self._metrics_pool, self._render_metrics)
             self._metrics_inflight = fut
         return await asyncio.shield(fut)
 

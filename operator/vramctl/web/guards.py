@@ -197,7 +197,11 @@ class Policy:
         if length > self.max_body:
             raise HttpError(413, f"the body is {length} bytes; at most {self.max_body} are taken", "Content-Length", close=True)
         try:
-            raw = await asyncio.wait_for(request.content.readexactly(length), self.body_timeout)
+            if request.content.is_eof():  # all of it is here already (the usual case): no timer
+                raw = await request.content.readexactly(length)
+            else:
+                async with asyncio.timeout(self.body_timeout):
+                    raw = await request.content.readexactly(length)
         except TimeoutError:
             raise HttpError(408, f"the body did not arrive within {self.body_timeout:g} s (Content-Length {length})", close=True) from None
         except asyncio.IncompleteReadError as err:
@@ -255,7 +259,8 @@ def parse_json(raw: bytes, max_depth: int = MAX_DEPTH) -> Any:
         raise HttpError(400, f"field {err.key!r} appears twice in the body: send it once", err.key) from None
     except ValueError as err:
         raise HttpError(400, f"the body is not valid JSON ({err})") from None
-    if isinstance(doc, dict | list) and not _depth(doc, max_depth):
+    # Fewer brackets than the limit cannot nest deeper than it: the walk is for the rest.
+    if isinstance(doc, dict | list) and raw.count(b"[") + raw.count(b"{") > max_depth and not _depth(doc, max_depth):
         raise HttpError(400, f"the body is nested too deeply (at most {max_depth} levels): send a flatter JSON document")
     return doc
 

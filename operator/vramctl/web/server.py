@@ -220,6 +220,7 @@ class HttpServer:
         self._pending = 0  # accepted, transport not made yet
         self.refused = 0
         self._requests = requests_counter(registry) if registry is not None else None
+        self._children: dict[tuple[str, str, int], Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -263,7 +264,7 @@ class HttpServer:
         return app
 
     def _middleware(self, listener: Listener) -> Any:
-        policy, requests, name, open_ = listener.policy, self._requests, listener.name, self._open
+        policy, requests, name, open_, children = listener.policy, self._requests, listener.name, self._open, self._children
 
         @web.middleware
         async def guarded(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
@@ -285,7 +286,7 @@ class HttpServer:
                 resp = web.Response(status=CLIENT_GONE)  # nobody reads it: aiohttp drops it with the connection
                 resp.force_close()
             except asyncio.CancelledError:
-                _count(requests, name, request, CLIENT_GONE)
+                _count(requests, children, name, request, CLIENT_GONE)
                 log.debug("client went away during %s %s (cancelled)", request.method, request.path)
                 raise
             except Exception as exc:
@@ -293,7 +294,7 @@ class HttpServer:
                 resp = render(request.path, HttpError(500, "internal error: see vramctl's log", close=True))
             if resp.status == CLIENT_GONE:
                 log.debug("client went away during %s %s", request.method, request.path)
-            _count(requests, name, request, resp.status)
+            _count(requests, children, name, request, resp.status)
             return resp
 
         return guarded
@@ -498,13 +499,18 @@ class HttpServer:
         )
 
 
-def _count(requests: Counter | None, listener: str, request: web.Request, status: int) -> None:
+def _count(requests: Counter | None, children: dict[tuple[str, str, int], Any], listener: str, request: web.Request, status: int) -> None:
+    """One more request in ``vramctl_http_requests_total`` (``children``: the labelled series, made once)."""
     if requests is None:
         return
     info = request.match_info
     resource = info.route.resource if info.http_exception is None else None
     route = resource.canonical if resource is not None else "unmatched"
-    requests.labels(listener, route, str(status)).inc()
+    key = (listener, route, status)
+    child = children.get(key)
+    if child is None:
+        child = children[key] = requests.labels(listener, route, str(status))
+    child.inc()
 
 
 # -- the composition: API, holds and gateway over a supervisor -----------------------------------
@@ -527,6 +533,7 @@ class FaceOptions:
     limits: Limits = field(default_factory=Limits)
     api_routes: tuple[RouteAdder, ...] = ()
     gateway_routes: tuple[RouteAdder, ...] = ()
+    metrics_body: Callable[[], bytes] | None = None  # /metrics' text (default: the registry rendered per scrape)
 
 
 @dataclass
@@ -558,7 +565,7 @@ def serve(supervisor: Supervisor, options: FaceOptions, state: StateStore | None
     server = HttpServer(options.limits, registry)
     holder = SupervisorHolder(supervisor)
     holds = HoldsApi(holder, holder.names)
-    api = Api(supervisor, state=state, switch_refusal=options.switch_refusal)
+    api = Api(supervisor, state=state, switch_refusal=options.switch_refusal, metrics_body=options.metrics_body)
     api_routes: list[RouteAdder] = [api.add_routes]
     if options.holds_on_api:
         api_routes.append(holds.add_routes)

@@ -6,6 +6,9 @@
 
 const TOKEN_KEY = "vramctl.token";
 const LOG_KEPT = 200;
+// As the journal keeps them (status/events.py): a failure stays the reason until the model is healthy again.
+const FAILURE_STEPS = new Set(["failed", "rejected", "SleepFallback", "removed-outside"]);
+const RECOVERED_STEPS = new Set(["healthy", "awake"]);
 
 const state = {
   gpus: {}, // gpu -> {status, switches, queue, notes, memory}
@@ -49,7 +52,7 @@ function ago(since) {
 
 function gpuOf(g) {
   const key = String(g);
-  if (!state.gpus[key]) state.gpus[key] = { status: null, switches: [], queue: {}, notes: {}, memory: null };
+  if (!state.gpus[key]) state.gpus[key] = { status: null, switches: [], queue: {}, notes: {}, failures: {}, memory: null };
   return state.gpus[key];
 }
 
@@ -225,7 +228,8 @@ function modelsTable(gpu, spec, view) {
   for (const m of [...names].sort()) {
     const ms = (spec && spec.models && spec.models[m]) || {};
     const s = states[m];
-    const note = view.notes && view.notes[m];
+    // Why it is not what was asked (kept until it is healthy again), else its last step.
+    const note = (view.failures && view.failures[m]) || (view.notes && view.notes[m]);
     const isActive = m === active;
     const role = isActive ? " (active)" : companions.has(m) ? " (companion)" : "";
     const reason = note ? `${note.step}: ${note.message}` : "";
@@ -439,7 +443,11 @@ function onEvent(ev) {
       v.status = ev.data;
       break;
     case "progress":
-      if (ev.data.model) v.notes[ev.data.model] = ev.data;
+      if (ev.data.model) {
+        v.notes[ev.data.model] = ev.data;
+        if (FAILURE_STEPS.has(ev.data.step)) v.failures[ev.data.model] = ev.data;
+        else if (RECOVERED_STEPS.has(ev.data.step)) delete v.failures[ev.data.model];
+      }
       break;
     case "queue":
       v.queue = ev.data;
@@ -461,7 +469,14 @@ function onEvent(ev) {
 function onHello(doc) {
   state.gpus = {};
   for (const [g, v] of Object.entries(doc.gpus || {})) {
-    state.gpus[g] = { status: v.status, switches: v.switches || [], queue: v.queue || {}, notes: v.notes || {}, memory: v.memory };
+    state.gpus[g] = {
+      status: v.status,
+      switches: v.switches || [],
+      queue: v.queue || {},
+      notes: v.notes || {},
+      failures: v.failures || {},
+      memory: v.memory,
+    };
   }
   state.specs = doc.specs || {};
   state.readOnly = doc.readOnly ?? null;
