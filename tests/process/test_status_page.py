@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -154,17 +155,42 @@ def seen_steps(driver: WebDriver) -> list[dict[str, Any]]:
     return out
 
 
-def open_page(driver: WebDriver, up: LiveUp) -> None:
+def text(driver: WebDriver, css: str) -> str:
+    """The text of the first element matching ``css`` now ("" when none): read in one go, as the page re-renders."""
+    out: str = driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
+    return out
+
+
+def attrs(driver: WebDriver, css: str, name: str) -> list[str | None]:
+    """Attribute ``name`` of every element matching ``css`` now, read in one go."""
+    out: list[str | None] = driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.getAttribute(arguments[1]));", css, name
+    )
+    return out
+
+
+def click(driver: WebDriver, css: str) -> None:
+    """A real click on ``css``, found again if the page re-rendered it in between."""
+    for _ in range(20):
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            return
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    raise AssertionError(f"{css} kept being re-rendered")
+
+
+def open_page(driver: WebDriver, up: LiveUp, models: tuple[str, ...] = ("llm", "sdxl", "tts")) -> None:
     driver.get(up.url + "/")
     until(lambda: driver.find_element(By.ID, "connection").get_attribute("data-live") == "true", what="the event stream is live")
-    until(lambda: set(rows(driver)) == {"llm", "sdxl", "tts"}, what="every model shown")
+    until(lambda: set(rows(driver)) == set(models), what="every model shown")
 
 
 def test_the_page_shows_a_switch_live_and_a_freed_gpu(live: list[LiveUp], tmp_path: Path, browser: WebDriver, shots: Path) -> None:
     up = start(live, tmp_path)
     open_page(browser, up)
     assert console_errors(browser) == []
-    assert browser.find_element(By.CSS_SELECTOR, "[data-active-model]").get_attribute("data-active-model") == "llm"
+    assert attrs(browser, "[data-active-model]", "data-active-model")[0] == "llm"
     assert rows(browser)["llm"] == {"state": "running", "active": "true"}
     assert browser.find_element(By.CSS_SELECTOR, ".bar [data-model=llm]")
     browser.save_screenshot(str(shots / "1-loaded.png"))
@@ -172,7 +198,7 @@ def test_the_page_shows_a_switch_live_and_a_freed_gpu(live: list[LiveUp], tmp_pa
     # The click; then the page is watched every 20 ms: when each step appears, and when sdxl is awake.
     first_seen: dict[int, float] = {}
     before = max(p["seq"] for p in progress(up))
-    browser.find_element(By.CSS_SELECTOR, "button[data-action=switch][data-model=sdxl]").click()
+    click(browser, "button[data-action=switch][data-model=sdxl]")
 
     def awake() -> float | None:
         r = rows(browser)  # before the steps: a state on the page implies the steps that led to it
@@ -196,18 +222,18 @@ def test_the_page_shows_a_switch_live_and_a_freed_gpu(live: list[LiveUp], tmp_pa
     assert [p["seq"] for p in worker] == [s for s in shown if s in {p["seq"] for p in worker}]
     until(lambda: browser.find_elements(By.CSS_SELECTOR, ".bar [data-model=llm].seg-residue"), what="llm's residue on the bar")
     until(lambda: browser.find_elements(By.CSS_SELECTOR, "table.switches tbody tr[data-outcome=success]"), what="the switch listed")
-    switch_row = browser.find_elements(By.CSS_SELECTOR, "table.switches tbody tr")[0].text
+    switch_row = text(browser, "table.switches tbody tr")
     assert "llm" in switch_row and "sdxl" in switch_row and "warm" not in switch_row  # sdxl started cold
     browser.save_screenshot(str(shots / "2-switched.png"))
     if os.environ.get("VRAMCTL_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shots / "2-switched.png", ROOT / "docs" / "status-page.png")
     assert console_errors(browser) == []
 
-    browser.find_element(By.CSS_SELECTOR, "button[data-action=free]").click()
+    click(browser, "button[data-action=free]")
     until(
         lambda: (
             not browser.find_elements(By.CSS_SELECTOR, ".bar [data-model]")
-            and browser.find_element(By.CSS_SELECTOR, "[data-active-model]").get_attribute("data-active-model") == ""
+            and attrs(browser, "[data-active-model]", "data-active-model")[0] == ""
         ),
         what="an empty bar",
     )
@@ -225,7 +251,7 @@ def test_an_action_without_the_token_is_refused_and_the_page_says_why(
 ) -> None:
     up = start(live, tmp_path, TokenUp)
     open_page(browser, up)
-    browser.find_element(By.CSS_SELECTOR, "button[data-action=switch][data-model=sdxl]").click()
+    click(browser, "button[data-action=switch][data-model=sdxl]")
     error = until(
         lambda: browser.find_element(By.ID, "error").is_displayed() and browser.find_element(By.ID, "error").text, what="an error"
     )
@@ -237,10 +263,10 @@ def test_an_action_without_the_token_is_refused_and_the_page_says_why(
     assert up.gpu()["activeModel"] == "llm" and up.gpu()["desiredGeneration"] == 1  # nothing was done
 
     browser.find_element(By.ID, "token").send_keys(TOKEN)
-    browser.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
+    click(browser, "#token-form button[type=submit]")
     assert TOKEN not in browser.current_url
     assert browser.execute_script("return sessionStorage.getItem('vramctl.token')") == TOKEN
-    browser.find_element(By.CSS_SELECTOR, "button[data-action=switch][data-model=sdxl]").click()
+    click(browser, "button[data-action=switch][data-model=sdxl]")
     up.wait(lambda g: g["activeModel"] == "sdxl" and g["phase"] == "Ready", timeout=20)
     until(lambda: rows(browser)["sdxl"]["active"] == "true", what="sdxl active on the page")
     # The only console error is the refused request itself.
@@ -266,18 +292,17 @@ def test_put_to_sleep_keeps_a_residue_and_frees_the_rest(live: list[LiveUp], tmp
     up = start(live, tmp_path)
     assert up.post({"model": "sdxl", "sleep": True})[0] == 400  # sleep frees the GPU: never with a model
     open_page(browser, up)
-    browser.find_element(By.CSS_SELECTOR, "button[data-action=sleep]").click()
+    click(browser, "button[data-action=sleep]")
     until(lambda: rows(browser)["llm"] == {"state": "asleep", "active": "false"}, what="llm asleep on the page")
     until(
         lambda: (
-            [e.get_attribute("data-model") for e in browser.find_elements(By.CSS_SELECTOR, ".bar [data-model]")] == ["llm"]
-            and browser.find_elements(By.CSS_SELECTOR, ".bar .seg-residue")
+            attrs(browser, ".bar [data-model]", "data-model") == ["llm"] and browser.find_elements(By.CSS_SELECTOR, ".bar .seg-residue")
         ),
         what="only llm's residue on the bar",
     )
     g = up.gpu()
     assert g["activeModel"] is None and g["asleepModels"] == ["llm"]
-    assert "asleep" in browser.find_element(By.CSS_SELECTOR, "tr[data-model=llm] .state").text
+    assert "asleep" in text(browser, "tr[data-model=llm] .state")
     browser.save_screenshot(str(shots / "6-asleep.png"))
     assert console_errors(browser) == []
 
@@ -301,15 +326,15 @@ def test_holds_and_the_queue_with_waiting_times_and_a_hold_cancelled(
     until(lambda: browser.find_elements(By.CSS_SELECTOR, "[data-hold-model=llm] button[data-action=cancel-hold]"), what="llm's hold")
     waiter = threading.Thread(target=_hold, args=(up, "sdxl", held), daemon=True)
     waiter.start()  # waits: llm is held
-    waiting = until(lambda: browser.find_elements(By.CSS_SELECTOR, "[data-waiting-model=sdxl]"), what="sdxl waiting")[0]
-    assert "1 waiting, for" in waiting.text
+    waiting = until(lambda: text(browser, "[data-waiting-model=sdxl]"), what="sdxl waiting")
+    assert "1 waiting, for" in waiting
     time.sleep(1.2)
     until(
-        lambda: re.search(r"for [1-9]\d* s", browser.find_element(By.CSS_SELECTOR, "[data-waiting-model=sdxl]").text),
+        lambda: re.search(r"for [1-9]\d* s", text(browser, "[data-waiting-model=sdxl]")),
         what="the wait counted",
     )
     browser.save_screenshot(str(shots / "7-queue.png"))
-    browser.find_element(By.CSS_SELECTOR, "[data-hold-model=llm] button[data-action=cancel-hold]").click()
+    click(browser, "[data-hold-model=llm] button[data-action=cancel-hold]")
     waiter.join(30)
     assert [h["model"] for h in held] == ["llm", "sdxl"]  # the cancel let the waiting demand through
     until(lambda: rows(browser)["sdxl"]["active"] == "true", what="sdxl active")
@@ -343,11 +368,28 @@ def test_read_only_where_the_desired_state_comes_from_model_deployments(tmp_path
         open_page(browser, harness)
         notice = browser.find_element(By.ID, "readonly")
         assert notice.is_displayed() and notice.text.startswith("Read-only: desired state comes from ModelDeployment")
-        buttons = browser.find_elements(By.CSS_SELECTOR, "button[data-action]")
-        assert buttons and all(not b.is_enabled() for b in buttons)
+        disabled = attrs(browser, "button[data-action]", "disabled")
+        assert disabled and all(d is not None for d in disabled)
         browser.save_screenshot(str(shots / "8-read-only.png"))
         assert console_errors(browser) == []
     finally:
         face.stop()
         built.supervisor.stop()
         harness.kill_models()
+
+
+def test_a_failed_model_shows_why_with_its_last_log_lines(live: list[LiveUp], tmp_path: Path, browser: WebDriver, shots: Path) -> None:
+    cfg = page_config()
+    bad = standin(free_port(), vram=6000, STANDIN_LOAD_SECONDS="5", STANDIN_CRASH_AFTER_SECONDS="0.3", STANDIN_EXIT_CODE="3")
+    cfg["gpus"][0]["models"]["broken"] = bad
+    up = start(live, tmp_path, cfg=cfg)
+    open_page(browser, up, ("broken", "llm", "sdxl", "tts"))
+    click(browser, "button[data-action=switch][data-model=broken]")
+    reason = until(
+        lambda: "last log lines" in (t := text(browser, "tr[data-model=broken] .reason")) and t,
+        what="broken's failure and its log on the page",
+    )
+    assert "exit code 3" in reason and "standin: loading" in reason
+    assert attrs(browser, "[data-phase]", "data-phase")[0] == "Failed"
+    browser.save_screenshot(str(shots / "9-failed.png"))
+    assert console_errors(browser) == []

@@ -118,3 +118,13 @@ def test_the_status_book_publishes_notes_and_renders() -> None:
     events = j.replay(0) or []
     assert [e.kind for e in events][:2] == ["progress", "status"]
     assert events[0].data["step"] == "stopping" and events[1].data["modelStates"] == {"llm": "stopping"}
+
+
+def test_a_failure_stays_the_models_reason_until_it_is_healthy_again() -> None:
+    j = EventJournal()
+    j.publish_note(0, {"seq": 1, "step": "failed", "model": "x", "message": "exited\nlast log lines:\nboom"})
+    j.publish_note(0, {"seq": 2, "step": "cleaned-up", "model": "x", "message": "gone"})
+    view = j.view()["gpus"]["0"]
+    assert view["notes"]["x"]["step"] == "cleaned-up" and view["failures"]["x"]["message"].endswith("boom")
+    j.publish_note(0, {"seq": 3, "step": "healthy", "model": "x", "message": "ok"})
+    assert j.view()["gpus"]["0"]["failures"] == {}

@@ -40,6 +40,10 @@ _VOLATILE = frozenset({"backoff", "progressSeq"})
 # Progress steps that set the strategy of the switch in progress (as the reconciler labels its duration).
 _WARM_STEPS = frozenset({"sleeping", "waking"})
 _COLD_STEPS = frozenset({"starting", "SleepFallback"})
+# Steps that say why a model is not what was asked: kept as its failure (the
+# clean-up notes that follow must not hide it) until it is healthy again.
+_FAILURE_STEPS = frozenset({"failed", "rejected", "SleepFallback", "removed-outside"})
+_RECOVERED_STEPS = frozenset({"healthy", "awake"})
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class _GpuView:
     strategy: str = "cold"
     queue: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    failures: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     memory: Mapping[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -119,6 +124,7 @@ class _GpuView:
             "switches": list(self.switches),
             "queue": self.queue,
             "notes": dict(self.notes),
+            "failures": dict(self.failures),
             "memory": self.memory,
         }
 
@@ -249,6 +255,10 @@ class EventJournal:
                 v.strategy = "cold"
             if isinstance(model, str):
                 v.notes[model] = entry
+                if step in _FAILURE_STEPS:
+                    v.failures[model] = entry
+                elif step in _RECOVERED_STEPS:
+                    v.failures.pop(model, None)
         self.append("progress", gpu, entry)
 
     def publish_status(self, gpu: int, status: Mapping[str, Any]) -> None:
