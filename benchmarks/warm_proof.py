@@ -848,6 +848,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             run_ = one_run(plan, strategy, rounds, workdir, sampler, args.driver, rotation)
             run_["timing"] = directions(run_)
             result[key] = run_
+            if args.partial_out:  # what is done so far, in case the run is cut short
+                Path(args.partial_out).write_text(json.dumps(result, indent=2, default=str))
     finally:
         sampler.stop()
     result["exclusivity"] = awake_heavies(sampler.samples, dry)
@@ -930,9 +932,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotation-rounds", type=int, help="LLM -> SDXL -> TTS -> LLM rotations (default: --rounds)")
     p.add_argument("--out", help="JSON results file (default: $OUT/warm_proof.json when OUT is set)")
     args = p.parse_args(argv)
+    out = args.out or (os.path.join(os.environ["OUT"], "warm_proof.json") if os.environ.get("OUT") else None)
+    args.partial_out = f"{out}.partial" if out else None
     result = run(args)
     report(result)
-    out = args.out or (os.path.join(os.environ["OUT"], "warm_proof.json") if os.environ.get("OUT") else None)
     if out:
         Path(out).write_text(json.dumps(result, indent=2, default=str))
         print(f"results: {out}")
