@@ -177,6 +177,7 @@ def raise_nofile_limit() -> tuple[int, int]:
 def cmd_up(args: argparse.Namespace) -> int:
     from vramctl.app import build, default_state_path
     from vramctl.sources.statefile import StateWriteError
+    from vramctl.telemetry import SharedRendering
     from vramctl.web.page import status_page
     from vramctl.web.server import FaceOptions, serve
 
@@ -211,6 +212,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         token=token,
         allowed_hosts=tuple(args.allow_host or ()),
         api_routes=(status_page(built.supervisor, token_set=token is not None),),
+        metrics_body=SharedRendering(built.supervisor.metrics.registry).body,
     )
     try:
         face = serve(built.supervisor, options, state=built.state)
@@ -692,6 +694,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     """Act on the ModelDeployments whose spec.nodeName is this node, until SIGTERM."""
     from vramctl.app import build_operator
     from vramctl.spec.models import GpuProbeConfig
+    from vramctl.telemetry import SharedRendering
     from vramctl.web.guards import is_loopback
     from vramctl.web.page import status_page
     from vramctl.web.server import FaceOptions, serve
@@ -744,6 +747,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         switch_refusal=SWITCH_IN_KUBERNETES,
         holds_on_api=bool(token) or is_loopback(host),  # holds switch GPUs: off loopback only with the token
         api_routes=(status_page(built.supervisor, refusal=SWITCH_IN_KUBERNETES, token_set=token is not None),),
+        metrics_body=SharedRendering(built.supervisor.metrics.registry).body,
     )
     try:
         face = serve(built.supervisor, options)
