@@ -128,3 +128,11 @@ def test_a_failure_stays_the_models_reason_until_it_is_healthy_again() -> None:
     assert view["notes"]["x"]["step"] == "cleaned-up" and view["failures"]["x"]["message"].endswith("boom")
     j.publish_note(0, {"seq": 3, "step": "healthy", "model": "x", "message": "ok"})
     assert j.view()["gpus"]["0"]["failures"] == {}
+
+
+def test_a_gpu_whose_worker_went_leaves_the_view() -> None:
+    j = EventJournal()
+    j.publish_status(0, _status())
+    j.publish_status(1, _status())
+    j.forget(1)
+    assert list(j.view()["gpus"]) == ["0"] and j.last_id > 0

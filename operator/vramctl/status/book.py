@@ -2,7 +2,8 @@
 
 Owned by the worker's loop (its only writer); ``render`` gives the
 immutable status the loop publishes for readers. Pure but for the wall
-clock, which is passed in.
+clock, which is passed in, and its ``journal``: each note and each rendered
+status is published there as it happens (``status.events``, GET /events).
 """
 
 from __future__ import annotations

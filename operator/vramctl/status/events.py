@@ -290,6 +290,11 @@ class EventJournal:
                 items.append(("switch", gpu, record))
         self._append_all(items)
 
+    def forget(self, gpu: int) -> None:
+        """``gpu`` has no worker any more (its ModelDeployment went): it leaves the view (its events stay in the history)."""
+        with self._lock:
+            self._gpus.pop(gpu, None)
+
     def publish_memory(self, gpu: int, memory: Mapping[str, Any]) -> bool:
         """A memory sample of ``gpu``; an event only when it differs from the last. True when appended."""
         with self._lock:

@@ -124,6 +124,7 @@ class Supervisor:
             self._workers = MappingProxyType({g: x for g, x in self._workers.items() if g != gpu})
         if w is not None:
             w.stop()
+            self.journal.forget(gpu)
         return w
 
     def _watch(self) -> None:
