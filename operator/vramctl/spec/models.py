@@ -278,6 +278,12 @@ class ModelSpec(_Model):
     )
     ports: list[str] = Field(default_factory=list, description="Published ports as HOST:CONTAINER (ignored with network mode host).")
     volumes: list[str] = Field(default_factory=list, description="Bind mounts as SRC:DST[:ro].")
+    weights: list[str] = Field(
+        default_factory=list,
+        description="Files or directories holding the model's weights on the host where vramctl runs: read ahead into the "
+        "page cache while another model serves and the queue says this one is next (its start cold), as far as MemAvailable "
+        "allows. Default: vllm.model when it is a path, sdxl.modelPath (container paths mapped back through volumes).",
+    )
     network_mode: str = Field(default="host", description="Docker network mode of the container.")
     gpu_request: Literal["auto", "always", "never", "runtimeClass", "resource", "none"] = Field(
         default="auto",
@@ -473,6 +479,27 @@ class ModelSpec(_Model):
     def warm_switch(self) -> bool:
         """The model may give the GPU away without a stop: switchStrategy sleep, checkpoint or auto."""
         return self.switch_strategy != "stop"
+
+    @property
+    def weight_paths(self) -> tuple[str, ...]:
+        """``weights``, else the engine's model path (vllm.model when it is a
+        path, sdxl.modelPath), mapped back to the host through ``volumes`` when
+        the model runs in a container (a path no volume holds is dropped)."""
+        if self.weights:
+            return tuple(self.weights)
+        paths = [p for p in (self.vllm.model if self.vllm is not None else None, self.sdxl.model_path if self.sdxl else None) if p]
+        paths = [p for p in paths if p.startswith("/")]
+        if self.command is not None and self.image is None and self.compose_service is None:
+            return tuple(paths)  # a local process sees the host's paths
+        out = []
+        for p in paths:
+            for v in self.volumes:
+                src, _, rest = v.partition(":")
+                dst = rest.split(":", 1)[0]
+                if src.startswith("/") and dst and (p == dst or p.startswith(dst.rstrip("/") + "/")):
+                    out.append(src.rstrip("/") + p[len(dst.rstrip("/")) :])
+                    break
+        return tuple(out)
 
     @property
     def sleeps_by_api(self) -> bool:

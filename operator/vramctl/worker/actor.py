@@ -41,6 +41,7 @@ from vramctl.demand.desk import AddDemand, HoldDesk, QueueMetrics, Release, Rene
 from vramctl.demand.lane import FastLane
 from vramctl.gpu.base import GpuProbe
 from vramctl.host.memory import MEMINFO, PROC_VERSION, HostMemoryReading, probe_pinned_ceiling, read_host_memory
+from vramctl.host.pagecache import Prestager
 from vramctl.observed import Desired
 from vramctl.reconcile.actuator import Actuator
 from vramctl.reconcile.context import LoopSettings
@@ -192,7 +193,8 @@ class GpuWorker:
     model_states). ``sleep`` is how ``reconcile_once`` waits between ticks
     (a test's clock advances instead); ``sleeper`` is the model servers'
     sleep API; ``admission`` checks each desired state as it is admitted;
-    ``costs``: the switch costs learned before a restart (``StateFile.costs``)."""
+    ``costs``: the switch costs learned before a restart (``StateFile.costs``);
+    ``prestager``: reads the next cold model's weights into the page cache."""
 
     def __init__(
         self,
@@ -211,8 +213,10 @@ class GpuWorker:
         admission: Admission | None = None,
         sleeper: Sleeper | None = None,
         costs: Any = None,
+        prestager: Prestager | None = None,
     ) -> None:
         self.gpu = deployment.gpu
+        self.prestager = prestager or Prestager()
         self.runtime, self.probe, self.settings = runtime, probe, settings
         self.status_sink, self.desired_sink = status_sink, desired_sink
         self.metrics = metrics or Metrics()
@@ -645,6 +649,23 @@ class _Queue:
                 self.desk.companions_failed(str(err), now)
         if decision.switch_to is None and decision.idle is None and not self._moved(self.w.desired):
             lane.open(dq.lane_models(self.desk.state))
+        self._prestage_next()
+
+    def _prestage_next(self) -> None:
+        """The heavy model the queue serves next, when its start will be cold
+        and it declares its weights: read them into the page cache meanwhile."""
+        st, rec, prestager = self.desk.state, self.w._rec, self.w.prestager
+        if st.active is not None:
+            prestager.forget(st.active)  # served: the next time it is cold again, it is read again
+        spec = rec.spec
+        nxt = next((d.model for d in st.demands if d.model != st.active and d.model in spec.models and spec.models[d.model].heavy), None)
+        if nxt is None or nxt in rec.asleep or rec.model_states.get(nxt) in ("running", "starting"):
+            return
+        paths = spec.models[nxt].weight_paths
+        if paths and prestager.request(nxt, paths):
+            self.w.reporter.note(
+                "prestage", nxt, f"reading {nxt!r}'s weights into the page cache ahead of its cold start: {', '.join(paths)}"
+            )
 
     def _costs(self) -> tuple[tuple[tuple[str, float], ...], float]:
         """By the cost book: what serving each other heavy model would cost in
