@@ -37,3 +37,10 @@ def test_kubernetes_checks(kw: dict[str, Any], levels: dict[str, str], rc: int) 
 def test_api_unreachable_stops_there() -> None:
     (only,) = kubernetes_checks(facts(api="HTTP 0: refused"))
     assert "--kubeconfig" in only.fix
+
+
+def test_a_missing_runtime_class_names_every_way_out() -> None:
+    (rc,) = [c for c in kubernetes_checks(facts(runtime_class_handler=None)) if c.name == "runtime class"]
+    assert "does not exist" in rc.message
+    for way in ("create it", "--runtime-class", "--pod-gpu resource", "gpuRequest"):
+        assert way in rc.fix, rc.fix
