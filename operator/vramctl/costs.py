@@ -438,18 +438,33 @@ def choose_way(
     return Choice(best, seconds, why + "".join(f"; {r}" for r in refused))
 
 
+# Cold starts this close count as equally costly (eviction_order).
+EQUAL_SECONDS = 1.0
+EQUAL_FRACTION = 0.25
+
+
 def eviction_order(
     book: CostBook, spec: DeploymentSpec, sleepers: Iterable[str], last_used: Mapping[str, float], total_mib: int | None = None
 ) -> list[str]:
     """The sleepers in the order they are stopped when room is needed: the
     one cheapest to bring back cold first (by the book's ``start``
-    estimate), the least recently used among equals."""
+    estimate), the least recently used among equals. Costs within
+    ``EQUAL_SECONDS`` or ``EQUAL_FRACTION`` of the cheapest of a group count
+    as equal: two cold starts of 0.52 and 0.55 s differ by noise, not by
+    what bringing them back costs."""
+    cold = {m: book.estimate(m, "start", declared_gib(spec, m, "start", total_mib)).seconds for m in sleepers if m in spec.models}
 
-    def key(m: str) -> tuple[float, float, str]:
-        cold = book.estimate(m, "start", declared_gib(spec, m, "start", total_mib)).seconds
-        return (cold, last_used.get(m, 0.0), m)
+    def recency(m: str) -> tuple[float, str]:
+        return (last_used.get(m, 0.0), m)
 
-    return sorted((m for m in sleepers if m in spec.models), key=key)
+    out: list[str] = []
+    group: list[str] = []
+    for m in sorted(cold, key=lambda m: (cold[m], m)):
+        if group and cold[m] > cold[group[0]] + max(EQUAL_SECONDS, EQUAL_FRACTION * cold[group[0]]):
+            out += sorted(group, key=recency)
+            group = []
+        group.append(m)
+    return out + sorted(group, key=recency)
 
 
 def budgets_for(

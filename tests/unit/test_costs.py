@@ -414,6 +414,21 @@ def test_eviction_goes_by_the_cost_of_a_cold_start_then_recency() -> None:
     assert order == ["small", "b", "a", "big"]
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "order"),
+    [
+        (0.52, 0.55, ["a", "b"]),  # noise: a was used less recently, a goes first
+        (20.0, 24.0, ["a", "b"]),  # within 25%
+        (2.0, 2.9, ["a", "b"]),  # within 1 s
+        (26.0, 20.0, ["b", "a"]),  # a is dearer to bring back (over 25%): b goes first
+        (1.6, 0.5, ["b", "a"]),  # b is cheaper by more than 1 s and 25%
+    ],
+)
+def test_eviction_treats_near_equal_cold_starts_as_equal(a: float, b: float, order: list[str]) -> None:
+    s = spec(a=stopper(), b=stopper())
+    assert eviction_order(book(("a", "start", a), ("b", "start", b)), s, ["a", "b"], {"a": 1.0, "b": 9.0}) == order
+
+
 ways = st.lists(
     st.builds(
         WayNeeds,
