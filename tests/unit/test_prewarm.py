@@ -94,3 +94,20 @@ def test_never_while_a_demand_waits_then_once_the_queue_is_quiet() -> None:
         assert warm_calls(rt, "llm") == ["start", "sleep", "wake"]
     finally:
         w.stop()
+
+
+def test_an_auto_model_whose_sleep_would_not_fit_is_not_prewarmed() -> None:
+    auto = {
+        **sleepy(19053),
+        "switchStrategy": "auto",
+        "sleep": {"level": 1, "hostMemoryMiB": 14000, "path": "/sleep", "wakePath": "/wake_up", "prewarm": True},
+    }
+    d = DeploymentSpec.model_validate({"gpu": 0, "activeModel": "llm", "models": {"llm": auto}})
+    for ceiling, calls in ((768, ["start"]), (None, ["start", "sleep", "wake"])):  # WSL2's pinned memory: it would be stopped
+        rt, clock = FakeRuntime(), ManualClock()
+        s = WorkerSettings(poll_interval_s=0.01, baseline_mib=0, resync_s=1, pinned_ceiling_mib=ceiling)
+        w = GpuWorker(d, rt, FakeGpu(rt, d), s, sleeper=FakeSleeper(rt), clock=clock, sleep=clock.sleep)
+        for _ in range(3):  # a real cold start (the test's own is measured at 0 s on its clock)
+            w.reporter.costs.record("llm", "start", 30.0)
+        w.reconcile_once()
+        assert warm_calls(rt, "llm") == calls, ceiling

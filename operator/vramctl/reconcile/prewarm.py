@@ -15,6 +15,8 @@ is not tried again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from vramctl.observed import Desired, Observed, WorkloadState
 from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.warm import SleepBook
@@ -28,9 +30,13 @@ class Prewarm:
         self.ctx, self.sleep = ctx, sleep
         self.done: set[str] = set()  # tried once already
 
-    def due(self, spec: DeploymentSpec, desired: Desired, observed: Observed) -> str | None:
+    def due(
+        self, spec: DeploymentSpec, desired: Desired, observed: Observed, would_sleep: Callable[[str], bool] = lambda _m: True
+    ) -> str | None:
         """A wanted model with ``sleep.prewarm`` that is ready and awake, has
-        never slept and was not prewarmed; None when there is none."""
+        never slept, was not prewarmed and would go away by a sleep
+        (``would_sleep``: an auto model whose sleep does not fit is stopped,
+        so its first sleep never comes); None when there is none."""
         for m in desired.members:
             ms = spec.models.get(m)
             if ms is None or not ms.heavy or not ms.warm_switch or not ms.sleep_settings.prewarm or m in self.done:
@@ -38,16 +44,18 @@ class Prewarm:
             w = observed.workloads.get(m)
             if w is None or w.state is not WorkloadState.RUNNING or not w.ready or w.asleep or w.drifted:
                 continue
-            if m in self.sleep.cold or m in self.sleep.waking or self.sleep.cycles.get(m, 0) > 0:
+            if m in self.sleep.cold or m in self.sleep.waking or self.sleep.cycles.get(m, 0) > 0 or not would_sleep(m):
                 continue
             return m
         return None
 
-    def begin(self, spec: DeploymentSpec, desired: Desired, observed: Observed) -> str | None:
+    def begin(
+        self, spec: DeploymentSpec, desired: Desired, observed: Observed, would_sleep: Callable[[str], bool] = lambda _m: True
+    ) -> str | None:
         """The model to put to sleep now for its prewarm, when one is due and
         the queue agreed to hold new demands off; None otherwise (nothing
         due, or something waits: asked again at the next settled look)."""
-        m = self.due(spec, desired, observed)
+        m = self.due(spec, desired, observed, would_sleep)
         if m is None or not self.ctx.hold_off_demands():
             return None
         self.done.add(m)

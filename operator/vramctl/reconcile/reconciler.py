@@ -197,7 +197,12 @@ class Reconciler:
         )
         self._view(observed, p)
         if p.empty:
-            warm = self.prewarm.begin(self.spec, self.desired, observed)
+            warm = self.prewarm.begin(
+                self.spec,
+                self.desired,
+                observed,
+                lambda m: self.ways.would_sleep(self.spec, observed, m, total, s.margin_mib, host_budget, s.pinned_ceiling_mib),
+            )
             if warm is not None:  # the next plan wakes it; the loop settles after
                 self._submit(Sleep(warm, "prewarm"))
                 return s.poll_interval_s, False

@@ -96,6 +96,38 @@ class WayChoices:
             out[m] = choose_way(self.costs, spec, m, ways_of(self.costs, spec, m), budgets, total_mib)
         return out
 
+    def would_sleep(
+        self,
+        spec: DeploymentSpec,
+        observed: Observed,
+        model: str,
+        total_mib: int | None,
+        margin_mib: int,
+        host_budget_mib: int | None,
+        pinned_ceiling_mib: int | None,
+    ) -> bool:
+        """Whether ``model`` would go away by a sleep now (an auto model's
+        cheapest fitting way, beside the sleepers there are); any other
+        warm model: True (it sleeps as its spec says)."""
+        ms = spec.models.get(model)
+        if ms is None or not ms.warm_switch:
+            return False
+        if ms.switch_strategy != "auto":
+            return True
+        asleep = [w.model for w in observed.workloads.values() if w.state.live and w.asleep and w.model != model]
+        budgets = budgets_for(
+            spec,
+            model,
+            sleepers=asleep,
+            awake_next=(),
+            cycles_left=not self.sleep.cycles_reached(spec, model),
+            total_mib=total_mib,
+            margin_mib=margin_mib,
+            host_budget_mib=host_budget_mib,
+            pinned_ceiling_mib=pinned_ceiling_mib,
+        )
+        return choose_way(self.costs, spec, model, ways_of(self.costs, spec, model), budgets, total_mib).way != "stop"
+
     def eviction_order(self, spec: DeploymentSpec, total_mib: int | None) -> list[str]:
         """Every model that may sleep, in the order sleepers are stopped when room is needed."""
         warm = [m for m, ms in spec.models.items() if ms.warm_switch]
