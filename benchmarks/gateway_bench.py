@@ -111,6 +111,9 @@ def run_gateway(port: int, backend: str) -> None:
         async def acquire(self, model: str) -> Granted:
             return Granted()
 
+        def taken_away(self, model: str) -> str | None:
+            return None
+
     server = HttpServer()  # the listener `vramctl up --gateway` serves: the same guards, cap and timeouts
     server.listen("gateway", "127.0.0.1", port, [Gateway(Holder(), CollectorRegistry()).add_routes], max_body=GATEWAY_MAX_BODY)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})

@@ -33,9 +33,12 @@ SERVER_NOFILE = 1024
 FLOOD = 20_000
 
 # The flood: FLOOD connections spread over the ports given, each reopened when
-# the server closes it, until stdin closes or 120 s pass. Prints "held N" once.
+# the server closes it (at most 5,000 times), until stdin closes or 120 s pass.
+# Every socket closes with a reset, so no TIME_WAIT is left holding loopback
+# ports (20,000 of them would starve every other test for a minute). Prints
+# "held N", then "reopened N".
 FLOODER = r"""
-import resource, selectors, socket, sys, time
+import resource, selectors, socket, struct, sys, time
 want, ports = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
 _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 try:
@@ -45,8 +48,10 @@ except (ValueError, OSError):
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 sel = selectors.DefaultSelector()
 sel.register(sys.stdin, selectors.EVENT_READ, None)
+LINGER0 = struct.pack("ii", 1, 0)  # close with a reset: no TIME_WAIT left to hold the loopback's ports
 def connect(i):
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)
     s.setblocking(False)
     s.connect_ex(("127.0.0.1", ports[i % len(ports)]))
     sel.register(s, selectors.EVENT_READ, i)
@@ -65,6 +70,9 @@ while time.monotonic() < deadline:
         if key.data is None:
             if not sys.stdin.readline():
                 print("reopened", reopened, flush=True)
+                for k in list(sel.get_map().values()):
+                    if k.data is not None:
+                        k.fileobj.close()
                 sys.exit(0)
             continue
         try:
@@ -76,7 +84,7 @@ while time.monotonic() < deadline:
         if gone:
             sel.unregister(key.fileobj)
             key.fileobj.close()
-            if reopened < 200_000:
+            if reopened < 5_000:  # bounded: each one is a loopback port
                 connect(key.data)
                 reopened += 1
 """
@@ -251,3 +259,52 @@ def test_out_of_descriptors_is_refused_at_the_door_and_logged_once_per_interval(
     lines = [ln for ln in err.splitlines() if "out of file descriptors" in ln]
     assert 1 <= len(lines) <= 2, err[-3000:]  # one line per 10 s interval, not one per attempt
     assert "Traceback" not in err and "socket.accept() out of system resource" not in err, err[-3000:]
+
+
+def test_a_hold_with_an_impossible_companion_is_a_422_naming_the_field_on_either_port(up: LiveUp) -> None:
+    """Not a 503: vramctl.client retries a 503 for its whole wait (600 s by default)."""
+    up.start()
+    gw = f"http://127.0.0.1:{up.gateway_port}"  # type: ignore[attr-defined]
+    cases = [(["sdxl"], "class heavy"), (["ghost"], "not one of the models"), (["tts", "tts"], "lists a model twice")]
+    for base in (up.url, gw):
+        for companions, words in cases:
+            code, reply = call(base + "/holds", {"model": "llm", "companions": companions})
+            assert (code, reply["field"]) == (422, "companions") and words in reply["error"], (base, companions, code, reply)
+    g = up.gpu()
+    assert g["runningModels"] == ["llm"] and g["queue"]["holds"] == {} and g["queue"]["queueDepth"] == 0
+
+
+def test_a_stream_cut_by_a_forced_switch_says_vramctl_stopped_the_model(tmp_path: Path) -> None:
+    """Not "the backend died mid-stream": vramctl stopped it, and says why."""
+    cfg = on_demand_config()
+    cfg["gpus"][0]["models"]["llm"]["env"]["STANDIN_TOKEN_SECONDS"] = "0.02"
+    v = LiveUp(tmp_path, cfg)
+    gw_port = free_port()
+    v.extra_args = ["--gateway", f"127.0.0.1:{gw_port}"]
+    try:
+        v.start()
+        body = json.dumps({"model": "qwen-7b", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2000, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", gw_port), timeout=20) as s:
+            s.sendall(
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{gw_port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            got = b""
+            while got.count(b"data: ") < 5:
+                got += s.recv(4096)
+            assert call(v.url + "/switch", {"model": "sdxl", "force": True})[0] == 202
+            deadline = time.monotonic() + 20
+            while b"event: error" not in got and time.monotonic() < deadline:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        text = got.decode(errors="replace")
+        assert "event: error" in text, text[-1000:]
+        event = text[text.index("event: error") :]
+        assert "vramctl stopped llm" in event and "switched to 'sdxl'" in event and "died" not in event, event
+        v.wait(lambda g: g["runningModels"] == ["sdxl"])
+    finally:
+        v.stop()
+        v.kill_models()

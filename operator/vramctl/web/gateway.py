@@ -122,6 +122,11 @@ class Holder(Protocol):
         grant that races the cancellation must be released by the holder.
         """
 
+    def taken_away(self, model: str) -> str | None:
+        """Why vramctl no longer wants ``model`` to run (a switch away, a
+        forced switch), or None: a backend that fails then was stopped by
+        vramctl, not broken, and the client is told so."""
+
 
 class GatewayMetrics:
     """The gateway's series, registered in the given registry."""
@@ -357,6 +362,8 @@ class Gateway:
         try:
             upstream = await self._session.request(request.method, url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, OSError) as exc:
+            if (why := self.holder.taken_away(route.model)) is not None:
+                return _taken_away(route, why), "503", None
             return _bad_gateway(route, f"{type(exc).__name__}: {exc}"), "502", f"backend unreachable: {exc}"
         async with upstream:
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_FROM_BACKEND}
@@ -365,6 +372,8 @@ class Gateway:
                 try:
                     data = await upstream.read()
                 except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+                    if (why := self.holder.taken_away(route.model)) is not None:
+                        return _taken_away(route, why), "503", None
                     return _bad_gateway(route, f"the backend died mid-answer: {exc}"), "502", f"backend died: {exc}"
                 return web.Response(status=upstream.status, body=data, headers=out_headers), str(upstream.status), None
             return await self._stream(request, route, upstream, out_headers, sse)
@@ -382,15 +391,20 @@ class Gateway:
         except (_ClientGone, ConnectionResetError, aiohttp.ClientConnectionResetError):
             return response, CLIENT_GONE, None
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-            reason = f"the backend of {route.model} died mid-stream: {type(exc).__name__}: {exc}"
+            why = self.holder.taken_away(route.model)
+            if why is not None:  # vramctl stopped it: say so, and it is no backend fault
+                reason, kind, status, error = f"vramctl stopped {route.model} during this answer: {why}", "model_unavailable", 503, None
+            else:
+                reason = f"the backend of {route.model} died mid-stream: {type(exc).__name__}: {exc}"
+                kind, status, error = "bad_gateway", 502, reason
             if sse:
-                event = json.dumps(error_body(reason, "bad_gateway", None, 502))
+                event = json.dumps(error_body(reason, kind, None, status))
                 with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
                     await response.write(f"event: error\ndata: {event}\n\n".encode())
                     await response.write_eof()
             elif request.transport is not None:
                 request.transport.close()  # a cut body, so the client cannot take it for whole
-            return response, "502", reason
+            return response, str(status), error
         with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
             await response.write_eof()
         return response, str(upstream.status), None
@@ -424,9 +438,9 @@ def _gone(request: web.BaseRequest) -> bool:
     return transport is None or transport.is_closing()
 
 
+def _taken_away(route: Route, why: str) -> web.Response:
+    return _error(503, f"vramctl stopped {route.model} before it could answer: {why}; send the request again", "model_unavailable", code="model_switched")
+
+
 def _bad_gateway(route: Route, detail: str) -> web.Response:
     return _error(502, f"the server of model {route.model} failed: {detail}", "bad_gateway", code="bad_gateway")
-
-
-def _method_not_allowed(method: str, path: str, allowed: str) -> web.Response:
-    return _error(405, f"{method} is not allowed on {path}; use {allowed}", "invalid_request_error", headers={"Allow": allowed})

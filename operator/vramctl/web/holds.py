@@ -26,6 +26,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from vramctl.demand.desk import InboxHolder, Refused
+from vramctl.spec.models import DesiredStateError
 from vramctl.web.guards import HttpError, body_of, parse_body
 
 DEFAULT_TTL = 120.0
@@ -57,7 +58,10 @@ def _json(status: int, doc: dict[str, object], headers: dict[str, str] | None = 
 
 class HoldsApi:
     """``models()`` lists the models holds may name; ``refusal(model)``
-    refuses one up front (declared mode: 409 naming the mode), else None."""
+    refuses one up front (declared mode: 409 naming the mode), else None;
+    ``check(model, companions)`` raises DesiredStateError for a hold that can
+    never be granted (an unknown or heavy companion, companions that do not
+    fit): a 422 naming the field, not a 503 the client would retry."""
 
     def __init__(
         self,
@@ -65,11 +69,13 @@ class HoldsApi:
         models: Callable[[], list[str]],
         *,
         refusal: Callable[[str], Refused | None] = lambda _: None,
+        check: Callable[[str, list[str]], None] = lambda _model, _companions: None,
         poll_seconds: float = 0.25,
     ) -> None:
         self.holder = holder
         self.models = models
         self.refusal = refusal
+        self.check = check
         self.poll_seconds = poll_seconds
 
     def add_routes(self, app: web.Application) -> None:
@@ -82,6 +88,11 @@ class HoldsApi:
         known = self.models()
         if body.model not in known:
             raise HttpError(404, f"model {body.model!r} is not one of the models: {', '.join(known)}", "model")
+        try:
+            self.check(body.model, body.companions)
+        except DesiredStateError as err:
+            field = (err.field or "companions").split("[")[0].replace("activeModel", "model")
+            raise HttpError(422, str(err), field) from None
         refused = self.refusal(body.model)
         if refused is not None:
             raise self._refused(refused)

@@ -564,7 +564,7 @@ def serve(supervisor: Supervisor, options: FaceOptions, state: StateStore | None
     registry = supervisor.metrics.registry
     server = HttpServer(options.limits, registry)
     holder = SupervisorHolder(supervisor)
-    holds = HoldsApi(holder, holder.names)
+    holds = HoldsApi(holder, holder.names, check=holder.check)
     api = Api(supervisor, state=state, switch_refusal=options.switch_refusal, metrics_body=options.metrics_body)
     api_routes: list[RouteAdder] = [api.add_routes]
     if options.holds_on_api:

@@ -10,10 +10,11 @@ One instance serves ``/holds`` and the gateway on every port
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vramctl.demand.desk import DeskCommand, Grant, InboxHolder, Lease, Refused
+from vramctl.spec.models import check_desired
 from vramctl.web.gateway import ModelInfo, Route
 from vramctl.worker.actor import GpuWorker
 from vramctl.worker.supervisor import Supervisor
@@ -62,6 +63,29 @@ class SupervisorHolder(InboxHolder):
         when it admits ``model`` (served, nothing queued); else None."""
         w = self._worker_of(model)
         return w.lane.admit(model)
+
+    def check(self, model: str, companions: Sequence[str]) -> None:
+        """Raise DesiredStateError when a hold on ``model`` with ``companions``
+        can never be granted: a companion that is unknown, heavy or the model
+        itself, or companions that do not fit the declared budget."""
+        spec = self._worker_of(model).spec
+        if spec.models[model].heavy:
+            check_desired(spec, model, companions)
+        else:
+            check_desired(spec, None, [model, *companions])
+
+    def taken_away(self, model: str) -> str | None:
+        """Why ``model`` is no longer wanted on its GPU (the desired state
+        moved away from it), or None while it is."""
+        try:
+            w = self._worker_of(model)
+        except KeyError:
+            return None
+        d = w.desired
+        if model in d.members:
+            return None
+        now = f"{d.active!r}" if d.active else "no model"
+        return f"gpu {w.gpu} was switched to {now}" + (f" with {', '.join(d.companions)}" if d.companions else "")
 
     def names(self) -> list[str]:
         return sorted({m for w in list(self.supervisor.workers.values()) for m in w.spec.models})
