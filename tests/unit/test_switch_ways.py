@@ -25,7 +25,7 @@ from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.planner import Sleep, Stop, plan
 from vramctl.reconcile.warm import SleepBook
 from vramctl.reconcile.ways import WayChoices
-from vramctl.spec.models import DeploymentSpec
+from vramctl.spec.models import Config, DeploymentSpec
 from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
@@ -300,3 +300,21 @@ def test_the_worker_stops_an_auto_model_over_the_probed_pinned_ceiling_and_the_s
     ]
     rt, _ = run_switch(worker_spec(pinnedMemoryCeilingMiB=32000), 768)
     assert rt.calls[:2] == [("sleep", "llm"), ("start", "flux")]
+
+
+def test_the_status_says_the_pinned_ceiling_in_use_and_where_it_comes_from(tmp_path: Path) -> None:
+    version = tmp_path / "version"
+    version.write_text("Linux version 5.15.167.4-microsoft-standard-WSL2")
+    config = Config.model_validate({"gpus": [{"gpu": 0, "models": {"a": {"image": "i", "vramMiB": 1}}}]})
+    s = WorkerSettings.from_config(config, proc_version=version)
+    assert s.pinned_ceiling_mib == VIRTUALIZED_PINNED_CEILING_MIB and s.pinned_ceiling_source.startswith("WSL2")
+    for d, expected in (
+        (worker_spec(), {"mib": 768, "source": f"probed at start: {s.pinned_ceiling_source}"}),
+        (worker_spec(pinnedMemoryCeilingMiB=32000), {"mib": 32000, "source": "pinnedMemoryCeilingMiB"}),
+    ):
+        rt = FakeRuntime(states={"llm": RUN})
+        w = GpuWorker(d, rt, FakeGpu(rt, d), s, sleeper=FakeSleeper(rt))
+        assert w.status()["pinnedMemoryCeiling"] == expected
+    plain = DeploymentSpec.model_validate({"gpu": 0, "models": {"a": {"image": "i", "vramMiB": 1}}})
+    rt = FakeRuntime()
+    assert "pinnedMemoryCeiling" not in GpuWorker(plain, rt, FakeGpu(rt, plain), s).status()  # no auto model: not said

@@ -134,13 +134,16 @@ class WorkerSettings:
     # The pinned-memory ceiling probed at start (WSL2, Docker Desktop), where
     # the spec sets no pinnedMemoryCeilingMiB (None: no ceiling known).
     pinned_ceiling_mib: int | None = None
+    pinned_ceiling_source: str = "not probed"
 
     @classmethod
     def from_config(cls, config: Config, meminfo: Path = MEMINFO, proc_version: Path = PROC_VERSION) -> WorkerSettings:
         p: GpuProbeConfig = config.gpu_probe
+        pinned = probe_pinned_ceiling(proc_version)
         return cls(
             host_memory=read_host_memory(meminfo),
-            pinned_ceiling_mib=probe_pinned_ceiling(proc_version)[0],
+            pinned_ceiling_mib=pinned[0],
+            pinned_ceiling_source=pinned[1],
             poll_interval_s=p.poll_interval_seconds,
             margin_mib=p.margin_mib,
             memory_timeout_s=p.memory_timeout_seconds,

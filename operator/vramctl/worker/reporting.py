@@ -184,6 +184,17 @@ class WorkerReporter:
         mib, source = budget_in_use(spec.host_memory_budget_mib, reading)
         return {"hostMemoryBudget": {"mib": mib, "source": source}}
 
+    def _pinned_ceiling(self) -> dict[str, Any]:
+        """``pinnedMemoryCeiling``: what switchStrategy auto holds a level-1
+        sleep's pinned copy to, and where it comes from; only where a model is auto."""
+        spec = self.rec.spec
+        if not any(m.switch_strategy == "auto" for m in spec.models.values()):
+            return {}
+        if spec.pinned_memory_ceiling_mib is not None:
+            return {"pinnedMemoryCeiling": {"mib": spec.pinned_memory_ceiling_mib, "source": "pinnedMemoryCeilingMiB"}}
+        source = f"probed at start: {self.settings.pinned_ceiling_source}"
+        return {"pinnedMemoryCeiling": {"mib": self.settings.pinned_ceiling_mib, "source": source}}
+
     def _costs(self, total_mib: int | None) -> dict[str, Any]:
         """The cost book's view (rendered again only when it or the spec changed)."""
         v, spec = self._costs_view, self.rec.spec
@@ -212,6 +223,7 @@ class WorkerReporter:
             **({"asleepModels": list(rec.asleep)} if rec.asleep else {}),
             modelStates={m: s for m, s in rec.model_states.items() if s != "absent"},
             **self._host_budget(),
+            **self._pinned_ceiling(),
             costs=self._costs(total_mib),
         )
         self.status = status
