@@ -148,3 +148,11 @@ def test_a_damaged_config_default_in_the_state_file_keeps_what_runs_and_names_th
     assert "keeping what runs ('sdxl')" in notes[0]
     again = json.loads(path.read_text())["gpus"]["0"]
     assert again["configDefault"] == {"activeModel": "llm", "companions": []}  # rewritten clean
+
+
+def test_a_known_key_in_the_wrong_place_is_said_so() -> None:
+    doc = one_model()
+    doc["gpus"][0]["gpuProbe"] = {"kind": "simulated"}
+    [(path, message)] = problems(doc)
+    assert path == "gpus[0].gpuProbe"
+    assert "another part of the config" in message and "did you mean" not in message

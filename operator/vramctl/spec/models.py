@@ -1110,6 +1110,8 @@ def problems_from(err: ValidationError) -> list[tuple[str, str]]:
             meant = _meant(key)
             if meant is None:
                 msg = "unknown field: check its spelling (fields are camelCase, e.g. vramMiB, activeModel)"
+            elif meant == key:
+                msg = f"unknown field here: {key} is a field of another part of the config; check its indentation"
             else:
                 msg = f"unknown field: check its spelling, did you mean {meant}?"
                 if "_" in key:
