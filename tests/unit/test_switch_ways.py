@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from tests.support.builders import desired, obs, wl
+from tests.support.builders import desired, obs, simulate, wl
 from tests.support.clock import ManualClock
 from tests.support.fakes import FakeGpu, FakeRuntime, FakeSleeper
 from vramctl.costs import Budgets, CostBook, budgets_for, choose_way, ways_of
@@ -318,3 +318,77 @@ def test_the_status_says_the_pinned_ceiling_in_use_and_where_it_comes_from(tmp_p
     plain = DeploymentSpec.model_validate({"gpu": 0, "models": {"a": {"image": "i", "vramMiB": 1}}})
     rt = FakeRuntime()
     assert "pinnedMemoryCeiling" not in GpuWorker(plain, rt, FakeGpu(rt, plain), s).status()  # no auto model: not said
+
+
+# -- the property through the planner: auto's choices keep the planner's promise ------
+
+
+@st.composite
+def auto_worlds(draw: st.DrawFn) -> tuple[DeploymentSpec, Desired, Observed, dict[str, Any]]:
+    models: dict[str, Any] = {}
+    for i, name in enumerate(("a", "b", "c")):
+        strategy = draw(st.sampled_from(["auto", "auto", "sleep"]))
+        m = auto(
+            vram=draw(st.integers(2000, 14000)),
+            host=draw(st.integers(100, 20000)),
+            residue=draw(st.integers(100, 1500)),
+            level=draw(st.sampled_from([1, 2])),
+            health={"path": "/health", "port": 18100 + i},
+        )
+        models[name] = {**m, "switchStrategy": strategy}
+    fields: dict[str, Any] = {"models": models}
+    if draw(st.booleans()):
+        fields["pinnedMemoryCeilingMiB"] = draw(st.integers(0, 30000))
+    try:
+        s = DeploymentSpec.model_validate(fields)
+    except ValueError:
+        s = DeploymentSpec.model_validate({"models": {n: {**m, "switchStrategy": "auto"} for n, m in models.items()}})
+    awake = draw(st.sampled_from(["a", "b", "c"]))
+    ws = {awake: wl(awake)}
+    for n in ("a", "b", "c"):
+        if n != awake and draw(st.booleans()):
+            ws[n] = asleep(n)
+    target = draw(st.sampled_from(["a", "b", "c"]))
+    kw = {
+        "total_mib": draw(st.sampled_from([16000, 24000, 80000])),
+        "margin_mib": 256,
+        "host_budget_mib": draw(st.none() | st.integers(0, 60000)),
+        "pinned_ceiling_mib": draw(st.none() | st.integers(0, 4000)),
+    }
+    return s, desired(target), Observed(ws), kw
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(auto_worlds())
+def test_auto_choices_keep_one_heavy_awake_and_the_pinned_ceiling(world: tuple[DeploymentSpec, Desired, Observed, dict[str, Any]]) -> None:
+    s, d, o, kw = world
+    ways, notes, _ = chooser()
+    cold_now = ways.cold(s, d, o, **kw)
+    p = plan(
+        s,
+        d,
+        o,
+        0.0,
+        margin_mib=kw["margin_mib"],
+        total_mib=kw["total_mib"],
+        cold=cold_now,
+        host_budget_mib=kw["host_budget_mib"],
+        eviction_order=ways.eviction_order(s, kw["total_mib"]),
+    )
+    note(f"cold {sorted(cold_now)}; notes {notes.notes}; plan {p.describe()}")
+    after = simulate(s, o, p)
+    awake = [m for m, w in after.workloads.items() if w.state.live and not w.asleep]
+    assert len(awake) <= 1, awake
+    sleepers = [m for m, w in after.workloads.items() if w.state.live and w.asleep]
+    used = sum(s.models[m].sleep_settings.max_residue_mib for m in sleepers) + sum(
+        s.reservation_mib(m, kw["total_mib"]) or 0 for m in awake
+    )
+    assert used <= kw["total_mib"] - kw["margin_mib"]
+    ceiling = s.pinned_memory_ceiling_mib if s.pinned_memory_ceiling_mib is not None else kw["pinned_ceiling_mib"]
+    put_to_sleep = [a.model for a in p.actions if isinstance(a, Sleep) and s.models[a.model].switch_strategy == "auto"]
+    if put_to_sleep and ceiling is not None:
+        pinned = sum(s.models[m].host_memory_asleep_mib for m in sleepers if s.models[m].sleep_settings.level == 1)
+        assert pinned <= ceiling, (put_to_sleep, pinned, ceiling)
+    # Every auto model that leaves awake is said once, with its way.
+    leaving = [m for m in o.workloads if m not in d.members and not o.workloads[m].asleep and s.models[m].switch_strategy == "auto"]
+    assert sorted(m for step, m, _ in notes.notes if step == "way") == sorted(leaving)
