@@ -23,6 +23,7 @@ from tests.support.live_up import standin
 from tests.support.ports import free_port
 from vramctl.app import Built, build
 from vramctl.reconcile.memory_gate import Baseline
+from vramctl.runtimes.teardown import take_down
 from vramctl.spec.models import parse_config
 from vramctl.worker.actor import GpuWorker
 
@@ -48,6 +49,8 @@ def built(tmp_path: Path) -> Iterator[Built]:
             w.request(None, ())
             wait(w, lambda s: s["phase"] == "Idle" and not s["runningModels"], 20)
         finally:
+            w.stop()
+            take_down(b.supervisor.runtime, [w.spec], remove_created=False)  # whatever is left, never a process behind
             b.supervisor.stop()
 
 
