@@ -24,8 +24,12 @@ up: install ## run the supervisor on the embedded demo stack (docker if it answe
 	@if docker info >/dev/null 2>&1; then bash images/standin/build.sh; fi
 	$(PY) -m vramctl up
 
-test: setup infra image ## run every test against a real Docker engine
-	$(PY) -m pytest -q
+# The tests run in TEST_WORKERS processes (pytest-xdist); those that share
+# something only one process may hold stay in one worker (tests/conftest.py:
+# XDIST_GROUPS). The 15 slowest are listed.
+TEST_WORKERS ?= 4
+test: setup infra image ## run every test against a real Docker engine, in parallel
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 lint: setup ## ruff, mypy --strict, import-linter contracts
 	$(PY) -m ruff check operator tests benchmarks images

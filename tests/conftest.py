@@ -36,10 +36,33 @@ import pytest
 from tests.support import figures, processes
 from tests.support.docker_engine import STANDIN_TAG, remove_owned_by
 from tests.support.exclusivity import ExclusivityRecorder
+from tests.support.images import Timings
+from tests.support.images import summary as image_summary
 from tests.support.ports import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDER_MARKERS = ("unit", "process", "docker", "k8s", "images", "e2e")
+# Tests that share what only one process may hold run in one xdist worker,
+# one after the other (`--dist loadgroup`); every other test goes wherever.
+XDIST_GROUPS = {
+    # The local bases and the images built on them: made once per session by
+    # build-local.sh and `docker build`, which must not run twice at once.
+    "tests/images/test_image_builds.py": "image-builds",
+    # The demo stack's fixed ports (vramctl.demo.config: 18000, 17860, 19880).
+    "tests/e2e/test_demo.py": "demo-ports",
+    # The long runs that load the CPU and judge timings (a bounded chaos run
+    # converges within stop + load + 2 s; the warm proof and the SDXL
+    # benchmark run torch): one after the other, beside the image builds.
+    "tests/e2e/test_chaos.py": "heavy",
+    "tests/process/test_warm_proof.py": "heavy",
+    "tests/images/test_sdxl_benchmark.py": "heavy",
+}
+# Handed out first (xdist schedules in collection order): the long chains
+# begin at once instead of being left for the end.
+FIRST = ("image-builds", "heavy", "sdxl-real")
+FIXTURE_GROUPS = {
+    "real": "sdxl-real",  # the real SDXL server on the CPU: torch loaded once per session
+}
 _GUARDED_DIRS = ("docker", "e2e")
 
 
@@ -52,14 +75,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    tests = ROOT / "tests"
+    groups: dict[str, str] = {}
     for item in items:
         try:
-            folder = Path(str(item.path)).resolve().relative_to(tests).parts[0]
+            path = Path(str(item.path)).resolve().relative_to(ROOT)
         except ValueError:
             continue
-        if folder in FOLDER_MARKERS:
-            item.add_marker(folder)
+        if path.parts[0] == "tests" and len(path.parts) > 2 and path.parts[1] in FOLDER_MARKERS:
+            item.add_marker(path.parts[1])
+        group = XDIST_GROUPS.get(path.as_posix()) or next(
+            (g for f, g in FIXTURE_GROUPS.items() if f in getattr(item, "fixturenames", ())), None
+        )
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+            groups[item.nodeid] = group
+    items.sort(key=lambda item: FIRST.index(groups[item.nodeid]) if groups.get(item.nodeid) in FIRST else len(FIRST))
 
 
 @pytest.hookimpl(trylast=True)
@@ -87,13 +117,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 _FIGURES_SEEN: list[str] = []
+_IMAGE_TIMINGS = Timings()  # tests/images/conftest.py attaches them to its reports
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    _FIGURES_SEEN.extend(str(v) for k, v in report.user_properties if k == "figure")
+    for key, value in report.user_properties:
+        if key == "figure":
+            _FIGURES_SEEN.append(str(value))
+        elif key == "image_timings":
+            _IMAGE_TIMINGS.update_from_json(str(value))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    image_summary(terminalreporter, _IMAGE_TIMINGS)
     if _FIGURES_SEEN:
         terminalreporter.section("end-to-end figures (chaos, gateway)")
         for line in _FIGURES_SEEN:

@@ -43,7 +43,8 @@ from tests.support.exclusivity import ExclusivityRecorder
 from tests.support.figures import report
 from tests.support.live_up import LiveUp
 
-pytestmark = pytest.mark.docker
+# Bounded by the counts below; the limit leaves room for a loaded machine (99 s and 68 s alone).
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(420)]
 
 REQUESTS = int(os.environ.get("VRAMCTL_CHAOS_REQUESTS", "200"))
 KILLS = 10

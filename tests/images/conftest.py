@@ -4,17 +4,14 @@ on the CPU (helpers in tests/support/images.py and tests/support/sdxl.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +20,11 @@ import pytest
 from tests.support.images import (
     BUILD_LOCAL,
     IMAGES,
-    RESULTS,
     ROOT,
     SDXL_TAG,
     SUPERVISOR_TAG,
     TIMINGS,
     docker_build,
-    docker_info,
 )
 from tests.support.sdxl import FakeEngine, RealServer, request, server, start_server
 
@@ -40,19 +35,25 @@ def local_bases() -> dict[str, str]:
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
         pytest.fail("the Docker engine does not answer; run `bash .ci/setup-infra.sh`", pytrace=False)
     TIMINGS.started = TIMINGS.started or time.monotonic()
-    cmd = ["bash", str(BUILD_LOCAL)]
-    if os.environ.get("VRAMCTL_IMAGES_NO_CACHE") == "1":
-        cmd.append("--force")
+    force = ["--force"] if os.environ.get("VRAMCTL_IMAGES_NO_CACHE") == "1" else []
     started = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
+    # trixie alone, beside bookworm and the torch base made on it: two chains at once.
+    runs = [
+        subprocess.Popen(["bash", str(BUILD_LOCAL), *force, *targets], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for targets in (["trixie"], ["bookworm", "torch"])
+    ]
+    outputs = [run.communicate(timeout=1200) for run in runs]
     seconds = time.monotonic() - started
-    if res.returncode != 0:
-        pytest.fail(f"images/base/build-local.sh failed (exit {res.returncode}):\n{res.stderr[-4000:]}", pytrace=False)
-    bases = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
-    assert {"PYTHON_IMAGE", "TORCH_IMAGE"} <= set(bases), res.stdout
+    for run, (_, err) in zip(runs, outputs, strict=True):
+        if run.returncode != 0:
+            pytest.fail(f"images/base/build-local.sh {' '.join(map(str, run.args[2:]))} failed (exit {run.returncode}):\n{err[-4000:]}", pytrace=False)
+    stdout = "".join(out for out, _ in outputs)
+    stderr = "".join(err for _, err in outputs)
+    bases = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+    assert {"PYTHON_IMAGE", "TORCH_IMAGE"} <= set(bases), stdout
     # Its own lines say what each base took ("built TAG in N s") or that it was there.
     each: dict[str, float | str] = {}
-    for m in re.finditer(r"^build-local: (?:built (\S+) in ([\d.]+) s|(\S+) is up to date)$", res.stderr, re.M):
+    for m in re.finditer(r"^build-local: (?:built (\S+) in ([\d.]+) s|(\S+) is up to date)$", stderr, re.M):
         tag = m.group(1) or m.group(3)
         kind = "torch" if "/torch:" in tag else tag.split(":")[1].split("-")[0]
         each[kind] = float(m.group(2)) if m.group(2) else "up to date"
@@ -95,34 +96,14 @@ def supervisor_image(local_bases: dict[str, str], tmp_path_factory: pytest.TempP
     )
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not TIMINGS.steps:
-        return
-    terminalreporter.section("image builds (seconds)")
-    for name, step in TIMINGS.steps.items():
-        extra = ", ".join(f"{k} {v}" for k, v in step.items() if k not in ("seconds", "images"))
-        terminalreporter.write_line(f"{name:<24} {step['seconds']:>7.1f}  {extra}")
-    if TIMINGS.complete():
-        doc = {
-            "what": "images/base/build-local.sh, then docker build of images/sdxl and images/vramctl on those bases, then first starts",
-            "command": "python3 -m pytest -q tests/images/test_image_builds.py",
-            "measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "machine": {
-                "cpus": os.cpu_count(),
-                "docker_storage_driver": docker_info("{{.Driver}}"),
-                "docker_server": docker_info("{{.ServerVersion}}"),
-            },
-            # Nothing reused: every base made and every build step run in this session.
-            "from_scratch": all(not isinstance(v, str) for v in TIMINGS.steps["bases"]["each"].values())
-            and all(s.get("steps_from_cache") == 0 for k, s in TIMINGS.steps.items() if k.startswith("build_")),
-            "module_seconds": None if TIMINGS.module_seconds is None else round(TIMINGS.module_seconds, 1),
-            "steps": TIMINGS.steps,
-        }
-        # The committed figures are rewritten only when asked (VRAMCTL_RECORD_RESULTS=1): a test run leaves the checkout clean.
-        out = RESULTS if os.environ.get("VRAMCTL_RECORD_RESULTS") == "1" else Path(tempfile.gettempdir()) / "vramctl-image_build.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2) + "\n")
-        terminalreporter.write_line(f"written to {out}")
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """The image steps' timings travel with each teardown report: the summary
+    (tests/conftest.py) is written where the reports arrive, an xdist worker's too."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "teardown" and TIMINGS.steps:
+        report.user_properties.append(("image_timings", TIMINGS.to_json()))
 
 
 # -- the SDXL server (tests/images/test_sdxl_*.py) -------------------------
@@ -150,7 +131,7 @@ def gated() -> Iterator[tuple[str, threading.Event, FakeEngine, Any]]:
         httpd.server_close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def real() -> Iterator[RealServer]:
     proc, log, base = start_server({"SDXL_RANDOM_INIT": "tiny", "SDXL_DEVICE": "cpu"})
     statuses: list[int] = []

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.images import ROOT
 
 
+@pytest.mark.timeout(360)
 def test_cpu_dry_run_writes_the_json(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_")} | {"OUT": str(tmp_path)}
     cmd = [
@@ -28,7 +33,15 @@ def test_cpu_dry_run_writes_the_json(tmp_path: Path) -> None:
         "--vae-steps",
         "1",
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    # Its own process group: the SDXL server it starts goes with it, whatever ends the test.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "server overhead ratio" in res.stdout
     doc = json.loads((tmp_path / "sdxl_gpu.json").read_text())

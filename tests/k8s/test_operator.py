@@ -74,6 +74,8 @@ class Operator:
         self.logs: list[Path] = []
 
     def start(self) -> Operator:
+        if self.proc is not None and self.proc.poll() is None:
+            raise AssertionError(f"vramctl operator (pid {self.proc.pid}) still runs: stop it before starting another")
         log = self.tmp / f"operator-{self.node}-{len(self.logs)}.log"
         self.logs.append(log)
         cmd = [

@@ -10,10 +10,13 @@ own, and images/sdxl is put on sys.path so server.py's lazy
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -67,6 +70,15 @@ class Timings:
     def add(self, name: str, seconds: float, **detail: Any) -> None:
         self.steps[name] = {"seconds": round(seconds, 1), **detail}
 
+    def to_json(self) -> str:
+        return json.dumps({"steps": self.steps, "started": self.started, "module_seconds": self.module_seconds})
+
+    def update_from_json(self, text: str) -> None:
+        doc = json.loads(text)
+        self.steps.update(doc["steps"])
+        self.started = self.started or doc["started"]
+        self.module_seconds = doc["module_seconds"] if doc["module_seconds"] is not None else self.module_seconds
+
     def complete(self) -> bool:
         return {"bases", "build_sdxl", "build_supervisor"} <= set(self.steps)
 
@@ -94,3 +106,32 @@ def docker_build(dockerfile: Path, context: Path, tag: str, build_args: dict[str
     return rc, time.monotonic() - started, text[-4000:]
 
 
+def summary(terminalreporter: Any, timings: Timings) -> None:
+    """The image steps' section of the session's summary; the JSON once every step ran."""
+    if not timings.steps:
+        return
+    terminalreporter.section("image builds (seconds)")
+    for name, step in timings.steps.items():
+        extra = ", ".join(f"{k} {v}" for k, v in step.items() if k not in ("seconds", "images"))
+        terminalreporter.write_line(f"{name:<24} {step['seconds']:>7.1f}  {extra}")
+    if timings.complete():
+        doc = {
+            "what": "images/base/build-local.sh, then docker build of images/sdxl and images/vramctl on those bases, then first starts",
+            "command": "python3 -m pytest -q tests/images/test_image_builds.py",
+            "measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "docker_storage_driver": docker_info("{{.Driver}}"),
+                "docker_server": docker_info("{{.ServerVersion}}"),
+            },
+            # Nothing reused: every base made and every build step run in this session.
+            "from_scratch": all(not isinstance(v, str) for v in timings.steps["bases"]["each"].values())
+            and all(s.get("steps_from_cache") == 0 for k, s in timings.steps.items() if k.startswith("build_")),
+            "module_seconds": None if timings.module_seconds is None else round(timings.module_seconds, 1),
+            "steps": timings.steps,
+        }
+        # The committed figures are rewritten only when asked (VRAMCTL_RECORD_RESULTS=1): a test run leaves the checkout clean.
+        out = RESULTS if os.environ.get("VRAMCTL_RECORD_RESULTS") == "1" else Path(tempfile.gettempdir()) / "vramctl-image_build.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        terminalreporter.write_line(f"written to {out}")
