@@ -7,7 +7,6 @@ Pods.
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ import pytest
 
 from tests.support.k8s.emulator import EmulatorThread, KubeClient
 from tests.support.k8s.kubelet import TestKubelet
+from tests.support.ports import free_port
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import PermanentError, StartError, TransientError
 from vramctl.runtimes.kubernetes import GPU_RESOURCE, KubeApiError, PodOwner, PodRuntime, failure_reason, pod_state, render_pod
@@ -27,12 +27,6 @@ from vramctl.spec.models import DeploymentSpec
 
 STANDIN = "vramctl-standin:test"
 UUID = "GPU-8f6c0000-1111-2222-3333-444455556666"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def model(port: int, cls: str = "heavy", load: float = 0.1, stop: float = 0.05, grace: float = 5, **env: str) -> dict[str, Any]:

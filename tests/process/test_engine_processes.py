@@ -9,7 +9,6 @@ The Python stand-in ignores its arguments, so it can play ``vllm serve``.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 import uuid
@@ -19,16 +18,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.ports import free_port
 from vramctl.runtimes.process import ProcessRuntime
 from vramctl.spec.models import DeploymentSpec
 
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spec(port: int, utilization: float) -> DeploymentSpec:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.ports import free_port
 from vramctl.observed import WorkloadState
 from vramctl.runtimes.base import Runtime, StartError
 from vramctl.runtimes.process import ProcessRuntime
@@ -33,12 +33,6 @@ STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stat_of(pid: int) -> tuple[str, int] | None:

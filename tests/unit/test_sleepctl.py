@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support.builders import deployment
+from tests.support.ports import free_port
 from vramctl.gpu.simulated import SimulatedGpu, with_residues
 from vramctl.observed import GpuMemory, GpuProcess, GpuSnapshot
 from vramctl.runtimes import sleepctl
@@ -27,12 +27,6 @@ from vramctl.spec.engines import SDXL_SLEEP_API, VLLM_SLEEP_API, SleepApi
 
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
 API = SleepApi("/sleep", "/wake_up", "/is_sleeping")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def request(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], bytes]:

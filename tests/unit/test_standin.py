@@ -13,15 +13,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.support.ports import free_port
 from vramctl.demo.standin import Settings
 
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def status(port: int, path: str = "/health") -> int | None:

@@ -8,7 +8,6 @@ import contextlib
 import http.client
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ports import free_port
 from vramctl.runtimes import sleepctl
 from vramctl.runtimes.sleepctl import SleepCallError
 from vramctl.spec.engines import SleepApi
@@ -26,12 +26,6 @@ BUSYBOX = Path(os.environ.get("BUSYBOX", "/bin/busybox"))
 API = SleepApi("/sleep", "/wake_up", "/is_sleeping")
 
 pytestmark = pytest.mark.skipif(not BUSYBOX.is_file(), reason="busybox is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def call(port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
