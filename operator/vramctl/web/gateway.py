@@ -439,7 +439,12 @@ def _gone(request: web.BaseRequest) -> bool:
 
 
 def _taken_away(route: Route, why: str) -> web.Response:
-    return _error(503, f"vramctl stopped {route.model} before it could answer: {why}; send the request again", "model_unavailable", code="model_switched")
+    return _error(
+        503,
+        f"vramctl stopped {route.model} before it could answer: {why}; send the request again",
+        "model_unavailable",
+        code="model_switched",
+    )
 
 
 def _bad_gateway(route: Route, detail: str) -> web.Response:

@@ -220,7 +220,7 @@ class HttpServer:
         self._pending = 0  # accepted, transport not made yet
         self.refused = 0
         self._requests = requests_counter(registry) if registry is not None else None
-        self._children: dict[tuple[str, str, int], Any] = {}
+        self._children: dict[tuple[str, object, int], Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -499,16 +499,18 @@ class HttpServer:
         )
 
 
-def _count(requests: Counter | None, children: dict[tuple[str, str, int], Any], listener: str, request: web.Request, status: int) -> None:
-    """One more request in ``vramctl_http_requests_total`` (``children``: the labelled series, made once)."""
+def _count(
+    requests: Counter | None, children: dict[tuple[str, object, int], Any], listener: str, request: web.Request, status: int
+) -> None:
+    """One more request in ``vramctl_http_requests_total`` (``children``: the labelled series by route object, made once)."""
     if requests is None:
         return
     info = request.match_info
-    resource = info.route.resource if info.http_exception is None else None
-    route = resource.canonical if resource is not None else "unmatched"
-    key = (listener, route, status)
+    key = (listener, info.route, status)
     child = children.get(key)
     if child is None:
+        resource = info.route.resource if info.http_exception is None else None
+        route = resource.canonical if resource is not None else "unmatched"
         child = children[key] = requests.labels(listener, route, str(status))
     child.inc()
 
