@@ -74,6 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
     processes.mark_session()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     groups: dict[str, str] = {}
     for item in items:
