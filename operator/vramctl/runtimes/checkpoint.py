@@ -284,7 +284,7 @@ class CheckpointSleeper:
         self.available_mib = available_mib or _host_available_mib
         self.clock, self.pause = clock, pause
         self.done: dict[str, Checkpointed] = {}  # models checkpointed by this sleeper
-        self._warned = False
+        self.warned = False
 
     # ---------------------------------------------------------------- sleep
 
@@ -427,9 +427,9 @@ class CheckpointSleeper:
 
     def _driver(self) -> CheckpointDriver:
         if self.driver is None:
-            if not self._warned:
+            if not self.warned:
                 log.warning("checkpoint switching is %s", self.availability.describe())
-                self._warned = True
+                self.warned = True
             raise CheckpointError(f"checkpoint switching is {self.availability.describe()}", "CheckpointRefused")
         return self.driver
 
@@ -537,7 +537,7 @@ class StrategySleeper:
         cp = self._checkpoint()
         if not cp.availability.available:
             log.warning("gpu%d: checkpoint switching is %s; those models are stopped instead", spec.gpu, cp.availability.describe())
-            cp._warned = True
+            cp.warned = True
         return cp.availability
 
     def _checkpoint(self) -> CheckpointSleeper:
