@@ -111,7 +111,7 @@ def run_gateway(port: int, backend: str) -> None:
         async def acquire(self, model: str) -> Granted:
             return Granted()
 
-        def taken_away(self, model: str) -> str | None:
+        def taken_away(self, model: str) -> None:
             return None
 
     server = HttpServer()  # the listener `vramctl up --gateway` serves: the same guards, cap and timeouts

@@ -129,7 +129,7 @@ class FakeHolder:
     def admit(self, model: str) -> Lease | None:
         return None  # every request waits in acquire (it records what was asked)
 
-    def taken_away(self, model: str) -> str | None:
+    def taken_away(self, model: str) -> Refused | None:
         return None
 
     async def acquire(self, model: str) -> Lease:
@@ -539,7 +539,7 @@ def test_gateway_on_the_inbox_holder_twenty_clients_two_models(backends: dict[st
         def models(self) -> Sequence[ModelInfo]:
             return [ModelInfo(r.model, r.served_name, r.gpu, "Running", r.engine) for r in routes.values()]
 
-        def taken_away(self, model: str) -> str | None:
+        def taken_away(self, model: str) -> Refused | None:
             return None
 
     policy = dq.QueuePolicy(max_queue=100, queue_timeout_seconds=60, max_serve_seconds=0.5, drain_timeout_seconds=0.2)

@@ -11,6 +11,7 @@ door the flood would take every descriptor of the process.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import resource
@@ -305,6 +306,38 @@ def test_a_stream_cut_by_a_forced_switch_says_vramctl_stopped_the_model(tmp_path
         event = text[text.index("event: error") :]
         assert "vramctl stopped llm" in event and "switched to 'sdxl'" in event and "died" not in event, event
         v.wait(lambda g: g["runningModels"] == ["sdxl"])
+    finally:
+        v.stop()
+        v.kill_models()
+
+
+def test_requests_for_a_model_being_switched_away_are_not_sent_to_its_server(tmp_path: Path) -> None:
+    """From the moment a switch away is decided, a request for the old model is
+    a 503 with a Retry-After from the GPU's measured switches, never proxied
+    to its stopping server (which answers until it is gone: 1 s here)."""
+    cfg = on_demand_config()
+    cfg["gpus"][0]["models"]["llm"]["env"]["STANDIN_STOP_SECONDS"] = "1.0"
+    v = LiveUp(tmp_path, cfg)
+    gw_port = free_port()
+    v.extra_args = ["--gateway", f"127.0.0.1:{gw_port}"]
+    body = json.dumps({"model": "qwen-7b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    try:
+        v.start()
+        took = v.gpu()["lastSwitch"]["durationSeconds"]
+        assert call(v.url + "/switch", {"model": "sdxl"})[0] == 202
+        answers: list[tuple[int, str | None, str]] = []
+        deadline = time.monotonic() + 30
+        while ((g := v.gpu())["phase"] != "Ready" or g["runningModels"] != ["sdxl"]) and time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=15)
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            answers.append((resp.status, resp.getheader("Retry-After"), resp.read().decode()))
+            conn.close()
+            time.sleep(0.05)
+        assert answers, "the switch ended before a request was sent"
+        for status, retry, text in answers:
+            assert status == 503 and "was not sent to its server" in text and "switched to 'sdxl'" in text, (status, text)
+            assert retry is not None and 1 <= int(retry) <= max(1, 2 * took + 1), (retry, took)
     finally:
         v.stop()
         v.kill_models()

@@ -122,10 +122,11 @@ class Holder(Protocol):
         grant that races the cancellation must be released by the holder.
         """
 
-    def taken_away(self, model: str) -> str | None:
-        """Why vramctl no longer wants ``model`` to run (a switch away, a
-        forced switch), or None: a backend that fails then was stopped by
-        vramctl, not broken, and the client is told so."""
+    def taken_away(self, model: str) -> Refused | None:
+        """A 503 saying why vramctl no longer wants ``model`` to run (a
+        switch away was decided) and when to come back, or None. A request
+        is never sent to such a server, and a backend that fails then was
+        stopped by vramctl, not broken: the client is told so."""
 
 
 class GatewayMetrics:
@@ -313,6 +314,12 @@ class Gateway:
                 code = str(exc.status)
                 headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
                 return _error(exc.status, exc.message, "model_unavailable", "model", None, headers)
+            away = self.holder.taken_away(route.model)
+            if away is not None:  # a switch away was decided: its server is stopping, never send to it
+                code = str(away.status)
+                headers = {"Retry-After": str(away.retry_after)} if away.retry_after is not None else None
+                message = f"{route.model} is being switched away ({away.message}); the request was not sent to its server"
+                return _error(away.status, message, "model_unavailable", "model", "model_switched", headers)
             in_flight.inc()
             try:
                 response, code, error = await self._forward(request, route, path, body)
@@ -362,8 +369,8 @@ class Gateway:
         try:
             upstream = await self._session.request(request.method, url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, OSError) as exc:
-            if (why := self.holder.taken_away(route.model)) is not None:
-                return _taken_away(route, why), "503", None
+            if (away := self.holder.taken_away(route.model)) is not None:
+                return _taken_away(route, away), "503", None
             return _bad_gateway(route, f"{type(exc).__name__}: {exc}"), "502", f"backend unreachable: {exc}"
         async with upstream:
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_FROM_BACKEND}
@@ -372,8 +379,8 @@ class Gateway:
                 try:
                     data = await upstream.read()
                 except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-                    if (why := self.holder.taken_away(route.model)) is not None:
-                        return _taken_away(route, why), "503", None
+                    if (away := self.holder.taken_away(route.model)) is not None:
+                        return _taken_away(route, away), "503", None
                     return _bad_gateway(route, f"the backend died mid-answer: {exc}"), "502", f"backend died: {exc}"
                 return web.Response(status=upstream.status, body=data, headers=out_headers), str(upstream.status), None
             return await self._stream(request, route, upstream, out_headers, sse)
@@ -391,9 +398,14 @@ class Gateway:
         except (_ClientGone, ConnectionResetError, aiohttp.ClientConnectionResetError):
             return response, CLIENT_GONE, None
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-            why = self.holder.taken_away(route.model)
-            if why is not None:  # vramctl stopped it: say so, and it is no backend fault
-                reason, kind, status, error = f"vramctl stopped {route.model} during this answer: {why}", "model_unavailable", 503, None
+            away = self.holder.taken_away(route.model)
+            if away is not None:  # vramctl stopped it: say so, and it is no backend fault
+                reason, kind, status, error = (
+                    f"vramctl stopped {route.model} during this answer: {away.message}",
+                    "model_unavailable",
+                    503,
+                    None,
+                )
             else:
                 reason = f"the backend of {route.model} died mid-stream: {type(exc).__name__}: {exc}"
                 kind, status, error = "bad_gateway", 502, reason
@@ -438,13 +450,10 @@ def _gone(request: web.BaseRequest) -> bool:
     return transport is None or transport.is_closing()
 
 
-def _taken_away(route: Route, why: str) -> web.Response:
-    return _error(
-        503,
-        f"vramctl stopped {route.model} before it could answer: {why}; send the request again",
-        "model_unavailable",
-        code="model_switched",
-    )
+def _taken_away(route: Route, away: Refused) -> web.Response:
+    headers = {"Retry-After": str(away.retry_after)} if away.retry_after is not None else None
+    message = f"vramctl stopped {route.model} before it could answer: {away.message}; send the request again"
+    return _error(503, message, "model_unavailable", "model", "model_switched", headers)
 
 
 def _bad_gateway(route: Route, detail: str) -> web.Response:

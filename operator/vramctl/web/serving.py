@@ -9,6 +9,7 @@ One instance serves ``/holds`` and the gateway on every port
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,9 +75,10 @@ class SupervisorHolder(InboxHolder):
         else:
             check_desired(spec, None, [model, *companions])
 
-    def taken_away(self, model: str) -> str | None:
-        """Why ``model`` is no longer wanted on its GPU (the desired state
-        moved away from it), or None while it is."""
+    def taken_away(self, model: str) -> Refused | None:
+        """A 503 when ``model`` is no longer wanted on its GPU (the desired
+        state moved away from it), else None. Retry-After: twice the GPU's
+        last measured switch (this one, then the way back), at least 1 s."""
         try:
             w = self._worker_of(model)
         except KeyError:
@@ -85,7 +87,11 @@ class SupervisorHolder(InboxHolder):
         if model in d.members:
             return None
         now = f"{d.active!r}" if d.active else "no model"
-        return f"gpu {w.gpu} was switched to {now}" + (f" with {', '.join(d.companions)}" if d.companions else "")
+        why = f"gpu {w.gpu} was switched to {now}" + (f" with {', '.join(d.companions)}" if d.companions else "")
+        last = w.published_status().get("lastSwitch") or {}
+        took = last.get("durationSeconds") if isinstance(last, dict) else None
+        retry = max(1, math.ceil(2 * took)) if isinstance(took, int | float) and took > 0 else None
+        return Refused(503, why, retry)
 
     def names(self) -> list[str]:
         return sorted({m for w in list(self.supervisor.workers.values()) for m in w.spec.models})
