@@ -114,6 +114,12 @@ def run_gateway(port: int, backend: str) -> None:
         def taken_away(self, model: str) -> None:
             return None
 
+        def not_ready(self, model: str) -> None:
+            return None
+
+        def backend_failed(self, model: str) -> None:
+            pass
+
     server = HttpServer()  # the listener `vramctl up --gateway` serves: the same guards, cap and timeouts
     server.listen("gateway", "127.0.0.1", port, [Gateway(Holder(), CollectorRegistry()).add_routes], max_body=GATEWAY_MAX_BODY)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})

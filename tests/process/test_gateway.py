@@ -132,6 +132,12 @@ class FakeHolder:
     def taken_away(self, model: str) -> Refused | None:
         return None
 
+    def not_ready(self, model: str) -> Refused | None:
+        return None
+
+    def backend_failed(self, model: str) -> None:
+        self.record("backend_failed", model, 0)
+
     async def acquire(self, model: str) -> Lease:
         if self._cond is None:
             self._cond = asyncio.Condition()
@@ -477,6 +483,7 @@ def test_backend_killed_mid_stream_ends_in_an_error_and_a_502(backends: dict[str
             holder.wait_for("release", 1)
             error = next(e for e in holder.events if e[0] == "release")[3]
             assert error is not None and "died mid-stream" in error
+            assert holder.count("backend_failed", "slow") == 1  # the worker is asked to look now
             assert g.sample("vramctl_gateway_requests_total", gpu="0", model="slow", code="502") == 1
             # The backend is gone: the next request is a 502 before any answer.
             with pytest.raises(openai.InternalServerError) as bad:
@@ -541,6 +548,12 @@ def test_gateway_on_the_inbox_holder_twenty_clients_two_models(backends: dict[st
 
         def taken_away(self, model: str) -> Refused | None:
             return None
+
+        def not_ready(self, model: str) -> Refused | None:
+            return None
+
+        def backend_failed(self, model: str) -> None:
+            pass
 
     policy = dq.QueuePolicy(max_queue=100, queue_timeout_seconds=60, max_serve_seconds=0.5, drain_timeout_seconds=0.2)
     worker = FakeWorker(HoldDesk(policy, dq.IdlePolicy(), active="llm"), switch_seconds=0.05)

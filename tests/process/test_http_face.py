@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -338,6 +339,38 @@ def test_requests_for_a_model_being_switched_away_are_not_sent_to_its_server(tmp
         for status, retry, text in answers:
             assert status == 503 and "was not sent to its server" in text and "switched to 'sdxl'" in text, (status, text)
             assert retry is not None and 1 <= int(retry) <= max(1, 2 * took + 1), (retry, took)
+    finally:
+        v.stop()
+        v.kill_models()
+
+
+def test_a_backend_that_dies_is_seen_at_once_and_gets_no_more_requests_until_ready(tmp_path: Path) -> None:
+    """The first request that finds the server gone is a 502 and makes the
+    worker look now (not at its next re-check, 5 s away); the next ones are
+    503s with a Retry-After, not sent, until the model is ready again."""
+    cfg = on_demand_config()
+    v = LiveUp(tmp_path, cfg)
+    gw_port = free_port()
+    v.extra_args = ["--gateway", f"127.0.0.1:{gw_port}"]
+    body = json.dumps({"model": "qwen-7b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    try:
+        v.start()
+        rec = next((v.state_path.parent / "proc").glob(f"{v.instance}-*-llm.json"))
+        os.killpg(json.loads(rec.read_text())["pgid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        answers: list[tuple[float, int, str]] = []
+        while time.monotonic() - t0 < 4 and not (answers and answers[-1][1] == 200):
+            conn = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=15)
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            answers.append((time.monotonic() - t0, resp.status, resp.read().decode()))
+            conn.close()
+            time.sleep(0.1)
+        bad = [a for a in answers if a[1] == 502]
+        assert len(bad) <= 1, answers  # only the request that found it gone
+        for _, status, text in answers:
+            assert status in (200, 502) or (status == 503 and "not sent" in text), (status, text)
+        assert any(a[1] == 503 for a in answers), answers  # the worker knew within a request or two
     finally:
         v.stop()
         v.kill_models()

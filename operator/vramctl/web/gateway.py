@@ -122,6 +122,15 @@ class Holder(Protocol):
         grant that races the cancellation must be released by the holder.
         """
 
+    def not_ready(self, model: str) -> Refused | None:
+        """A 503 when ``model`` is not healthy right now (loading, failed,
+        asleep, stopping), else None: a request is sent only to a server
+        that is ready now."""
+
+    def backend_failed(self, model: str) -> None:
+        """``model``'s server refused or reset a connection: the worker is
+        asked to observe now rather than at its next re-check."""
+
     def taken_away(self, model: str) -> Refused | None:
         """A 503 saying why vramctl no longer wants ``model`` to run (a
         switch away was decided) and when to come back, or None. A request
@@ -317,9 +326,13 @@ class Gateway:
             away = self.holder.taken_away(route.model)
             if away is not None:  # a switch away was decided: its server is stopping, never send to it
                 code = str(away.status)
-                headers = {"Retry-After": str(away.retry_after)} if away.retry_after is not None else None
                 message = f"{route.model} is being switched away ({away.message}); the request was not sent to its server"
-                return _error(away.status, message, "model_unavailable", "model", "model_switched", headers)
+                return _error(away.status, message, "model_unavailable", "model", "model_switched", _retry(away))
+            unready = self.holder.not_ready(route.model)
+            if unready is not None:  # failed, loading again, asleep: only a server ready now gets requests
+                code = str(unready.status)
+                message = f"{unready.message}; the request was not sent to its server"
+                return _error(unready.status, message, "model_unavailable", "model", "model_not_ready", _retry(unready))
             in_flight.inc()
             try:
                 response, code, error = await self._forward(request, route, path, body)
@@ -371,6 +384,7 @@ class Gateway:
         except (aiohttp.ClientError, OSError) as exc:
             if (away := self.holder.taken_away(route.model)) is not None:
                 return _taken_away(route, away), "503", None
+            self.holder.backend_failed(route.model)  # refused or reset: observe now
             return _bad_gateway(route, f"{type(exc).__name__}: {exc}"), "502", f"backend unreachable: {exc}"
         async with upstream:
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_FROM_BACKEND}
@@ -407,6 +421,7 @@ class Gateway:
                     None,
                 )
             else:
+                self.holder.backend_failed(route.model)
                 reason = f"the backend of {route.model} died mid-stream: {type(exc).__name__}: {exc}"
                 kind, status, error = "bad_gateway", 502, reason
             if sse:
@@ -450,8 +465,12 @@ def _gone(request: web.BaseRequest) -> bool:
     return transport is None or transport.is_closing()
 
 
+def _retry(refused: Refused) -> dict[str, str] | None:
+    return {"Retry-After": str(refused.retry_after)} if refused.retry_after is not None else None
+
+
 def _taken_away(route: Route, away: Refused) -> web.Response:
-    headers = {"Retry-After": str(away.retry_after)} if away.retry_after is not None else None
+    headers = _retry(away)
     message = f"vramctl stopped {route.model} before it could answer: {away.message}; send the request again"
     return _error(503, message, "model_unavailable", "model", "model_switched", headers)
 

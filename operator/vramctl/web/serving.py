@@ -9,6 +9,7 @@ One instance serves ``/holds`` and the gateway on every port
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -75,6 +76,28 @@ class SupervisorHolder(InboxHolder):
         else:
             check_desired(spec, None, [model, *companions])
 
+    def _retry_after(self, w: GpuWorker) -> int | None:
+        """Twice the GPU's last measured switch (a switch, then the way back), at least 1 s."""
+        last = w.published_status().get("lastSwitch") or {}
+        took = last.get("durationSeconds") if isinstance(last, dict) else None
+        return max(1, math.ceil(2 * took)) if isinstance(took, int | float) and took > 0 else None
+
+    def not_ready(self, model: str) -> Refused | None:
+        """A 503 while ``model`` is not ready now (the worker's last look)."""
+        try:
+            w = self._worker_of(model)
+        except KeyError:
+            return None
+        state = w.model_states().get(model, "absent")
+        if state == "running":
+            return None
+        return Refused(503, f"{model} is {state} on gpu {w.gpu}, not ready to answer", self._retry_after(w))
+
+    def backend_failed(self, model: str) -> None:
+        """Ask ``model``'s worker to observe now (``GpuWorker.poke``)."""
+        with contextlib.suppress(KeyError):
+            self._worker_of(model).poke()
+
     def taken_away(self, model: str) -> Refused | None:
         """A 503 when ``model`` is no longer wanted on its GPU (the desired
         state moved away from it), else None. Retry-After: twice the GPU's
@@ -88,10 +111,7 @@ class SupervisorHolder(InboxHolder):
             return None
         now = f"{d.active!r}" if d.active else "no model"
         why = f"gpu {w.gpu} was switched to {now}" + (f" with {', '.join(d.companions)}" if d.companions else "")
-        last = w.published_status().get("lastSwitch") or {}
-        took = last.get("durationSeconds") if isinstance(last, dict) else None
-        retry = max(1, math.ceil(2 * took)) if isinstance(took, int | float) and took > 0 else None
-        return Refused(503, why, retry)
+        return Refused(503, why, self._retry_after(w))
 
     def names(self) -> list[str]:
         return sorted({m for w in list(self.supervisor.workers.values()) for m in w.spec.models})
