@@ -40,6 +40,23 @@ Targets (PASS/FAIL): warm switch median < 1.0 s; warm at least 10x faster than
 cold; at most one heavy awake at any sample; every warm switch slept; every
 image identical.
 
+Two more runs in the same process (``--runs``; both by default on a GPU):
+``checkpoint``, the same round trips with ``switchStrategy: checkpoint`` (the
+driver's checkpoint API; the SDXL server's own sleep API off, the LLM
+stand-in's host buffers not pinned), and ``rotation``, LLM -> SDXL -> TTS ->
+LLM with a third model that has no sleep API at all (a torch process holding
+``--tts-mib``, standing in for GPT-SoVITS), every switch by checkpoint.
+Reported beside the above: vramctl's own timed steps per model (away: the
+sleep or checkpoint until verified asleep; back: the wake or restore until
+healthy; start: start until healthy; stop), the driver's seconds (and per
+GiB) each way from vramctl's log, the host RSS of each checkpointed model,
+and whether each switch really checkpointed (the driver's state of the model
+switched away). Targets: a checkpointed SDXL serves again at least 5x sooner
+than a cold start (restore + health against start + health); a checkpoint
+round trip (away + back) shorter than a stop and a cold start; the SDXL
+image identical after every restore; every rotation switch warm (no
+fall-back, no cold start after the warm-up).
+
 ``--driver direct`` does the switching in this process with vramctl's own
 parts instead of ``vramctl up``: the process runtime, the GPU probe and
 ``vramctl.runtimes.sleepctl``, following the warm protocol (sleep the old model, wait
@@ -928,10 +945,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-kv-mib", type=int, default=4096)
     p.add_argument("--sdxl-size", choices=("full", "tiny"), default="full")
     p.add_argument("--tts-mib", type=int, default=4096, help="the third model (no sleep API, rotation run): MiB it holds")
-    p.add_argument("--runs", default="cold,warm,checkpoint,rotation", help="which runs, in order: cold, warm, checkpoint, rotation")
+    p.add_argument(
+        "--runs",
+        help="which runs, in order, of cold, warm, checkpoint, rotation (default: all four; --dry-run: cold,warm, since the "
+        "checkpoint runs need the driver and only fall back to stops without it)",
+    )
     p.add_argument("--rotation-rounds", type=int, help="LLM -> SDXL -> TTS -> LLM rotations (default: --rounds)")
     p.add_argument("--out", help="JSON results file (default: $OUT/warm_proof.json when OUT is set)")
     args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = "cold,warm" if args.dry_run else "cold,warm,checkpoint,rotation"
+    if args.driver == "direct" and {"checkpoint", "rotation"} & set(args.runs.split(",")):
+        p.error("--driver direct runs the sleep protocol only: drop checkpoint and rotation from --runs")
     out = args.out or (os.path.join(os.environ["OUT"], "warm_proof.json") if os.environ.get("OUT") else None)
     args.partial_out = f"{out}.partial" if out else None
     result = run(args)

@@ -123,12 +123,14 @@ def make(tmp_path: Path) -> Iterator[Any]:
 def test_a_switch_away_and_back_by_checkpoint(make: Any) -> None:
     r: Rig = make()
     llm = r.pid("llm")
+    assert llm is not None
     r.switch("sdxl")
     assert r.states() == {"llm": "asleep", "sdxl": "running"}
     assert ("lock", llm) in r.cu.calls and ("checkpoint", llm) in r.cu.calls
     assert r.cu.processes[llm] is S.CU_PROCESS_STATE_CHECKPOINTED
     assert alive(llm)  # suspended, not stopped
     sdxl = r.pid("sdxl")
+    assert sdxl is not None
     r.switch("llm")
     assert r.states() == {"llm": "running", "sdxl": "asleep"}
     assert r.pid("llm") == llm  # the same process: nothing reloaded
