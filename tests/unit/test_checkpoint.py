@@ -7,6 +7,8 @@ SleepFallback reason."""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +310,19 @@ def test_rss_is_read_from_proc(tmp_path: Path) -> None:
     (tmp_path / "7" / "status").write_text("Name:\tpython\nVmRSS:\t 10485760 kB\n")
     assert rss_mib(7, tmp_path) == 10240
     assert rss_mib(8, tmp_path) is None
+
+
+def test_a_checkpoint_that_takes_more_host_memory_than_declared_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    me = os.getpid()  # a real process: its RSS is read from /proc
+    cu = FakeCu(processes={me: S.CU_PROCESS_STATE_RUNNING})
+    gpu = FakeCudaGpu(cu, lambda: {me: ("llm", 100)})
+    driver, availability = open_driver(cu, "fake")
+    sl = CheckpointSleeper(driver, availability, gpu.snapshot, available_mib=lambda: None)
+    d = DeploymentSpec.model_validate(
+        {"gpu": 0, "models": {"llm": {"command": ["x"], "switchStrategy": "checkpoint", "sleep": {"hostMemoryMiB": 1}}}}
+    )
+    with caplog.at_level(logging.WARNING, logger="vramctl.runtimes.checkpoint"):
+        sl.sleep(d, "llm")
+    rss = sl.host_mib("llm")
+    assert rss is not None and rss > 1
+    assert f"takes {rss} MiB of host memory while checkpointed, more than its sleep.hostMemoryMiB 1" in caplog.text

@@ -341,6 +341,16 @@ class CheckpointSleeper:
         rss = [rss_mib(pid) for pid in pids]
         record.host_mib = sum(r for r in rss if r is not None) if any(r is not None for r in rss) else None
         record.seconds = {"lock": t_locked - t0, "checkpoint": t_saved - t_locked, "confirm": self.clock() - t_saved}
+        declared = spec.models[model].sleep_settings.host_memory_mib if model in spec.models else None
+        if record.host_mib is not None and declared is not None and record.host_mib > declared:
+            log.warning(
+                "gpu%d: %r takes %d MiB of host memory while checkpointed, more than its sleep.hostMemoryMiB %d "
+                "(the host budget counts the declared figure): raise it",
+                spec.gpu,
+                model,
+                record.host_mib,
+                declared,
+            )
         log.info(
             "gpu%d: %r checkpointed (pids %s): %d MiB off the GPU in %.2fs, host RSS %s MiB",
             spec.gpu,
