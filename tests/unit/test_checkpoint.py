@@ -326,3 +326,22 @@ def test_a_checkpoint_that_takes_more_host_memory_than_declared_is_said(caplog: 
     rss = sl.host_mib("llm")
     assert rss is not None and rss > 1
     assert f"takes {rss} MiB of host memory while checkpointed, more than its sleep.hostMemoryMiB 1" in caplog.text
+
+
+def test_doctor_says_whether_checkpoint_switching_is_available() -> None:
+    from vramctl.doctor import Facts, checks
+    from vramctl.spec.models import Config
+
+    cfg = Config.model_validate(
+        {"runtime": "process", "gpus": [{"name": "g", "gpu": 0, "models": spec().model_dump(by_alias=True)["models"]}]}
+    )
+
+    def line(a: Availability) -> tuple[str, str]:
+        f = Facts(cfg, "test.yaml", "no NVML here", True, "no engine", None, a)
+        c = next(c for c in checks(f) if c.name == "checkpoint")
+        return c.level, c.message
+
+    level, msg = line(Availability(False, "WSL2 has no checkpoint API: models with switchStrategy checkpoint are stopped"))
+    assert level == "WARN" and "WSL2 has no checkpoint API" in msg and "g/llm, g/tts will be stopped instead" in msg
+    level, msg = line(Availability(True, "the driver's checkpoint API answers", 13000, "cuda-bindings 13.0"))
+    assert level == "OK" and "available (CUDA 13.0; cuda-bindings 13.0)" in msg
