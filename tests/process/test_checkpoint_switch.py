@@ -141,6 +141,7 @@ def test_a_switch_away_and_back_by_checkpoint(make: Any) -> None:
         assert step in steps, steps
     assert r.fallbacks() == []
     assert r.worker.status()["asleepModels"] == ["sdxl"]
+    assert r.worker.status()["asleepModes"] == {"sdxl": "checkpoint"}
     assert r.most_listed == 1
 
 

@@ -221,6 +221,8 @@ class WorkerReporter:
             configWarnings=[f.as_dict() for f in self.findings],
             # Running but asleep: only their residue on the GPU (not in runningModels).
             **({"asleepModels": list(rec.asleep)} if rec.asleep else {}),
+            # How each sleeps: its server's sleep API, or suspended by the driver's checkpoint API.
+            **({"asleepModes": {m: _sleep_mode(rec.spec, m) for m in rec.asleep}} if rec.asleep else {}),
             modelStates={m: s for m, s in rec.model_states.items() if s != "absent"},
             **self._host_budget(),
             **self._pinned_ceiling(),
@@ -234,3 +236,8 @@ class WorkerReporter:
                 self.write_status(self.gpu, dict(status))
             except Exception:
                 log.exception("gpu%d: could not write status", self.gpu)
+
+
+def _sleep_mode(spec: DeploymentSpec, model: str) -> str:
+    m = spec.models.get(model)
+    return "checkpoint" if m is not None and m.switch_strategy == "checkpoint" else "sleep"
