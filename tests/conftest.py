@@ -50,16 +50,19 @@ XDIST_GROUPS = {
     "tests/images/test_image_builds.py": "image-builds",
     # The demo stack's fixed ports (vramctl.demo.config: 18000, 17860, 19880).
     "tests/e2e/test_demo.py": "demo-ports",
-    # The long runs that load the CPU and judge timings (a bounded chaos run
-    # converges within stop + load + 2 s; the warm proof and the SDXL
-    # benchmark run torch): one after the other, beside the image builds.
-    "tests/e2e/test_chaos.py": "heavy",
-    "tests/process/test_warm_proof.py": "heavy",
-    "tests/images/test_sdxl_benchmark.py": "heavy",
+    # The two bounded chaos runs judge timings (converged within stop + load
+    # + 2 s): one after the other, not against each other.
+    "tests/e2e/test_chaos.py": "chaos",
 }
-# Handed out first (xdist schedules in collection order): the long chains
-# begin at once instead of being left for the end.
-FIRST = ("image-builds", "heavy", "sdxl-real")
+# Handed out first, in this order (xdist hands out in collection order): the
+# longest chains and tests begin at once instead of being left for the end.
+FIRST = (
+    "image-builds",
+    "tests/process/test_warm_proof.py",
+    "chaos",
+    "tests/images/test_sdxl_benchmark.py",
+    "sdxl-real",
+)
 FIXTURE_GROUPS = {
     "real": "sdxl-real",  # the real SDXL server on the CPU: torch loaded once per session
 }
@@ -76,7 +79,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    groups: dict[str, str] = {}
+    first: dict[str, int] = {}
     for item in items:
         try:
             path = Path(str(item.path)).resolve().relative_to(ROOT)
@@ -89,8 +92,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         )
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-            groups[item.nodeid] = group
-    items.sort(key=lambda item: FIRST.index(groups[item.nodeid]) if groups.get(item.nodeid) in FIRST else len(FIRST))
+        key = group if group in FIRST else path.as_posix()
+        if key in FIRST:
+            first[item.nodeid] = FIRST.index(key)
+    items.sort(key=lambda item: first.get(item.nodeid, len(FIRST)))
 
 
 @pytest.hookimpl(trylast=True)

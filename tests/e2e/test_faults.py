@@ -167,13 +167,19 @@ def test_compose_down_is_said_and_handled_as_configured(
     v.wait(lambda g: g["phase"] == "Ready")
     for c in docker_client.containers.list(filters={"label": [f"vramctl.io/instance={instance}"]}):
         c.remove(force=True)  # what `docker compose down` does
+    # First the removal is said: until the worker has seen it, its status is the
+    # one from before, already "Ready with llm" (on a loaded machine, a while).
+    deadline = time.monotonic() + 20
+    said = []
+    while not said and time.monotonic() < deadline:
+        said = [p for p in v.status_progress() if p["step"] == "removed-outside"]
+        time.sleep(0.05)
     if on_removed == "recreate":
         v.wait(lambda g: g["phase"] == "Ready" and g["runningModels"] == ["llm"], timeout=20)
     else:
         v.wait(lambda g: g["phase"] == "Idle" and g["activeModel"] is None, timeout=20)
         time.sleep(1.0)
         assert "llm" not in live(docker_client, instance)  # not recreated
-    said = [p for p in v.status_progress() if p["step"] == "removed-outside"]
     assert said and "removed outside vramctl" in said[0]["message"] and f"onRemoved: {on_removed}" in said[0]["message"]
     assert "removed outside vramctl" in v.log_text()
 
