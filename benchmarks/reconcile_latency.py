@@ -1,7 +1,7 @@
 """Reconcile latency in Kubernetes mode: from a PATCH of spec.activeModel to
 the first docker action of the switch.
 
-What runs: kmock's API emulator on 127.0.0.1 (tests/k8s/emulator.py), the
+What runs: kmock's API emulator on 127.0.0.1 (tests/support/k8s/emulator.py), the
 real ``vramctl operator`` CLI (kopf inside) as a subprocess, the real Docker
 engine with the stand-in image. The script PATCHes the ModelDeployment
 (merge patch, what ``kubectl patch md ... --type merge`` sends) and follows
@@ -16,7 +16,7 @@ minus the moment the PATCH was sent). Each switch is waited out
 
 ``--runtime kubernetes`` measures the Pod runtime instead (no Docker engine):
 the operator runs with ``--runtime kubernetes`` and the test kubelet
-(tests/k8s/kubelet.py) runs the Pods as local stand-in processes. The
+(tests/support/k8s/kubelet.py) runs the Pods as local stand-in processes. The
 emulator timestamps each Pod write of the operator as it arrives; one
 switch's latency is the old Pod's DELETE minus the moment the PATCH
 response arrived, and, for reference, the new Pod's POST (which follows the

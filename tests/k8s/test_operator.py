@@ -1,6 +1,6 @@
 """End to end in Kubernetes mode: the real ``vramctl operator`` CLI (kopf
 inside) as a subprocess, kmock's stateful API emulator on 127.0.0.1
-(tests/k8s/emulator.py), the real Docker engine and the stand-in image.
+(tests/support/k8s/emulator.py), the real Docker engine and the stand-in image.
 
 Each test gets its own namespace (= its vramctl instance name) and its own
 operator watching only that namespace, so tests never see each other's

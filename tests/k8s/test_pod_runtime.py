@@ -1,5 +1,5 @@
 """The Pod runtime (vramctl.runtimes.kubernetes) against the API emulator and
-the test kubelet (tests/k8s/kubelet.py): real HTTP, real stand-in processes.
+the test kubelet (tests/support/k8s/kubelet.py): real HTTP, real stand-in processes.
 
 Each test has its own namespace and node, so kubelets never see each other's
 Pods.

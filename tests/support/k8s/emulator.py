@@ -111,7 +111,7 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._rv = 0
         self._mutations = asyncio.Lock()  # created on the emulator's own loop
-        # (namespace, pod name) -> the file holding its container's output (tests/k8s/kubelet.py)
+        # (namespace, pod name) -> the file holding its container's output (tests/support/k8s/kubelet.py)
         self.pod_logs: dict[tuple[str, str], Path] = {}
         # The access every request of vramctl or kopf needed: (namespace, API group, resource[/subresource], verb) (tests/k8s/test_rbac.py)
         self.recorded: set[Access] = set()

@@ -3,7 +3,7 @@ objects (the chart rendered, manifests/rbac.yaml) grants one service account,
 evaluated as the API server's RBAC authorizer does (without wildcards and
 aggregation, which vramctl's objects never use: tests/k8s/test_manifests.py).
 
-The emulator (tests/k8s/emulator.py) records an ``Access`` for every request
+The emulator (tests/support/k8s/emulator.py) records an ``Access`` for every request
 vramctl and kopf make and, given ``Grants``, refuses the others with 403."""
 
 from __future__ import annotations
