@@ -27,6 +27,7 @@ from tests.support.live_up import LiveUp
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[LiveUp]:
     v = LiveUp(tmp_path)
+    v.extra_args = ["--keep-models"]  # a restart adopts what runs (a graceful stop now stops the process runtime's models)
     try:
         yield v
     finally:
