@@ -2,4 +2,4 @@
 plans (``vramctl.planner``) and does one step. Waits (a stop in flight, the
 memory, health, Blocked, back-off, an outage) are states re-derived every
 tick, never blocking calls. The parts ask the loop only what
-``reconcile.context.LoopContext`` allows, where that Protocol exists."""
+``reconcile.context.LoopContext`` names."""
