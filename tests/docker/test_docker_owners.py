@@ -4,10 +4,11 @@ model through /proc/<pid>/cgroup, whatever this host's cgroup layout is."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from tests.support.docker_engine import STANDIN_TAG
-from vramctl.gpu.cgroups import owner_model, read_cgroup, short_id
+from vramctl.gpu.cgroups import owner_model, read_cgroup, short_id, with_container_processes
 from vramctl.host.procfs import read_stat
 from vramctl.runtimes.docker import DockerRuntime
 from vramctl.spec.models import DeploymentSpec
@@ -39,5 +40,9 @@ def test_owners_and_cgroup_attribution_of_a_container(runtime: DockerRuntime, fr
     assert cgroup.engine in ("docker", None)
     assert owner_model(pid, owners, cgroup, read_stat(pid)) == "llm"
     assert short_id(cid) == cid[:12]
+    # The host pids of the container's processes (what the checkpoint API acts on), found through /proc alone.
+    found = with_container_processes(owners)
+    assert found.get(str(pid)) == "llm", found
+    assert str(os.getpid()) not in found
     runtime.stop(d, "llm")
     assert runtime.owners(d) == {}

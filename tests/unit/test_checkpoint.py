@@ -345,3 +345,36 @@ def test_doctor_says_whether_checkpoint_switching_is_available() -> None:
     assert level == "WARN" and "WSL2 has no checkpoint API" in msg and "g/llm, g/tts will be stopped instead" in msg
     level, msg = line(Availability(True, "the driver's checkpoint API answers", 13000, "cuda-bindings 13.0"))
     assert level == "OK" and "available (CUDA 13.0; cuda-bindings 13.0)" in msg
+
+
+def test_a_restarted_supervisor_finds_a_checkpointed_container_by_its_host_pids(tmp_path: Path) -> None:
+    """The docker runtime names its models by container id; a checkpointed
+    process has left NVML's list, so only /proc still ties it to its model.
+    Before, a restarted supervisor asked the driver about no pid at all and
+    took the checkpointed container (whose /health still answers) for awake."""
+    from tests.support.cgroup_samples import CID, DOCKER_V2_SYSTEMD, HOST_SESSION
+    from vramctl.gpu.cgroups import with_container_processes
+
+    for pid, text in ((LLM_PIDS[0], DOCKER_V2_SYSTEMD), (LLM_PIDS[1], DOCKER_V2_SYSTEMD), (999, HOST_SESSION)):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(text)
+    (tmp_path / "self").mkdir()
+    cu, gpu, sl = rig()
+    sl.sleep(spec(), "llm")
+
+    by_container = CheckpointSleeper(sl.driver, sl.availability, gpu.snapshot, owners=lambda d: {CID: "llm"})
+    assert by_container.is_sleeping(spec(), "llm") is None  # what the container id alone tells the driver: nothing
+
+    found = with_container_processes({CID: "llm"}, proc=tmp_path)
+    assert found == {CID: "llm", str(LLM_PIDS[0]): "llm", str(LLM_PIDS[1]): "llm"}  # not the host session's process
+    again = CheckpointSleeper(sl.driver, sl.availability, gpu.snapshot, owners=lambda d: with_container_processes({CID: "llm"}, proc=tmp_path))
+    assert again.is_sleeping(spec(), "llm") is True
+    again.confirm_timeout_s = 0.5
+    again.wake(spec(), "llm")
+    assert states(cu)[LLM_PIDS[0]] == "RUNNING" and states(cu)[LLM_PIDS[1]] == "RUNNING"
+
+
+def test_owners_by_pid_are_not_scanned(tmp_path: Path) -> None:
+    from vramctl.gpu.cgroups import with_container_processes
+
+    assert with_container_processes({"4101": "llm"}, proc=tmp_path / "absent") == {"4101": "llm"}

@@ -143,3 +143,32 @@ def read_cgroup(pid: int, proc: Path = Path("/proc")) -> CgroupOwner | None:
         return parse_cgroup((proc / str(pid) / "cgroup").read_text())
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def with_container_processes(owners: Mapping[str, str], proc: Path = Path("/proc")) -> dict[str, str]:
+    """``owners`` plus ``{pid: model}`` for every process on this host whose
+    cgroup names one of the owned containers.
+
+    A container runtime names its workloads by container id only; what acts
+    on processes from outside (the driver's checkpoint API) needs their host
+    pids, and a checkpointed process is no longer in NVML's list, so /proc is
+    the only place left to find it after a restart. Owners keyed by pid only
+    (the process runtime) are returned as they are, without a scan."""
+    out = dict(owners)
+    if all(k.isdigit() for k in owners):
+        return out
+    try:
+        entries = list(proc.iterdir())
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        cgroup = read_cgroup(pid, proc)
+        if cgroup is None or not cgroup.container_ids:
+            continue
+        model = owner_model(pid, owners, cgroup, None)
+        if model is not None:
+            out[str(pid)] = model
+    return out

@@ -40,6 +40,7 @@ from vramctl.demand import policy as dq
 from vramctl.demand.desk import AddDemand, HoldDesk, QueueMetrics, Release, Renew, Withdraw
 from vramctl.demand.lane import FastLane
 from vramctl.gpu.base import GpuProbe
+from vramctl.gpu.cgroups import with_container_processes
 from vramctl.host.memory import MEMINFO, PROC_VERSION, HostMemoryReading, probe_pinned_ceiling, read_host_memory
 from vramctl.host.pagecache import Prestager
 from vramctl.observed import Desired
@@ -235,7 +236,8 @@ class GpuWorker:
         self.book = StatusBook(self.gpu, wall())
         self.actuator = Actuator(runtime, self.poke, sleeper=sleeper)
         # switchStrategy checkpoint: the driver's checkpoint API, loaded now (not at the first switch).
-        warm = StrategySleeper(self.actuator.sleeper, probe.snapshot, runtime.owners)
+        # A container's processes are named by their host pids (/proc), which the driver needs.
+        warm = StrategySleeper(self.actuator.sleeper, probe.snapshot, lambda spec: with_container_processes(runtime.owners(spec)))
         warm.prepare(deployment)
         self.actuator.sleeper = warm
         cost_book = CostBook.from_dict(costs)
