@@ -173,6 +173,8 @@ def _nvml_checks(f: Facts, cfg: Config | None) -> list[Check]:
                 f"{d.name}, {d.uuid}: {m.total_mib} MiB total, {m.used_mib} used, {m.reserved_mib} reserved, {m.free_mib} free ({version})",
             )
         )
+    if len(n.devices) > 1:
+        out.append(_numbering_check(n))
     present = {d.index for d in n.devices}
     for g in wanted:
         if g not in present:
@@ -182,6 +184,23 @@ def _nvml_checks(f: Facts, cfg: Config | None) -> list[Check]:
     out.append(_wsl2_check(f.wsl2))
     out.append(_per_process_check(n, f.wsl2))
     return out
+
+
+def _numbering_check(n: NvmlFacts) -> Check:
+    """Which GPU is ``gpu: N``: NVML's index (PCI bus order), the same number
+    the docker runtime asks for and the process runtime passes with
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID``. CUDA's own default is fastest first, so
+    with different cards a program that counts GPUs by itself counts otherwise."""
+    order = ", ".join(f"{d.index}: {d.name} ({d.uuid})" for d in n.devices)
+    if len({d.name for d in n.devices}) > 1:
+        return Check(
+            "WARN",
+            "gpu numbering",
+            f"gpu N is NVML's index, in PCI bus order: {order}. These cards differ, so CUDA's default order (fastest first) "
+            "numbers them otherwise: a model that sets CUDA_VISIBLE_DEVICES or CUDA_DEVICE_ORDER itself can land on another GPU",
+            "leave CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER to vramctl (it sets CUDA_DEVICE_ORDER=PCI_BUS_ID); vramctl validate names any that are set",
+        )
+    return Check("OK", "gpu numbering", f"gpu N is NVML's index, in PCI bus order: {order} (identical cards: CUDA counts them the same way)")
 
 
 def _wsl2_check(wsl2: bool) -> Check:

@@ -137,3 +137,14 @@ def test_a_config_that_does_not_load_fails_but_the_machine_is_still_checked() ->
 def test_render() -> None:
     assert Check("WARN", "x", "y", "z").render() == "WARN x: y -> fix: z"
     assert Check("OK", "x", "y").render() == "OK   x: y"
+
+
+def test_gpu_numbering_is_said_and_mixed_cards_are_a_warning() -> None:
+    two_alike = by_name(checks(facts(nvml=nvml(h100(index=0), h100(index=1)))))
+    assert two_alike["gpu numbering"].level == "OK"
+    assert "PCI bus order: 0: NVIDIA H100 80GB HBM3 (GPU-0), 1: NVIDIA H100 80GB HBM3 (GPU-1)" in two_alike["gpu numbering"].message
+    other = DeviceFacts(1, "NVIDIA GeForce RTX 4090", "GPU-1", GpuMemory(24564, 5, 300), 2, 0, None)
+    mixed = by_name(checks(facts(nvml=nvml(h100(index=0), other))))["gpu numbering"]
+    assert mixed.level == "WARN"
+    assert "fastest first" in mixed.message and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in mixed.fix
+    assert "gpu numbering" not in by_name(checks(facts(nvml=nvml(h100()))))

@@ -168,6 +168,17 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], int | None, list[tuple[st
         ],
     ),
     (
+        "gpu-numbering-overridden: CUDA's fastest-first order and a pinned device",
+        {"sdxl": {"image": "i", "env": {"CUDA_DEVICE_ORDER": "FASTEST_FIRST", "CUDA_VISIBLE_DEVICES": "1"}}},
+        {"env": {"NVIDIA_VISIBLE_DEVICES": "all", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}},
+        None,
+        [
+            ("env.NVIDIA_VISIBLE_DEVICES", ("set by vramctl from the GPU's index", "gpu: N")),
+            ("models.sdxl.env.CUDA_DEVICE_ORDER", ("numbers GPUs differently from NVML (PCI bus order)", "another GPU")),
+            ("models.sdxl.env.CUDA_VISIBLE_DEVICES", ("set by vramctl from the GPU's index", "delete it")),
+        ],
+    ),
+    (
         "a-typed-flag-given-twice",
         {"llm": vllm(maxModelLen=8192, extraArgs=["--max-model-len", "4096"])},
         {},

@@ -108,6 +108,7 @@ def _env_findings(path: str, env: Mapping[str, str], vllm_models: list[str]) -> 
     for var, message in REMOVED_VLLM_ENV.items():
         if var in env:
             out.append(Finding("warning", f"{path}.{var}", message))
+    out += _gpu_numbering_findings(path, env)
     for var, value in sorted(env.items()):
         if "XFORMERS" not in var.upper():
             continue
@@ -115,6 +116,37 @@ def _env_findings(path: str, env: Mapping[str, str], vllm_models: list[str]) -> 
         # XFORMERS_DISABLED=0 asks for xformers as much as USE_XFORMERS=1 does.
         if (disabling and value.strip().lower() in _FALSY) or (not disabling and value.strip().lower() not in _FALSY):
             out.append(_xformers(f"{path}.{var}", f"{var}={value}"))
+    return out
+
+
+def _gpu_numbering_findings(path: str, env: Mapping[str, str]) -> list[Finding]:
+    """GPUs are numbered as NVML numbers them (PCI bus order): the worker of
+    ``gpu: N`` watches NVML's GPU N, the docker runtime asks for device N, the
+    process runtime sets ``CUDA_VISIBLE_DEVICES=N`` and
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID``. CUDA's own default order is fastest
+    first, so on a machine with two different cards an override here puts
+    the model on one GPU while vramctl watches the memory of the other."""
+    out = []
+    order = env.get("CUDA_DEVICE_ORDER")
+    if order is not None and order.strip().upper() != "PCI_BUS_ID":
+        out.append(
+            Finding(
+                "warning",
+                f"{path}.CUDA_DEVICE_ORDER",
+                f"CUDA_DEVICE_ORDER={order} numbers GPUs differently from NVML (PCI bus order), which vramctl's gpu index follows: "
+                "on a machine with different cards the model runs on another GPU than the one its worker watches; delete it",
+            )
+        )
+    for var in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        if var in env:
+            out.append(
+                Finding(
+                    "warning",
+                    f"{path}.{var}",
+                    f"{var} is set by vramctl from the GPU's index (its worker watches that GPU's memory): "
+                    "setting it here can put the model on another GPU; delete it and choose the GPU with gpu: N",
+                )
+            )
     return out
 
 
