@@ -312,3 +312,14 @@ def test_finalizer_names_the_node() -> None:
     assert finalizer_for("rtx5080") == "vramctl.io/node.rtx5080"
     long = finalizer_for("n" * 100)
     assert long.startswith("vramctl.io/node.") and len(long.split("/")[1]) <= 63
+
+
+def test_a_restarted_operator_keeps_the_published_last_switch_whichever_handler_comes_first() -> None:
+    """After a restart kopf's timer may deliver an object before any other
+    handler does. The status it carries is what the last operator published:
+    its lastSwitch must survive (a status written without it would delete
+    the key from the object by merge patch)."""
+    last = {"from": "llm", "to": "sdxl", "durationSeconds": 1.5, "outcome": "success", "finishedAt": "2027-01-15T08:00:00Z", "generation": 2}
+    r = Rig()
+    r.md.refresh("ns", "gpu0", "uid-1", 2, raw_spec(activeModel="sdxl"), status={"lastSwitch": last, "phase": "Ready"})
+    assert r.status()["lastSwitch"] == last  # before the new worker made a switch of its own

@@ -155,11 +155,22 @@ class ModelDeployments:
         with self._lock:
             self._hand(entry, spec, generation, problems)
 
-    def refresh(self, namespace: str, name: str, uid: str, generation: int | None, raw_spec: Mapping[str, Any], created: str = "") -> None:
+    def refresh(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        generation: int | None,
+        raw_spec: Mapping[str, Any],
+        created: str = "",
+        status: Mapping[str, Any] | None = None,
+    ) -> None:
         """The timer: apply again (a no-op when nothing changed) and let the
-        writer refresh the GPU figures."""
+        writer refresh the GPU figures. After a restart the timer may be the
+        first to deliver an object: its ``status`` (what the last operator
+        published: conditions, lastSwitch) seeds the entry as ``apply``'s does."""
         with contextlib.suppress(InvalidSpec):
-            self.apply(namespace, name, uid, generation, raw_spec, created=created)
+            self.apply(namespace, name, uid, generation, raw_spec, status, created=created)
         with self._lock:
             entry = self._entries.get((namespace, name))
             if entry is not None:

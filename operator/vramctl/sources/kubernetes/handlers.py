@@ -84,8 +84,10 @@ def build_registry(
             raise kopf.PermanentError(f"invalid spec: {err}") from None
 
     @kopf.timer(*resource, id="resync", registry=registry, interval=timer_interval, when=concerns)
-    def resync(spec: kopf.Spec, meta: kopf.Meta, namespace: str | None, name: str | None, uid: str | None, **_: Any) -> None:
-        controller.refresh(namespace or "", name or "", uid or "", meta.get("generation"), spec, meta.get("creationTimestamp") or "")
+    def resync(
+        spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, namespace: str | None, name: str | None, uid: str | None, **_: Any
+    ) -> None:
+        controller.refresh(namespace or "", name or "", uid or "", meta.get("generation"), spec, meta.get("creationTimestamp") or "", status)
 
     @kopf.on.delete(*resource, id="remove", registry=registry, when=concerns)
     def remove(spec: kopf.Spec, namespace: str | None, name: str | None, **_: Any) -> None:
