@@ -9,22 +9,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.process.test_warm_switch_live import model_states, sleepy, steps
 from tests.support.live_up import LiveUp
-
-
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[list[LiveUp]]:
-    ups: list[LiveUp] = []
-    yield ups
-    for up in ups:
-        up.stop()
-        up.kill_models()
+from tests.support.warm_live import model_states, sleepy, steps
 
 
 def model_pid(u: LiveUp, model: str) -> int:

@@ -103,14 +103,6 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         driver.quit()  # ends chromedriver and every Chromium process it started
 
 
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[list[LiveUp]]:
-    ups: list[LiveUp] = []
-    yield ups
-    for up in ups:
-        up.stop()
-        up.kill_models()
-
 
 def start(live: list[LiveUp], tmp: Path, cls: type[LiveUp] = LiveUp, cfg: dict[str, Any] | None = None) -> LiveUp:
     up = cls(tmp, cfg or page_config())

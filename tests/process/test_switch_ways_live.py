@@ -6,23 +6,13 @@ pin more than ``pinnedMemoryCeilingMiB``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.process.test_warm_switch_live import model_states, no_violation, progress, sleepy, switch_to
 from tests.support.live_up import LiveUp
-
-
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[list[LiveUp]]:
-    ups: list[LiveUp] = []
-    yield ups
-    for up in ups:
-        up.stop()
-        up.kill_models()
+from tests.support.warm_live import model_states, no_violation, progress, sleepy, switch_to
 
 
 def auto_llm() -> dict[str, Any]:
