@@ -484,6 +484,25 @@ def test_pods_found_at_start_are_adopted_not_taken_for_intruders(rig: Rig) -> No
     rig.rt.stop(spec, "llm")
 
 
+def test_a_pod_an_earlier_vramctl_was_creating_is_adopted_not_taken_for_an_intruder(rig: Rig) -> None:
+    """vramctl killed while its create was in flight: the restarted one has
+    listed the Pods already when the create lands. The Pod is what vramctl
+    renders (its name for the model's Pod, the controller reference to the
+    ModelDeployment), so it is vramctl's own: adopted, not deleted and
+    started again (a Pod made by hand from one of vramctl's is still judged)."""
+    spec = rig.deploy({"llm": model(free_port())})
+    wait_for(rig.rt.caches[rig.ns].synced.is_set)
+    owner = PodOwner(rig.ns, "gpu0", rig.md["metadata"]["uid"])
+    body = render_pod(spec, "llm", owner, rig.node, "test", "none", "nvidia", None)
+    rig.kube.request("POST", f"/api/v1/namespaces/{rig.ns}/pods", body)  # as the earlier process's create lands
+    assert rig.emulator.emu is not None
+    time.sleep(0.5)
+    assert not any(v == "delete" and p.endswith(f"/namespaces/{rig.ns}/pods/gpu0-llm") for _, v, p in rig.emulator.emu.pod_actions)
+    assert rig.rt.intruders_deleted == 0
+    wait_for(lambda: rig.rt.observe(spec)["llm"].state is WorkloadState.RUNNING, timeout=10)
+    rig.rt.stop(spec, "llm")
+
+
 # ------------------------------------------------- what a real API server does
 
 

@@ -653,6 +653,10 @@ class PodRuntime:
         if meta.get("deletionTimestamp"):
             return  # on its way out already
         labels = meta.get("labels") or {}
+        if self._made_by_vramctl(meta, labels):
+            with self._mine_lock:
+                self._mine.add(uid)
+            return
         what = f"Pod {namespace}/{name} (model {labels.get(LABEL_MODEL, '?')}, gpu {labels.get(LABEL_GPU, '?')})"
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
         try:
@@ -668,6 +672,23 @@ class PodRuntime:
         )
         log.warning("%s", message)
         self._event(namespace, labels.get(LABEL_GPU), "IntruderPodDeleted", message)
+
+    def _made_by_vramctl(self, meta: Mapping[str, Any], labels: Mapping[str, Any]) -> bool:
+        """A Pod that an earlier vramctl process of this instance created: its
+        create may reach the API server after this process listed the Pods (a
+        restart while the create was in flight). It bears what ``render_pod``
+        gives: vramctl's name for its model's Pod and the controller reference
+        to one of this node's ModelDeployments (by uid). A Pod made by hand
+        from one of vramctl's keeps the labels but not both of these."""
+        model = str(labels.get(LABEL_MODEL) or "")
+        refs = [r for r in meta.get("ownerReferences") or () if isinstance(r, Mapping) and r.get("controller")]
+        for owner in self._owners.values():
+            if owner.namespace != meta.get("namespace"):
+                continue
+            if any(r.get("uid") == owner.uid and r.get("kind") == OWNER_KIND for r in refs):
+                name = str(meta.get("name"))
+                return name.endswith("-" + model) or name == pod_name(owner.name, model)
+        return False
 
     def _event(self, namespace: str, gpu: str | None, reason: str, message: str) -> None:
         """A Warning Event on the ModelDeployment of ``gpu`` in ``namespace`` (best effort)."""
