@@ -86,11 +86,17 @@ def test_a_crash_and_an_image_that_cannot_run_are_failures(cluster: Cluster) -> 
     assert condition(obj, "Degraded")["status"] == "True"
     assert "ImagePullBackOff" in status(obj)["message"], status(obj)
     ev = c.wait_events("gpu0", lambda ev: any(r == "ModelFailed" and "ImagePullBackOff" in m for _, r, m in ev))
-    # Nothing lingers pending: each try's Pod is deleted once it failed (retries come with back-off).
+    # Nothing lingers pending: each try's Pod is deleted once it failed (retries
+    # come with back-off, so the next try's Pod, another uid, may already be there).
+    def sdxl_uid() -> str | None:
+        pod = c.pods().get("gpu0-sdxl")
+        return str(pod["metadata"]["uid"]) if pod is not None else None
+
+    failed_try = sdxl_uid()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "gpu0-sdxl" in c.pods():
+    while time.monotonic() < deadline and failed_try is not None and sdxl_uid() == failed_try:
         time.sleep(0.02)
-    assert "gpu0-sdxl" not in c.pods()
+    assert failed_try is None or sdxl_uid() != failed_try, "the failed try's Pod was never deleted"
     assert not any(m == "sdxl" for _, m in c.kubelet.started)
 
 

@@ -92,4 +92,7 @@ def test_a_start_waits_out_the_release_delay_after_the_previous_model_stopped(bu
     assert len(freed) == 3, notes
     for message in freed:
         after = float(message.split(", ")[-1].split("s after")[0])
-        assert after >= DELAY - 0.02, message
+        # Counted from the exit as the worker recorded it, which can trail the
+        # moment the simulated GPU saw the model go by a loaded machine's
+        # scheduling; the start-after-stop gaps above are the exact check.
+        assert after >= DELAY - 0.1, message
