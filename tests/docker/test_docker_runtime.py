@@ -207,13 +207,14 @@ def test_drifted_and_running_is_stopped_gracefully_before_recreation(
 
 
 def test_a_model_removed_from_the_spec_is_still_observed_and_stopped(runtime: DockerRuntime, free_port: Callable[[], int]) -> None:
-    d1 = spec({"old": standin(free_port(), load=0.1, stop=0.2, grace=2.0, cls="light")})
+    d1 = spec({"old": standin(free_port(), load=0.1, stop=0.2, grace=6.0, cls="light")})
     runtime.start(d1, "old")
     d2 = spec({"new": standin(free_port())})
     w = runtime.observe(d2)["old"]
     assert w.state is WorkloadState.RUNNING and w.heavy is False and w.drifted is False
     out = runtime.stop(d2, "old")
-    assert out.was_running and not out.killed and 0.15 <= out.seconds < 1.5
+    # Its own grace (6 s, from its labels: the spec no longer names it) lets its 0.2 s stop finish.
+    assert out.was_running and not out.killed and 0.15 <= out.seconds < 5.5, out
     runtime.remove(d2, "old")
     assert runtime.observe(d2) == {}
 

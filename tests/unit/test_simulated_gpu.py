@@ -214,6 +214,7 @@ def test_a_model_that_came_and_went_between_two_snapshots_is_released_only_after
 
 def test_the_sampler_looks_by_itself_and_ends_with_close() -> None:
     holders: dict[str, int] = {}
+    before = set(threading.enumerate())  # other tests' simulated GPUs in this process have samplers of the same name
     gpu = SimulatedGpu(0, 16000, 0, 5.0, lambda: holders, sample_seconds=0.01)
     try:
         holders["llm"] = 6000
@@ -224,9 +225,10 @@ def test_the_sampler_looks_by_itself_and_ends_with_close() -> None:
         assert gpu.snapshot().memory.used_mib == 6000
     finally:
         gpu.close()
-    sampler = [t for t in threading.enumerate() if t.name == "vramctl-simgpu0"]
+    sampler = [t for t in threading.enumerate() if t.name == "vramctl-simgpu0" and t not in before]
+    assert sampler, "no sampler thread was started"
     for t in sampler:
-        t.join(1)
+        t.join(5)
     assert not any(t.is_alive() for t in sampler)
 
 
