@@ -26,8 +26,10 @@ up: install ## run the supervisor on the embedded demo stack (docker if it answe
 
 # The tests run in TEST_WORKERS processes (pytest-xdist); those that share
 # something only one process may hold stay in one worker (tests/conftest.py:
-# XDIST_GROUPS). The 15 slowest are listed.
-TEST_WORKERS ?= 4
+# XDIST_GROUPS). Three workers on two cores: more oversubscribe the
+# machine and stretch the timing of the process and engine tests. The 15
+# slowest are listed.
+TEST_WORKERS ?= 3
 test: setup infra image ## run every test against a real Docker engine, in parallel
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
