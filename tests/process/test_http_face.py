@@ -345,7 +345,15 @@ def test_requests_for_a_model_being_switched_away_are_not_sent_to_its_server(tmp
     try:
         v.start()
         took = v.gpu()["lastSwitch"]["durationSeconds"]
+        wanted_before = v.gpu()["desiredGeneration"]
         assert call(v.url + "/switch", {"model": "sdxl"})[0] == 202
+        # A switch through the queue is decided on the worker's next pass; a
+        # request that comes before may still be granted to llm (the switch
+        # then waits for it). From the decision on, none may reach llm.
+        wait_until = time.monotonic() + 10
+        while v.gpu()["desiredGeneration"] == wanted_before and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        assert v.gpu()["desiredGeneration"] > wanted_before, "the switch was never decided"
         answers: list[tuple[int, str | None, str]] = []
         deadline = time.monotonic() + 30
         while ((g := v.gpu())["phase"] != "Ready" or g["runningModels"] != ["sdxl"]) and time.monotonic() < deadline:
