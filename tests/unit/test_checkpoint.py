@@ -378,3 +378,27 @@ def test_owners_by_pid_are_not_scanned(tmp_path: Path) -> None:
     from vramctl.gpu.cgroups import with_container_processes
 
     assert with_container_processes({"4101": "llm"}, proc=tmp_path / "absent") == {"4101": "llm"}
+
+
+def test_an_awake_model_is_asked_about_once_not_at_every_look() -> None:
+    """The worker asks at every look whether a checkpoint model sleeps. Once
+    the driver said it runs, and until this sleeper checkpoints it, the
+    answer is known: no listing of the runtime's owners (a container listing
+    under docker, a /proc scan), no driver calls."""
+    cu, _, sl = rig()
+    asked: list[str] = []
+
+    def counting(d: DeploymentSpec) -> dict[str, str]:
+        asked.append("owners")
+        return {str(LLM_PIDS[0]): "llm", str(LLM_PIDS[1]): "llm", str(TTS_PID): "tts"}
+
+    sl.owners = counting
+    assert sl.is_sleeping(spec(), "llm") is False
+    calls = len(cu.calls)
+    for _ in range(5):
+        assert sl.is_sleeping(spec(), "llm") is False
+    assert asked == ["owners"] and len(cu.calls) == calls
+    sl.sleep(spec(), "llm")
+    assert sl.is_sleeping(spec(), "llm") is True  # checkpointed by this sleeper: the driver's word again
+    sl.wake(spec(), "llm")
+    assert sl.is_sleeping(spec(), "llm") is False

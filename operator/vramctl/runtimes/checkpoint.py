@@ -285,6 +285,10 @@ class CheckpointSleeper:
         self.clock, self.pause = clock, pause
         self.done: dict[str, Checkpointed] = {}  # models checkpointed by this sleeper
         self.warned = False
+        # Models the driver said run, with nothing checkpointed by this sleeper
+        # since: only this sleeper checkpoints them, so the worker's every look
+        # need not list the runtime's owners, scan /proc and ask the driver again.
+        self.awake: set[str] = set()
 
     # ---------------------------------------------------------------- sleep
 
@@ -405,6 +409,8 @@ class CheckpointSleeper:
         (or locked); False when they run; None when none is known."""
         if self.driver is None:
             return None
+        if model in self.awake and model not in self.done:
+            return False
         pids = self._pids(spec, model)
         rec = self.done.get(model)
         if rec is not None and rec.failed:
@@ -419,6 +425,7 @@ class CheckpointSleeper:
             return True
         if ProcessState.RUNNING in states:
             self.done.pop(model, None)
+            self.awake.add(model)
             return False
         return None
 
