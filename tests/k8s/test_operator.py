@@ -10,13 +10,9 @@ objects. The session-wide exclusivity recorder checks every test.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,7 @@ import yaml
 from tests.support.docker_engine import STANDIN_TAG
 from tests.support.exclusivity import ExclusivityRecorder
 from tests.support.k8s.emulator import ROOT, EmulatorThread, KubeClient
+from tests.support.k8s.pod_operator import Operator
 from tests.support.k8s.validation import crd_object
 from tests.support.live_up import standin_model
 
@@ -64,69 +61,6 @@ def _exclusive(exclusivity: ExclusivityRecorder, instance: str) -> Iterator[None
     exclusivity.assert_no_violations(instance, since_seq=start)
 
 
-class Operator:
-    """``vramctl operator`` as the DaemonSet runs it (plus a kubeconfig)."""
-
-    def __init__(self, tmp: Path, kubeconfig: Path, instance: str, namespace: str, port: int, node: str = NODE) -> None:
-        self.tmp, self.kubeconfig, self.instance, self.namespace, self.port, self.node = tmp, kubeconfig, instance, namespace, port, node
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.logs: list[Path] = []
-
-    def start(self) -> Operator:
-        if self.proc is not None and self.proc.poll() is None:
-            raise AssertionError(f"vramctl operator (pid {self.proc.pid}) still runs: stop it before starting another")
-        log = self.tmp / f"operator-{self.node}-{len(self.logs)}.log"
-        self.logs.append(log)
-        cmd = [
-            sys.executable,
-            "-m",
-            "vramctl",
-            "operator",
-            "--node-name",
-            self.node,
-            "--instance",
-            self.instance,
-            "--namespace",
-            self.namespace,
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--gpu-probe",
-            "simulated",
-            "--kubeconfig",
-            str(self.kubeconfig),
-            "--timer-seconds",
-            str(TIMER_S),
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vramctl operator exited {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                urllib.request.urlopen(self.url + "/healthz", timeout=0.5).read()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"vramctl operator did not answer /healthz within 30 s:\n{self.log_text()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
-
-    def gpu(self, gpu: int = 0) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + "/status", timeout=5) as r:
-            return json.loads(r.read())["gpus"][str(gpu)]  # type: ignore[no-any-return]
-
-
 @pytest.fixture
 def operator(
     tmp_path: Path, kubeconfig: Path, instance: str, free_port: Callable[[], int], standin_image: str
@@ -134,7 +68,7 @@ def operator(
     made: list[Operator] = []
 
     def make(node: str = NODE, namespace: str | None = None) -> Operator:
-        op = Operator(tmp_path, kubeconfig, instance, namespace or instance, free_port(), node)
+        op = Operator(tmp_path, kubeconfig, namespace or instance, node, instance=instance, runtime=None, port=free_port())
         made.append(op)
         return op.start()
 

@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.k8s.emulator import EmulatorThread, KubeClient
 from tests.support.k8s.kubelet import GarbageCollector, TestKubelet
-from tests.support.k8s.pod_operator import TIMER_S, Cluster, PodOperator, condition, model, settled, status
+from tests.support.k8s.pod_operator import TIMER_S, Cluster, Operator, condition, model, settled, status
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_kubectl_apply_of_the_k3s_example(emulator: EmulatorThread, tmp_path: Pa
     )
     assert r.returncode == 0 and "created" in r.stdout, r.stdout + r.stderr
     kube = KubeClient(emulator.url)
-    op = PodOperator(tmp_path, kubeconfig, ns, node)
+    op = Operator(tmp_path, kubeconfig, ns, node)
     with TestKubelet(emulator, node, tmp_path) as kubelet:
         try:
             op.start()

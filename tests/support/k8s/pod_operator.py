@@ -2,7 +2,7 @@
 inside) as the DaemonSet runs it, as a subprocess against the API emulator,
 and a ``Cluster``: one namespace, node and test kubelet of its own.
 
-``PodOperator.start()`` refuses to start a second operator while the first
+``Operator.start()`` refuses to start a second operator while the first
 still runs (a lost one would outlive the test and keep acting on the
 emulator's objects); ``stop()`` ends every one it started.
 """
@@ -41,25 +41,39 @@ def model(port: int, vram: int, cls: str = "heavy", load: float = 0.2, stop: flo
     }
 
 
-class PodOperator:
-    """``vramctl operator --runtime kubernetes`` as the DaemonSet runs it."""
+class Operator:
+    """``vramctl operator`` as the DaemonSet runs it (plus a kubeconfig):
+    ``runtime="kubernetes"`` runs models as Pods, ``None`` leaves the
+    operator's default (a Docker engine)."""
 
-    def __init__(self, tmp: Path, kubeconfig: Path, namespace: str, node: str, clusterwide: bool = False) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        kubeconfig: Path,
+        namespace: str,
+        node: str,
+        clusterwide: bool = False,
+        *,
+        instance: str = "k8s",
+        runtime: str | None = "kubernetes",
+        port: int | None = None,
+    ) -> None:
         self.tmp, self.kubeconfig, self.namespace, self.node = tmp, kubeconfig, namespace, node
-        self.clusterwide = clusterwide
-        self.port = free_port()
+        self.clusterwide, self.instance, self.runtime = clusterwide, instance, runtime
+        self.port = port if port is not None else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[Path] = []
 
-    def start(self) -> PodOperator:
+    def start(self) -> Operator:
         if self.proc is not None and self.proc.poll() is None:
             raise AssertionError(f"vramctl operator (pid {self.proc.pid}) still runs: stop it before starting another")
-        log = self.tmp / f"operator-{len(self.logs)}.log"
+        log = self.tmp / f"operator-{self.node}-{len(self.logs)}.log"
         self.logs.append(log)
         cmd = [
-            *(sys.executable, "-m", "vramctl", "operator", "--runtime", "kubernetes"),
-            *("--node-name", self.node, "--instance", "k8s"),
+            *(sys.executable, "-m", "vramctl", "operator"),
+            *(("--runtime", self.runtime) if self.runtime else ()),
+            *("--node-name", self.node, "--instance", self.instance),
             *(() if self.clusterwide else ("--namespace", self.namespace)),
             *("--listen", f"127.0.0.1:{self.port}", "--gpu-probe", "simulated", "--kubeconfig", str(self.kubeconfig)),
             *("--timer-seconds", str(TIMER_S)),
@@ -88,6 +102,10 @@ class PodOperator:
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
+    def gpu(self, gpu: int = 0) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/status", timeout=5) as r:
+            return json.loads(r.read())["gpus"][str(gpu)]  # type: ignore[no-any-return]
+
 
 class Cluster:
     def __init__(self, emulator: EmulatorThread, tmp: Path, clusterwide: bool = False) -> None:
@@ -95,7 +113,7 @@ class Cluster:
         self.node = f"node-{self.ns}"
         self.kube = KubeClient(emulator.url)
         self.kubelet = TestKubelet(emulator, self.node, tmp)
-        self.op = PodOperator(tmp, emulator.kubeconfig(tmp / "kubeconfig"), self.ns, self.node, clusterwide)
+        self.op = Operator(tmp, emulator.kubeconfig(tmp / "kubeconfig"), self.ns, self.node, clusterwide)
         self.ports = {m: free_port() for m in ("llm", "sdxl", "tts")}
 
     def spec(self, **fields: Any) -> dict[str, Any]:
