@@ -82,15 +82,11 @@ class StartChecks:
 
     def port_taken(self, spec: DeploymentSpec, observed: Observed, m: str, now: float) -> bool:
         """True (and ``m`` failed) when its health port already answers before it runs."""
-        h = spec.health_of(m)
-        if h is None or h.path is None or h.port is None or observed.state(m).live:
+        if observed.state(m).live:
             return False
-        try:
-            answered = http_ready(h.host, h.port, h.path, timeout=0.5)
-        except LocalResourceError:
+        live = {o for o, w in observed.workloads.items() if w.state.live}
+        problem = squatted(spec, m, live)
+        if problem is None:
             return False
-        if not answered:
-            return False
-        msg = f"port {h.port} ({h.host}) already answers {h.path} before {m!r} was started: something else serves it; not started"
-        self.watch.fail(m, "PortInUse", msg, [], now)
+        self.watch.fail(m, "PortInUse", f"{problem}; not started", [], now)
         return True
