@@ -65,6 +65,12 @@ class ExclusivityRecorder:
 
     GATE_WINDOW = 1.0
     EVENT_WINDOW = 0.2
+    # The daemon stamps an event before it publishes it, and a stream whose
+    # ``until`` passes in between never delivers it (nor does the next
+    # window, which starts after the stamp). Each window therefore reaches
+    # back OVERLAP seconds (``_seen`` drops what came twice), and what has
+    # been read counts as complete only up to OVERLAP before its end.
+    OVERLAP = 0.3
 
     def __init__(self, client: docker.DockerClient, owns: Callable[[str], bool] | None = None) -> None:
         self._client = client
@@ -286,6 +292,6 @@ class ExclusivityRecorder:
                 while not self._stop.wait(self.EVENT_WINDOW) and not self._resync(broke):
                     pass
             with self._lock:
-                self._promote(until)
-                self._through = until
-            since = until
+                self._promote(until - self.OVERLAP)
+                self._through = until - self.OVERLAP
+            since = until - self.OVERLAP
