@@ -262,3 +262,44 @@ def test_pod_rights_are_a_role_in_each_pod_namespace_and_nowhere_else(values: di
         assert f"Model Pods may run in namespaces: {', '.join(namespaces)}" in rendered.notes
     report = helm.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
     assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+def _container(values: dict[str, Any] | None) -> dict[str, Any]:
+    (c,) = render(values).one("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def _env(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in c["env"]}
+
+
+def test_checkpoint_rights_are_off_by_default() -> None:
+    c = _container(None)
+    assert _env(c)["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]} and c["securityContext"]["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize("runtime", ["kubernetes", "docker"])
+def test_checkpoint_enabled_adds_ptrace_root_and_the_cuda_library_and_nothing_else(runtime: str) -> None:
+    rendered = render({"runtime": runtime, "checkpoint": {"enabled": True}})
+    pod = rendered.one("DaemonSet")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert pod["hostPID"] is True
+    assert _env(c)["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    sc = c["securityContext"]
+    assert (sc["runAsUser"], sc["runAsNonRoot"], sc["privileged"], sc["allowPrivilegeEscalation"]) == (0, False, False, False)
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]} and sc["readOnlyRootFilesystem"] is True
+    # The rest of the pod is what the runtime needs without checkpoints.
+    plain = render({"runtime": runtime}).one("DaemonSet")["spec"]["template"]["spec"]
+    assert pod["volumes"] == plain["volumes"] and c["args"] == plain["containers"][0]["args"]
+    assert _checked(rendered.objects)["DaemonSet", K8S] == 1
+
+
+def test_checkpoint_without_host_pid_is_refused_naming_the_fix() -> None:
+    with pytest.raises(Exception, match=r"checkpoint.enabled needs hostPID: true"):
+        render({"checkpoint": {"enabled": True}, "hostPID": False})
+
+
+def test_values_schema_rejects_a_misspelt_checkpoint_key() -> None:
+    with pytest.raises(helm.HelmValuesError, match="enable"):
+        chart().validate_schema({"checkpoint": {"enable": True}})
