@@ -45,6 +45,9 @@ StepKind = Literal["start", "stop", "sleep", "wake"]
 # The estimate is the median of the last RECENT measurements.
 RECENT = 7
 GIB_MIB = 1024
+# The driver's host copy of a checkpointed process: 1.03-1.17x its GPU bytes
+# measured (results/warm_proof-checkpoint-h100.json), taken as 1.1x.
+CHECKPOINT_HOST_FACTOR = 1.1
 # The size assumed for a model that declares none (vramMiB, vLLM's share,
 # sleep.hostMemoryMiB): an 8B model's weights in fp8, SDXL's in fp16.
 DEFAULT_GIB = 8.0
@@ -71,7 +74,10 @@ class Prior:
 #   0.02 s/GiB, taken here at 0.05 (PCIe Gen4, under 30 GB/s).
 # - sleep-l2: the weights dropped (no copy); wake-l2: reloaded from disk,
 #   a cold start without the process's own start-up: 1 s/GiB.
-# - checkpoint / restore: measured 0.55 s/GiB away and 0.22 s/GiB back (H100).
+# - checkpoint / restore: through vramctl on an H100, driver 580.159.04
+#   (results/warm_proof-checkpoint-h100.json): 0.41-0.49 s/GiB away and
+#   0.13-0.20 s/GiB back, e.g. a 19 GiB LLM stand-in 9.1 s and 3.7 s, the
+#   10.3 GiB SDXL server 4.9 s and 1.8 s: 0.47 and 0.19 s/GiB, with a 0.1 s floor.
 PRIORS: Mapping[Path, Prior] = {
     "start": Prior(1.9, 5.0),
     "stop": Prior(0.05, 1.0),
@@ -79,8 +85,8 @@ PRIORS: Mapping[Path, Prior] = {
     "sleep-l2": Prior(0.01, 0.2),
     "wake-l1": Prior(0.05, 0.2),
     "wake-l2": Prior(1.0, 1.0),
-    "checkpoint": Prior(0.55, 0.5),
-    "restore": Prior(0.22, 0.5),
+    "checkpoint": Prior(0.47, 0.1),
+    "restore": Prior(0.19, 0.1),
 }
 
 
@@ -205,37 +211,45 @@ def _mib(x: Any) -> int | None:
 
 
 def paths_of(spec: DeploymentSpec, model: str) -> tuple[Path, ...]:
-    """The ways ``model`` can go and come back under its spec (its switchStrategy; auto: stop or sleep)."""
+    """The ways ``model`` can go and come back under its spec (its
+    switchStrategy; auto: stop or sleep, and checkpoint with ``sleep.checkpoint``)."""
     m = spec.models[model]
     if m.switch_strategy == "checkpoint":
         return ("start", "stop", "checkpoint", "restore")
     if m.sleeps_by_api:
         level = m.sleep_settings.level
-        return ("start", "stop", "sleep-l1" if level == 1 else "sleep-l2", "wake-l1" if level == 1 else "wake-l2")
+        sleep: tuple[Path, ...] = ("sleep-l1", "wake-l1") if level == 1 else ("sleep-l2", "wake-l2")
+        return ("start", "stop", *sleep, *(("checkpoint", "restore") if m.auto_checkpoint else ()))
     return ("start", "stop")
 
 
 def declared_gib(spec: DeploymentSpec, model: str, path: Path, total_mib: int | None = None) -> float | None:
     """The size a path's prior scales with: the weights in host memory for
     the copies (``sleep.hostMemoryMiB``, when declared), else the model's
-    VRAM reservation; None when the spec says neither."""
+    VRAM reservation; None when the spec says neither. An auto model's
+    checkpoint copies all its GPU memory, not only the weights its
+    hostMemoryMiB declares: its reservation first."""
     m = spec.models.get(model)
     if m is None:
         return None
     host = m.sleep_settings.host_memory_mib if m.sleep is not None else None
+    if path in ("checkpoint", "restore") and m.switch_strategy == "auto":
+        mib = spec.reservation_mib(model, total_mib)
+        return mib / GIB_MIB if mib else host / GIB_MIB if host else None
     if path in ("sleep-l1", "wake-l1", "wake-l2", "checkpoint", "restore") and host:
         return host / GIB_MIB
     mib = spec.reservation_mib(model, total_mib)
     return mib / GIB_MIB if mib else None
 
 
-def path_of(spec: DeploymentSpec, model: str, kind: StepKind) -> Path:
+def path_of(spec: DeploymentSpec, model: str, kind: StepKind, way: str | None = None) -> Path:
     """The path a measured step took: sleeps and wakes by the model's level;
-    a checkpointed model's "sleep" is its checkpoint, its "wake" the restore."""
+    a checkpointed model's "sleep" is its checkpoint, its "wake" the restore
+    (``way``: the way an auto model went, ``SleepBook.ways``)."""
     if kind in ("start", "stop"):
         return kind
     m = spec.models.get(model)
-    if m is not None and m.switch_strategy == "checkpoint":
+    if m is not None and (m.switch_strategy == "checkpoint" or (way == "checkpoint" and m.auto_checkpoint)):
         return "checkpoint" if kind == "sleep" else "restore"
     level = m.sleep_settings.level if m is not None else 1
     return "sleep-l1" if kind == "sleep" and level == 1 else "sleep-l2" if kind == "sleep" else "wake-l1" if level == 1 else "wake-l2"
@@ -369,11 +383,29 @@ class Choice:
         return self.needs.way
 
 
-def ways_of(book: CostBook, spec: DeploymentSpec, model: str) -> tuple[WayNeeds, ...]:
+def checkpoint_host_mib(spec: DeploymentSpec, model: str, total_mib: int | None = None) -> int:
+    """The host memory ``model`` holds while checkpointed, MiB: its declared
+    ``sleep.hostMemoryMiB`` under switchStrategy checkpoint (declared as
+    about 1.1x its VRAM); under auto (whose hostMemoryMiB is the sleep's
+    weights) ``CHECKPOINT_HOST_FACTOR`` x its VRAM reservation, at least the
+    hostMemoryMiB."""
+    m = spec.models[model]
+    host = m.sleep_settings.host_memory_mib or 0
+    if m.switch_strategy != "auto":
+        return host
+    vram = spec.reservation_mib(model, total_mib) or host
+    return max(host, math.ceil(CHECKPOINT_HOST_FACTOR * vram))
+
+
+def ways_of(
+    book: CostBook, spec: DeploymentSpec, model: str, checkpoint: bool = False, total_mib: int | None = None
+) -> tuple[WayNeeds, ...]:
     """The ways ``model`` may take under its spec: a stop always; its sleep
     (level 1 pins its weights' copy in host memory) or its checkpoint (the
     driver keeps the memory in host RAM and nothing on the GPU). The residue
-    is the last measured one, else ``sleep.maxResidueMiB``."""
+    is the last measured one, else ``sleep.maxResidueMiB``. An auto model
+    with ``sleep.checkpoint`` has its checkpoint too where ``checkpoint``
+    says the driver offers it (available at start, never refused for it)."""
     m = spec.models[model]
     stop = WayNeeds("stop", "stop", "start")
     if not m.warm_switch:
@@ -386,18 +418,18 @@ def ways_of(book: CostBook, spec: DeploymentSpec, model: str) -> tuple[WayNeeds,
     known = book.costs(model, away)
     residue = known.residue_mib if known is not None and known.residue_mib is not None else s.max_residue_mib
     level1 = s.level == 1
-    return (
-        stop,
-        WayNeeds(
-            "sleep",
-            away,
-            path_of(spec, model, "wake"),
-            host_mib=host if level1 else 0,
-            residue_mib=residue,
-            pinned_mib=host if level1 else 0,
-            cycles=True,
-        ),
+    sleep = WayNeeds(
+        "sleep",
+        away,
+        path_of(spec, model, "wake"),
+        host_mib=host if level1 else 0,
+        residue_mib=residue,
+        pinned_mib=host if level1 else 0,
+        cycles=True,
     )
+    if not (checkpoint and m.auto_checkpoint):
+        return (stop, sleep)
+    return (stop, sleep, WayNeeds("checkpoint", "checkpoint", "restore", host_mib=checkpoint_host_mib(spec, model, total_mib), cycles=True))
 
 
 def over_budget(w: WayNeeds, b: Budgets) -> str | None:
@@ -418,12 +450,20 @@ def choose_way(
 ) -> Choice:
     """The cheapest way (away and back, by the book's estimates) that fits
     every budget; a stop needs none, so there is always one. ``why`` says
-    what it costs, what the others would, and why any does not fit."""
+    what it costs, what the others would, and why any does not fit, then
+    the estimates behind the choice (each path's seconds and source)."""
     fitting: list[tuple[float, WayNeeds]] = []
     refused: list[str] = []
+
+    def estimates(w: WayNeeds) -> tuple[Estimate, Estimate]:
+        return (
+            book.estimate(model, w.away, declared_gib(spec, model, w.away, total_mib)),
+            book.estimate(model, w.back, declared_gib(spec, model, w.back, total_mib)),
+        )
+
     for w in ways:
         problem = over_budget(w, budgets)
-        seconds = sum(book.estimate(model, p, declared_gib(spec, model, p, total_mib)).seconds for p in (w.away, w.back))
+        seconds = sum(e.seconds for e in estimates(w))
         if problem is None:
             fitting.append((seconds, w))
         else:
@@ -435,7 +475,13 @@ def choose_way(
     seconds, best = fitting[0]
     others = [f"{w.way} {s:.1f} s" for s, w in fitting[1:]]
     why = f"{best.way}: {seconds:.1f} s away and back" + (f" (against {', '.join(others)})" if others else "")
-    return Choice(best, seconds, why + "".join(f"; {r}" for r in refused))
+    away, back = estimates(best)
+    basis = f"; {best.away} {away.seconds:.1f} s ({_source(away)}) + {best.back} {back.seconds:.1f} s ({_source(back)})"
+    return Choice(best, seconds, why + "".join(f"; {r}" for r in refused) + basis)
+
+
+def _source(e: Estimate) -> str:
+    return f"median of {e.samples}" if e.source == "measured" else "prior from its size"
 
 
 # Cold starts this close count as equally costly (eviction_order).
@@ -478,6 +524,7 @@ def budgets_for(
     margin_mib: int = 256,
     host_budget_mib: int | None = None,
     pinned_ceiling_mib: int | None = None,
+    host_held: Mapping[str, int] | None = None,
 ) -> Budgets:
     """What is left for ``model`` going away beside the other ``sleepers``
     (asleep and staying so) while ``awake_next`` run: the host memory budget
@@ -486,15 +533,19 @@ def budgets_for(
     margin) less the next models' reservations and the sleepers' residues;
     the pinned-memory ceiling (``pinnedMemoryCeilingMiB``, else
     ``pinned_ceiling_mib``, the probe's) less what the level-1 sleepers pin.
-    None where the budget is unknown (no limit)."""
+    None where the budget is unknown (no limit). ``host_held``: what a
+    sleeper holds in host memory when not its ``host_memory_asleep_mib``
+    (an auto model checkpointed: ``checkpoint_host_mib``; it pins nothing
+    and leaves no residue)."""
     others = [m for m in dict.fromkeys(sleepers) if m != model and m in spec.models]
+    held = host_held or {}
     host_budget = spec.host_memory_budget_mib if spec.host_memory_budget_mib is not None else host_budget_mib
-    host_left = None if host_budget is None else host_budget - sum(spec.models[m].host_memory_asleep_mib for m in others)
+    host_left = None if host_budget is None else host_budget - sum(held.get(m, spec.models[m].host_memory_asleep_mib) for m in others)
     vram = spec.vram_budget_mib if spec.vram_budget_mib is not None else (total_mib - margin_mib if total_mib is not None else None)
     residue_left = None
     if vram is not None:
         awake = sum(spec.reservation_mib(m, total_mib) or 0 for m in dict.fromkeys(awake_next) if m in spec.models and m != model)
-        residue_left = vram - awake - sum(spec.models[m].sleep_settings.max_residue_mib for m in others)
+        residue_left = vram - awake - sum(spec.models[m].sleep_settings.max_residue_mib for m in others if m not in held)
     ceiling = spec.pinned_memory_ceiling_mib if spec.pinned_memory_ceiling_mib is not None else pinned_ceiling_mib
     pinned = [m for m in others if spec.models[m].sleeps_by_api and spec.models[m].sleep_settings.level == 1]
     pinned_left = None if ceiling is None else ceiling - sum(spec.models[m].host_memory_asleep_mib for m in pinned)

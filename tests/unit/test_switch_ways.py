@@ -169,7 +169,9 @@ def test_auto_stops_when_the_book_says_stopping_is_cheaper() -> None:
         costs.record("llm", "start", 3.0)
     ways, notes, _ = chooser(costs)
     assert cold(ways, spec(), desired("flux"), obs(llm="running")) == {"llm"}
-    assert notes.notes[-1][2] == "'llm' goes away by stop: 3.5 s away and back (against sleep 11.0 s)"
+    assert notes.notes[-1][2] == (
+        "'llm' goes away by stop: 3.5 s away and back (against sleep 11.0 s); stop 0.5 s (median of 3) + start 3.0 s (median of 3)"
+    )
 
 
 def test_auto_stops_when_its_cycles_are_used_up_and_leaves_the_others_alone() -> None:
@@ -296,7 +298,8 @@ def test_the_worker_stops_an_auto_model_over_the_probed_pinned_ceiling_and_the_s
     assert ("sleep", "llm") not in rt.calls and rt.calls[:2] == [("stop", "llm"), ("start", "flux")]
     ways = [msg for step, m, msg in progress if step == "way"]
     assert ways == [
-        "'llm' goes away by stop: 32.7 s away and back; sleep does not fit (14000 MiB of pinned memory, over the ceiling of 768 MiB)"
+        "'llm' goes away by stop: 32.7 s away and back; sleep does not fit (14000 MiB of pinned memory, over the ceiling of 768 MiB); "
+        "stop 1.7 s (prior from its size) + start 31.0 s (prior from its size)"
     ]
     rt, _ = run_switch(worker_spec(pinnedMemoryCeilingMiB=32000), 768)
     assert rt.calls[:2] == [("sleep", "llm"), ("start", "flux")]

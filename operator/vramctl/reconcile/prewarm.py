@@ -59,6 +59,8 @@ class Prewarm:
         if m is None or not self.ctx.hold_off_demands():
             return None
         self.done.add(m)
+        if spec.models[m].switch_strategy == "auto":
+            self.sleep.ways[m] = "sleep"  # the prewarm is of its server's sleep, never the driver's checkpoint
         self.ctx.note(
             "prewarm",
             m,

@@ -108,7 +108,7 @@ class Reconciler:
         self.invalid: str | None = None  # the initial desired state failed validation
         self.sleep = SleepBook()
         self.warm = WarmSwitches(ctx, self.sleep, sleep_metrics)
-        self.ways = WayChoices(ctx, self.sleep, costs if costs is not None else CostBook())
+        self.ways = WayChoices(ctx, self.sleep, costs if costs is not None else CostBook(), lambda: actuator.sleeper)
         self.prewarm = Prewarm(ctx, self.sleep)
         self.outage = RuntimeOutage(ctx, runtime)
         self.release = ReleaseWait(ctx, probe, self.track, self.sleep, self.warm)

@@ -4,8 +4,12 @@
 models it put to sleep and when (the residue still to be verified with the
 GPU probe), each model's cycles and residues (maxCycles, a residue growing
 across cycles), which models woke and must become healthy in time, when each
-was last awake (eviction order), and which must go the cold way this time
-(a ``SleepFallback``). ``Sleeper`` is the port to the model servers
+was last awake (eviction order), which must go the cold way this time
+(a ``SleepFallback``), the way each ``switchStrategy: auto`` model went
+(sleep or checkpoint: ``ways``, read by the sleeper that routes the call and
+by the cost book's measurements) and which auto models are not offered the
+driver's checkpoint again (``no_checkpoint``: refused or fell back once;
+kept until the worker restarts, a stop does not clear it). ``Sleeper`` is the port to the model servers
 (``HttpSleeper``: ``sleepctl`` at the model's health host and port).
 """
 
@@ -104,6 +108,8 @@ class SleepBook:
     waking: set[str] = field(default_factory=set)  # woken, not yet healthy
     last_used: dict[str, float] = field(default_factory=dict)
     cold: set[str] = field(default_factory=set)
+    ways: dict[str, str] = field(default_factory=dict)  # auto model -> "sleep" | "checkpoint", its latest way away
+    no_checkpoint: set[str] = field(default_factory=set)  # auto models whose checkpoint was refused or fell back
     strategy: str = "cold"  # of the switch in progress (its duration's label)
 
     def slept(self, m: str, now: float) -> None:
@@ -125,6 +131,7 @@ class SleepBook:
         self.asleep.discard(m)
         self.waking.discard(m)
         self.cold.discard(m)
+        self.ways.pop(m, None)
 
     def cycles_reached(self, spec: DeploymentSpec, m: str) -> bool:
         limit = spec.models[m].sleep_settings.max_cycles if m in spec.models else None
@@ -180,6 +187,11 @@ class WarmSwitches:
         self.book.cold.add(m)
         self.book.waking.discard(m)
         self.book.strategy = "cold"
+        auto_checkpoint = m in spec.models and spec.models[m].auto_checkpoint
+        checkpointed = self.book.ways.get(m) == "checkpoint" and reason != "MaxCycles"
+        if auto_checkpoint and (checkpointed or reason == "CheckpointRefused"):
+            self.book.no_checkpoint.add(m)
+            why += "; checkpoint is not offered to it again until vramctl restarts"
         self.ctx.note("SleepFallback", m, f"{reason}: {why}; stopping {m!r} and going the cold way")
         if self.metrics is not None:
             self.metrics.fallbacks.labels(str(spec.gpu), reason).inc()

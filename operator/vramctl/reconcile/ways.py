@@ -1,13 +1,19 @@
 """switchStrategy auto: the way each model leaving the GPU takes, at each switch.
 
-A model with ``switchStrategy: auto`` may sleep or be stopped. When the
-desired state no longer wants it while it is awake and ready, ``WayChoices``
-asks the cost book (``costs.choose_way``) for the cheapest way away and back
-that fits what is left beside the other sleepers (``costs.budgets_for``:
-host memory, residue on the GPU, the pinned-memory ceiling, its sleep
-cycles). A stop is handed to the planner as a ``cold`` model; a sleep needs
-nothing more (the planner puts a warm model to sleep). The progress says
-the way and why, once per switch away (step ``way``).
+A model with ``switchStrategy: auto`` may sleep or be stopped; with
+``sleep.checkpoint`` it may also be checkpointed by the NVIDIA driver, where
+the driver's checkpoint API is available (loaded at the worker's start) and
+no checkpoint of it was refused or fell back since vramctl started
+(``SleepBook.no_checkpoint``). When the desired state no longer wants it
+while it is awake and ready, ``WayChoices`` asks the cost book
+(``costs.choose_way``) for the cheapest way away and back that fits what is
+left beside the other sleepers (``costs.budgets_for``: host memory, shared by
+sleepers and checkpoints, a checkpoint needing about 1.1x its VRAM; residue
+on the GPU; the pinned-memory ceiling; its sleep cycles). A stop is handed
+to the planner as a ``cold`` model; a sleep or a checkpoint needs nothing
+more (the planner puts a warm model to sleep; the sleeper routes it by
+``SleepBook.ways``). The progress says the way and why, with the estimates,
+once per switch away (step ``way``).
 
 The sleepers' eviction order comes from the same book
 (``costs.eviction_order``): the one cheapest to bring back cold goes first.
@@ -15,19 +21,52 @@ The sleepers' eviction order comes from the same book
 
 from __future__ import annotations
 
-from vramctl.costs import Choice, CostBook, budgets_for, choose_way, eviction_order, ways_of
+from collections.abc import Callable
+
+from vramctl.costs import Choice, CostBook, WayNeeds, budgets_for, checkpoint_host_mib, choose_way, eviction_order, ways_of
 from vramctl.observed import Desired, Observed, WorkloadState
 from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.warm import SleepBook
+from vramctl.runtimes.checkpoint import StrategySleeper
 from vramctl.spec.models import DeploymentSpec
 
 
 class WayChoices:
-    """The loop's choice of ways (loop thread only): ``cold`` before each plan."""
+    """The loop's choice of ways (loop thread only): ``cold`` before each plan.
+    ``sleeper``: the actuator's sleeper now (a ``StrategySleeper`` offers the
+    driver's checkpoint and routes each auto model by ``SleepBook.ways``)."""
 
-    def __init__(self, ctx: LoopContext, sleep: SleepBook, costs: CostBook) -> None:
+    def __init__(self, ctx: LoopContext, sleep: SleepBook, costs: CostBook, sleeper: Callable[[], object] | None = None) -> None:
         self.ctx, self.sleep, self.costs = ctx, sleep, costs
+        self.sleeper = sleeper or (lambda: None)
         self.said: dict[str, str] = {}  # model -> the way last said for its switch away in progress
+
+    def _strategy_sleeper(self) -> StrategySleeper | None:
+        s = self.sleeper()
+        if not isinstance(s, StrategySleeper):
+            return None
+        s.ways = self.sleep.ways  # one record of the ways taken: the loop writes it, the sleeper routes by it
+        return s
+
+    def checkpoint_offered(self, spec: DeploymentSpec, model: str) -> bool:
+        """``model`` may be checkpointed now: auto with ``sleep.checkpoint``, the
+        driver available, and no checkpoint of it refused or fallen back."""
+        ms = spec.models.get(model)
+        if ms is None or not ms.auto_checkpoint or model in self.sleep.no_checkpoint:
+            return False
+        s = self._strategy_sleeper()
+        return s is not None and s.checkpoint_available()
+
+    def ways_of(self, spec: DeploymentSpec, model: str, total_mib: int | None) -> tuple[WayNeeds, ...]:
+        return ways_of(self.costs, spec, model, self.checkpoint_offered(spec, model), total_mib)
+
+    def host_held(self, spec: DeploymentSpec, sleepers: list[str], total_mib: int | None) -> dict[str, int]:
+        """The auto sleepers held by the driver's checkpoint: their host memory (not their sleep's)."""
+        return {
+            m: checkpoint_host_mib(spec, m, total_mib)
+            for m in sleepers
+            if m in spec.models and spec.models[m].auto_checkpoint and self.sleep.ways.get(m) == "checkpoint"
+        }
 
     def cold(
         self,
@@ -46,6 +85,8 @@ class WayChoices:
             if m not in choices:
                 del self.said[m]  # gone, asleep or wanted again: the next switch away is said anew
         for m, c in sorted(choices.items()):
+            if c.way != "stop":
+                self.sleep.ways[m] = c.way  # the sleeper goes this way; the measurement is this way's
             if self.said.get(m) != c.way:
                 self.said[m] = c.way
                 self.ctx.note("way", m, f"{m!r} goes away by {c.why}")
@@ -78,6 +119,7 @@ class WayChoices:
         ]
         asleep = [w.model for w in observed.workloads.values() if w.state.live and w.asleep and w.model not in wanted]
         sleepers = [*asleep, *(m for m in leaving if spec.models[m].switch_strategy != "auto" and m not in self.sleep.cold)]
+        held = self.host_held(spec, sleepers, total_mib)
         out: dict[str, Choice] = {}
         for m in sorted(leaving):
             if spec.models[m].switch_strategy != "auto" or m in self.sleep.cold:
@@ -92,8 +134,9 @@ class WayChoices:
                 margin_mib=margin_mib,
                 host_budget_mib=host_budget_mib,
                 pinned_ceiling_mib=pinned_ceiling_mib,
+                host_held=held,
             )
-            out[m] = choose_way(self.costs, spec, m, ways_of(self.costs, spec, m), budgets, total_mib)
+            out[m] = choose_way(self.costs, spec, m, self.ways_of(spec, m, total_mib), budgets, total_mib)
         return out
 
     def would_sleep(
@@ -106,9 +149,10 @@ class WayChoices:
         host_budget_mib: int | None,
         pinned_ceiling_mib: int | None,
     ) -> bool:
-        """Whether ``model`` would go away by a sleep now (an auto model's
-        cheapest fitting way, beside the sleepers there are); any other
-        warm model: True (it sleeps as its spec says)."""
+        """Whether ``model`` would go away by its server's sleep now (an auto
+        model's cheapest fitting way, beside the sleepers there are: not a
+        stop, nor a checkpoint); any other warm model: True (it sleeps as its
+        spec says)."""
         ms = spec.models.get(model)
         if ms is None or not ms.warm_switch:
             return False
@@ -125,8 +169,9 @@ class WayChoices:
             margin_mib=margin_mib,
             host_budget_mib=host_budget_mib,
             pinned_ceiling_mib=pinned_ceiling_mib,
+            host_held=self.host_held(spec, asleep, total_mib),
         )
-        return choose_way(self.costs, spec, model, ways_of(self.costs, spec, model), budgets, total_mib).way != "stop"
+        return choose_way(self.costs, spec, model, self.ways_of(spec, model, total_mib), budgets, total_mib).way == "sleep"
 
     def eviction_order(self, spec: DeploymentSpec, total_mib: int | None) -> list[str]:
         """Every model that may sleep, in the order sleepers are stopped when room is needed."""

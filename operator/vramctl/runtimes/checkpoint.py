@@ -533,9 +533,12 @@ class ServerSleeper(Protocol):
 
 class StrategySleeper:
     """Each model's own way to sleep: ``switchStrategy: checkpoint`` through
-    the driver (``CheckpointSleeper``), ``sleep`` through its server's API.
-    The driver is loaded when a spec first names a checkpoint model (at the
-    worker's start for the spec it starts with: ``prepare``)."""
+    the driver (``CheckpointSleeper``), ``sleep`` through its server's API;
+    ``auto`` by the way chosen for it (``ways``: model -> ``"checkpoint"`` or
+    ``"sleep"``, the loop's ``SleepBook.ways``), woken the way it went. The
+    driver is loaded when a spec first names a checkpoint model or an auto
+    model with ``sleep.checkpoint`` (at the worker's start for the spec it
+    starts with: ``prepare``)."""
 
     def __init__(
         self,
@@ -546,10 +549,12 @@ class StrategySleeper:
     ) -> None:
         self.server, self.snapshot, self.owners, self.load = server, snapshot, owners, load
         self.checkpoint: CheckpointSleeper | None = None
+        self.ways: Mapping[str, str] = {}
 
     def prepare(self, spec: DeploymentSpec) -> Availability | None:
-        """Load the driver now when ``spec`` has a checkpoint model; its availability (None: no such model)."""
-        if not any(m.switch_strategy == "checkpoint" for m in spec.models.values()):
+        """Load the driver now when ``spec`` has a checkpoint model (or an auto
+        model that may be checkpointed); its availability (None: no such model)."""
+        if not any(m.switch_strategy == "checkpoint" or m.auto_checkpoint for m in spec.models.values()):
             return None
         cp = self._checkpoint()
         if not cp.availability.available:
@@ -563,15 +568,38 @@ class StrategySleeper:
             self.checkpoint = CheckpointSleeper(driver, availability, self.snapshot, self.owners)
         return self.checkpoint
 
+    def checkpoint_available(self) -> bool:
+        """Whether the driver's checkpoint API works here (loaded once: at the
+        worker's start by ``prepare``, else now)."""
+        return self._checkpoint().availability.available
+
     def _of(self, spec: DeploymentSpec, model: str) -> ServerSleeper:
         m = spec.models.get(model)
+        if m is not None and m.auto_checkpoint:
+            return self._checkpoint() if self.ways.get(model) == "checkpoint" else self.server
         return self._checkpoint() if m is not None and m.switch_strategy == "checkpoint" else self.server
+
+    def _checkpointed(self, spec: DeploymentSpec, model: str) -> bool:
+        """An auto model the driver holds checkpointed (whatever way was chosen
+        since: a restarted supervisor finds it by the driver's word)."""
+        m = spec.models.get(model)
+        if m is None or not m.auto_checkpoint:
+            return False
+        return self._checkpoint().is_sleeping(spec, model) is True
 
     def sleep(self, spec: DeploymentSpec, model: str) -> int | None:
         return self._of(spec, model).sleep(spec, model)
 
     def wake(self, spec: DeploymentSpec, model: str) -> None:
+        if self._checkpointed(spec, model):
+            self._checkpoint().wake(spec, model)
+            return
         self._of(spec, model).wake(spec, model)
 
     def is_sleeping(self, spec: DeploymentSpec, model: str) -> bool | None:
+        if self._checkpointed(spec, model):
+            return True
+        m = spec.models.get(model)
+        if m is not None and m.auto_checkpoint:
+            return self.server.is_sleeping(spec, model)
         return self._of(spec, model).is_sleeping(spec, model)

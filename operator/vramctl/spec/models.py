@@ -228,6 +228,13 @@ class SleepSpec(_Model):
         description="How long the sleep call may take before the model goes the cold way at once (SleepTimeout). Unset: "
         "10 s plus, per GiB of vramMiB (else hostMemoryMiB), 2 s at level 1 (a copy to pageable host memory) or 0.25 s at level 2.",
     )
+    checkpoint: bool = Field(
+        default=False,
+        description="switchStrategy auto: the NVIDIA driver's checkpoint API (driver 570+, Linux, not WSL2; the process and "
+        "docker runtimes) is one more way away, beside sleep and stop, when the driver is available at start; taken when "
+        "it is the cheapest away and back and its host memory (about 1.1x the model's VRAM) fits beside the other sleepers. "
+        "A model whose checkpoint was refused or fell back is not checkpointed again until vramctl restarts.",
+    )
     prewarm: bool = Field(
         default=False,
         description="After the model first becomes ready and no demand waits, sleep and wake it once while idle, so that the "
@@ -325,10 +332,29 @@ class ModelSpec(_Model):
     )
     switch_strategy: Literal["stop", "sleep", "checkpoint", "auto"] = Field(
         default="stop",
-        description="How the model gives the GPU away. stop: the server is stopped. sleep: it is put to sleep (vllm, sdxl, or a container with sleep paths), its memory checked down to sleep.maxResidueMiB, and woken when wanted again. auto: at each switch away, sleep or stop, whichever costs less away and back by the switch costs learned (priors from its size until measured) and fits the host memory, residue and pinned-memory budgets and sleep.maxCycles; the progress says which and why. checkpoint: any CUDA server, suspended from outside by the NVIDIA driver's checkpoint API (driver 570+, Linux, not WSL2; the process and docker runtimes): its GPU memory goes to host memory, every process of it leaves the GPU, and it is restored when wanted again.",
+        description="How the model gives the GPU away. stop: the server is stopped. sleep: it is put to sleep (vllm, sdxl, or a container with sleep paths), its memory checked down to sleep.maxResidueMiB, and woken when wanted again. auto: at each switch away, sleep or stop (or checkpoint, with sleep.checkpoint and the driver available at start), whichever costs less away and back by the switch costs learned (priors from its size until measured) and fits the host memory, residue and pinned-memory budgets and sleep.maxCycles; the progress says which and why. checkpoint: any CUDA server, suspended from outside by the NVIDIA driver's checkpoint API (driver 570+, Linux, not WSL2; the process and docker runtimes): its GPU memory goes to host memory, every process of it leaves the GPU, and it is restored when wanted again.",
     )
     sleep: SleepSpec | None = Field(
         default=None, description="switchStrategy sleep or checkpoint: the level and limits (default: level 1)."
+    )
+    gpus: list[Annotated[int, Field(ge=0, le=63)]] | None = Field(
+        default=None,
+        description=(
+            "A model that needs several GPUs at once (e.g. vLLM with tensor parallelism): every GPU it holds, e.g. [0, 1], "
+            "this entry's gpu among them (its worker runs the model); each must have an entry in gpus. It is heavy on each: "
+            "it starts only when none of them runs another heavy model and each has its memory free, and while it runs no "
+            "other heavy model starts on any of them. The process runtime passes CUDA_VISIBLE_DEVICES=0,1 with "
+            "CUDA_DEVICE_ORDER=PCI_BUS_ID, docker a device request for each id. vramMiB is what it holds on each GPU. "
+            "switchStrategy stop only, for now. Unset: this entry's gpu alone."
+        ),
+    )
+    placement: Literal["pinned", "any"] = Field(
+        default="pinned",
+        description=(
+            "any: the model is declared, under the same name, in the entries of several GPUs, and the gateway serves each "
+            "request on the GPU where it is awake (or being switched to), else where the switch to it is cheapest by that "
+            "GPU's switch costs, else on the GPU least recently used. pinned: the gateway serves it where it is first declared."
+        ),
     )
 
     @field_validator("env")
@@ -364,6 +390,26 @@ class ModelSpec(_Model):
             if len(parts) == 3 and parts[2] not in ("ro", "rw"):
                 raise ValueError(f"volume {vol!r}: the mode must be ro or rw")
         return v
+
+    @model_validator(mode="after")
+    def _several_gpus(self) -> ModelSpec:
+        if self.gpus is None:
+            return self
+        if len(set(self.gpus)) != len(self.gpus):
+            raise FieldProblem(f"gpus {self.gpus} names a GPU twice: list each GPU once", "gpus")
+        if len(self.gpus) < 2:
+            raise FieldProblem(f"gpus {self.gpus} lists one GPU: leave gpus out (the entry's gpu is the model's GPU)", "gpus")
+        if not self.heavy:
+            raise FieldProblem("gpus: a model on several GPUs is heavy on each of them: remove class light, or gpus", "class")
+        if self.switch_strategy != "stop":
+            raise FieldProblem(
+                f"switchStrategy {self.switch_strategy}: a model on several GPUs (gpus) switches by stop only for now: "
+                "set switchStrategy stop, or remove gpus",
+                "switchStrategy",
+            )
+        if self.placement != "pinned":
+            raise FieldProblem("placement any: a model on several GPUs (gpus) holds all of them: remove placement, or gpus", "placement")
+        return self
 
     @model_validator(mode="after")
     def _has_a_way_to_run(self) -> ModelSpec:
@@ -423,6 +469,18 @@ class ModelSpec(_Model):
         if self.switch_strategy == "checkpoint":
             self._check_checkpoint_fields(paths)
             return
+        if s.checkpoint and self.switch_strategy != "auto":
+            raise FieldProblem(
+                "sleep.checkpoint lets switchStrategy auto choose the driver's checkpoint API: use switchStrategy auto "
+                "(or switchStrategy checkpoint to checkpoint at every switch), or remove sleep.checkpoint",
+                "sleep.checkpoint",
+            )
+        if s.checkpoint and self.vram_mib is None and s.host_memory_mib is None:
+            raise FieldProblem(
+                "sleep.checkpoint keeps the model's GPU memory in host memory (about 1.1x it): set vramMiB or sleep.hostMemoryMiB "
+                "so that auto can tell whether it fits",
+                "sleep.checkpoint",
+            )
         if self.engine in SLEEPING_ENGINES:
             for field, value in paths.items():
                 if value is not None:
@@ -464,6 +522,11 @@ class ModelSpec(_Model):
                 )
         if s.level != 1:
             raise FieldProblem("switchStrategy checkpoint keeps everything in host memory: remove sleep.level", "sleep.level")
+        if s.checkpoint:
+            raise FieldProblem(
+                "switchStrategy checkpoint checkpoints at every switch: remove sleep.checkpoint (it is for switchStrategy auto)",
+                "sleep.checkpoint",
+            )
         if s.host_memory_mib is None:
             raise FieldProblem(
                 "switchStrategy checkpoint keeps the model's GPU memory in host memory: set sleep.hostMemoryMiB to about 1.1x "
@@ -505,6 +568,11 @@ class ModelSpec(_Model):
     def sleeps_by_api(self) -> bool:
         """Its server's sleep API is used: switchStrategy sleep, or auto (sleep or stop, per switch)."""
         return self.switch_strategy in ("sleep", "auto")
+
+    @property
+    def auto_checkpoint(self) -> bool:
+        """switchStrategy auto may take the driver's checkpoint API (``sleep.checkpoint``)."""
+        return self.switch_strategy == "auto" and self.sleep_settings.checkpoint
 
     @property
     def sleep_settings(self) -> SleepSpec:
@@ -754,6 +822,13 @@ class DeploymentSpec(_Model):
             raise FieldProblem(
                 "idle.action default needs a model to return to: set idle.defaultModel (or switching.defaultModel)", "idle.defaultModel"
             )
+        for name, m in self.models.items():
+            if m.gpus is not None and self.gpu not in m.gpus:
+                raise FieldProblem(
+                    f"gpus {m.gpus} leaves out this entry's gpu {self.gpu}: a model on several GPUs is declared in the entry "
+                    "of one of them (whose worker runs it); add it, or move the model",
+                    f"models.{name}.gpus",
+                )
         seen: dict[str, str] = {}
         for name in self.models:
             for alias in {name, self.served_name(name)}:
@@ -782,6 +857,11 @@ class DeploymentSpec(_Model):
     @property
     def display_name(self) -> str:
         return self.name or f"gpu{self.gpu}"
+
+    def gpus_of(self, model: str) -> tuple[int, ...]:
+        """The GPUs ``model`` holds: its ``gpus`` (sorted), else this entry's gpu."""
+        m = self.models[model]
+        return tuple(sorted(m.gpus)) if m.gpus is not None else (self.gpu,)
 
     def merged_env(self, model: str) -> dict[str, str]:
         """A model's environment, later entries winning: the SDPA defaults
@@ -869,12 +949,16 @@ class DeploymentSpec(_Model):
             "served_model_name",
             "switch_strategy",
             "sleep",
+            "placement",
+            "gpus",
         }
         payload = m.model_dump(mode="json", by_alias=True, exclude=vramctl_only)
         payload["env"] = self.merged_env(model)
         payload["containerCommand"] = self.container_command(model)
         payload["processArgv"] = self.process_argv(model)
         payload["gpu"] = self.gpu
+        if m.gpus is not None:  # the GPUs it sees (absent for one GPU: the hash of such a model is unchanged)
+            payload["gpus"] = sorted(m.gpus)
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -1032,6 +1116,15 @@ class Config(_Model):
             if d.gpu in seen:
                 raise FieldProblem(f"gpu {d.gpu} appears twice in gpus: one entry per GPU", f"gpus[{i}].gpu")
             seen.add(d.gpu)
+        for i, d in enumerate(self.gpus):
+            for name, m in d.models.items():
+                missing = sorted(set(m.gpus or ()) - seen)
+                if missing:
+                    raise FieldProblem(
+                        f"gpus {m.gpus} names gpu {', '.join(map(str, missing))}, which has no entry in gpus: add one "
+                        "(its own models may be light), or remove it from the model's gpus",
+                        f"gpus[{i}].models.{name}.gpus",
+                    )
         return self
 
 

@@ -104,7 +104,8 @@ class WorkerReporter:
             history = self.rec.sleep.residues.get(model)
             residue = history[-1] if history else None
             host = spec.models[model].host_memory_asleep_mib or None
-        self.costs.record(model, path_of(spec, model, kind), seconds, residue_mib=residue, host_mib=host)
+        way = self.rec.sleep.ways.get(model)
+        self.costs.record(model, path_of(spec, model, kind, way), seconds, residue_mib=residue, host_mib=host)
 
     def phase(self, phase: str, reason: str, message: str) -> None:
         message = self.redacted(message)
@@ -222,7 +223,7 @@ class WorkerReporter:
             # Running but asleep: only their residue on the GPU (not in runningModels).
             **({"asleepModels": list(rec.asleep)} if rec.asleep else {}),
             # How each sleeps: its server's sleep API, or suspended by the driver's checkpoint API.
-            **({"asleepModes": {m: _sleep_mode(rec.spec, m) for m in rec.asleep}} if rec.asleep else {}),
+            **({"asleepModes": {m: _sleep_mode(rec.spec, m, rec.sleep.ways.get(m)) for m in rec.asleep}} if rec.asleep else {}),
             modelStates={m: s for m, s in rec.model_states.items() if s != "absent"},
             **self._host_budget(),
             **self._pinned_ceiling(),
@@ -238,6 +239,7 @@ class WorkerReporter:
                 log.exception("gpu%d: could not write status", self.gpu)
 
 
-def _sleep_mode(spec: DeploymentSpec, model: str) -> str:
+def _sleep_mode(spec: DeploymentSpec, model: str, way: str | None = None) -> str:
+    """``checkpoint`` or ``sleep``: the model's switchStrategy, or the way an auto model went."""
     m = spec.models.get(model)
-    return "checkpoint" if m is not None and m.switch_strategy == "checkpoint" else "sleep"
+    return "checkpoint" if m is not None and (m.switch_strategy == "checkpoint" or (m.auto_checkpoint and way == "checkpoint")) else "sleep"
