@@ -30,10 +30,8 @@ class SupervisorHolder(InboxHolder):
         super().__init__(self._post, self._gpu_of, self._priority_of, clock)
 
     def _worker_of(self, model: str) -> GpuWorker:
-        for w in list(self.supervisor.workers.values()):
-            if model in w.spec.models:
-                return w
-        raise KeyError(model)
+        # The GPU that declares it; for placement any, the placement rule's choice.
+        return self.supervisor.worker_for(model)
 
     def _gpu_of(self, model: str) -> str:
         return str(self._worker_of(model).gpu)

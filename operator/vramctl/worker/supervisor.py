@@ -18,7 +18,9 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
+from vramctl.costs import switch_seconds
 from vramctl.observed import WorkloadState
+from vramctl.placement import Site, place
 from vramctl.runtimes import sleepctl
 from vramctl.runtimes.base import Runtime, StartEvent
 from vramctl.spec.models import DeploymentSpec
@@ -26,7 +28,6 @@ from vramctl.status.events import EventJournal
 from vramctl.worker.actor import GpuWorker, Metrics
 
 log = logging.getLogger("vramctl.worker.supervisor")
-
 
 
 # Model states in which a model holds its memory on a simulated GPU.
@@ -54,6 +55,18 @@ def holders_of(
         return out
 
     return holders
+
+
+def _site(w: GpuWorker, model: str) -> Site:
+    """What the placement rule knows of ``model`` on ``w``'s GPU, from the worker's published reads."""
+    states = w.model_states()
+    awake = states.get(model) in ("running", "starting", "waking") or model in w.desired.members
+    asleep = [m for m, st in states.items() if st == "asleep"]
+    try:
+        cost: float | None = switch_seconds(w.reporter.costs, w.spec, w.desired.active, model, asleep, w.total_mib())
+    except Exception:  # a cost that cannot be estimated does not decide
+        cost = None
+    return Site(w.gpu, awake=awake, switch_seconds=cost, last_used=w.lane.last_used)
 
 
 class _WatchEnded(Exception):
@@ -99,6 +112,19 @@ class Supervisor:
     @property
     def workers(self) -> Mapping[int, GpuWorker]:
         return self._workers
+
+    def worker_for(self, model: str) -> GpuWorker:
+        """The worker that serves ``model`` (KeyError: none declares it). A
+        model with ``placement: any`` declared on several GPUs is placed by
+        ``vramctl.placement.place``: where it is awake or being switched to,
+        else where the switch is cheapest, else the GPU least recently used."""
+        found = [w for w in list(self._workers.values()) if model in w.spec.models]
+        if not found:
+            raise KeyError(model)
+        if len(found) == 1 or found[0].spec.models[model].placement != "any":
+            return found[0]
+        by_gpu = {w.gpu: w for w in found if w.spec.models[model].placement == "any"}
+        return by_gpu[place([_site(w, model) for w in by_gpu.values()])]
 
     def start(self) -> None:
         self._watcher = threading.Thread(target=self._watch, name="vramctl-events", daemon=True)
