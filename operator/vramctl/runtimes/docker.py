@@ -424,7 +424,9 @@ class DockerRuntime:
         device_requests = None
         want = {"runtimeClass": "auto", "resource": "auto", "none": "never"}.get(m.gpu_request, m.gpu_request)
         if want == "always" or (want == "auto" and self._has_nvidia()):
-            device_requests = [docker.types.DeviceRequest(driver="nvidia", device_ids=[str(deployment.gpu)], capabilities=[["gpu"]])]
+            device_requests = [
+                docker.types.DeviceRequest(driver="nvidia", device_ids=[str(g) for g in deployment.gpus_of(model)], capabilities=[["gpu"]])
+            ]
         host_config = self.client.api.create_host_config(
             network_mode=network_mode,
             port_bindings=port_bindings or None,

@@ -481,9 +481,10 @@ class ProcessRuntime:
         assert spec.command  # checked by start()
         argv = deployment.process_argv(model)  # command, the engine's flags, args
         env = dict(os.environ)
-        # Pin the model to its GPU, numbered as NVML numbers them (PCI bus
-        # order), unless the spec says otherwise.
-        env["CUDA_VISIBLE_DEVICES"] = str(deployment.gpu)
+        # Pin the model to its GPU (a model on several GPUs: to each of them,
+        # e.g. "0,1"), numbered as NVML numbers them (PCI bus order), unless
+        # the spec says otherwise.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in deployment.gpus_of(model))
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env.update(deployment.merged_env(model))
         # Ownership marks, like the docker labels: who started this process.
