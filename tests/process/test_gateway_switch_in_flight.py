@@ -201,7 +201,9 @@ def test_requests_during_switches_force_and_a_killed_backend(live: list[LiveUp],
         journal.wait_for("starting", "b", events["switch b"])
         events["force a"] = time.time()
         assert switch(v, "a", force=True)[0] == 202  # back while b loads
-        journal.wait_for("healthy", "a", events["force a"])
+        back = journal.wait_for("healthy", "a", events["force a"])
+        # The queued switch to b keeps its turn (superseded, not served): b runs once, then a's clients bring a back.
+        back = journal.wait_for("healthy", "a", journal.wait_for("healthy", "b", back))
         time.sleep(1.0)
         events["force b"] = time.time()
         assert switch(v, "b", force=True)[0] == 202  # away from a mid-stream: its streams are cut
@@ -273,6 +275,8 @@ def test_requests_during_switches_force_and_a_killed_backend(live: list[LiveUp],
             if o.kind != "whole":
                 print(o.tag, round(o.sent - t_clients, 2), round(o.done - t_clients, 2), o.kind, o.status, o.retry_after, o.message)
         print({k: round(t - t_clients, 2) for k, t in events.items()})
+        for _, n in sorted(journal.notes.items()):
+            print("journal", round(n["time"] - t_clients, 2), n["step"], n["model"], n["message"][:100])
     counts = {k: sum(1 for o in every if o.kind == k) for k in ("whole", "error", "503")}
     last = v.gpu().get("lastSwitch") or {}
     ra = sorted({r for r, _ in waits})
