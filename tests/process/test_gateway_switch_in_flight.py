@@ -24,6 +24,7 @@ Checked, from the records of each side:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -98,10 +99,8 @@ class Journal:
 
     def run(self) -> None:
         while not self._stop.wait(0.1):
-            try:
+            with contextlib.suppress(OSError):
                 self.poll()
-            except OSError:
-                pass
 
     def steps(self, step: str, model: str) -> list[float]:
         return sorted(p["time"] for p in self.notes.values() if p["step"] == step and p["model"] == model)
@@ -290,7 +289,6 @@ def test_requests_during_switches_force_and_a_killed_backend(live: list[LiveUp],
     )
 
 
-
 def wait_for_a(at: float, healthy: list[float], away: list[float]) -> float:
     """Seconds from ``at`` until a serves: 0 if it was healthy then (its last
     healthy before ``at`` came after its last stop, failure or kill)."""
@@ -300,6 +298,3 @@ def wait_for_a(at: float, healthy: list[float], away: list[float]) -> float:
         return 0.0
     later = [t for t in healthy if t > at]
     return later[0] - at if later else math.inf
-
-
-

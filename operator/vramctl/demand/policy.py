@@ -164,6 +164,38 @@ class Drain:
 
 
 @dataclass(frozen=True)
+class Forecast:
+    """When each heavy model of one GPU is expected to serve, by the cost
+    book (the worker makes one at each look; ``ready_in`` reads it).
+
+    ``serving``: the heavy model that runs, or that the switch or restart in
+    flight brings up (None: none); ``began`` and ``seconds``: when that
+    switch began and what it is expected to take in all (``began`` None:
+    nothing in flight); ``ways``: (model, seconds) one switch from
+    ``serving`` to each other heavy model (its stop or sleep, their start
+    or wake)."""
+
+    serving: str | None = None
+    began: float | None = None
+    seconds: float = 0.0
+    ways: tuple[tuple[str, float], ...] = ()
+
+
+def ready_in(f: Forecast, model: str, now: float) -> float:
+    """Predicted seconds until ``model`` serves: what is left of the switch
+    in flight, then (another model's turn) the switch from there to it."""
+    rest = max(0.0, f.began + f.seconds - now) if f.began is not None else 0.0
+    if model == f.serving:
+        return rest
+    return rest + next((s for m, s in f.ways if m == model), 0.0)
+
+
+def retry_after(f: Forecast, model: str, now: float) -> int:
+    """``ready_in`` as a Retry-After: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(ready_in(f, model, now)))
+
+
+@dataclass(frozen=True)
 class QueueState:
     """Everything the policy knows about one GPU (owned by its worker).
 
@@ -175,7 +207,8 @@ class QueueState:
     (for Retry-After, and the serving window of a model not in
     ``switch_costs``); ``switch_costs``: (model, seconds) what giving the
     GPU to that model is expected to cost in switches, there and back to
-    the active one (the worker's cost book). ``light``: the light models; a demand for one is
+    the active one (the worker's cost book); ``forecast``: when each model
+    is expected to serve (the same book; Retry-After). ``light``: the light models; a demand for one is
     served by running it beside the active model (``Decision.companions``,
     no drain, no window: it disturbs nobody); ``companions_pending``: such a
     change the worker is making.
@@ -196,6 +229,7 @@ class QueueState:
     revoked: tuple[str, ...] = ()
     switch_estimate_seconds: float = 30.0
     switch_costs: tuple[tuple[str, float], ...] = ()
+    forecast: Forecast | None = None
     light: frozenset[str] = frozenset()
     companions_pending: tuple[str, ...] | None = None
 
@@ -434,7 +468,7 @@ def decide(state: QueueState, now: float) -> Decision:
                 Rejection(
                     d.id,
                     "QueueTimeout",
-                    _retry_after(state, now),
+                    _retry_after(state, now, d.model),
                     f"{d.model} was not served within queueTimeoutSeconds {pol.queue_timeout_seconds:g}",
                 )
             )
@@ -450,7 +484,7 @@ def decide(state: QueueState, now: float) -> Decision:
     if cutoff is not None:
         wakes.append(cutoff)
     for d in waiting[pol.max_queue :]:
-        reject.append(Rejection(d.id, "QueueFull", _retry_after(state, now), f"the queue holds maxQueue {pol.max_queue} demands"))
+        reject.append(Rejection(d.id, "QueueFull", _retry_after(state, now, d.model), f"the queue holds maxQueue {pol.max_queue} demands"))
     waiting = waiting[: pol.max_queue]
     # Priority can change at the overdue mark.
     wakes += [d.arrived + pol.max_serve_seconds for d in waiting if d.arrived + pol.max_serve_seconds > now]
@@ -581,12 +615,15 @@ def _union(first: tuple[str, ...], more: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _retry_after(state: QueueState, now: float) -> int:
-    """Seconds until the GPU is likely to serve someone new: the rest of the
-    serving window plus one switch, at least 1."""
+def _retry_after(state: QueueState, now: float, model: str | None = None) -> int:
+    """Seconds until the GPU is likely to serve ``model``: the rest of the
+    serving window plus the forecast's wait for it (the rest of the switch in
+    flight, then the way to ``model``); without a forecast one switch
+    estimate. At least 1."""
     cutoff = serve_cutoff(state)
     window = max(0.0, cutoff - now) if cutoff is not None else 0.0
-    return max(1, math.ceil(window + state.switch_estimate_seconds))
+    ahead = ready_in(state.forecast, model, now) if state.forecast is not None and model is not None else state.switch_estimate_seconds
+    return max(1, math.ceil(window + ahead))
 
 
 def _first_after(times: Iterable[float], now: float) -> float | None:

@@ -101,6 +101,7 @@ class SimulatedGpu:
         # leaves again within the delay has two allocations being torn down.
         self._releasing: list[_Releasing] = []
         self._foreign: dict[int, int] = {}
+        self._more: list[Callable[[], Mapping[str, int]]] = []  # add_holders
         self._closed = threading.Event()
         if sample_seconds is not None:
             # The thread holds the probe weakly: a probe nobody uses any more
@@ -138,6 +139,12 @@ class SimulatedGpu:
             used = self.baseline_mib + sum(current.values()) + sum(r.mib for r in self._releasing) + sum(self._foreign.values())
             return GpuSnapshot(memory=GpuMemory(total_mib=self.total_mib, used_mib=used), processes=tuple(procs))
 
+    def add_holders(self, more: Callable[[], Mapping[str, int]]) -> None:
+        """Also count what ``more`` says holds memory here: a model on several
+        GPUs, run by another GPU's worker. Called with the lock held, like ``holders``."""
+        with self._lock:
+            self._more.append(more)
+
     def add_foreign(self, pid: int, mib: int) -> None:
         """Pretend process ``pid`` (not vramctl's) holds ``mib`` MiB; replaces an earlier amount."""
         if mib < 0:
@@ -163,7 +170,10 @@ class SimulatedGpu:
 
     def _read_holders(self) -> dict[str, int]:
         try:
-            return {str(m): max(0, int(mib)) for m, mib in self._holders().items()}
+            read = dict(self._holders())
+            for more in self._more:
+                read.update(more())
+            return {str(m): max(0, int(mib)) for m, mib in read.items()}
         except Exception as err:
             # Keep the last known holders: reporting their memory as freed
             # because the runtime could not be asked would let a heavy model

@@ -42,6 +42,7 @@ from vramctl.reconcile.backoff import Backoff
 from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.errors import classify
 from vramctl.reconcile.finished_ops import FinishedOps
+from vramctl.reconcile.gpu_claims import GpuClaims
 from vramctl.reconcile.hand_starts import HandStarts
 from vramctl.reconcile.model_view import OP_STATES, ModelView, observe
 from vramctl.reconcile.model_watch import ModelWatch, Tracking
@@ -117,6 +118,9 @@ class Reconciler:
         self.finished = FinishedOps(
             ctx, self.track, self.backoff, self.sleep, self.warm, self.watch, self.outage, self.view, self._pause, self._publish_states
         )
+        # The host's GPUs shared with other workers (models on several GPUs); None: this GPU alone.
+        self.claims: GpuClaims | None = None
+        self.waiting_for_gpus: str | None = None
 
     # ------------------------------------------------- what readers see
 
@@ -168,6 +172,8 @@ class Reconciler:
             return verdict
         if self.outage.reachable(now):
             self.release.blocked = None  # a memory wait says again where it stands
+        if self.claims is not None:
+            self.claims.publish(self.spec, [w.model for w in observed.workloads.values() if w.state.live and w.heavy])
         self.watch.account(self.spec, self.desired, observed, now)
         if self.watch.restart_pending(self.desired, observed, now):
             return self.ctx.settings.poll_interval_s, False  # stopped by hand a moment ago: it may be restarting
@@ -219,6 +225,9 @@ class Reconciler:
         refused = self.checks.unrunnable(self.spec, self.desired, self.view.observed, p, now)
         if refused is not None:
             return refused
+        held = self._take_gpus(p)
+        if held is not None:
+            return held
         for action in p.actions:
             match action:
                 case Sleep(model=m) if self.sleep.cycles_reached(self.spec, m):
@@ -238,6 +247,26 @@ class Reconciler:
                     self._submit(action)
                     return s.poll_interval_s, False
         return s.poll_interval_s, False
+
+    def _take_gpus(self, p: Plan) -> tuple[float, bool] | None:
+        """The plan's heavy start or wake takes the GPUs its model needs
+        (``gpu_claims``); while another worker holds one, the plan waits
+        (what runs keeps running) and the phase says why, once."""
+        if self.claims is None:
+            return None
+        for a in p.actions:
+            if isinstance(a, (Start, Wake)) and a.model in self.spec.models and self.spec.models[a.model].heavy:
+                need = self.spec.reservation_mib(a.model, self.ctx.total_mib()) or 0
+                why = self.claims.take(self.spec, a.model, need)
+                if why is not None:
+                    if why != self.waiting_for_gpus:
+                        self.waiting_for_gpus = why
+                        self.ctx.note("waiting", a.model, why)
+                        self.ctx.phase("Switching", "WaitingForGpus", why)
+                    return self.ctx.settings.poll_interval_s, False
+                break
+        self.waiting_for_gpus = None
+        return None
 
     def _held_back(self, action: OpAction, now: float) -> tuple[float, bool] | None:
         """Why ``action`` is not submitted yet: a failed stop's retry is not due,

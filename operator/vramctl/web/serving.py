@@ -10,12 +10,12 @@ One instance serves ``/holds`` and the gateway on every port
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from vramctl.demand.desk import DeskCommand, Grant, InboxHolder, Lease, Refused
+from vramctl.demand.policy import retry_after
 from vramctl.spec.models import check_desired
 from vramctl.web.gateway import ModelInfo, Route
 from vramctl.worker.actor import GpuWorker
@@ -74,11 +74,11 @@ class SupervisorHolder(InboxHolder):
         else:
             check_desired(spec, None, [model, *companions])
 
-    def _retry_after(self, w: GpuWorker) -> int | None:
-        """Twice the GPU's last measured switch (a switch, then the way back), at least 1 s."""
-        last = w.published_status().get("lastSwitch") or {}
-        took = last.get("durationSeconds") if isinstance(last, dict) else None
-        return max(1, math.ceil(2 * took)) if isinstance(took, int | float) and took > 0 else None
+    def _retry_after(self, w: GpuWorker, model: str) -> int:
+        """When ``model`` is expected to serve again, by the worker's forecast
+        from its cost book (the rest of the switch in flight, then the way
+        back to ``model``): the same prediction as the queue's Retry-After."""
+        return retry_after(w.forecast, model, w.clock())
 
     def not_ready(self, model: str) -> Refused | None:
         """A 503 while ``model`` is not ready now (the worker's last look)."""
@@ -89,7 +89,7 @@ class SupervisorHolder(InboxHolder):
         state = w.model_states().get(model, "absent")
         if state == "running":
             return None
-        return Refused(503, f"{model} is {state} on gpu {w.gpu}, not ready to answer", self._retry_after(w))
+        return Refused(503, f"{model} is {state} on gpu {w.gpu}, not ready to answer", self._retry_after(w, model))
 
     def backend_failed(self, model: str) -> None:
         """Ask ``model``'s worker to observe now (``GpuWorker.poke``)."""
@@ -109,7 +109,7 @@ class SupervisorHolder(InboxHolder):
             return None
         now = f"{d.active!r}" if d.active else "no model"
         why = f"gpu {w.gpu} was switched to {now}" + (f" with {', '.join(d.companions)}" if d.companions else "")
-        return Refused(503, why, self._retry_after(w))
+        return Refused(503, why, self._retry_after(w, model))
 
     def names(self) -> list[str]:
         return sorted({m for w in list(self.supervisor.workers.values()) for m in w.spec.models})

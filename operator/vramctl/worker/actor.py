@@ -46,6 +46,7 @@ from vramctl.host.pagecache import Prestager
 from vramctl.observed import Desired
 from vramctl.reconcile.actuator import Actuator
 from vramctl.reconcile.context import LoopSettings
+from vramctl.reconcile.gpu_claims import GpuClaims
 from vramctl.reconcile.reconciler import Reconciler
 from vramctl.reconcile.start_checks import squatted
 from vramctl.reconcile.warm import Sleeper, SleepMetrics
@@ -275,6 +276,12 @@ class GpuWorker:
         if self._thread is not None:
             self._thread.join(timeout)
         self.actuator.close()
+
+    def share_gpus(self, claims: GpuClaims) -> None:
+        """Take part in the host's cross-GPU claims (a model on several GPUs:
+        ``reconcile.gpu_claims``). The supervisor's, before the loop starts."""
+        claims.register(self.spec, lambda: self.probe.snapshot().memory.free_mib)
+        self._rec.claims = claims
 
     def poke(self) -> None:
         self._inbox.put(_POKE)

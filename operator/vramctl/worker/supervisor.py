@@ -19,8 +19,10 @@ from typing import Any
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
 from vramctl.costs import switch_seconds
+from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import WorkloadState
 from vramctl.placement import Site, place
+from vramctl.reconcile.gpu_claims import GpuClaims
 from vramctl.runtimes import sleepctl
 from vramctl.runtimes.base import Runtime, StartEvent
 from vramctl.spec.models import DeploymentSpec
@@ -106,12 +108,36 @@ class Supervisor:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.journal = EventJournal()  # what every worker publishes, for GET /events
+        # The GPUs' heavy slots across workers: a model on several GPUs (reconcile.gpu_claims).
+        self.claims = GpuClaims()
         for w in workers:
             w.book.journal = self.journal
+            self._join(w)
 
     @property
     def workers(self) -> Mapping[int, GpuWorker]:
         return self._workers
+
+    def _join(self, w: GpuWorker) -> None:
+        """``w`` takes part in the cross-GPU claims; a simulated GPU also
+        counts the models of other workers that hold it (a model on several GPUs)."""
+        w.share_gpus(self.claims)
+        if isinstance(w.probe, SimulatedGpu):
+            gpu = w.gpu
+            w.probe.add_holders(lambda: self.held_from_elsewhere(gpu))
+
+    def held_from_elsewhere(self, gpu: int) -> Mapping[str, int]:
+        """The models on several GPUs that hold ``gpu`` but are run by another
+        GPU's worker (by its last look), and what each holds here (its reservation)."""
+        out: dict[str, int] = {}
+        for other in list(self._workers.values()):
+            if other.gpu == gpu:
+                continue
+            spec = other.spec
+            for m, st in other.model_states().items():
+                if st in _HOLDING and m in spec.models and spec.models[m].gpus is not None and gpu in spec.gpus_of(m):
+                    out[m] = spec.reservation_mib(m, other.total_mib()) or 0
+        return out
 
     def worker_for(self, model: str) -> GpuWorker:
         """The worker that serves ``model`` (KeyError: none declares it). A
@@ -139,6 +165,7 @@ class Supervisor:
             if worker.gpu in self._workers:
                 raise ValueError(f"gpu {worker.gpu} already has a worker")
             worker.book.journal = self.journal
+            self._join(worker)
             self._workers = MappingProxyType({**self._workers, worker.gpu: worker})
         if self._watcher is not None:
             worker.start()
@@ -151,6 +178,7 @@ class Supervisor:
         if w is not None:
             w.stop()
             self.journal.forget(gpu)
+            self.claims.forget(gpu)
         return w
 
     def _watch(self) -> None:
