@@ -258,6 +258,8 @@ class GpuWorker:
         )
         self.lane = FastLane(self.poke, self.clock)
         self.queue = _Queue(self, deployment)
+        # When each model is expected to serve (``publish`` replaces it whole): the Retry-After of the queue and the gateway.
+        self.forecast = dq.Forecast()
         self.metrics.init_gpu(self.gpu)
         self.reporter.check_config(deployment, self.total_mib())
         self.reporter.check_initial(self.spec, self._desired, self.total_mib())
@@ -414,8 +416,36 @@ class GpuWorker:
         return self.reporter.status
 
     def publish(self) -> None:
-        """Render the snapshot readers see (loop thread)."""
+        """Render the snapshot readers see (loop thread): the status and the forecast."""
+        self.forecast = self._forecast()
+        self.queue.desk.state = replace(self.queue.desk.state, forecast=self.forecast)
         self.reporter.publish(self.queue.desk.snapshot(), self._total)
+
+    def _forecast(self) -> dq.Forecast:
+        """When each heavy model is expected to serve, by the cost book: the
+        switch in flight (from its start, to its target), or a restart of the
+        desired model (its back-off, then a cold start, timed from the start
+        when one runs), then one switch from there to each other model."""
+        rec, book, total, now = self._rec, self.reporter.costs, self._total, self.clock()
+        spec, asleep, target = rec.spec, set(rec.asleep), rec.desired.active
+        began: float | None = None
+        seconds = 0.0
+        sw = self.book.switch
+        if sw is not None and sw.target == target:
+            began, seconds = sw.started, switch_seconds(book, spec, sw.source, target, asleep, total) if target else 0.0
+            if sw.source is not None and sw.source in spec.models and spec.models[sw.source].warm_switch:
+                asleep.add(sw.source)
+        elif target is not None and rec.model_states.get(target) != "running":
+            starting = self.reporter.stopwatch.pending.get(target)
+            if starting is not None and starting[0] == "start":
+                began = starting[1]
+            else:
+                wait = rec.backoff.remaining(now).get(target, 0.0)
+                began = now + (wait if wait != float("inf") else 0.0)
+            seconds = switch_seconds(book, spec, None, target, asleep - {target}, total)
+        heavy = [m for m, ms in spec.models.items() if ms.heavy and m != target]
+        ways = tuple((m, switch_seconds(book, spec, target, m, asleep - {target}, total)) for m in heavy)
+        return dq.Forecast(target, began, seconds, ways)
 
     def progress(self, since: int = 0) -> list[dict[str, Any]]:
         return [p for p in list(self.book.progress) if p["seq"] > since]
