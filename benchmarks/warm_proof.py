@@ -359,7 +359,7 @@ def awake_heavies(samples: list[Sample], dry: bool) -> dict[str, Any]:
 class Supervisor:
     """``vramctl up`` in a subprocess, driven over its HTTP API."""
 
-    def __init__(self, cfg: dict[str, Any], workdir: Path, instance: str) -> None:
+    def __init__(self, cfg: dict[str, Any], workdir: Path, instance: str, extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cfg_path = workdir / f"{instance}.yaml"
@@ -367,7 +367,7 @@ class Supervisor:
         self.log_path = workdir / f"{instance}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT / "operator") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         cmd = [sys.executable, "-m", "vramctl", "up", "--config", str(cfg_path), "--state", str(workdir / f"{instance}.state.json")]
-        cmd += ["--listen", f"127.0.0.1:{self.port}", "--instance", instance]
+        cmd += ["--listen", f"127.0.0.1:{self.port}", "--instance", instance, *extra_args]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.progress: list[dict[str, Any]] = []  # every progress entry, in order (timed steps)
         deadline = time.monotonic() + 60
