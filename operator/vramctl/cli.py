@@ -212,7 +212,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         token=token,
         allowed_hosts=tuple(args.allow_host or ()),
         api_routes=(status_page(built.supervisor, token_set=token is not None),),
-        metrics_body=SharedRendering(built.supervisor.metrics.registry).body,
+        metrics_body=SharedRendering(built.supervisor.metrics.registry),
     )
     try:
         face = serve(built.supervisor, options, state=built.state)
@@ -747,7 +747,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         switch_refusal=SWITCH_IN_KUBERNETES,
         holds_on_api=bool(token) or is_loopback(host),  # holds switch GPUs: off loopback only with the token
         api_routes=(status_page(built.supervisor, refusal=SWITCH_IN_KUBERNETES, token_set=token is not None),),
-        metrics_body=SharedRendering(built.supervisor.metrics.registry).body,
+        metrics_body=SharedRendering(built.supervisor.metrics.registry),
     )
     try:
         face = serve(built.supervisor, options)

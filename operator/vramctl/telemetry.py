@@ -346,10 +346,23 @@ class SharedRendering:
         self._cond = threading.Condition()
         self._body: bytes | None = None
         self._began = float("-inf")  # when the kept body's rendering began
+        self._kept: tuple[bytes, float] | None = None  # (body, began), replaced whole: read without the lock
         self._rendering = False
         self._failed: BaseException | None = None  # what the rendering being waited for raised
         self._generation = 0  # renderings finished: a waiter knows its rendering ended
         self.renderings = 0
+
+    def __call__(self) -> bytes:
+        return self.body()
+
+    def fresh(self) -> bytes | None:
+        """The kept body while it is within the window, else None; never
+        waits (an event loop asks this first, and hands ``body`` to a thread
+        only when it is None)."""
+        kept = self._kept
+        if kept is not None and self._clock() - kept[1] <= self.max_age_s:
+            return kept[0]
+        return None
 
     def body(self) -> bytes:
         with self._cond:
@@ -375,6 +388,7 @@ class SharedRendering:
             raise
         with self._cond:
             self._body, self._began = body, began
+            self._kept = (body, began)
             self._rendering = False
             self._generation += 1
             self.renderings += 1

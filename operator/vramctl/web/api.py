@@ -25,6 +25,7 @@ import concurrent.futures
 import functools
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from vramctl.spec.models import DeploymentSpec, DesiredStateError
 from vramctl.status.redact import redact_status
 from vramctl.web.guards import HttpError, body_of, dumps, parse_body, public
+from vramctl.worker.actor import GpuWorker
 from vramctl.worker.supervisor import Supervisor
 
 log = logging.getLogger("vramctl.web.api")
@@ -43,6 +45,15 @@ class StateStore(Protocol):
     """Where desired state is recorded before it is acted on (the state file)."""
 
     def check_writable(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class _StatusBody:
+    """``GET /status`` rendered: the workers, statuses and specs it shows (compared by identity) and the count of notes."""
+
+    seen: tuple[tuple[int, GpuWorker, Mapping[str, Any], DeploymentSpec], ...]
+    notes: int
+    body: bytes
 
 
 class SwitchBody(BaseModel):
@@ -74,13 +85,15 @@ class Api:
         self.supervisor = supervisor
         # The exposition text; the composition root passes one rendering shared by concurrent scrapes (telemetry).
         self._render_metrics = metrics_body or functools.partial(generate_latest, supervisor.metrics.registry)
+        # A shared rendering's body while it is fresh, asked on the loop: no trip to the rendering thread for it.
+        self._metrics_fresh: Callable[[], bytes | None] | None = getattr(metrics_body, "fresh", None)
         self.state = state
         self.switch_refusal = switch_refusal
         self._switch_lock: asyncio.Lock | None = None
         # Concurrent scrapes share one collection (prometheus' collectors read probes).
         self._metrics_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vramctl-metrics")
         self._metrics_inflight: asyncio.Future[bytes] | None = None
-        self._status_cache: tuple[tuple[Any, ...], bytes, Any] | None = None
+        self._status_cache: _StatusBody | None = None
         self._secrets: dict[int, tuple[DeploymentSpec, frozenset[str]]] = {}
 
     def add_routes(self, app: web.Application) -> None:
@@ -97,7 +110,8 @@ class Api:
         return web.Response(text="ok\n", content_type="text/plain")
 
     async def status(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=self._status_body(request.rel_url.query), content_type="application/json")
+        body = self._status_now() if not request.query_string else self._status_body(request.rel_url.query)
+        return web.Response(body=body, content_type="application/json")
 
     async def metrics(self, _: web.Request) -> web.StreamResponse:
         return web.Response(body=await self._metrics_body(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -115,6 +129,20 @@ class Api:
             out |= cached[1]
         return frozenset(out)
 
+    def _status_now(self) -> bytes:
+        """The plain ``GET /status``: the bytes rendered when a worker last
+        published (or a spec or the notes changed), found by identity: no
+        JSON work per request."""
+        cache, sup = self._status_cache, self.supervisor
+        if cache is not None and len(sup.notes) == cache.notes and len(sup.workers) == len(cache.seen):
+            workers = sup.workers
+            for gpu, worker, status, spec in cache.seen:
+                if worker.published_status() is not status or worker.spec is not spec or workers.get(gpu) is not worker:
+                    break
+            else:
+                return cache.body
+        return self._status_body({})
+
     def _status_body(self, query: Mapping[str, str]) -> bytes:
         raw = query.get("since")
         since = -1
@@ -123,27 +151,28 @@ class Api:
                 since = int(raw)
             except ValueError:
                 raise HttpError(400, f"since={raw!r} is not a whole number: use the progressSeq of a previous answer", "since") from None
-        workers = sorted(self.supervisor.workers.items())
-        published = [(g, w.published_status()) for g, w in workers]
         sup = self.supervisor
-        key = (tuple((g, id(st)) for g, st in published), tuple((g, id(w.spec)) for g, w in workers), len(sup.notes))
-        cache = self._status_cache
-        if since < 0 and cache is not None and cache[0] == key:
-            return cache[1]
+        notes = list(sup.notes)
+        workers = sorted(sup.workers.items())
+        seen = tuple((g, w, w.published_status(), w.spec) for g, w in workers)
         out: dict[str, Any] = {
             "runtime": sup.runtime.kind,
-            "notes": list(sup.notes),
-            "gpus": {str(g): dict(st) for g, st in published},
+            "notes": notes,
+            "gpus": {str(g): dict(st) for g, _, st, _ in seen},
         }
         if since >= 0:
             out["progress"] = [p for _, w in workers for p in w.progress(since)]
         body = dumps(redact_status(out, self._known_secrets())).encode() + b"\n"
         if since < 0:
-            # The cache holds the objects whose ids make its key, so no id can be reused while cached.
-            self._status_cache = (key, body, (published, [w.spec for _, w in workers]))
+            # The cache holds the objects it compares by identity, so none of them can be replaced by a look-alike while cached.
+            self._status_cache = _StatusBody(seen, len(notes), body)
         return body
 
     async def _metrics_body(self) -> bytes:
+        if self._metrics_fresh is not None:
+            body = self._metrics_fresh()
+            if body is not None:
+                return body
         fut = self._metrics_inflight
         if fut is None or fut.done():
             loop = asyncio.get_running_loop()

@@ -91,6 +91,11 @@ def public(handler: Handler) -> Handler:
     return read
 
 
+def is_public(handler: Any) -> bool:
+    """Whether ``handler`` was marked ``public``."""
+    return bool(getattr(handler, _PUBLIC, False))
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -358,7 +363,7 @@ def unmatched(request: web.Request) -> HttpError | None:
 
 async def check(policy: Policy, request: web.Request) -> None:
     """Every guard, in order, for a matched route (public reads skip token, Host and Origin)."""
-    if not getattr(request.match_info.handler, _PUBLIC, False):
+    if not is_public(request.match_info.handler):
         policy.check_host(request)
         policy.check_origin(request)
         policy.check_token(request)

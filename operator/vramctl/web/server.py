@@ -47,13 +47,14 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 from prometheus_client import CollectorRegistry, Counter
 
 from vramctl.web.api import Api, StateStore
 from vramctl.web.gateway import GATEWAY_MAX_BODY, Gateway
-from vramctl.web.guards import API_MAX_BODY, HttpError, Policy, check, dumps, is_loopback, render, unmatched
+from vramctl.web.guards import API_MAX_BODY, HttpError, Policy, check, dumps, is_loopback, is_public, render, unmatched
 from vramctl.web.holds import HoldsApi
 from vramctl.web.serving import SupervisorHolder
 from vramctl.worker.supervisor import Supervisor
@@ -139,6 +140,7 @@ class Listener:
     routes: Sequence[RouteAdder]
     runner: web.AppRunner | None = None
     paused: bool = False
+    guarded: Any = None  # its guards middleware, once its application is made
 
     @property
     def host(self) -> str:
@@ -155,13 +157,13 @@ class _Handler(RequestHandler):
     problem, logged at debug: they are the client's."""
 
     door: HttpServer
-    answering = False  # a whole request arrived and its answer is not written yet
+    answering = False  # a whole request arrived and its handler has not begun yet (then aiohttp's flag says it)
     sock: socket.socket | None = None
 
     def idle(self) -> bool:
         """No request being answered and none waiting unread in the kernel
         (a client that just sent its request is not idle, though not read yet)."""
-        if self.answering:
+        if self.answering or self._request_in_progress or self._messages:
             return False
         if self.sock is None:
             return True
@@ -176,14 +178,6 @@ class _Handler(RequestHandler):
         super().data_received(data)
         if self._messages:
             self.answering = True
-
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        try:
-            return await super().finish_response(request, resp, start_time)
-        finally:
-            self.answering = bool(self._messages)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -258,10 +252,42 @@ class HttpServer:
 
     def app(self, listener: Listener) -> web.Application:
         """The application of one listener: the guards middleware, then its routes."""
-        app = web.Application(middlewares=[self._middleware(listener)], client_max_size=listener.policy.max_body)
+        listener.guarded = self._middleware(listener)
+        app = web.Application(middlewares=[listener.guarded], client_max_size=listener.policy.max_body)
         for add in listener.routes:
             add(app)
         return app
+
+    @staticmethod
+    def _dispatcher(app: web.Application, guarded: Any, routed: Any) -> Callable[[web.BaseRequest], Any]:
+        """The request handler of a listener's connections: a public read
+        (``GET /status``, ``/metrics``, ``/healthz``, ...) with no body is
+        handed to the same guards middleware with its route found by one
+        dict lookup of its exact raw path; everything else (another method,
+        a body, an ``Expect``, an encoded or unknown path) goes through
+        aiohttp's router and middleware chain (``routed``). The guards are
+        the same either way; what the shortcut leaves out is the router's
+        walk and aiohttp's per-request middleware plumbing, most of the
+        cost of a small answer."""
+        reads: dict[str, tuple[Any, UrlMappingMatchInfo]] = {}
+        for route in app.router.routes():
+            resource = route.resource
+            if route.method == "GET" and isinstance(resource, web.PlainResource) and is_public(route.handler):
+                info = UrlMappingMatchInfo({}, route)
+                info.add_app(app)
+                info.freeze()
+                reads[resource.canonical] = (route.handler, info)
+
+        async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+            hit = reads.get(request.raw_path.partition("?")[0]) if request.method == "GET" else None
+            if hit is None or request.body_exists or hdrs.EXPECT in request.headers or not isinstance(request, web.Request):
+                resp: web.StreamResponse = await routed(request)
+                return resp
+            request._match_info = hit[1]
+            resp = await guarded(request, hit[0])
+            return resp
+
+        return dispatch
 
     def _middleware(self, listener: Listener) -> Any:
         policy, requests, name, open_, children = listener.policy, self._requests, listener.name, self._open, self._children
@@ -272,6 +298,7 @@ class HttpServer:
             if proto in open_:  # the least recently used connection is evicted first
                 del open_[proto]
                 open_[proto] = None
+                proto.answering = False  # from here aiohttp's request-in-progress flag says it
             try:
                 refused = unmatched(request)
                 if refused is not None:
@@ -350,6 +377,8 @@ class HttpServer:
                 shutdown_timeout=1.0,
             )
             await runner.setup()
+            assert runner.server is not None
+            runner.server.request_handler = self._dispatcher(runner.app, listener.guarded, runner.server.request_handler)
             listener.runner = runner
             loop.add_reader(listener.sock.fileno(), self._accept, listener)
 
@@ -535,7 +564,9 @@ class FaceOptions:
     limits: Limits = field(default_factory=Limits)
     api_routes: tuple[RouteAdder, ...] = ()
     gateway_routes: tuple[RouteAdder, ...] = ()
-    metrics_body: Callable[[], bytes] | None = None  # /metrics' text (default: the registry rendered per scrape)
+    # /metrics' text (default: the registry rendered per scrape); one with a ``fresh()`` (telemetry.SharedRendering)
+    # is asked that first, on the event loop.
+    metrics_body: Callable[[], bytes] | None = None
 
 
 @dataclass
