@@ -6,8 +6,12 @@ Each run sends at least 200 random switch requests to a real `vramctl up`
 supervisor at least 10 times at random points (some within 20 ms of a
 "starting" line, i.e. while it spawns a model) and restarts it on the same
 state file. The docker run also restarts the Docker daemon twice (at rest
-and mid-switch) and starts heavy services by hand with
-`docker compose --profile ... up -d` at random moments.
+and mid-switch), starts heavy services by hand with
+`docker compose --profile ... up -d` at random moments, and restarts models
+by hand with `docker compose restart <service>`: the active one (vramctl
+takes it for the user's act: `restarted-outside`, then waits for its
+health) and one that is not active (its stopped container is started again:
+a start behind vramctl's back, gated), COMPOSE_RESTARTS times in all.
 
 Checked: no two heavy models overlap (the session's exclusivity recorder
 for containers; a 5 ms /proc sampler for processes), the state file is
@@ -48,6 +52,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(420)]
 
 REQUESTS = int(os.environ.get("VRAMCTL_CHAOS_REQUESTS", "200"))
 KILLS = 10
+COMPOSE_RESTARTS = 6  # half of the active model, half of another heavy one
 SEED = int(os.environ.get("VRAMCTL_CHAOS_SEED", "20261128"))
 LOAD_S, STOP_S = 0.3, 0.2
 HEAVY = ("llm", "sdxl", "img")
@@ -234,8 +239,32 @@ def test_chaos_docker_runtime(
     restart_at = {REQUESTS // 3: "at rest", (2 * REQUESTS) // 3: "mid-switch"}
     kill_at = set(rng.sample([i for i in range(20, REQUESTS - 10) if i not in restart_at], KILLS))
     desired_kept: list[str] = []
+    # The compose restarts draw from a random source of their own: the other faults keep their schedule.
+    crng = random.Random(SEED + 2)
+    free = [i for i in range(20, REQUESTS - 10) if i not in restart_at and i not in kill_at]
+    compose_restart_at = dict(zip(sorted(crng.sample(free, COMPOSE_RESTARTS)), ["active", "other"] * COMPOSE_RESTARTS, strict=False))
+    compose_restarts: list[str] = []
+
+    def compose_restart(which: str) -> None:
+        try:
+            g = v.gpu()
+        except OSError:  # the supervisor is being restarted: restart what was last asked for
+            g = {"activeModel": d.accepted[-1][0] if d.accepted else None}
+        active = g.get("activeModel")
+        m = active if which == "active" and active in HEAVY else crng.choice([h for h in HEAVY if h != active])
+        r = subprocess.run(
+            ["docker", "compose", "-p", instance, "-f", str(cf), "--profile", m, "restart", m],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        compose_restarts.append(f"{m}({'active' if m == active else 'other'}{'' if r.returncode == 0 else ', refused'})")
+
     t_start = time.monotonic()
     for i in range(REQUESTS):
+        if i in compose_restart_at:
+            compose_restart(compose_restart_at[i])
         if i in kill_at:
             d.kill_and_restart(spawning=kills % 2 == 0)
             kills += 1
@@ -269,19 +298,21 @@ def test_chaos_docker_runtime(
     exclusivity.settle()
     overlaps = exclusivity.violations_for(instance)
     lat = sorted(s for _, s in exclusivity.gate_latencies[gated_before:])
+    said_restarted = sum(log.read_text(errors="replace").count("restarted outside vramctl") for log in v.logs if log.exists())
     running = {
         c.labels["com.docker.compose.service"]: c.status
         for c in docker_client.containers.list(all=True, filters={"label": f"com.docker.compose.project={instance}"})
     }
     report(
         f"[chaos docker] {len(d.sent)} requests ({len(d.accepted)} accepted), {kills} SIGKILLs, {restarts} daemon restarts, "
-        f"{hand} hand starts in {chaos_s:.0f}s; overlaps {len(overlaps)}; gated {len(lat)} starts, "
+        f"{hand} hand starts, {len(compose_restarts)} compose restarts [{' '.join(compose_restarts)}] "
+        f"({said_restarted} taken for the user's restart) in {chaos_s:.0f}s; overlaps {len(overlaps)}; gated {len(lat)} starts, "
         f"start->pause p50 {1000 * lat[len(lat) // 2] if lat else 0:.0f} ms max {1000 * lat[-1] if lat else 0:.0f} ms; "
         f"converged to the last request in {took:.2f}s; {'; '.join(desired_kept)}"
     )
     exclusivity.close()
     assert not overlaps, overlaps
-    assert len(d.sent) >= REQUESTS and kills >= KILLS and restarts >= 2
+    assert len(d.sent) >= REQUESTS and kills >= KILLS and restarts >= 2 and len(compose_restarts) == COMPOSE_RESTARTS
     assert sorted(m for m, st in running.items() if st == "running") == ["sdxl", "tts"], running
     assert not [m for m, st in running.items() if st == "paused"], running
     assert took <= STOP_S + LOAD_S + 2 + 1.0, f"converged in {took:.2f}s"

@@ -15,6 +15,13 @@ Checked, from the records of each side:
 - every client got a whole answer, an error that states the true reason (a
   forced switch: "vramctl stopped a ... switched to 'b'"; after the SIGKILL
   only: the backend died or failed), or a 503 with a Retry-After;
+- the forced switch away meets streams mid-answer, by construction: LONG
+  clients ask for a LONG_TOKENS answer (4 s) and the switch is forced only
+  once each has received its first tokens. ``force`` switches at once, even
+  away from a model in use (POST /switch: "switch now, even away from held
+  models"; the queue: "force skips the drain"), so each of them gets the
+  tokens so far and then the error that says why: "vramctl stopped a during
+  this answer: ... switched to 'b'" -- never a whole answer, never a bare cut;
 - each Retry-After R (whole seconds) against the wait W the client really
   had: from its 503 to a's next "healthy" in vramctl's own journal (0 when a
   was serving then). With Wc = max(1, ceil(W)) (the header's resolution and
@@ -52,6 +59,8 @@ PER_CLIENT = 40  # requests at most per client (the scenario's deadline ends the
 TOKENS = 10
 TOKEN_S = 0.1  # 1 s streams: longer than a stop (0.3 s), so a forced switch cuts some
 WHOLE = "".join(f"tok{i} " for i in range(TOKENS))
+LONG = 2  # clients whose answers are still streaming when the switch away is forced
+LONG_TOKENS = 40  # 4 s answers: a forced switch (a 0.3 s stop) cuts them whatever the machine's load
 
 
 def model(port: int, log: Path) -> dict[str, Any]:
@@ -81,6 +90,32 @@ class Outcome:
     status: int | None = None
     retry_after: int | None = None
     message: str = ""
+    text: str = ""  # what the client received before the end
+    first_token: float = 0.0  # when its first token came
+
+
+def long_client(gw: str, tag: str, first: threading.Event, o: Outcome) -> None:
+    """One LONG_TOKENS answer from a; ``first`` is set once its first token came (or it ended without one)."""
+    client = openai.OpenAI(base_url=gw, api_key="unused", max_retries=0, timeout=20)
+    try:
+        stream = client.chat.completions.create(
+            model="model-a", messages=[{"role": "user", "content": tag}], max_tokens=LONG_TOKENS, stream=True
+        )
+        for ch in stream:
+            o.text += "".join(c.delta.content or "" for c in ch.choices)
+            if o.text and not first.is_set():
+                o.first_token = time.time()
+                first.set()
+        whole = "".join(f"tok{i} " for i in range(LONG_TOKENS))
+        o.kind, o.message = ("whole", "") if o.text == whole else ("bad", f"cut answer without an error: {o.text!r}")
+    except openai.APIStatusError as err:
+        o.kind, o.status, o.message = "error", err.status_code, err.message
+    except openai.APIConnectionError as err:
+        o.kind, o.message = "bad", f"{type(err).__name__}: {err}"
+    except openai.APIError as err:  # the SSE error event mid-stream
+        o.kind, o.message = "error", err.message
+    o.done = time.time()
+    first.set()
 
 
 @dataclass
@@ -190,6 +225,8 @@ def test_requests_during_switches_force_and_a_killed_backend(live: list[LiveUp],
     poller = threading.Thread(target=journal.run, daemon=True)
     poller.start()
     events: dict[str, float] = {}
+    longs: list[Outcome] = []
+    long_threads: list[threading.Thread] = []
     t_clients = time.time()
     for t in threads:
         t.start()
@@ -204,6 +241,16 @@ def test_requests_during_switches_force_and_a_killed_backend(live: list[LiveUp],
         # The queued switch to b keeps its turn (superseded, not served): b runs once, then a's clients bring a back.
         back = journal.wait_for("healthy", "a", journal.wait_for("healthy", "b", back))
         time.sleep(1.0)
+        # Streams mid-answer when the switch away is forced: LONG clients, each past its first token.
+        for k in range(LONG):
+            first = threading.Event()
+            lo = Outcome(f"long-{k}", time.time())
+            longs.append(lo)
+            t = threading.Thread(target=long_client, args=(gw, lo.tag, first, lo), daemon=True)
+            long_threads.append(t)
+            t.start()
+            assert first.wait(15), f"{lo.tag}: no first token within 15 s"
+            assert lo.first_token and not lo.done, f"{lo.tag} ended before its first token: {lo.kind} {lo.status} {lo.message}"
         events["force b"] = time.time()
         assert switch(v, "b", force=True)[0] == 202  # away from a mid-stream: its streams are cut
         journal.wait_for("healthy", "a", events["force b"])  # a's waiting clients bring it back
@@ -216,18 +263,18 @@ def test_requests_during_switches_force_and_a_killed_backend(live: list[LiveUp],
         time.sleep(1.5)
     finally:
         stop.set()
-        for t in threads:
+        for t in [*threads, *long_threads]:
             t.join(30)
         journal._stop.set()
         poller.join(5)
     journal.poll()
     took = time.monotonic() - t_begin
-    assert not [t for t in threads if t.is_alive()], "a client did not finish"
+    assert not [t for t in [*threads, *long_threads] if t.is_alive()], "a client did not finish"
 
-    every = [o for per in outcomes for o in per]
+    every = [o for per in outcomes for o in per] + longs
     by_tag = {o.tag: o for o in every}
     # -- the backends' side: nothing proxied to a server that was not ready
-    received = [r for r in read_log(log) if "path" in r and r.get("tag", "").startswith("c")]
+    received = [r for r in read_log(log) if "path" in r and r.get("tag", "").startswith(("c", "long-"))]
     stop_signal = {r["pid"]: r["t"] for r in read_log(log) if r.get("event") == "stop-signal"}
     wrong = []
     cut_in_flight = 0
@@ -265,6 +312,19 @@ def test_requests_during_switches_force_and_a_killed_backend(live: list[LiveUp],
     assert not bad, [(o.tag, o.kind, o.status, o.message) for o in bad[:8]]
     assert not [o for o in every if o.kind == "503" and o.retry_after is None]
 
+    # -- the streams mid-answer at the forced switch: their tokens so far, then the true reason
+    long_whole = "".join(f"tok{i} " for i in range(LONG_TOKENS))
+    assert len(longs) == LONG
+    for o in longs:
+        assert o.first_token < events["force b"] and o.text and long_whole.startswith(o.text) and o.text != long_whole, (o.tag, o.text)
+        assert o.kind == "error" and "vramctl stopped a during this answer" in o.message and "switched to 'b'" in o.message, (
+            o.tag,
+            o.kind,
+            o.status,
+            o.message,
+        )
+        assert events["force b"] <= o.done <= events["force b"] + 5, (o.tag, o.done - events["force b"])
+
     # -- Retry-After against the real wait, at the header's resolution (whole seconds, at least 1)
     off = [(r, round(w, 2)) for r, w in waits if not (max(1, math.ceil(w)) / 2 <= r <= 2 * max(1, math.ceil(w)))]
     assert not off, f"Retry-After (s) vs the real wait (s) beyond 2x: {off[:8]}"
@@ -282,7 +342,9 @@ def test_requests_during_switches_force_and_a_killed_backend(live: list[LiveUp],
     report(
         f"[gateway switch in flight] {CLIENTS} openai clients, {len(every)} streamed requests in {time.time() - t_clients:.1f}s "
         f"(switch, force back mid-load, force away mid-stream, SIGKILL): {counts['whole']} whole, {counts['error']} errors "
-        f"with their reason, {counts['503']} 503s; Retry-After {ra} s vs real waits "
+        f"with their reason, {counts['503']} 503s; {len(longs)} streams mid-answer at the forced switch away, each cut "
+        f"after {'/'.join(str(o.text.count('tok')) for o in longs)} tokens with the true reason "
+        f"{max(o.done - events['force b'] for o in longs):.2f}s after it; Retry-After {ra} s vs real waits "
         f"{min((w for _, w in waits), default=0):.2f}-{max((w for _, w in waits), default=0):.2f} s (last switch "
         f"{last.get('durationSeconds', 0):.2f} s); {len(received)} requests at the backends, 0 to a server not ready, "
         f"{cut_in_flight} in flight when their server began stopping; test {took:.0f}s"
