@@ -244,8 +244,11 @@ def test_chaos_docker_runtime(
     free = [i for i in range(20, REQUESTS - 10) if i not in restart_at and i not in kill_at]
     compose_restart_at = dict(zip(sorted(crng.sample(free, COMPOSE_RESTARTS)), ["active", "other"] * COMPOSE_RESTARTS, strict=False))
     compose_restarts: list[str] = []
+    compose_restart_s = 0.0
 
     def compose_restart(which: str) -> None:
+        nonlocal compose_restart_s
+        t0 = time.monotonic()
         try:
             g = v.gpu()
         except OSError:  # the supervisor is being restarted: restart what was last asked for
@@ -260,6 +263,7 @@ def test_chaos_docker_runtime(
             check=False,
         )
         compose_restarts.append(f"{m}({'active' if m == active else 'other'}{'' if r.returncode == 0 else ', refused'})")
+        compose_restart_s += time.monotonic() - t0
 
     t_start = time.monotonic()
     for i in range(REQUESTS):
@@ -306,7 +310,7 @@ def test_chaos_docker_runtime(
     report(
         f"[chaos docker] {len(d.sent)} requests ({len(d.accepted)} accepted), {kills} SIGKILLs, {restarts} daemon restarts, "
         f"{hand} hand starts, {len(compose_restarts)} compose restarts [{' '.join(compose_restarts)}] "
-        f"({said_restarted} taken for the user's restart) in {chaos_s:.0f}s; overlaps {len(overlaps)}; gated {len(lat)} starts, "
+        f"({said_restarted} taken for the user's restart; {compose_restart_s:.1f}s in all) in {chaos_s:.0f}s; overlaps {len(overlaps)}; gated {len(lat)} starts, "
         f"start->pause p50 {1000 * lat[len(lat) // 2] if lat else 0:.0f} ms max {1000 * lat[-1] if lat else 0:.0f} ms; "
         f"converged to the last request in {took:.2f}s; {'; '.join(desired_kept)}"
     )
