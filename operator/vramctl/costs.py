@@ -262,20 +262,28 @@ def switch_seconds(
     target: str,
     asleep: Iterable[str] = (),
     total_mib: int | None = None,
+    whole: float | None = None,
 ) -> float:
     """The estimated seconds of a switch from ``active`` to ``target``: the
     active model away (a sleep when it sleeps, else a stop) plus the target
-    back (a wake when it is asleep, else a cold start). Nothing to do: 0."""
+    back (a wake when it is asleep, else a cold start). Nothing to do: 0.
+
+    ``whole``: what this GPU's recent switches took (their median), used
+    instead when a part of this switch has not been measured for its model:
+    a prior from the declared size may be off by tens of seconds where the
+    GPU's own switches say otherwise."""
     if active == target:
         return 0.0
-    total = 0.0
+    parts: list[Estimate] = []
     if active is not None and active in spec.models:
         away = path_of(spec, active, "sleep") if spec.models[active].warm_switch else "stop"
-        total += book.estimate(active, away, declared_gib(spec, active, away, total_mib)).seconds
+        parts.append(book.estimate(active, away, declared_gib(spec, active, away, total_mib)))
     if target in spec.models:
         back = path_of(spec, target, "wake") if target in set(asleep) else "start"
-        total += book.estimate(target, back, declared_gib(spec, target, back, total_mib)).seconds
-    return total
+        parts.append(book.estimate(target, back, declared_gib(spec, target, back, total_mib)))
+    if whole is not None and any(e.source == "prior" for e in parts):
+        return whole
+    return sum(e.seconds for e in parts)
 
 
 def turn_seconds(

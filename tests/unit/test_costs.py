@@ -246,6 +246,20 @@ def test_switch_seconds_from_priors_alone() -> None:
     assert switch_seconds(CostBook(), s, "a", "b") == pytest.approx(expected)
 
 
+def test_a_switch_with_a_part_not_measured_takes_what_the_gpus_switches_took() -> None:
+    s = spec(a=stopper(10 * 1024), b=stopper(20 * 1024))
+    # Nothing measured: the GPU's recent switches (0.3 s) stand for the
+    # whole switch, not the priors' tens of seconds.
+    assert switch_seconds(CostBook(), s, "a", "b", whole=0.3) == 0.3
+    # One part measured, the other not: still the GPU's figure.
+    assert switch_seconds(book(("b", "start", 0.2)), s, "a", "b", whole=0.3) == 0.3
+    # Every part measured: the measurements, whatever the GPU's other switches took.
+    both = book(("a", "stop", 0.1), ("b", "start", 0.2))
+    assert switch_seconds(both, s, "a", "b", whole=30.0) == pytest.approx(0.3)
+    # No recent switch: the priors.
+    assert switch_seconds(CostBook(), s, "a", "b", whole=None) > 20
+
+
 # -- the stopwatch: progress steps in, durations out ---------------------------------------------
 
 
