@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""A two-GPU model stand-in for benchmarks/gpu_proof.py: one process per GPU,
+the way tensor-parallel vLLM runs its workers.
+
+The process runtime starts a model on several GPUs with
+``CUDA_VISIBLE_DEVICES=0,1``. This launcher starts one ``cuda_workload.py``
+per visible device; each worker keeps the launcher's environment (so it sees
+every GPU, as vLLM's workers do) and picks its device by its rank
+(``torch.cuda.set_device(rank)`` before the workload allocates). Every
+worker holds ``VRAM_MIB`` MiB on its own GPU.
+
+The launcher answers on 127.0.0.1:``PORT``:
+
+  GET /health  200 once every worker answers 200 on its own /health
+  GET /vram    {"pid", "ranks": [each worker's /vram], "requested_mib",
+               "reserved_bytes"} (the sums over the workers)
+
+On SIGTERM or SIGINT (the runtime signals the whole process group, so the
+workers get it too) it waits for the workers to free their memory and exit
+(a worker still there after 5 s is sent SIGTERM itself), prints
+``EXIT_AT <unix time>`` and exits 0. If a worker dies on its own, the
+launcher stops the others and exits 1 (as a tensor-parallel server does when
+one rank fails).
+
+Environment: ``VRAM_MIB`` and ``PORT`` (required), ``CUDA_VISIBLE_DEVICES``
+(the ranks: one per entry; ``TP_SIZE`` overrides the count),
+``CUDA_WORKLOAD_FAKE=1`` for the dry run (no torch, nothing allocated).
+Standard library only (torch is imported by the workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+WORKLOAD = Path(__file__).resolve().parent / "cuda_workload.py"
+
+
+def log(message: str) -> None:
+    sys.stdout.write(f"tp_launcher[{os.getpid()}]: {message}\n")
+    sys.stdout.flush()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+def worker(rank: int) -> int:
+    """One rank: pick the device, then run the workload in this process."""
+    if os.environ.get("CUDA_WORKLOAD_FAKE") != "1":
+        import torch
+
+        torch.cuda.set_device(rank)
+    sys.argv = [str(WORKLOAD)]
+    try:
+        runpy.run_path(str(WORKLOAD), run_name="__main__")
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--rank":
+        return worker(int(sys.argv[2]))
+    try:
+        mib, port = int(os.environ["VRAM_MIB"]), int(os.environ["PORT"])
+    except (KeyError, ValueError) as err:
+        log(f"VRAM_MIB and PORT must be set to numbers ({err})")
+        return 2
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    size = int(os.environ.get("TP_SIZE") or len(visible) or 1)
+    ports = [free_port() for _ in range(size)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--rank", str(rank)], env={**os.environ, "PORT": str(p), "TP_RANK": str(rank)}
+        )
+        for rank, p in enumerate(ports)
+    ]
+    log(f"{size} workers (pids {', '.join(str(w.pid) for w in workers)}) on devices {','.join(visible) or '?'}, {mib} MiB each")
+    stopping = threading.Event()
+
+    def healthy() -> bool:
+        return all(get_json(f"http://127.0.0.1:{p}/health", 1.0)[0] == 200 for p in ports)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                ok = not stopping.is_set() and healthy()
+                self._send(200 if ok else 503, {"ready": ok, "ranks": size})
+            elif self.path == "/vram":
+                ranks = [get_json(f"http://127.0.0.1:{p}/vram")[1] or {} for p in ports]
+                self._send(
+                    200,
+                    {
+                        "pid": os.getpid(),
+                        "ranks": ranks,
+                        "requested_mib": mib * size,
+                        "reserved_bytes": sum(int(r.get("reserved_bytes") or 0) for r in ranks),
+                    },
+                )
+            else:
+                self._send(404, {"error": "not found"})
+
+        def _send(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    code = 0
+    while not stopping.wait(0.05):
+        dead = [w for w in workers if w.poll() is not None]
+        if dead:
+            log(f"worker pid {dead[0].pid} exited {dead[0].returncode}: stopping the others")
+            code = 1
+            break
+    # The runtime signals the whole group: the workers got the SIGTERM too. A
+    # second one could land while a worker's main thread holds its stop
+    # event's lock (its handler sets that event) and hang it, so a worker is
+    # signalled here only when no signal reached it (a worker died, or the
+    # launcher alone was signalled) or it is still there 5 s later.
+    grace = time.monotonic() + (0.0 if code else 5.0)
+    for w in workers:
+        try:
+            w.wait(max(0.0, grace - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.send_signal(signal.SIGTERM)
+    for w in workers:
+        w.wait()
+    server.shutdown()
+    log(f"EXIT_AT {time.time():.6f}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
