@@ -88,3 +88,40 @@ def test_a_real_overlap_is_still_seen() -> None:
         rec._promote(t + 5.0)
     (v,) = rec.violations
     assert (v.first, v.second) == ("llm", "sdxl")
+
+
+class LateDaemon(FakeClient):
+    """A daemon that stamps one event just before a stream's ``until`` and
+    publishes it after that stream closed: that stream never delivers it,
+    and only a window reaching back before ``until`` can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[dict[str, Any]] = []
+        self.late: tuple[str, str, float] | None = None  # (action, name, not before)
+
+    def events(self, since: str, until: str, **_: Any) -> list[dict[str, Any]]:
+        s, u = float(since), float(until)
+        time.sleep(max(0.0, min(0.25, u - time.time())))
+        out = [e for e in self.log if s <= e["timeNano"] / 1e9 <= u]
+        if self.late is not None and time.time() >= self.late[2]:
+            action, name, _ = self.late
+            self.late = None
+            self.log.append(event(action, name, u - 0.01))  # stamped inside this window, published after it
+        return out
+
+
+def test_an_event_published_after_its_window_closed_is_still_read() -> None:
+    client = LateDaemon()
+    rec = ExclusivityRecorder(client)  # type: ignore[arg-type]
+    try:
+        t = time.time()
+        client.log += [event("start", "holder", t), event("start", "newcomer", t + 0.01)]
+        client.late = ("pause", "newcomer", t + 0.05)  # the gate's pause, published late
+        time.sleep(0.2)
+        rec.settle()
+        assert rec.violations == [], rec.violations
+        assert [name for name, _ in rec.gate_latencies] == ["newcomer"]
+        assert rec.holders("chaos") == ["holder"]
+    finally:
+        rec.close()
