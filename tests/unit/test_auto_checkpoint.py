@@ -34,7 +34,7 @@ from vramctl.costs import (
 )
 from vramctl.observed import GpuMemory, GpuSnapshot
 from vramctl.reconcile.warm import SleepBook, WarmSwitches
-from vramctl.reconcile.ways import WayChoices
+from vramctl.reconcile.ways import Limits, WayChoices
 from vramctl.runtimes.checkpoint import Availability, StrategySleeper, open_driver
 from vramctl.spec.models import DeploymentSpec
 
@@ -187,7 +187,7 @@ def chooser(costs: CostBook, sleeper: StrategySleeper | None) -> tuple[WayChoice
 
 def choose(ways: WayChoices, active: str, target: str, **kw: Any) -> frozenset[str]:
     args: dict[str, Any] = {"total_mib": 81559, "margin_mib": 256, "host_budget_mib": 120000, "pinned_ceiling_mib": None, **kw}
-    return ways.cold(spec(), desired(target), obs(**{active: "running"}), **args)
+    return ways.cold(spec(), desired(target), obs(**{active: "running"}), Limits(**args))
 
 
 @pytest.mark.parametrize(

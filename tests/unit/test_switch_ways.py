@@ -24,7 +24,7 @@ from vramctl.host.memory import VIRTUALIZED_PINNED_CEILING_MIB, probe_pinned_cei
 from vramctl.observed import Desired, Observed, Workload, WorkloadState
 from vramctl.planner import Sleep, Stop, plan
 from vramctl.reconcile.warm import SleepBook
-from vramctl.reconcile.ways import WayChoices
+from vramctl.reconcile.ways import Limits, WayChoices
 from vramctl.spec.models import Config, DeploymentSpec
 from vramctl.worker.actor import GpuWorker, WorkerSettings
 
@@ -127,7 +127,7 @@ def chooser(costs: CostBook | None = None) -> tuple[WayChoices, Notes, SleepBook
 
 def cold(ways: WayChoices, s: DeploymentSpec, d: Desired, o: Observed, **kw: Any) -> frozenset[str]:
     args: dict[str, Any] = {"total_mib": 16000, "margin_mib": 256, "host_budget_mib": 60000, "pinned_ceiling_mib": None, **kw}
-    return ways.cold(s, d, o, **args)
+    return ways.cold(s, d, o, Limits(**args))
 
 
 def test_auto_sleeps_when_sleeping_is_cheaper_and_fits_and_says_so_once() -> None:
@@ -366,7 +366,7 @@ def auto_worlds(draw: st.DrawFn) -> tuple[DeploymentSpec, Desired, Observed, dic
 def test_auto_choices_keep_one_heavy_awake_and_the_pinned_ceiling(world: tuple[DeploymentSpec, Desired, Observed, dict[str, Any]]) -> None:
     s, d, o, kw = world
     ways, notes, _ = chooser()
-    cold_now = ways.cold(s, d, o, **kw)
+    cold_now = ways.cold(s, d, o, Limits(**kw))
     p = plan(
         s,
         d,

@@ -52,7 +52,7 @@ from vramctl.reconcile.runtime_outage import RuntimeOutage
 from vramctl.reconcile.settled import next_look, report
 from vramctl.reconcile.start_checks import StartChecks
 from vramctl.reconcile.warm import SleepBook, SleepMetrics, WarmSwitches
-from vramctl.reconcile.ways import WayChoices
+from vramctl.reconcile.ways import Limits, WayChoices
 from vramctl.runtimes.base import Runtime, StartEvent
 from vramctl.spec.models import DeploymentSpec
 
@@ -186,7 +186,8 @@ class Reconciler:
         s = self.ctx.settings
         total = self.ctx.total_mib()
         host_budget = s.host_memory.budget_mib if s.host_memory is not None else None
-        auto_cold = self.ways.cold(self.spec, self.desired, observed, total, s.margin_mib, host_budget, s.pinned_ceiling_mib)
+        limits = Limits(total, s.margin_mib, host_budget, s.pinned_ceiling_mib)
+        auto_cold = self.ways.cold(self.spec, self.desired, observed, limits)
         p = plan_for(
             self.spec,
             self.desired,
@@ -207,7 +208,7 @@ class Reconciler:
                 self.spec,
                 self.desired,
                 observed,
-                lambda m: self.ways.would_sleep(self.spec, observed, m, total, s.margin_mib, host_budget, s.pinned_ceiling_mib),
+                lambda m: self.ways.would_sleep(self.spec, observed, m, limits),
             )
             if warm is not None:  # the next plan wakes it; the loop settles after
                 self._submit(Sleep(warm, "prewarm"))

@@ -21,7 +21,8 @@ The sleepers' eviction order comes from the same book
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from vramctl.costs import Choice, CostBook, WayNeeds, budgets_for, checkpoint_host_mib, choose_way, eviction_order, ways_of
 from vramctl.observed import Desired, Observed, WorkloadState
@@ -29,6 +30,19 @@ from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.warm import SleepBook
 from vramctl.runtimes.checkpoint import StrategySleeper
 from vramctl.spec.models import DeploymentSpec
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a way's budgets are drawn from (``costs.budgets_for``): the GPU's
+    total memory and the planner's margin, the host memory budget and the
+    pinned-memory ceiling probed at start (None: unknown, no limit); the
+    spec's own budgets come first where it sets them."""
+
+    total_mib: int | None
+    margin_mib: int
+    host_budget_mib: int | None
+    pinned_ceiling_mib: int | None
 
 
 class WayChoices:
@@ -68,19 +82,10 @@ class WayChoices:
             if m in spec.models and spec.models[m].auto_checkpoint and self.sleep.ways.get(m) == "checkpoint"
         }
 
-    def cold(
-        self,
-        spec: DeploymentSpec,
-        desired: Desired,
-        observed: Observed,
-        total_mib: int | None,
-        margin_mib: int,
-        host_budget_mib: int | None,
-        pinned_ceiling_mib: int | None,
-    ) -> frozenset[str]:
+    def cold(self, spec: DeploymentSpec, desired: Desired, observed: Observed, limits: Limits) -> frozenset[str]:
         """The auto models leaving the GPU now whose cheapest fitting way is a
         stop (the planner's ``cold``); each choice is said once."""
-        choices = self.choices(spec, desired, observed, total_mib, margin_mib, host_budget_mib, pinned_ceiling_mib)
+        choices = self.choices(spec, desired, observed, limits)
         for m in list(self.said):
             if m not in choices:
                 del self.said[m]  # gone, asleep or wanted again: the next switch away is said anew
@@ -92,16 +97,7 @@ class WayChoices:
                 self.ctx.note("way", m, f"{m!r} goes away by {c.why}")
         return frozenset(m for m, c in choices.items() if c.way == "stop")
 
-    def choices(
-        self,
-        spec: DeploymentSpec,
-        desired: Desired,
-        observed: Observed,
-        total_mib: int | None,
-        margin_mib: int,
-        host_budget_mib: int | None,
-        pinned_ceiling_mib: int | None,
-    ) -> dict[str, Choice]:
+    def choices(self, spec: DeploymentSpec, desired: Desired, observed: Observed, limits: Limits) -> dict[str, Choice]:
         wanted = set(desired.members)
         if not wanted and not desired.keep_asleep:
             return {}  # the GPU is freed: every model is stopped, sleepers too
@@ -119,36 +115,32 @@ class WayChoices:
         ]
         asleep = [w.model for w in observed.workloads.values() if w.state.live and w.asleep and w.model not in wanted]
         sleepers = [*asleep, *(m for m in leaving if spec.models[m].switch_strategy != "auto" and m not in self.sleep.cold)]
-        held = self.host_held(spec, sleepers, total_mib)
-        out: dict[str, Choice] = {}
-        for m in sorted(leaving):
-            if spec.models[m].switch_strategy != "auto" or m in self.sleep.cold:
-                continue
-            budgets = budgets_for(
-                spec,
-                m,
-                sleepers=sleepers,
-                awake_next=desired.members,
-                cycles_left=not self.sleep.cycles_reached(spec, m),
-                total_mib=total_mib,
-                margin_mib=margin_mib,
-                host_budget_mib=host_budget_mib,
-                pinned_ceiling_mib=pinned_ceiling_mib,
-                host_held=held,
-            )
-            out[m] = choose_way(self.costs, spec, m, self.ways_of(spec, m, total_mib), budgets, total_mib)
-        return out
+        held = self.host_held(spec, sleepers, limits.total_mib)
+        return {
+            m: self._choose(spec, m, sleepers, desired.members, held, limits)
+            for m in sorted(leaving)
+            if spec.models[m].switch_strategy == "auto" and m not in self.sleep.cold
+        }
 
-    def would_sleep(
-        self,
-        spec: DeploymentSpec,
-        observed: Observed,
-        model: str,
-        total_mib: int | None,
-        margin_mib: int,
-        host_budget_mib: int | None,
-        pinned_ceiling_mib: int | None,
-    ) -> bool:
+    def _choose(
+        self, spec: DeploymentSpec, model: str, sleepers: list[str], awake_next: Iterable[str], held: dict[str, int], limits: Limits
+    ) -> Choice:
+        """``model``'s cheapest way that fits what ``limits`` leave beside ``sleepers`` while ``awake_next`` run."""
+        budgets = budgets_for(
+            spec,
+            model,
+            sleepers=sleepers,
+            awake_next=awake_next,
+            cycles_left=not self.sleep.cycles_reached(spec, model),
+            total_mib=limits.total_mib,
+            margin_mib=limits.margin_mib,
+            host_budget_mib=limits.host_budget_mib,
+            pinned_ceiling_mib=limits.pinned_ceiling_mib,
+            host_held=held,
+        )
+        return choose_way(self.costs, spec, model, self.ways_of(spec, model, limits.total_mib), budgets, limits.total_mib)
+
+    def would_sleep(self, spec: DeploymentSpec, observed: Observed, model: str, limits: Limits) -> bool:
         """Whether ``model`` would go away by its server's sleep now (an auto
         model's cheapest fitting way, beside the sleepers there are: not a
         stop, nor a checkpoint); any other warm model: True (it sleeps as its
@@ -159,19 +151,7 @@ class WayChoices:
         if ms.switch_strategy != "auto":
             return True
         asleep = [w.model for w in observed.workloads.values() if w.state.live and w.asleep and w.model != model]
-        budgets = budgets_for(
-            spec,
-            model,
-            sleepers=asleep,
-            awake_next=(),
-            cycles_left=not self.sleep.cycles_reached(spec, model),
-            total_mib=total_mib,
-            margin_mib=margin_mib,
-            host_budget_mib=host_budget_mib,
-            pinned_ceiling_mib=pinned_ceiling_mib,
-            host_held=self.host_held(spec, asleep, total_mib),
-        )
-        return choose_way(self.costs, spec, model, self.ways_of(spec, model, total_mib), budgets, total_mib).way == "sleep"
+        return self._choose(spec, model, asleep, (), self.host_held(spec, asleep, limits.total_mib), limits).way == "sleep"
 
     def eviction_order(self, spec: DeploymentSpec, total_mib: int | None) -> list[str]:
         """Every model that may sleep, in the order sleepers are stopped when room is needed."""
