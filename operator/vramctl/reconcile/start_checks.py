@@ -51,12 +51,16 @@ class StartChecks:
     def __init__(self, ctx: LoopContext, runtime: Runtime, watch: ModelWatch) -> None:
         self.ctx, self.runtime, self.watch = ctx, runtime, watch
         self.refused: tuple[int, str, str] | None = None  # (generation, model, problem) last said
-        self.port_free: set[tuple[int, str]] = set()  # (generation, model) whose health port was found free
+        # The models whose health port was found free for the desired generation ``port_free_generation``.
+        self.port_free: set[str] = set()
+        self.port_free_generation = -1
 
     def unrunnable(self, spec: DeploymentSpec, desired: Desired, observed: Observed, p: Plan, now: float) -> tuple[float, bool] | None:
         """None when every model the plan starts can run; else the tick's
         (seconds until the next look, settled)."""
         live = {m for m, w in observed.workloads.items() if w.state.live}
+        if self.port_free_generation != desired.generation:
+            self.port_free, self.port_free_generation = set(), desired.generation
         for a in p.actions:
             if not isinstance(a, Start) or observed.state(a.model).live:
                 continue
@@ -65,10 +69,10 @@ class StartChecks:
                 problem = self.runtime.preflight(spec, a.model)
             except Exception:
                 problem = None  # cannot tell (an outage): the start itself will say
-            if problem is None and (desired.generation, a.model) not in self.port_free:
+            if problem is None and a.model not in self.port_free:
                 problem, reason = squatted(spec, a.model, live), "PortInUse"
                 if problem is None:
-                    self.port_free.add((desired.generation, a.model))
+                    self.port_free.add(a.model)
             if problem is not None:
                 key = (desired.generation, a.model, problem)
                 if self.refused != key:
