@@ -59,6 +59,31 @@ def log(message: str) -> None:
     sys.stdout.flush()
 
 
+class JsonHandler(BaseHTTPRequestHandler):
+    """JSON answers, no request log."""
+
+    def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve(port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """``handler`` on 127.0.0.1:``port``, served by a daemon thread."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
+
+
 class Holder:
     def __init__(self, mib: int, fake: bool) -> None:
         self.mib = mib
@@ -293,7 +318,7 @@ def serve_llm(port: int, fake: bool) -> int:
         fake,
     )
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
@@ -343,25 +368,10 @@ def serve_llm(port: int, fake: bool) -> int:
             else:
                 self._send(404, {"error": "not found"})
 
-        def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = serve(port, Handler)
     log(f"llm stand-in: loading, listening on 127.0.0.1:{port}")
     llm.allocate()
     stop.wait()
@@ -381,7 +391,7 @@ def main() -> int:
         return serve_llm(port, os.environ.get("CUDA_WORKLOAD_FAKE") == "1")
     holder = Holder(mib, os.environ.get("CUDA_WORKLOAD_FAKE") == "1")
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def do_GET(self) -> None:
             if self.path == "/health":
                 self._send(200 if holder.ready.is_set() else 503, {"ready": holder.ready.is_set()})
@@ -390,23 +400,10 @@ def main() -> int:
             else:
                 self._send(404, {"error": "not found"})
 
-        def _send(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = serve(port, Handler)
     log(f"allocating {mib} MiB, listening on 127.0.0.1:{port}")
     holder.allocate()
     stop.wait()

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import signal
 import socket
 import subprocess
@@ -41,11 +40,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-WORKLOAD = Path(__file__).resolve().parent / "cuda_workload.py"
+import cuda_workload  # this folder: the launcher runs as a script
+from cuda_workload import JsonHandler, serve
 
 
 def log(message: str) -> None:
@@ -75,12 +74,7 @@ def worker(rank: int) -> int:
         import torch
 
         torch.cuda.set_device(rank)
-    sys.argv = [str(WORKLOAD)]
-    try:
-        runpy.run_path(str(WORKLOAD), run_name="__main__")
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
+    return cuda_workload.main()
 
 
 def main() -> int:
@@ -106,7 +100,7 @@ def main() -> int:
     def healthy() -> bool:
         return all(get_json(f"http://127.0.0.1:{p}/health", 1.0)[0] == 200 for p in ports)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def do_GET(self) -> None:
             if self.path == "/health":
                 ok = not stopping.is_set() and healthy()
@@ -125,22 +119,9 @@ def main() -> int:
             else:
                 self._send(404, {"error": "not found"})
 
-        def _send(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = serve(port, Handler)
     code = 0
     while not stopping.wait(0.05):
         dead = [w for w in workers if w.poll() is not None]
