@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -58,8 +58,6 @@ from vramctl.status.book import SWITCH_OUTCOMES, StatusBook
 from vramctl.worker.reporting import WorkerReporter
 
 log = logging.getLogger("vramctl.worker.supervisor")
-
-T = TypeVar("T")
 
 
 class StatusSink(Protocol):
@@ -263,7 +261,6 @@ class GpuWorker:
         self.queue = _Queue(self, deployment)
         # When each model is expected to serve (``publish`` replaces it whole): the Retry-After of the queue and the gateway.
         self.forecast = dq.Forecast()
-        self._ways: _ByBook[tuple[tuple[str, float], ...]] = _ByBook()
         self.metrics.init_gpu(self.gpu)
         self.reporter.check_config(deployment, self.total_mib())
         self.reporter.check_initial(self.spec, self._desired, self.total_mib())
@@ -449,13 +446,9 @@ class GpuWorker:
                 wait = rec.backoff.remaining(now).get(target, 0.0)
                 began = now + (wait if wait != float("inf") else 0.0)
             seconds = switch_seconds(book, spec, None, target, asleep - {target}, total, whole)
-        after = frozenset(asleep - {target})
-
-        def ways() -> tuple[tuple[str, float], ...]:
-            heavy = [m for m, ms in spec.models.items() if ms.heavy and m != target]
-            return tuple((m, switch_seconds(book, spec, target, m, after, total, whole)) for m in heavy)
-
-        return dq.Forecast(target, began, seconds, self._ways.get(book, spec, (total, whole, target, after), ways))
+        heavy = [m for m, ms in spec.models.items() if ms.heavy and m != target]
+        ways = tuple((m, switch_seconds(book, spec, target, m, asleep - {target}, total, whole)) for m in heavy)
+        return dq.Forecast(target, began, seconds, ways)
 
     def progress(self, since: int = 0) -> list[dict[str, Any]]:
         return [p for p in list(self.book.progress) if p["seq"] > since]
@@ -544,22 +537,6 @@ class GpuWorker:
         self._rec.desired, self._rec.invalid = d, None
         members = (d.active or "(none)") + (f" + {', '.join(d.companions)}" if d.companions else "")
         self.reporter.note("requested", d.active, f"desired: {members} ({source})")
-
-
-class _ByBook(Generic[T]):
-    """A value computed from the cost book, kept until the book changes (its
-    ``version``), the spec is replaced or the rest of what it was computed
-    from (``key``) differs: the loop asks at every look, the book changes at
-    a switch's steps."""
-
-    def __init__(self) -> None:
-        self._last: tuple[CostBook, DeploymentSpec, tuple[Any, ...], T] | None = None
-
-    def get(self, book: CostBook, spec: DeploymentSpec, key: tuple[Any, ...], compute: Callable[[], T]) -> T:
-        last, key = self._last, (book.version, *key)
-        if last is None or last[0] is not book or last[1] is not spec or last[2] != key:
-            last = self._last = (book, spec, key, compute())
-        return last[3]
 
 
 class _LoopPort:
@@ -679,7 +656,6 @@ class _Queue:
             self.target = (first, d.generation)
         self.companions: tuple[tuple[str, ...], int] | None = None
         self.wake_at: float | None = None
-        self._costs_memo: _ByBook[tuple[tuple[tuple[str, float], ...], float]] = _ByBook()
 
     def update_spec(self, spec: DeploymentSpec) -> None:
         policy, idle = dq.policies_of(spec)
@@ -741,17 +717,13 @@ class _Queue:
         switches, there and back (the queue's serving window), and the
         longest switch to one of them (its Retry-After)."""
         w, active, book = self.w, self.desk.state.active, self.w.reporter.costs
-        spec, asleep, total = w._rec.spec, frozenset(w._rec.asleep), w._total
-
-        def costs() -> tuple[tuple[tuple[str, float], ...], float]:
-            heavy = [m for m, ms in spec.models.items() if ms.heavy and m != active]
-            turns = tuple((m, turn_seconds(book, spec, active, m, asleep, total)) for m in heavy)
-            longest = max(
-                (switch_seconds(book, spec, active, m, asleep, total) for m in heavy), default=dq.QueueState.switch_estimate_seconds
-            )
-            return turns, longest
-
-        return self._costs_memo.get(book, spec, (total, active, asleep), costs)
+        spec, asleep = w._rec.spec, w._rec.asleep
+        heavy = [m for m, ms in spec.models.items() if ms.heavy and m != active]
+        turns = tuple((m, turn_seconds(book, spec, active, m, asleep, w._total)) for m in heavy)
+        longest = max(
+            (switch_seconds(book, spec, active, m, asleep, w._total) for m in heavy), default=dq.QueueState.switch_estimate_seconds
+        )
+        return turns, longest
 
     def hold_off(self) -> bool:
         """Nothing waits, is held or is in flight: new demands wait (the lane
