@@ -115,6 +115,10 @@ class CostBook:
     def __init__(self, recent: int = RECENT) -> None:
         self.keep = recent
         self.paths: dict[str, dict[Path, PathCosts]] = {}
+        # The last whole switches to a model on this GPU, as the worker timed
+        # them (in memory only): what a switch takes where a part of it has
+        # not been measured for its model yet.
+        self.switches: list[float] = []
         self.version = 0  # grows with every change (readers re-render their view)
 
     def record(self, model: str, path: Path, seconds: float, *, residue_mib: int | None = None, host_mib: int | None = None) -> None:
@@ -128,6 +132,17 @@ class CostBook:
             pc.residue_mib = residue_mib
         if host_mib is not None:
             pc.host_mib = host_mib
+
+    def record_switch(self, seconds: float) -> None:
+        """One whole switch to a model; a negative or non-finite duration is ignored."""
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        self.switches = [*self.switches, seconds][-self.keep :]
+        self.version += 1
+
+    def switch_median(self) -> float | None:
+        """The median of the recent whole switches; None before the first."""
+        return statistics.median(self.switches) if self.switches else None
 
     def costs(self, model: str, path: Path) -> PathCosts | None:
         return self.paths.get(model, {}).get(path)
@@ -262,16 +277,15 @@ def switch_seconds(
     target: str,
     asleep: Iterable[str] = (),
     total_mib: int | None = None,
-    whole: float | None = None,
 ) -> float:
     """The estimated seconds of a switch from ``active`` to ``target``: the
     active model away (a sleep when it sleeps, else a stop) plus the target
     back (a wake when it is asleep, else a cold start). Nothing to do: 0.
 
-    ``whole``: what this GPU's recent switches took (their median), used
-    instead when a part of this switch has not been measured for its model:
-    a prior from the declared size may be off by tens of seconds where the
-    GPU's own switches say otherwise."""
+    Where a part of it has not been measured for its model, what this GPU's
+    recent switches took (their median) stands for the whole switch: a prior
+    from the declared size may be off by tens of seconds where the GPU's own
+    switches say otherwise. Before the first switch: the priors."""
     if active == target:
         return 0.0
     parts: list[Estimate] = []
@@ -281,6 +295,7 @@ def switch_seconds(
     if target in spec.models:
         back = path_of(spec, target, "wake") if target in set(asleep) else "start"
         parts.append(book.estimate(target, back, declared_gib(spec, target, back, total_mib)))
+    whole = book.switch_median()
     if whole is not None and any(e.source == "prior" for e in parts):
         return whole
     return sum(e.seconds for e in parts)

@@ -246,18 +246,33 @@ def test_switch_seconds_from_priors_alone() -> None:
     assert switch_seconds(CostBook(), s, "a", "b") == pytest.approx(expected)
 
 
+def switched(b: CostBook, *seconds: float) -> CostBook:
+    """``b`` after whole switches of ``seconds`` on its GPU."""
+    for s in seconds:
+        b.record_switch(s)
+    return b
+
+
 def test_a_switch_with_a_part_not_measured_takes_what_the_gpus_switches_took() -> None:
     s = spec(a=stopper(10 * 1024), b=stopper(20 * 1024))
     # Nothing measured: the GPU's recent switches (0.3 s) stand for the
     # whole switch, not the priors' tens of seconds.
-    assert switch_seconds(CostBook(), s, "a", "b", whole=0.3) == 0.3
+    assert switch_seconds(switched(CostBook(), 0.2, 0.3, 0.9), s, "a", "b") == 0.3
     # One part measured, the other not: still the GPU's figure.
-    assert switch_seconds(book(("b", "start", 0.2)), s, "a", "b", whole=0.3) == 0.3
+    assert switch_seconds(switched(book(("b", "start", 0.2)), 0.3), s, "a", "b") == 0.3
     # Every part measured: the measurements, whatever the GPU's other switches took.
-    both = book(("a", "stop", 0.1), ("b", "start", 0.2))
-    assert switch_seconds(both, s, "a", "b", whole=30.0) == pytest.approx(0.3)
+    both = switched(book(("a", "stop", 0.1), ("b", "start", 0.2)), 30.0)
+    assert switch_seconds(both, s, "a", "b") == pytest.approx(0.3)
     # No recent switch: the priors.
-    assert switch_seconds(CostBook(), s, "a", "b", whole=None) > 20
+    assert switch_seconds(CostBook(), s, "a", "b") > 20
+    # The queue's serving window (there and back) takes the same figure.
+    assert turn_seconds(switched(CostBook(), 0.3), s, "a", "b") == pytest.approx(0.6)
+
+
+def test_recent_switches_are_bounded_and_bad_durations_dropped() -> None:
+    b = switched(CostBook(), *[float(i) for i in range(20)], -1.0, math.nan, math.inf)
+    assert b.switches == [float(i) for i in range(13, 20)] and b.switch_median() == 16.0
+    assert CostBook().switch_median() is None
 
 
 # -- the stopwatch: progress steps in, durations out ---------------------------------------------

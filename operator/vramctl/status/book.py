@@ -49,10 +49,6 @@ class StatusBook:
     last_switch: dict[str, Any] | None = None
     observed_generation: int = -1  # the desired generation the last settled outcome answers
     switch: SwitchRecord | None = None
-    # The durations of the last successful switches to a model (the worker's
-    # forecast falls back on their median where the cost book has not yet
-    # measured a part of a switch).
-    recent_switches: deque[float] = field(default_factory=lambda: deque(maxlen=7))
     journal: EventJournal | None = None  # where notes and rendered statuses are published as events (GET /events)
 
     def __post_init__(self) -> None:
@@ -88,8 +84,6 @@ class StatusBook:
         sw, self.switch = self.switch, None
         if sw is None:
             return None
-        if outcome == "success" and sw.target is not None:
-            self.recent_switches.append(duration)
         self.last_switch = {
             "from": sw.source,
             "to": sw.target,

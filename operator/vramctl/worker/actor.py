@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import statistics
 import threading
 import time
 import uuid
@@ -429,13 +428,11 @@ class GpuWorker:
         when one runs), then one switch from there to each other model."""
         rec, book, total, now = self._rec, self.reporter.costs, self._total, self.clock()
         spec, asleep, target = rec.spec, set(rec.asleep), rec.desired.active
-        recent = self.book.recent_switches
-        whole = statistics.median(recent) if recent else None
         began: float | None = None
         seconds = 0.0
         sw = self.book.switch
         if sw is not None and sw.target == target:
-            began, seconds = sw.started, switch_seconds(book, spec, sw.source, target, asleep, total, whole) if target else 0.0
+            began, seconds = sw.started, switch_seconds(book, spec, sw.source, target, asleep, total) if target else 0.0
             if sw.source is not None and sw.source in spec.models and spec.models[sw.source].warm_switch:
                 asleep.add(sw.source)
         elif target is not None and rec.model_states.get(target) != "running":
@@ -445,9 +442,9 @@ class GpuWorker:
             else:
                 wait = rec.backoff.remaining(now).get(target, 0.0)
                 began = now + (wait if wait != float("inf") else 0.0)
-            seconds = switch_seconds(book, spec, None, target, asleep - {target}, total, whole)
+            seconds = switch_seconds(book, spec, None, target, asleep - {target}, total)
         heavy = [m for m, ms in spec.models.items() if ms.heavy and m != target]
-        ways = tuple((m, switch_seconds(book, spec, target, m, asleep - {target}, total, whole)) for m in heavy)
+        ways = tuple((m, switch_seconds(book, spec, target, m, asleep - {target}, total)) for m in heavy)
         return dq.Forecast(target, began, seconds, ways)
 
     def progress(self, since: int = 0) -> list[dict[str, Any]]:

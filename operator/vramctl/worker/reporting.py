@@ -130,6 +130,8 @@ class WorkerReporter:
         self.metrics.switches.labels(str(self.gpu), outcome).inc()
         if outcome == "success":
             self.metrics.switch_duration.labels(str(self.gpu), self.rec.sleep.strategy).observe(duration)
+            if sw.target is not None:
+                self.costs.record_switch(duration)
         self.note(
             "switch-" + outcome, sw.target, f"switch {sw.source or '(none)'} -> {sw.target or '(none)'}: {outcome} in {duration:.2f}s"
         )
