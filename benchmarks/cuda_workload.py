@@ -47,6 +47,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -57,6 +58,29 @@ BLOCK_MIB = 512
 def log(message: str) -> None:
     sys.stdout.write(f"cuda_workload[{os.getpid()}]: {message}\n")
     sys.stdout.flush()
+
+
+def stop_signals() -> Callable[[], bool]:
+    """From now on SIGTERM and SIGINT only set a flag; returns its reader.
+
+    The handler takes no lock: it runs on the main thread between two
+    bytecodes, and one that set a threading.Event could land while that
+    thread holds the Event's lock inside its wait() and hang the process
+    (a second SIGTERM, the process group's and a launcher's, did)."""
+    stopped = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal stopped
+        stopped = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return lambda: stopped
+
+
+def wait_for(stopped: Callable[[], bool], interval: float = 0.05) -> None:
+    while not stopped():
+        time.sleep(interval)
 
 
 class JsonHandler(BaseHTTPRequestHandler):
@@ -368,13 +392,11 @@ def serve_llm(port: int, fake: bool) -> int:
             else:
                 self._send(404, {"error": "not found"})
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stopped = stop_signals()
     server = serve(port, Handler)
     log(f"llm stand-in: loading, listening on 127.0.0.1:{port}")
     llm.allocate()
-    stop.wait()
+    wait_for(stopped)
     server.shutdown()
     llm.release()
     log(f"EXIT_AT {time.time():.6f}")
@@ -400,13 +422,11 @@ def main() -> int:
             else:
                 self._send(404, {"error": "not found"})
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stopped = stop_signals()
     server = serve(port, Handler)
     log(f"allocating {mib} MiB, listening on 127.0.0.1:{port}")
     holder.allocate()
-    stop.wait()
+    wait_for(stopped)
     server.shutdown()
     holder.release()
     log(f"EXIT_AT {time.time():.6f}")

@@ -36,7 +36,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import cuda_workload  # this folder: the launcher runs as a script
-from cuda_workload import JsonHandler, serve
+from cuda_workload import JsonHandler, serve, stop_signals
 
 
 def log(message: str) -> None:
@@ -95,7 +94,6 @@ def main() -> int:
         for rank, p in enumerate(ports)
     ]
     log(f"{size} workers (pids {', '.join(str(w.pid) for w in workers)}) on devices {','.join(visible) or '?'}, {mib} MiB each")
-    stopping = threading.Event()
 
     def healthy() -> bool:
         return all(get_json(f"http://127.0.0.1:{p}/health", 1.0)[0] == 200 for p in ports)
@@ -103,7 +101,7 @@ def main() -> int:
     class Handler(JsonHandler):
         def do_GET(self) -> None:
             if self.path == "/health":
-                ok = not stopping.is_set() and healthy()
+                ok = not stopped() and healthy()
                 self._send(200 if ok else 503, {"ready": ok, "ranks": size})
             elif self.path == "/vram":
                 ranks = [get_json(f"http://127.0.0.1:{p}/vram")[1] or {} for p in ports]
@@ -119,16 +117,16 @@ def main() -> int:
             else:
                 self._send(404, {"error": "not found"})
 
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    stopped = stop_signals()
     server = serve(port, Handler)
     code = 0
-    while not stopping.wait(0.05):
+    while not stopped():
         dead = [w for w in workers if w.poll() is not None]
         if dead:
             log(f"worker pid {dead[0].pid} exited {dead[0].returncode}: stopping the others")
             code = 1
             break
+        time.sleep(0.05)
     # The runtime signals the whole group: the workers got the SIGTERM too. A
     # second one could land while a worker's main thread holds its stop
     # event's lock (its handler sets that event) and hang it, so a worker is
