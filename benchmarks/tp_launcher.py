@@ -16,8 +16,8 @@ The launcher answers on 127.0.0.1:``PORT``:
                "reserved_bytes"} (the sums over the workers)
 
 On SIGTERM or SIGINT (the runtime signals the whole process group, so the
-workers get it too) it waits for the workers to free their memory and exit
-(a worker still there after 5 s is sent SIGTERM itself), prints
+workers get it too) it sends each worker still there SIGTERM as well, waits
+for them to free their memory and exit, prints
 ``EXIT_AT <unix time>`` and exits 0. If a worker dies on its own, the
 launcher stops the others and exits 1 (as a tensor-parallel server does when
 one rank fails).
@@ -127,16 +127,11 @@ def main() -> int:
             code = 1
             break
         time.sleep(0.05)
-    # The runtime signals the whole group: the workers got the SIGTERM too. A
-    # second one could land while a worker's main thread holds its stop
-    # event's lock (its handler sets that event) and hang it, so a worker is
-    # signalled here only when no signal reached it (a worker died, or the
-    # launcher alone was signalled) or it is still there 5 s later.
-    grace = time.monotonic() + (0.0 if code else 5.0)
+    # Every worker still there is signalled: a worker died, or the launcher
+    # alone was signalled; when the runtime signalled the whole group, this
+    # second SIGTERM only sets the flag the first one set.
     for w in workers:
-        try:
-            w.wait(max(0.0, grace - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if w.poll() is None:
             w.send_signal(signal.SIGTERM)
     for w in workers:
         w.wait()
