@@ -484,6 +484,47 @@ def test_pods_found_at_start_are_adopted_not_taken_for_intruders(rig: Rig) -> No
     rig.rt.stop(spec, "llm")
 
 
+def test_a_pod_made_by_hand_while_vramctl_was_down_is_deleted_at_its_first_listing(rig: Rig) -> None:
+    """A hand-made Pod there when a restarted vramctl first lists its Pods is
+    no earlier vramctl's (not its name for the model's Pod, no controller
+    reference): deleted like one the watch brings. Its stop could never
+    remove it: a stop deletes vramctl's name for the model's Pod. vramctl's
+    own Pod is adopted, and so is a Pod of a GPU whose ModelDeployment the
+    restarted vramctl does not own yet (it cannot tell whose it is)."""
+    spec = rig.deploy({"llm": model(free_port()), "sdxl": model(free_port())})
+    rig.rt.start(spec, "llm")
+    ours = rig.pod("gpu0-llm")
+    assert ours is not None
+    rig.rt.close()  # vramctl killed
+    _by_hand(rig, ours, "by-hand", "sdxl")
+    other_md = rig.kube.create_md(
+        rig.ns, "gpu1", {"nodeName": rig.node, "gpu": 1, "activeModel": "img", "models": {"img": model(free_port())}}
+    )
+    other = DeploymentSpec.model_validate({**other_md["spec"], "name": "gpu1"})
+    rig.kube.request(
+        "POST",
+        f"/api/v1/namespaces/{rig.ns}/pods",
+        render_pod(other, "img", PodOwner(rig.ns, "gpu1", other_md["metadata"]["uid"]), rig.node, "test", "none", "nvidia", None),
+    )
+    again = PodRuntime(rig.api, rig.node, "test", poll_s=0.02)  # restarted: the hand-made Pod is there already
+    try:
+        again.own(0, PodOwner(rig.ns, "gpu0", rig.md["metadata"]["uid"]))
+        wait_for(again.caches[rig.ns].synced.is_set)
+        wait_for(lambda: rig.pod("by-hand") is None, timeout=5)
+        assert again.intruders_deleted == 1
+        time.sleep(0.3)
+        assert not (rig.pod("gpu0-llm") or {}).get("metadata", {}).get("deletionTimestamp")
+        assert not (rig.pod("gpu1-img") or {"metadata": {"deletionTimestamp": "gone"}})["metadata"].get("deletionTimestamp")
+        assert again.observe(spec)["llm"].state is WorkloadState.RUNNING
+        assert "sdxl" not in again.observe(spec)
+        said = [e["message"] for e in rig.kube.events(rig.ns) if e.get("reason") == "IntruderPodDeleted"]
+        assert any(f"{rig.ns}/by-hand" in m for m in said), said
+        again.stop(spec, "llm")
+    finally:
+        again.close()
+    rig.kube.request("DELETE", f"/api/v1/namespaces/{rig.ns}/pods/gpu1-img", {"gracePeriodSeconds": 0})
+
+
 def test_a_pod_an_earlier_vramctl_was_creating_is_adopted_not_taken_for_an_intruder(rig: Rig) -> None:
     """vramctl killed while its create was in flight: the restarted one has
     listed the Pods already when the create lands. The Pod is what vramctl

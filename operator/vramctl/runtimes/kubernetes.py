@@ -237,7 +237,7 @@ class PodCache:
         self.api, self.node, self.instance, self.namespace = api, node, instance, namespace
         self.watch_timeout_s = watch_timeout_s
         # ``on_listed``: the Pods of the first listing (there before vramctl
-        # looked: adopted). ``on_new``: each Pod first seen after it, by a
+        # looked). ``on_new``: each Pod first seen after it, by a
         # watch event or a later listing, on the watch's thread.
         self.on_listed, self.on_new = on_listed, on_new
         self._listed_once = False
@@ -632,9 +632,20 @@ class PodRuntime:
     # ----------------------------------------------------------- intruders
 
     def _adopt(self, pods: list[dict[str, Any]]) -> None:
-        """The Pods there before vramctl looked (a restart): vramctl's own, adopted."""
-        with self._mine_lock:
-            self._mine.update(str(_meta(p).get("uid")) for p in pods)
+        """The Pods there before vramctl looked (a restart): judged like a new
+        one (an earlier vramctl's are adopted by their shape, a hand-made one
+        is deleted: a stop would never remove it, it deletes vramctl's name for
+        the model's Pod). A Pod of a GPU whose ModelDeployment in that
+        namespace this process does not own yet cannot be told from an earlier
+        vramctl's: adopted."""
+        owned = {(o.namespace, str(gpu)) for gpu, o in list(self._owners.items())}
+        for pod in pods:
+            meta = _meta(pod)
+            if (meta.get("namespace"), (meta.get("labels") or {}).get(LABEL_GPU)) in owned:
+                self._judge(pod)
+            else:
+                with self._mine_lock:
+                    self._mine.add(str(meta.get("uid")))
 
     def _judge(self, pod: dict[str, Any]) -> None:
         """A Pod with vramctl's labels on this node, first seen now. One that
@@ -665,6 +676,8 @@ class PodRuntime:
             if err.status not in (404, 409):  # gone already, or another Pod of that name by now
                 log.warning("%s carries vramctl's labels but was not created by it; deleting it failed: %s", what, err)
             return
+        if (cache := self.caches.get(namespace)) is not None:
+            cache.forget(name)  # gone at once (grace 0); a watch begun after the deletion never says so
         self.intruders_deleted += 1
         message = (
             f"{what} carries vramctl's labels but was not created by vramctl: deleted at once (grace 0), "
