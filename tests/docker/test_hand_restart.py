@@ -14,7 +14,7 @@ from typing import Any
 import docker.errors
 import pytest
 
-from tests.support.docker_engine import STANDIN_TAG
+from tests.support.live_up import standin_model
 from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.runtimes.docker import DockerRuntime
 from vramctl.spec.models import DeploymentSpec
@@ -43,14 +43,7 @@ def up(
             "gpu": 0,
             "activeModel": "llm",
             "models": {
-                "llm": {
-                    "image": STANDIN_TAG,
-                    "env": {"STANDIN_PORT": str(port), "STANDIN_LOAD_SECONDS": "0.5", "STANDIN_STOP_SECONDS": "0.1"},
-                    "health": {"path": "/health", "port": port, "intervalSeconds": 0.05},
-                    "stop": {"gracePeriodSeconds": 5},
-                    "startTimeoutSeconds": 20,
-                    "vramMiB": 9000,
-                }
+                "llm": standin_model(port, 9000, load=0.5, stop=0.1),
             },
         }
     )

@@ -6,11 +6,10 @@ refused while the running model keeps running."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
 
-from tests.support.docker_engine import STANDIN_TAG
+from tests.support.live_up import standin_model
 from tests.support.ports import free_port
 from vramctl.gpu.simulated import SimulatedGpu
 from vramctl.observed import WorkloadState
@@ -20,19 +19,9 @@ from vramctl.worker.actor import GpuWorker, WorkerSettings
 from vramctl.worker.supervisor import holders_from
 
 
-def standin(port: int) -> dict[str, Any]:
-    return {
-        "image": STANDIN_TAG,
-        "env": {"STANDIN_PORT": str(port), "STANDIN_LOAD_SECONDS": "0.2", "STANDIN_STOP_SECONDS": "0.05"},
-        "health": {"path": "/health", "port": port, "intervalSeconds": 0.05},
-        "stop": {"gracePeriodSeconds": 3},
-        "startTimeoutSeconds": 20,
-        "vramMiB": 6000,
-    }
-
-
 def spec(sdxl_image: str) -> DeploymentSpec:
-    d = DeploymentSpec.model_validate({"gpu": 0, "activeModel": "llm", "models": {"llm": standin(free_port()), "sdxl": standin(free_port())}})
+    models = {name: standin_model(free_port(), 6000, load=0.2, stop=0.05, grace=3) for name in ("llm", "sdxl")}
+    d = DeploymentSpec.model_validate({"gpu": 0, "activeModel": "llm", "models": models})
     # Past the spec's own validation, as a spec from an older vramctl would be.
     sdxl = d.models["sdxl"].model_copy(update={"image": sdxl_image})
     return d.model_copy(update={"models": {**d.models, "sdxl": sdxl}})
