@@ -18,7 +18,7 @@ import pytest
 from tests.support.clock import ManualClock, until_async
 from tests.support.fakes import FakeGpu, FakeRuntime
 from vramctl.demand.desk import InboxHolder
-from vramctl.host.pagecache import MIB, Prestager, Staged, files_of, plan, prestage, resident_fraction
+from vramctl.host.pagecache import MIB, Prestager, Staged, evict, files_of, plan, prestage, resident_fraction
 from vramctl.observed import WorkloadState
 from vramctl.spec.models import DeploymentSpec
 from vramctl.worker.actor import GpuWorker, WorkerSettings
@@ -78,29 +78,19 @@ def test_weight_paths(model: dict[str, Any], paths: tuple[str, ...]) -> None:
     assert DeploymentSpec.model_validate(doc(**model)).models["m"].weight_paths == paths
 
 
-def dropped(path: Path) -> None:
-    """Written, flushed and dropped from the page cache (clean pages go at once)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_prestage_brings_dropped_files_into_the_page_cache(tmp_path: Path) -> None:
     big, small = tmp_path / "w1.safetensors", tmp_path / "w2.safetensors"
     big.write_bytes(os.urandom(48 * MIB))
     small.write_bytes(os.urandom(8 * MIB))
     for f in (big, small):
-        dropped(f)
+        evict(f)
     assert resident_fraction(str(big)) < 0.1 and resident_fraction(str(small)) < 0.1
     got = prestage([str(tmp_path)], available_mib=10_000, margin_mib=0)
     assert got.files == (str(big), str(small)) and got.bytes == 56 * MIB
     assert resident_fraction(str(big)) > 0.95 and resident_fraction(str(small)) > 0.95
     # Only what MemAvailable allows: the big file does not fit 20 MiB, the small one does.
     for f in (big, small):
-        dropped(f)
+        evict(f)
     got = prestage([str(tmp_path)], available_mib=20, margin_mib=0)
     assert got.files == (str(small),) and got.skipped == (str(big),)
     assert resident_fraction(str(big)) < 0.1 and resident_fraction(str(small)) > 0.95

@@ -11,7 +11,8 @@ page cache is reclaimable, but reading more than fits only evicts what was
 read first), files found by a bounded walk of the declared paths, and one
 pre-stage at a time per GPU, off the worker's thread (``Prestager``).
 ``plan`` is pure; ``prestage`` does the I/O; ``resident_fraction`` (mincore)
-tells how much of a file is cached, for tests and benchmarks.
+tells how much of a file is cached and ``evict`` drops it from the cache,
+for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -121,6 +122,17 @@ def prestage(paths: Iterable[str], available_mib: int | None, margin_mib: int = 
         finally:
             os.close(fd)
     return Staged(tuple(done), sum(sizes[f] for f in done), tuple(skip))
+
+
+def evict(path: str | os.PathLike[str]) -> None:
+    """Flush ``path`` and drop its pages from the page cache (clean pages go
+    at once): its next read is a cold one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def resident_fraction(path: str) -> float:
