@@ -65,6 +65,12 @@ def read_host_memory(path: Path = MEMINFO) -> HostMemoryReading | None:
         return None
 
 
+def read_available_mib(path: Path = MEMINFO) -> int | None:
+    """``MemAvailable`` now, in MiB; None where it cannot be read."""
+    reading = read_host_memory(path)
+    return reading.available_mib if reading is not None else None
+
+
 def budget_in_use(pinned_mib: int | None, reading: HostMemoryReading | None) -> tuple[int | None, str]:
     """The host-memory budget the sleepers are held to and where it comes from:
     ``hostMemoryBudgetMiB`` (``pinned_mib``) when set, else the default of the

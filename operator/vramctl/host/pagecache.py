@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vramctl.host.memory import read_host_memory
+from vramctl.host.memory import read_available_mib
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class Prestager:
     def __init__(
         self,
         run: Callable[[Iterable[str], int | None], Staged] = prestage,
-        memory: Callable[[], int | None] = lambda: _available_mib(),
+        memory: Callable[[], int | None] = read_available_mib,
     ) -> None:
         self._run, self._memory = run, memory
         self._lock = threading.Lock()
@@ -203,8 +203,3 @@ class Prestager:
         with self._lock:
             self.staged[model] = staged
             self._busy = False
-
-
-def _available_mib() -> int | None:
-    r = read_host_memory()
-    return r.available_mib if r is not None else None

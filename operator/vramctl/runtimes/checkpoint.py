@@ -44,7 +44,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from vramctl.host.memory import read_host_memory
+from vramctl.host.memory import read_available_mib
 from vramctl.host.procfs import read_stat
 from vramctl.observed import GpuSnapshot
 from vramctl.runtimes.sleepctl import FallbackReason, SleepCallError
@@ -281,7 +281,7 @@ class CheckpointSleeper:
     ) -> None:
         self.driver, self.availability, self.snapshot, self.owners = driver, availability, snapshot, owners
         self.lock_timeout_ms, self.confirm_timeout_s = lock_timeout_ms, confirm_timeout_s
-        self.available_mib = available_mib or _host_available_mib
+        self.available_mib = available_mib or read_available_mib
         self.clock, self.pause = clock, pause
         self.done: dict[str, Checkpointed] = {}  # models checkpointed by this sleeper
         self.warned = False
@@ -514,11 +514,6 @@ class CheckpointSleeper:
 def _start_ticks(pid: int) -> int | None:
     st = read_stat(pid)
     return st.start_ticks if st is not None and not st.exited else None
-
-
-def _host_available_mib() -> int | None:
-    reading = read_host_memory()
-    return reading.available_mib if reading is not None else None
 
 
 class ServerSleeper(Protocol):
