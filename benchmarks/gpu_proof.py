@@ -82,6 +82,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from warm_proof import stop_group  # noqa: E402
 
 from vramctl.gpu.base import GpuProbe  # noqa: E402
 from vramctl.gpu.simulated import SimulatedGpu  # noqa: E402
@@ -810,14 +813,7 @@ class Up:
         with contextlib.suppress(Exception):
             if self.proc.poll() is None:
                 self.round(dict.fromkeys((int(g) for g in self.gpus()), None), 120, False)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_group(self.proc, 30)
         self.kill_models()
 
     def kill_models(self) -> None:

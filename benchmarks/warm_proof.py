@@ -353,6 +353,19 @@ def awake_heavies(samples: list[Sample], dry: bool) -> dict[str, Any]:
     }
 
 
+def stop_group(proc: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM the process group of ``proc`` (started in its own session),
+    SIGKILL it if ``proc`` is still there ``grace`` seconds later."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 # ------------------------------------------------------------------ one run
 
 
@@ -417,14 +430,7 @@ class Supervisor:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.switch(None, 120)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_group(self.proc, 30)
 
 
 class Direct:

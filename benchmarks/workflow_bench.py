@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,7 +60,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
-from warm_proof import Plan, Supervisor, config, environment, free_port, http, summary
+from warm_proof import Plan, Supervisor, config, environment, free_port, http, stop_group, summary
 
 MODES = ("cold", "sleep", "checkpoint", "auto", "users")
 STRATEGY = {"cold": "stop", "sleep": "sleep", "checkpoint": "checkpoint", "auto": "sleep"}
@@ -207,14 +206,7 @@ class Server:
     def stop(self) -> None:
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_group(self.proc, 60)
         self.proc = None
 
     def client(self) -> Any:
