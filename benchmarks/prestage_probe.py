@@ -31,16 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
 
 from vramctl.host.memory import read_host_memory  # noqa: E402
-from vramctl.host.pagecache import MIB, prestage, resident_fraction  # noqa: E402
-
-
-def drop(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+from vramctl.host.pagecache import MIB, evict, prestage, resident_fraction  # noqa: E402
 
 
 def load(path: Path) -> float:
@@ -68,9 +59,9 @@ def main() -> int:
                 f.write(os.urandom(MIB))
         cold, staged, warm, stage_s, before, after = [], [], [], [], [], []
         for _ in range(a.rounds):
-            drop(path)
+            evict(path)
             cold.append(load(path))
-            drop(path)
+            evict(path)
             before.append(resident_fraction(str(path)))
             reading = read_host_memory()
             t0 = time.perf_counter()

@@ -21,9 +21,10 @@ Checked:
   ModelDeployment's status, the Pods, the kubelet's processes).
 
 Hand-made Pods are made only while an operator runs and has listed its
-Pods (a Pod there at its first listing is taken for one an earlier vramctl
-made: adopted, see PodRuntime._adopt); an operator is killed only once every
-hand-made Pod is gone. The figures are printed.
+Pods, and an operator is killed only once every hand-made Pod is gone, so
+each intruder's lifetime is timed from one operator's watch (a Pod made
+while no operator runs is deleted at the next one's first listing:
+tests/k8s/test_pod_runtime.py). The figures are printed.
 """
 
 from __future__ import annotations
