@@ -344,13 +344,10 @@ class SharedRendering:
         self.registry, self.max_age_s = registry, max_age_s
         self._clock, self._render = clock, render
         self._cond = threading.Condition()
-        self._body: bytes | None = None
-        self._began = float("-inf")  # when the kept body's rendering began
-        self._kept: tuple[bytes, float] | None = None  # (body, began), replaced whole: read without the lock
+        self._kept: tuple[bytes, float] | None = None  # (body, when its rendering began), replaced whole: read without the lock
         self._rendering = False
         self._failed: BaseException | None = None  # what the rendering being waited for raised
         self._generation = 0  # renderings finished: a waiter knows its rendering ended
-        self.renderings = 0
 
     def __call__(self) -> bytes:
         return self.body()
@@ -366,16 +363,17 @@ class SharedRendering:
 
     def body(self) -> bytes:
         with self._cond:
-            if self._body is not None and self._clock() - self._began <= self.max_age_s:
-                return self._body
+            kept = self.fresh()
+            if kept is not None:
+                return kept
             if self._rendering:  # the one under way is fresh enough for this scrape, whatever it takes
                 waited_for = self._generation
                 while self._generation == waited_for:
                     self._cond.wait()
                 if self._failed is not None:
                     raise self._failed
-                assert self._body is not None
-                return self._body
+                assert self._kept is not None
+                return self._kept[0]
             self._rendering, self._failed = True, None
             began = self._clock()
         try:
@@ -387,10 +385,8 @@ class SharedRendering:
                 self._cond.notify_all()
             raise
         with self._cond:
-            self._body, self._began = body, began
             self._kept = (body, began)
             self._rendering = False
             self._generation += 1
-            self.renderings += 1
             self._cond.notify_all()
         return body
