@@ -98,8 +98,8 @@ class SupervisorHolder(InboxHolder):
 
     def taken_away(self, model: str) -> Refused | None:
         """A 503 when ``model`` is no longer wanted on its GPU (the desired
-        state moved away from it), else None. Retry-After: twice the GPU's
-        last measured switch (this one, then the way back), at least 1 s."""
+        state moved away from it), else None. Retry-After: the worker's
+        forecast (``_retry_after``), as for a model not ready."""
         try:
             w = self._worker_of(model)
         except KeyError:
