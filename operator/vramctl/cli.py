@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,8 @@ from vramctl.spec.models import Config, ConfigError, DeploymentSpec, DesiredStat
 from vramctl.spec.pitfalls import Finding, env_pitfalls
 
 if TYPE_CHECKING:
-    from vramctl.web.server import Face
+    from vramctl.web.api import StateStore
+    from vramctl.web.server import Face, FaceOptions
     from vramctl.worker.supervisor import Supervisor
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -177,9 +179,7 @@ def raise_nofile_limit() -> tuple[int, int]:
 def cmd_up(args: argparse.Namespace) -> int:
     from vramctl.app import build, default_state_path
     from vramctl.sources.statefile import StateWriteError
-    from vramctl.telemetry import SharedRendering
-    from vramctl.web.page import status_page
-    from vramctl.web.server import FaceOptions, serve
+    from vramctl.web.server import FaceOptions
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_nofile_limit()
@@ -211,14 +211,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         gateway=args.gateway or None,
         token=token,
         allowed_hosts=tuple(args.allow_host or ()),
-        api_routes=(status_page(built.supervisor, token_set=token is not None),),
-        metrics_body=SharedRendering(built.supervisor.metrics.registry),
     )
-    try:
-        face = serve(built.supervisor, options, state=built.state)
-    except (ValueError, OSError) as err:
-        print(f"vramctl: {err}", file=sys.stderr)
-        built.supervisor.runtime.close()
+    face = _serve(built.supervisor, options, state=built.state)
+    if face is None:
         return EXIT_USAGE
     done = threading.Event()
 
@@ -327,6 +322,24 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not taken and not before and pid is None:
         print(f"nothing runs for instance {args.instance!r}")
     return EXIT_FAIL if any(t.said.startswith("could not") for t in taken) else EXIT_OK
+
+
+def _serve(supervisor: Supervisor, options: FaceOptions, state: StateStore | None = None) -> Face | None:
+    """The face of ``up`` and ``operator``, bound: ``options`` plus the status
+    page and one /metrics rendering shared by concurrent scrapes; None (said,
+    the runtime closed) when it cannot bind."""
+    from vramctl.telemetry import SharedRendering
+    from vramctl.web.page import status_page
+    from vramctl.web.server import serve
+
+    page = status_page(supervisor, refusal=options.switch_refusal, token_set=options.token is not None)
+    options = replace(options, api_routes=(*options.api_routes, page), metrics_body=SharedRendering(supervisor.metrics.registry))
+    try:
+        return serve(supervisor, options, state=state)
+    except (ValueError, OSError) as err:
+        print(f"vramctl: {err}", file=sys.stderr)
+        supervisor.runtime.close()
+        return None
 
 
 def _say_gateway(face: Face) -> None:
@@ -694,10 +707,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     """Act on the ModelDeployments whose spec.nodeName is this node, until SIGTERM."""
     from vramctl.app import build_operator
     from vramctl.spec.models import GpuProbeConfig
-    from vramctl.telemetry import SharedRendering
     from vramctl.web.guards import is_loopback
-    from vramctl.web.page import status_page
-    from vramctl.web.server import FaceOptions, serve
+    from vramctl.web.server import FaceOptions
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -746,14 +757,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
         token=token,
         switch_refusal=SWITCH_IN_KUBERNETES,
         holds_on_api=bool(token) or is_loopback(host),  # holds switch GPUs: off loopback only with the token
-        api_routes=(status_page(built.supervisor, refusal=SWITCH_IN_KUBERNETES, token_set=token is not None),),
-        metrics_body=SharedRendering(built.supervisor.metrics.registry),
     )
-    try:
-        face = serve(built.supervisor, options)
-    except (ValueError, OSError) as err:
-        print(f"vramctl: {err}", file=sys.stderr)
-        built.supervisor.runtime.close()
+    face = _serve(built.supervisor, options)
+    if face is None:
         return EXIT_USAGE
     controller = ModelDeployments(args.node_name, built.supervisor, built.runtime, built.make_worker, session=session)
     api = face.api
