@@ -403,19 +403,9 @@ def cmd_switch(args: argparse.Namespace) -> int:
             return EXIT_FAIL
         return None
 
-    deadline = time.monotonic() + args.timeout
-    rc, seq, g = _follow(events, gpu, seq, deadline, ended)
+    rc, g = _wait_for(base, events, gpu, seq, args.timeout, ended)
     if rc is not None:
         return rc
-    while time.monotonic() <= deadline:  # no event stream (an older vramctl), or it broke: poll
-        polled = _poll(base, gpu, seq)
-        if polled is None:
-            return EXIT_FAIL
-        g, seq = polled
-        rc = ended(g)
-        if rc is not None:
-            return rc
-        time.sleep(0.1)
     print(f"vramctl: timed out after {args.timeout:.0f}s; phase {(g or {}).get('phase')}: {(g or {}).get('message')}", file=sys.stderr)
     return EXIT_FAIL
 
@@ -500,6 +490,26 @@ def _follow(
     return None, seq, last
 
 
+def _wait_for(
+    base: str, events: Any | None, gpu: int, seq: int, timeout: float, ended: Callable[[dict[str, Any]], int | None]
+) -> tuple[int | None, dict[str, Any] | None]:
+    """Follow ``gpu`` until ``ended`` gives an exit code: on the event
+    stream (``_follow``), then, with no stream (an older vramctl) or after it
+    broke, by polling /status. (That code, or None when ``timeout`` passed;
+    the last status seen.)"""
+    deadline = time.monotonic() + timeout
+    rc, seq, g = _follow(events, gpu, seq, deadline, ended)
+    while rc is None and time.monotonic() <= deadline:
+        polled = _poll(base, gpu, seq)
+        if polled is None:
+            return EXIT_FAIL, g
+        g, seq = polled
+        rc = ended(g)
+        if rc is None:
+            time.sleep(0.1)
+    return rc, g
+
+
 def _poll(base: str, gpu: int, seq: int) -> tuple[dict[str, Any], int] | None:
     """One look at /status: print the GPU's new progress; (its status, the last seq seen), or None when the supervisor is gone."""
     try:
@@ -529,19 +539,9 @@ def _wait_queued(base: str, args: argparse.Namespace, reply: dict[str, Any], eve
             return EXIT_OK
         return None
 
-    deadline = time.monotonic() + args.timeout
-    rc, seq, _ = _follow(events, gpu, seq, deadline, ended)
+    rc, _ = _wait_for(base, events, gpu, seq, args.timeout, ended)
     if rc is not None:
         return rc
-    while time.monotonic() < deadline:
-        polled = _poll(base, gpu, seq)
-        if polled is None:
-            return EXIT_FAIL
-        g, seq = polled
-        rc = ended(g)
-        if rc is not None:
-            return rc
-        time.sleep(0.1)
     print(f"vramctl: timed out after {args.timeout:.0f}s waiting for the queued switch to {target}", file=sys.stderr)
     return EXIT_FAIL
 
