@@ -188,15 +188,7 @@ class HoldDesk:
         models = {d.id: d.model for d in self.state.demands}
         self.state, failed = dq.switch_failed(self.state, now)
         for did in failed:
-            self._fail(did, Refused(503, reason, self._retry_after(models.get(did), now)))
-
-    def _retry_after(self, model: str | None, now: float) -> int:
-        """When ``model`` is expected to serve (``policy.retry_after`` of the
-        worker's forecast), else one switch estimate; at least 1 s."""
-        f = self.state.forecast
-        if f is not None and model is not None:
-            return dq.retry_after(f, model, now)
-        return max(1, round(self.state.switch_estimate_seconds))
+            self._fail(did, Refused(503, reason, dq.switch_retry_after(self.state, now, models.get(did))))
 
     def companions_done(self, companions: tuple[str, ...], now: float) -> None:
         self.state = dq.companions_done(self.state, companions, now)
@@ -205,7 +197,7 @@ class HoldDesk:
         """Starting light models failed: their demands are refused (503)."""
         self.state, failed = dq.companions_failed(self.state, now)
         for did in failed:
-            self._fail(did, Refused(503, reason, max(1, round(self.state.switch_estimate_seconds))))
+            self._fail(did, Refused(503, reason, dq.switch_retry_after(self.state, now)))
 
     def went_away(self, now: float) -> None:
         self.state = dq.went_away(self.state, now)

@@ -615,15 +615,24 @@ def _union(first: tuple[str, ...], more: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _ahead(state: QueueState, model: str | None, now: float) -> float:
+    """The forecast's wait for ``model`` (the rest of the switch in flight,
+    then the way to it); without a forecast one switch estimate."""
+    return ready_in(state.forecast, model, now) if state.forecast is not None and model is not None else state.switch_estimate_seconds
+
+
+def switch_retry_after(state: QueueState, now: float, model: str | None = None) -> int:
+    """Retry-After once the GPU no longer serves a window (a switch failed):
+    ``_ahead`` in whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(_ahead(state, model, now)))
+
+
 def _retry_after(state: QueueState, now: float, model: str | None = None) -> int:
     """Seconds until the GPU is likely to serve ``model``: the rest of the
-    serving window plus the forecast's wait for it (the rest of the switch in
-    flight, then the way to ``model``); without a forecast one switch
-    estimate. At least 1."""
+    serving window plus ``_ahead``. At least 1."""
     cutoff = serve_cutoff(state)
     window = max(0.0, cutoff - now) if cutoff is not None else 0.0
-    ahead = ready_in(state.forecast, model, now) if state.forecast is not None and model is not None else state.switch_estimate_seconds
-    return max(1, math.ceil(window + ahead))
+    return max(1, math.ceil(window + _ahead(state, model, now)))
 
 
 def _first_after(times: Iterable[float], now: float) -> float | None:
