@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,13 +33,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from free_ports import free_port
+
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config() -> dict[str, Any]:

@@ -50,15 +50,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
 
+from free_ports import free_port  # noqa: E402
+
 from vramctl.demand.policy import Demand, QueuePolicy, QueueState, Target, add_demand, release, step, switch_done  # noqa: E402
 
 # -- processes ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:

@@ -67,7 +67,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -84,6 +83,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from free_ports import free_port  # noqa: E402
 from warm_proof import stop_group  # noqa: E402
 
 from vramctl.gpu.base import GpuProbe  # noqa: E402
@@ -113,12 +113,6 @@ def stats_ms(xs: list[float]) -> dict[str, float] | None:
     if not xs:
         return None
     return {"n": len(xs), "p50_ms": pctl(xs, 0.5) * 1e3, "p95_ms": pctl(xs, 0.95) * 1e3, "max_ms": max(xs) * 1e3}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_json(url: str) -> Any:

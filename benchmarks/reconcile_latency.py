@@ -35,7 +35,6 @@ import math
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,17 +48,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from free_ports import free_port  # noqa: E402
 from tests.support.k8s.emulator import EmulatorThread, KubeClient  # noqa: E402
 
 STANDIN = "vramctl/standin:dev"
 ACTIONS = ("kill", "stop", "start")
 TARGET_P95_MS = 50.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def model(port: int, vram: int) -> dict[str, Any]:

@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from free_ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "images" / "sdxl"))
@@ -87,12 +88,6 @@ def wait_healthy(base: str, proc: subprocess.Popen[bytes], log_path: Path, timeo
             pass
         time.sleep(0.1)
     raise SystemExit(f"the server was not healthy within {timeout:.0f} s (statuses {seen[-5:]})")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def median(xs: list[float]) -> float:

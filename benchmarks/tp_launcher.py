@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,17 +43,12 @@ from typing import Any
 
 import cuda_workload  # this folder: the launcher runs as a script
 from cuda_workload import JsonHandler, serve, stop_signals
+from free_ports import free_port
 
 
 def log(message: str) -> None:
     sys.stdout.write(f"tp_launcher[{os.getpid()}]: {message}\n")
     sys.stdout.flush()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:

@@ -84,7 +84,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -97,6 +96,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from free_ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))
@@ -117,12 +118,6 @@ def summary(xs: list[float]) -> dict[str, Any] | None:
     if not xs:
         return None
     return {"n": len(xs), "median_s": statistics.median(xs), "p95_s": pctl(xs, 0.95), "min_s": min(xs), "max_s": max(xs)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:

@@ -31,17 +31,12 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.support.ports import free_port
 from vramctl.demand.desk import Lease, Refused
 from vramctl.web.gateway import GATEWAY_MAX_BODY, Gateway, ModelInfo, Route
 from vramctl.web.server import HttpServer
 
 # -- stand-in backends -----------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -55,7 +50,7 @@ class Backend:
 
 
 def spawn_standin(token_seconds: float = 0.0, keepalive: bool = False) -> Backend:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "STANDIN_PORT": str(port), "STANDIN_LOAD_SECONDS": "0", "STANDIN_STOP_SECONDS": "0"}
     env["STANDIN_TOKEN_SECONDS"] = str(token_seconds)
     env["STANDIN_KEEPALIVE"] = "1" if keepalive else "0"

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,14 +26,9 @@ import pytest
 import yaml
 
 from tests.support.openai_mix import IMAGE, TOKENS, one
+from tests.support.ports import free_port
 
 STANDIN = [sys.executable, "-m", "vramctl.demo.standin"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Up:

@@ -206,3 +206,22 @@ def test_sleep_while_loading_is_503_with_retry_after_and_the_cycle_is_logged(spa
     assert "standin: sleeping (level 2, 0 s)" in out
     assert "standin: asleep (residue 300 MiB)" in out
     assert "standin: awake" in out
+
+
+def test_a_stop_taken_after_the_load_time_still_logs_ready_first(spawn: Callable[..., subprocess.Popen[str]]) -> None:
+    """A loaded machine: the main thread wakes late and finds the stop signal
+    already waiting though /health has said 200 since the load time ended.
+    Frozen (SIGSTOP) across the load time with a SIGTERM queued, it must still
+    log the ready line before the stop."""
+    port = free_port()
+    p = spawn(port=str(port), load_seconds="0.3", stop_seconds="0")
+    wait_for(lambda: status(port) == 503)
+    p.send_signal(signal.SIGSTOP)
+    time.sleep(0.5)  # past the load time while frozen
+    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGCONT)
+    out, _ = p.communicate(timeout=5)
+    assert p.returncode == 0, out
+    lines = out.splitlines()
+    assert f"standin: ready on :{port}" in lines, out
+    assert lines.index(f"standin: ready on :{port}") < lines.index("standin: got SIGTERM, stopping in 0 s"), out

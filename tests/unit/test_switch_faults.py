@@ -17,7 +17,6 @@ a real HTTP server on 127.0.0.1 for the squatter.
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pydantic import ValidationError
 
 from tests.support.clock import ManualClock
 from tests.support.fakes import FakeGpu, FakeRuntime, FakeSleeper
+from tests.support.ports import free_port
 from vramctl.observed import WorkloadState
 from vramctl.reconcile.warm import HttpSleeper
 from vramctl.runtimes.sleepctl import SleepCallError, fallback_reason
@@ -35,12 +35,6 @@ from vramctl.spec.models import DeploymentSpec, DesiredStateError, ModelSpec
 from vramctl.worker.actor import GpuWorker, WorkerSettings
 
 RUN = WorkloadState.RUNNING
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sleepy(port: int, vram: int) -> dict[str, Any]:

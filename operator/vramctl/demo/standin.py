@@ -451,6 +451,12 @@ def run(settings: Settings) -> int:
     crash_at = t0 + settings.crash_after_seconds if settings.crash_after_seconds is not None else None
     while True:
         now = time.monotonic()
+        # Said before a stop taken in the same turn: /health has answered 200
+        # since ready_at, even when this thread wakes late (a loaded machine)
+        # and finds the stop signal already waiting.
+        if not ready_logged and stop_at is None and now >= server.ready_at:
+            ready_logged = True
+            log(f"ready on :{port}")
         if stopped_by is not None and stop_at is None:
             log(f"got {stopped_by}, stopping in {settings.stop_text} s")
             stop_at = now + settings.stop_seconds
@@ -467,17 +473,18 @@ def run(settings: Settings) -> int:
                 closer.join(timeout=1.0)
             log("stopped")
             return 0
-        if not ready_logged and stop_at is None and now >= server.ready_at:
-            ready_logged = True
-            log(f"ready on :{port}")
         deadlines = [d for d in (crash_at, stop_at, None if ready_logged else server.ready_at) if d is not None and d > now]
         timeout = min(deadlines) - now if deadlines else 3600.0
         if settings.ignore_sigterm:
             time.sleep(timeout)
         else:
             info = signal.sigtimedwait(stop_signals, timeout)
-            if info is not None and stopped_by is None:
-                stopped_by = signal.Signals(info.si_signo).name
+            # A wait cut by SIGSTOP/SIGCONT (a paused start) can come back
+            # with a record whose si_signo is not a signal at all: only a
+            # stop signal stops, anything else is one more turn.
+            signo = info.si_signo if info is not None else None
+            if signo in stop_signals and stopped_by is None:
+                stopped_by = signal.Signals(signo).name
 
 
 class _KeepAliveHandler(_Handler):
