@@ -51,7 +51,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
 
 from free_ports import free_port  # noqa: E402
-
 from vramctl.demand.policy import Demand, QueuePolicy, QueueState, Target, add_demand, release, step, switch_done  # noqa: E402
 
 # -- processes ---------------------------------------------------------------------

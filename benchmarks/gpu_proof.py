@@ -84,8 +84,6 @@ sys.path.insert(0, str(ROOT / "operator"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from free_ports import free_port  # noqa: E402
-from warm_proof import stop_group  # noqa: E402
-
 from vramctl.gpu.base import GpuProbe  # noqa: E402
 from vramctl.gpu.simulated import SimulatedGpu  # noqa: E402
 from vramctl.observed import Desired  # noqa: E402
@@ -93,6 +91,7 @@ from vramctl.runtimes.process import ProcessRuntime  # noqa: E402
 from vramctl.spec.models import DeploymentSpec  # noqa: E402
 from vramctl.worker.actor import GpuWorker, WorkerSettings  # noqa: E402
 from vramctl.worker.supervisor import holders_from  # noqa: E402
+from warm_proof import stop_group  # noqa: E402
 
 WORKLOAD = ROOT / "benchmarks" / "cuda_workload.py"
 TARGET_SCRAPE_P95_MS = 5.0

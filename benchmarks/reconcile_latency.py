@@ -48,8 +48,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from free_ports import free_port  # noqa: E402
 from tests.support.k8s.emulator import EmulatorThread, KubeClient  # noqa: E402
+
+from free_ports import free_port  # noqa: E402
 
 STANDIN = "vramctl/standin:dev"
 ACTIONS = ("kill", "stop", "start")
