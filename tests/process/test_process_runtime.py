@@ -229,7 +229,7 @@ def test_a_server_ignoring_sigterm_is_killed_after_the_grace_period(env: Env) ->
     wait_for(healthy(rt, d, "llm"), what="health")
     out = rt.stop(d, "llm")
     assert out.killed and out.was_running
-    assert 0.3 <= out.seconds < 0.8
+    assert 0.3 <= out.seconds < 3.0  # the model's 0.3 s grace, not the 10 s default
     assert out.exit_code == 128 + signal.SIGKILL
     assert not running(pid)
     assert rt.observe(d)["llm"].exit_code == 137
@@ -470,7 +470,7 @@ def test_leftover_group_members_are_killed_after_the_grace_period(env: Env) -> N
     assert running(worker)
     out = rt.stop(d, "srv")
     assert out.killed
-    assert 0.3 <= out.seconds < 0.8
+    assert 0.3 <= out.seconds < 3.0  # the model's 0.3 s grace, not the 10 s default
     assert out.exit_code == 128 + signal.SIGTERM  # the leader itself went on SIGTERM
     wait_for(lambda: not running(worker), timeout=1.0, what="worker gone")
 

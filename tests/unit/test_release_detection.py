@@ -72,7 +72,7 @@ def test_next_model_starts_only_after_the_release_and_the_latency_is_recorded() 
     w.reconcile_once()
     assert rt.calls[-2:] == [("stop", "llm"), ("start", "sdxl")]
     assert at[("start", "sdxl")] - at[("stop", "llm")] >= 0.25
-    assert w.last_release_seconds is not None and 0.25 <= w.last_release_seconds < 1.0
+    assert w.last_release_seconds is not None and 0.25 <= w.last_release_seconds < 2.0  # the 0.25 s release, with room for a busy machine
     msg = note(w, "memory-free")
     assert "after llm exited" in msg and f"{w.last_release_seconds:.3f}s" in msg
     assert w.status()["phase"] == "Ready"

@@ -60,15 +60,15 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
 def test_health_is_503_while_loading_then_200(spawn: Callable[..., subprocess.Popen[str]]) -> None:
     port = free_port()
+    t_spawn = time.monotonic()
     p = spawn(port=str(port), load_seconds="0.4", stop_seconds="0")
     wait_for(lambda: status(port) is not None)
-    t_first = time.monotonic()
     assert status(port) == 503
     assert status(port, "/other") == 404
-    waited = wait_for(lambda: status(port) == 200)
-    # The load time runs from process start, slightly before the first answer.
-    assert waited <= 0.4 + 0.2
-    assert time.monotonic() - t_first >= 0.1
+    wait_for(lambda: status(port) == 200)
+    # The load time runs from process start: never 200 before it is over.
+    # (No upper bound: a loaded machine may start the interpreter late.)
+    assert time.monotonic() - t_spawn >= 0.4
     p.terminate()
     out, _ = p.communicate(timeout=5)
     assert "standin: loading (0.4 s)" in out
@@ -78,17 +78,20 @@ def test_health_is_503_while_loading_then_200(spawn: Callable[..., subprocess.Po
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_after_stop_seconds_with_exit_0(spawn: Callable[..., subprocess.Popen[str]], sig: signal.Signals) -> None:
     port = free_port()
-    p = spawn(port=str(port), load_seconds="0.05", stop_seconds="0.4")
+    p = spawn(port=str(port), load_seconds="0.05", stop_seconds="1")
     wait_for(lambda: status(port) == 200)
     t0 = time.monotonic()
     p.send_signal(sig)
-    # The port closes at once (well before the stop time), like the image's httpd.
-    wait_for(lambda: status(port) is None, timeout=0.3)
-    out, _ = p.communicate(timeout=5)
+    # The port closes at once, while the process still runs out its stop
+    # time, like the image's httpd.
+    wait_for(lambda: status(port) is None, timeout=3)
+    assert p.poll() is None or time.monotonic() - t0 >= 1.0
+    out, _ = p.communicate(timeout=10)
     elapsed = time.monotonic() - t0
     assert p.returncode == 0
-    assert 0.4 <= elapsed < 1.2
-    assert f"standin: got {sig.name}, stopping in 0.4 s" in out
+    assert 1.0 <= elapsed < 5
+    assert f"standin: got {sig.name}, stopping in 1 s" in out
+    assert out.index(f"got {sig.name}") < out.index("standin: stopped")
     assert out.rstrip().endswith("standin: stopped")
 
 
