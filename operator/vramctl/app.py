@@ -8,6 +8,7 @@ figures are real.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -31,6 +32,19 @@ log = logging.getLogger("vramctl")
 class Built:
     supervisor: Supervisor
     state: StateFile
+
+
+def settle_heap() -> int:
+    """Once startup is done: collect, then move every object still alive (the
+    imported modules, the models' specs, the servers) out of the collector's
+    reach (``gc.freeze``). A full collection then walks only what was made
+    since, not the ~60,000 objects of startup: each one took 40-55 ms on the
+    HTTP thread, a pause every scrape and gateway request in flight waited
+    out. Startup objects that turn into garbage later are not reclaimed: a
+    bounded, one-time cost. Returns how many objects were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def default_state_path() -> Path:

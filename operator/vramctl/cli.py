@@ -177,7 +177,7 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from vramctl.app import build, default_state_path
+    from vramctl.app import build, default_state_path, settle_heap
     from vramctl.sources.statefile import StateWriteError
     from vramctl.web.server import FaceOptions
 
@@ -232,6 +232,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     face.start()
     built.supervisor.start()
+    settle_heap()
     for note in built.supervisor.notes:
         print(f"vramctl: {note}", file=sys.stderr)
     print(
@@ -705,7 +706,7 @@ def _gpu_uuid_of(built: Callable[[], Any]) -> Callable[[int], str | None]:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     """Act on the ModelDeployments whose spec.nodeName is this node, until SIGTERM."""
-    from vramctl.app import build_operator
+    from vramctl.app import build_operator, settle_heap
     from vramctl.spec.models import GpuProbeConfig
     from vramctl.web.guards import is_loopback
     from vramctl.web.server import FaceOptions
@@ -765,6 +766,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     api = face.api
     face.start()
     built.supervisor.start()
+    settle_heap()
     _say_gateway(face)
     where = "all namespaces" if not args.namespace else "namespace(s) " + ", ".join(args.namespace)
     print(

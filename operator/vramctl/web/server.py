@@ -50,7 +50,8 @@ import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
 
 from vramctl.web.api import Api, StateStore
 from vramctl.web.gateway import GATEWAY_MAX_BODY, Gateway
@@ -113,21 +114,36 @@ class LogLimiter:
         return True
 
 
-_METRICS: WeakKeyDictionary[CollectorRegistry, Counter] = WeakKeyDictionary()
+class RequestCounts:
+    """``vramctl_http_requests_total`` by listener, route and code: plain
+    integers bumped on the event loop (the only writer), exported by a
+    collector at scrape time. A prometheus ``Counter`` child takes a lock on
+    every request, a few percent of a small read's cost."""
 
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, str], int] = {}
 
-def requests_counter(registry: CollectorRegistry) -> Counter:
-    """``vramctl_http_requests_total``, once per registry."""
-    counter = _METRICS.get(registry)
-    if counter is None:
-        counter = Counter(
-            "vramctl_http_requests_total",
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "vramctl_http_requests",
             "HTTP requests answered, by listener, route and status (499: the client went away).",
-            ["listener", "route", "code"],
-            registry=registry,
+            labels=["listener", "route", "code"],
         )
-        _METRICS[registry] = counter
-    return counter
+        for labels, n in list(self.counts.items()):  # one copy, taken whole while the loop may add a key
+            family.add_metric(list(labels), n)
+        return [family]
+
+
+_METRICS: WeakKeyDictionary[CollectorRegistry, RequestCounts] = WeakKeyDictionary()
+
+
+def requests_counter(registry: CollectorRegistry) -> RequestCounts:
+    """``vramctl_http_requests_total``, once per registry."""
+    counts = _METRICS.get(registry)
+    if counts is None:
+        counts = _METRICS[registry] = RequestCounts()
+        registry.register(counts)
+    return counts
 
 
 @dataclass
@@ -214,7 +230,7 @@ class HttpServer:
         self._pending = 0  # accepted, transport not made yet
         self.refused = 0
         self._requests = requests_counter(registry) if registry is not None else None
-        self._children: dict[tuple[str, object, int], Any] = {}
+        self._children: dict[tuple[str, object, int], tuple[str, str, str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -529,19 +545,20 @@ class HttpServer:
 
 
 def _count(
-    requests: Counter | None, children: dict[tuple[str, object, int], Any], listener: str, request: web.Request, status: int
+    requests: RequestCounts | None, children: dict[tuple[str, object, int], tuple[str, str, str]], listener: str, request: web.Request, status: int
 ) -> None:
-    """One more request in ``vramctl_http_requests_total`` (``children``: the labelled series by route object, made once)."""
+    """One more request in ``vramctl_http_requests_total`` (``children``: the series' labels by route object, made once)."""
     if requests is None:
         return
     info = request.match_info
     key = (listener, info.route, status)
-    child = children.get(key)
-    if child is None:
+    labels = children.get(key)
+    if labels is None:
         resource = info.route.resource if info.http_exception is None else None
         route = resource.canonical if resource is not None else "unmatched"
-        child = children[key] = requests.labels(listener, route, str(status))
-    child.inc()
+        labels = children[key] = (listener, route, str(status))
+    counts = requests.counts
+    counts[labels] = counts.get(labels, 0) + 1
 
 
 # -- the composition: API, holds and gateway over a supervisor -----------------------------------
