@@ -5,6 +5,7 @@ Every container uses host networking and a port of its own on 127.0.0.1.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -250,6 +251,42 @@ def test_pause_then_start_unpauses(runtime: DockerRuntime, free_port: Callable[[
     assert out.was_running and out.killed and out.exit_code == 137
     assert out.seconds < 0.3 + 1.0  # not its 0.3 s graceful stop after a thaw
     assert "got SIGTERM" not in "\n".join(runtime.logs_tail(d, "llm", 20))
+
+
+def test_a_pause_that_lands_before_the_sigkill_takes_effect_does_not_hang_the_stop(
+    runtime: DockerRuntime, free_port: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race seen under chaos: vramctl stops a model whose server outlives
+    its grace period; as vramctl's SIGKILL goes out, the worker's gate pauses
+    the same container (a start by hand came in between). With cgroup v1's
+    freezer a frozen process keeps a pending SIGKILL until thawed: the
+    container stays paused and the stop waited its whole 30 s, the switch with
+    it. Here the race is laid out in that order on the real engine: the
+    SIGKILL vramctl sends becomes "pause, then the signal straight to the
+    process" (what the engine would have delivered had the pause come first)."""
+    d = spec({"llm": standin(free_port(), load=0.1, grace=0.3, STANDIN_IGNORE_SIGTERM="1")})
+    runtime.start(d, "llm")
+    wait_until(lambda: runtime.check_health(d, "llm"), SLACK, "llm healthy")
+    real_kill = docker.models.containers.Container.kill
+    raced: list[str] = []
+
+    def kill(self: docker.models.containers.Container, signal: str | int | None = None) -> Any:
+        if signal == "SIGKILL" and not raced:
+            self.pause()  # the gate, first
+            self.reload()
+            os.kill(int(self.attrs["State"]["Pid"]), 9)  # then the SIGKILL, to a frozen process
+            raced.append(str(self.attrs["State"]["Status"]))
+            return None
+        return real_kill(self, signal=signal)
+
+    monkeypatch.setattr(docker.models.containers.Container, "kill", kill)
+    t0 = time.monotonic()
+    out = runtime.stop(d, "llm")
+    took = time.monotonic() - t0
+    assert raced == ["paused"]
+    assert out.was_running and out.killed and out.exit_code == 137, out
+    assert runtime.observe(d)["llm"].state is WorkloadState.EXITED
+    assert took < 0.3 + 5.0, f"the stop took {took:.1f} s"  # the grace, then a few seconds at most, not the 30 s wait
 
 
 def test_missing_image_is_a_clear_start_error(runtime: DockerRuntime) -> None:

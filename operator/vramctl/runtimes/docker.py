@@ -92,6 +92,8 @@ _RUNNING_STATES = ("running", "paused", "restarting")
 # After SIGKILL a container normally exits within milliseconds; past this,
 # something is badly wrong (a process stuck in the kernel).
 _KILL_WAIT_SECONDS = 30.0
+# How often a SIGKILLed container not gone yet is checked for a pause that froze the signal.
+_FROZEN_CHECK_SECONDS = 0.5
 _COMPOSE_TIMEOUT_SECONDS = 120.0
 _EVENT_WINDOW_SECONDS = 0.5
 
@@ -633,6 +635,29 @@ class DockerRuntime:
                 pass  # read timeout: still running (checked below)
         return not self._is_running(c)
 
+    def _wait_killed(self, c: Container) -> bool:
+        """After a SIGKILL: block until the container is not running, at most
+        ``_KILL_WAIT_SECONDS``. A container found paused meanwhile (the gate
+        froze it as the signal went out) is sent SIGKILL again: cgroup v1's
+        freezer holds a pending SIGKILL until the process is thawed, and the
+        engine's kill of a paused container sees to that, so the process dies
+        without running another instruction."""
+        deadline = time.monotonic() + _KILL_WAIT_SECONDS
+        while True:
+            left = deadline - time.monotonic()
+            if self._wait_exit(c, min(_FROZEN_CHECK_SECONDS, left)):
+                return True
+            if left <= _FROZEN_CHECK_SECONDS:
+                return False
+            if str(c.attrs["State"]["Status"]) == "paused":  # as read by _wait_exit just now
+                log.info("%s was paused before the SIGKILL took effect: killing it as frozen", _name(c))
+                try:
+                    c.kill(signal="SIGKILL")
+                except docker.errors.NotFound:
+                    return True
+                except docker.errors.APIError as err:
+                    log.debug("SIGKILL to paused %s: %s", _name(c), _explain(err))
+
     def _stop_container(self, c: Container, stop: StopSpec | None) -> StopOutcome:
         """Signal, wait the grace period (fractions honoured), SIGKILL, wait."""
         t0 = time.monotonic()
@@ -687,7 +712,7 @@ class DockerRuntime:
                     return StopOutcome(model, True, False, time.monotonic() - t0)
                 except docker.errors.APIError as err:
                     log.debug("SIGKILL to %s: %s", _name(c), _explain(err))  # exited meanwhile
-        if not self._wait_exit(c, _KILL_WAIT_SECONDS):
+        if not self._wait_killed(c):
             raise TransientError(f"container {_name(c)} is still running {_KILL_WAIT_SECONDS:.0f} s after SIGKILL")
         state = c.attrs.get("State") or {}
         code = state.get("ExitCode")
