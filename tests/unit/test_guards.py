@@ -288,3 +288,29 @@ def test_any_body_to_any_route_is_answered_2xx_or_4xx_naming_the_problem(
     if code >= 400:
         assert isinstance(err["message"], str) and err["message"], err
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("listener", ["api", "gateway"])
+@pytest.mark.parametrize("method", ["POST", "OPTIONS"])
+def test_a_client_gone_before_its_100_continue_is_a_debug_line_not_a_traceback(
+    stack: Stack, caplog: pytest.LogCaptureFixture, listener: str, method: str
+) -> None:
+    """`Expect: 100-continue`, and the client resets the connection at once:
+    aiohttp's expect handler, which runs before any middleware, wrote the
+    interim answer to a closed transport and the error reached the log as an
+    ERROR with a traceback (found by the fuzzed `vramctl up` test)."""
+    caplog.set_level(logging.DEBUG)
+    port = stack.port(listener)
+    head = (
+        f"{method} /switch HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nExpect: 100-continue\r\n"
+        "Content-Type: application/json\r\nContent-Length: 16\r\n\r\n"
+    ).encode()
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close = RST
+        s.sendall(head)
+        s.close()
+    time.sleep(0.3)  # the server handles the last ones
+    path = "/healthz" if listener == "api" else "/v1/models"
+    assert exchange(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()).startswith(b"HTTP/1.1 200")
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records][-5:]

@@ -273,3 +273,43 @@ def test_idle_sleep_puts_the_model_to_sleep_and_idle_free_stops_it(action: str, 
         assert w.status()["phase"] == "Idle"
     finally:
         w.stop()
+
+
+def test_a_sleep_with_no_start_after_it_is_still_checked_and_said() -> None:
+    """Sleeping the GPU's model with nothing to start after it (idle action
+    sleep, `switch --sleep`): the residue check and its `asleep` step used to
+    run only inside the memory wait before a start, so no start, no check:
+    no `asleep` event for /events and the page, and a model holding more than
+    its maxResidueMiB stayed on the GPU for good."""
+    rt = FakeRuntime(states={"llm": RUN}, residue={"llm": 500})  # within maxResidueMiB 800
+    w, _, _ = rig(spec(residueSettleSeconds=0.1), rt)
+    w.reconcile_once()
+    w.request(None, (), source="idle (sleep)", keep_asleep=True)
+    w.reconcile_once()
+    assert rt.calls == [("sleep", "llm")]
+    assert ("asleep", "llm") in steps(w)
+    assert w.model_states()["llm"] == "asleep" and w.status()["phase"] == "Idle"
+
+
+def test_a_sleep_with_no_start_after_it_over_its_residue_limit_is_stopped() -> None:
+    rt = FakeRuntime(states={"llm": RUN}, residue={"llm": 3000})  # maxResidueMiB 800
+    w, _, metrics = rig(spec(residueSettleSeconds=0.1), rt)
+    w.reconcile_once()
+    w.request(None, (), source="idle (sleep)", keep_asleep=True)
+    w.reconcile_once()
+    assert rt.calls == [("sleep", "llm"), ("stop", "llm")]
+    assert any(p["step"] == "SleepFallback" and "3000 MiB" in p["message"] for p in w.progress())
+    assert metrics.registry.get_sample_value("vramctl_sleep_fallbacks_total", {"gpu": "0", "reason": "ResidueOverLimit"}) == 1
+    assert w.model_states()["llm"] == "stopped" and w.status()["phase"] == "Idle"
+
+
+def test_the_memory_free_message_says_which_model_slept_and_which_exited() -> None:
+    rt = FakeRuntime(states={"llm": RUN})
+    w, _, _ = rig(spec(), rt)
+    w.reconcile_once()
+    switch(w, "sdxl")  # llm goes to sleep
+    freed = [p["message"] for p in w.progress() if p["step"] == "memory-free"]
+    assert freed and "llm went to sleep" in freed[-1] and "exited" not in freed[-1], freed
+    switch(w, "cold")  # sdxl goes to sleep; llm, asleep, stays (it fits) or is stopped
+    freed = [p["message"] for p in w.progress() if p["step"] == "memory-free"]
+    assert "sdxl went to sleep" in freed[-1], freed

@@ -213,6 +213,14 @@ class Reconciler:
             if warm is not None:  # the next plan wakes it; the loop settles after
                 self._submit(Sleep(warm, "prewarm"))
                 return s.poll_interval_s, False
+            if self.sleep.slept_at:
+                # A sleep with no start after it (idle action sleep, a sleep
+                # request): its residue is checked here, as the memory wait
+                # before a start checks it otherwise; a fall-back re-plans.
+                if self.warm.verify(self.spec, self.probe, self.baseline.mib or 0, now, s.memory_timeout_s):
+                    return 0.0, False
+                if self.sleep.slept_at:  # still settling: look again soon
+                    return min(self._settle(p, now), s.poll_interval_s), False
             return self._settle(p, now), True
         return self._step(p, now)
 

@@ -96,9 +96,17 @@ class ReleaseWait:
         after = ""
         if self.track.exited_at is not None:
             self.last_release_seconds = max(0.0, now - self.track.exited_at)
-            after = f", {self.last_release_seconds:.3f}s after {', '.join(self.track.exited)} exited"
+            after = f", {self.last_release_seconds:.3f}s after {_went(self.track.exited, self.sleep.asleep)}"
             self.track.exited_at, self.track.exited = None, ()
         if self.blocked is not None:
             self.blocked = None
             self.ctx.begin_switch(None, desired.active, now)
         self.ctx.note("memory-free", None, f"GPU memory confirmed free after {now - since:.2f}s{after}")
+
+
+def _went(models: tuple[str, ...], asleep: set[str]) -> str:
+    """``llm went to sleep, sdxl exited``: what each model that gave memory back did."""
+    slept = [m for m in models if m in asleep]
+    exited = [m for m in models if m not in asleep]
+    parts = ([f"{', '.join(slept)} went to sleep"] if slept else []) + ([f"{', '.join(exited)} exited"] if exited else [])
+    return "; ".join(parts)

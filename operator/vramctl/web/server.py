@@ -275,7 +275,9 @@ class HttpServer:
         return app
 
     @staticmethod
-    def _dispatcher(app: web.Application, guarded: Any, routed: Any) -> Callable[[web.BaseRequest], Any]:
+    def _dispatcher(
+        app: web.Application, guarded: Any, routed: Any, gone: Callable[[web.BaseRequest], web.StreamResponse]
+    ) -> Callable[[web.BaseRequest], Any]:
         """The request handler of a listener's connections: a public read
         (``GET /status``, ``/metrics``, ``/healthz``, ...) with no body is
         handed to the same guards middleware with its route found by one
@@ -297,13 +299,32 @@ class HttpServer:
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             hit = reads.get(request.raw_path.partition("?")[0]) if request.method == "GET" else None
             if hit is None or request.body_exists or hdrs.EXPECT in request.headers or not isinstance(request, web.Request):
-                resp: web.StreamResponse = await routed(request)
+                try:
+                    resp: web.StreamResponse = await routed(request)
+                except (ConnectionError, aiohttp.ClientConnectionResetError):
+                    # Before the middleware: aiohttp's answer to `Expect:
+                    # 100-continue` written to a client already gone.
+                    return gone(request)
                 return resp
             request._match_info = hit[1]
             resp = await guarded(request, hit[0])
             return resp
 
         return dispatch
+
+    def _gone(self, listener: Listener) -> Callable[[web.BaseRequest], web.StreamResponse]:
+        """The answer to a client that went away before its request reached
+        the middleware: counted as 499, one debug line."""
+
+        def gone(request: web.BaseRequest) -> web.StreamResponse:
+            log.debug("client went away during %s %s (before its answer began)", request.method, request.path)
+            if isinstance(request, web.Request):
+                _count(self._requests, self._children, listener.name, request, CLIENT_GONE)
+            resp = web.Response(status=CLIENT_GONE)  # nobody reads it: aiohttp drops it with the connection
+            resp.force_close()
+            return resp
+
+        return gone
 
     def _middleware(self, listener: Listener) -> Any:
         policy, requests, name, open_, children = listener.policy, self._requests, listener.name, self._open, self._children
@@ -394,7 +415,7 @@ class HttpServer:
             )
             await runner.setup()
             assert runner.server is not None
-            runner.server.request_handler = self._dispatcher(runner.app, listener.guarded, runner.server.request_handler)
+            runner.server.request_handler = self._dispatcher(runner.app, listener.guarded, runner.server.request_handler, self._gone(listener))
             listener.runner = runner
             loop.add_reader(listener.sock.fileno(), self._accept, listener)
 
