@@ -41,7 +41,7 @@ import logging
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from pydantic import BaseModel, ValidationError
 
 log = logging.getLogger("vramctl.web")
@@ -211,6 +211,8 @@ class Policy:
             raise HttpError(415, f"Content-Type must be application/json, not {ctype or 'missing'!r}", "Content-Type", close=True)
         if length > self.max_body:
             raise HttpError(413, f"the body is {length} bytes; at most {self.max_body} are taken", "Content-Length", close=True)
+        if hdrs.EXPECT in request.headers:
+            await _continue(request)  # the head passed every guard: now ask for the body
         try:
             if request.content.is_eof():  # all of it is here already (the usual case): no timer
                 raw = await request.content.readexactly(length)
@@ -223,6 +225,19 @@ class Policy:
             raise HttpError(400, f"the body ended after {len(err.partial)} of {length} bytes", "Content-Length", close=True) from None
         request[RAW] = raw
         request[DOC] = parse_json(raw, self.max_depth)
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    """``Expect: 100-continue``, answered once the request's head has passed
+    the guards (the server's dispatcher keeps aiohttp from saying 100 to any
+    routed request before they ran); another expectation is a 417."""
+    expect = request.headers[hdrs.EXPECT]
+    if request.version != HttpVersion11:
+        return  # HTTP/1.0 has no interim answers: the body comes anyway
+    if expect.strip().lower() != "100-continue":
+        raise HttpError(417, f"Expect {expect!r} is not supported: send `Expect: 100-continue` or none", "Expect", close=True)
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim answer is not the response's size
 
 
 class _DuplicateKey(ValueError):

@@ -275,15 +275,15 @@ class HttpServer:
         return app
 
     @staticmethod
-    def _dispatcher(
-        app: web.Application, guarded: Any, routed: Any, gone: Callable[[web.BaseRequest], web.StreamResponse]
-    ) -> Callable[[web.BaseRequest], Any]:
+    def _dispatcher(app: web.Application, guarded: Any, routed: Any) -> Callable[[web.BaseRequest], Any]:
         """The request handler of a listener's connections: a public read
         (``GET /status``, ``/metrics``, ``/healthz``, ...) with no body is
         handed to the same guards middleware with its route found by one
-        dict lookup of its exact raw path; everything else (another method,
-        a body, an ``Expect``, an encoded or unknown path) goes through
-        aiohttp's router and middleware chain (``routed``). The guards are
+        dict lookup of its exact raw path; a request with ``Expect`` is
+        routed here and handed to the guards, which answer the expectation
+        (aiohttp's own expect handler would say 100 Continue before any guard
+        ran); everything else (another method, a body, an encoded or unknown
+        path) goes through aiohttp's router and middleware chain (``routed``). The guards are
         the same either way; what the shortcut leaves out is the router's
         walk and aiohttp's per-request middleware plumbing, most of the
         cost of a small answer."""
@@ -297,34 +297,25 @@ class HttpServer:
                 reads[resource.canonical] = (route.handler, info)
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+            if hdrs.EXPECT in request.headers and isinstance(request, web.Request):
+                # Routed here, not by aiohttp, whose expect handler says 100
+                # Continue to any routed request before a guard ran: the body
+                # check answers the expectation once the head passed them all.
+                match = await app.router.resolve(request)
+                match.add_app(app)
+                match.freeze()
+                request._match_info = match
+                expecting: web.StreamResponse = await guarded(request, match.handler)
+                return expecting
             hit = reads.get(request.raw_path.partition("?")[0]) if request.method == "GET" else None
-            if hit is None or request.body_exists or hdrs.EXPECT in request.headers or not isinstance(request, web.Request):
-                try:
-                    resp: web.StreamResponse = await routed(request)
-                except (ConnectionError, aiohttp.ClientConnectionResetError):
-                    # Before the middleware: aiohttp's answer to `Expect:
-                    # 100-continue` written to a client already gone.
-                    return gone(request)
+            if hit is None or request.body_exists or not isinstance(request, web.Request):
+                resp: web.StreamResponse = await routed(request)
                 return resp
             request._match_info = hit[1]
             resp = await guarded(request, hit[0])
             return resp
 
         return dispatch
-
-    def _gone(self, listener: Listener) -> Callable[[web.BaseRequest], web.StreamResponse]:
-        """The answer to a client that went away before its request reached
-        the middleware: counted as 499, one debug line."""
-
-        def gone(request: web.BaseRequest) -> web.StreamResponse:
-            log.debug("client went away during %s %s (before its answer began)", request.method, request.path)
-            if isinstance(request, web.Request):
-                _count(self._requests, self._children, listener.name, request, CLIENT_GONE)
-            resp = web.Response(status=CLIENT_GONE)  # nobody reads it: aiohttp drops it with the connection
-            resp.force_close()
-            return resp
-
-        return gone
 
     def _middleware(self, listener: Listener) -> Any:
         policy, requests, name, open_, children = listener.policy, self._requests, listener.name, self._open, self._children
@@ -415,7 +406,7 @@ class HttpServer:
             )
             await runner.setup()
             assert runner.server is not None
-            runner.server.request_handler = self._dispatcher(runner.app, listener.guarded, runner.server.request_handler, self._gone(listener))
+            runner.server.request_handler = self._dispatcher(runner.app, listener.guarded, runner.server.request_handler)
             listener.runner = runner
             loop.add_reader(listener.sock.fileno(), self._accept, listener)
 
