@@ -150,6 +150,22 @@ class Plan:
     ports: dict[str, int]
     tts_mib: int = 4096
 
+    @classmethod
+    def of(cls, args: argparse.Namespace, full_weights_mib: int, full_sdxl: str = "full", **more: Any) -> Plan:
+        """The plan of a run from its command line: the dry run's LLM has 1 GiB
+        of weights (it allocates nothing, but its declared host memory must
+        still fit this machine) and a tiny SDXL; three fresh ports."""
+        dry = args.dry_run
+        return cls(
+            dry=dry,
+            gpu=args.gpu,
+            llm_weights_mib=args.llm_weights_mib if args.llm_weights_mib is not None else (1024 if dry else full_weights_mib),
+            llm_kv_mib=args.llm_kv_mib,
+            sdxl_size="tiny" if dry else full_sdxl,
+            ports={"llm": free_port(), "sdxl": free_port(), "tts": free_port()},
+            **more,
+        )
+
 
 def host_mib(vram_mib: int) -> int:
     """A checkpointed model's host memory: the driver's copy was measured at about 1.1x its GPU bytes."""
@@ -836,16 +852,7 @@ RUNS = {"cold": ("stop", False), "warm": ("sleep", False), "checkpoint": ("check
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     dry = args.dry_run
-    plan = Plan(
-        dry=dry,
-        gpu=args.gpu,
-        # The dry run's LLM allocates nothing; its declared host memory must still fit this machine.
-        llm_weights_mib=args.llm_weights_mib if args.llm_weights_mib is not None else (1024 if dry else 14336),
-        llm_kv_mib=args.llm_kv_mib,
-        sdxl_size="tiny" if dry else args.sdxl_size,
-        ports={"llm": free_port(), "sdxl": free_port(), "tts": free_port()},
-        tts_mib=args.tts_mib,
-    )
+    plan = Plan.of(args, 14336, args.sdxl_size, tts_mib=args.tts_mib)
     runs = [x for x in args.runs.split(",") if x]
     result: dict[str, Any] = {
         "environment": environment(dry),

@@ -60,7 +60,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
-from warm_proof import Plan, Supervisor, config, environment, free_port, http, stop_group, summary
+from free_ports import free_port
+from warm_proof import Plan, Supervisor, config, environment, http, stop_group, summary
 
 MODES = ("cold", "sleep", "checkpoint", "auto", "users")
 STRATEGY = {"cold": "stop", "sleep": "sleep", "checkpoint": "checkpoint", "auto": "sleep"}
@@ -326,14 +327,7 @@ def run_vramctl(plan: Plan, mode: str, args: argparse.Namespace, workdir: Path) 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     dry = args.dry_run
-    plan = Plan(
-        dry=dry,
-        gpu=args.gpu,
-        llm_weights_mib=args.llm_weights_mib if args.llm_weights_mib is not None else (1024 if dry else 8192),
-        llm_kv_mib=args.llm_kv_mib,
-        sdxl_size="tiny" if dry else "full",
-        ports={"llm": free_port(), "sdxl": free_port(), "tts": free_port()},
-    )
+    plan = Plan.of(args, 8192)
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:

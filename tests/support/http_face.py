@@ -5,10 +5,26 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
+from tests.support.fakes import FakeGpu, FakeRuntime
+from tests.support.workers import spec
+from vramctl.observed import WorkloadState
 from vramctl.web.api import StateStore
 from vramctl.web.server import Face, FaceOptions, Limits, serve
+from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
 from vramctl.worker.supervisor import Supervisor
+
+
+def running(**spec_fields: Any) -> tuple[Supervisor, GpuWorker, FakeRuntime]:
+    """A supervisor of one settled worker with ``llm`` running, on recording
+    fakes: what the HTTP face tests serve."""
+    rt = FakeRuntime(states={"llm": WorkloadState.RUNNING})
+    d = spec(**spec_fields)
+    metrics = Metrics()
+    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.001, baseline_mib=0), metrics=metrics)
+    w.reconcile_once()
+    return Supervisor([w], rt, metrics), w, rt
 
 
 @dataclass

@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 
 from tests.support.fakes import FakeGpu, FakeRuntime
-from tests.support.http_face import Served, serve_face
+from tests.support.http_face import Served, running, serve_face
 from tests.support.workers import spec
-from vramctl.observed import WorkloadState
 from vramctl.telemetry import register as register_collector
 from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
 from vramctl.worker.supervisor import Supervisor
@@ -21,12 +20,7 @@ from vramctl.worker.supervisor import Supervisor
 
 @pytest.fixture
 def stack() -> Iterator[tuple[Served, GpuWorker, FakeRuntime]]:
-    rt = FakeRuntime(states={"llm": WorkloadState.RUNNING})
-    d = spec()
-    metrics = Metrics()
-    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.001, baseline_mib=0), metrics=metrics)
-    w.reconcile_once()
-    sup = Supervisor([w], rt, metrics)
+    sup, w, rt = running()
     register_collector(sup)  # as app.build does: phase, holder and GPU series are read at scrape time
     api = serve_face(sup)
     yield api, w, rt

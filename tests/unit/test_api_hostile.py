@@ -16,13 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.fakes import FakeGpu, FakeRuntime
-from tests.support.http_face import Served, serve_face
-from tests.support.workers import spec
-from vramctl.observed import WorkloadState
+from tests.support.http_face import Served, running, serve_face
 from vramctl.sources.statefile import StateWriteError
 from vramctl.telemetry import register as register_collector
-from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
+from vramctl.worker.actor import GpuWorker
 from vramctl.worker.supervisor import Supervisor
 
 GOOD = b'{"model": "sdxl"}'
@@ -39,12 +36,7 @@ class Stack:
 
 
 def make_stack(**kw: Any) -> Stack:
-    rt = FakeRuntime(states={"llm": WorkloadState.RUNNING})
-    d = spec(**kw.pop("spec", {}))
-    metrics = Metrics()
-    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.001, baseline_mib=0), metrics=metrics)
-    w.reconcile_once()
-    sup = Supervisor([w], rt, metrics)
+    sup, w, _ = running(**kw.pop("spec", {}))
     register_collector(sup)
     api = serve_face(sup, **kw)
     return Stack(api, w, sup)

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from tests.support.builders import desired, obs
+from tests.support.draws import cost_book, host_fields, limits
 from tests.support.fake_cuda import FakeCu
 from vramctl.costs import (
     CHECKPOINT_HOST_FACTOR,
@@ -279,26 +280,12 @@ def situations(draw: st.DrawFn) -> tuple[DeploymentSpec, list[str], dict[str, st
             port=18000 + i,
             maxResidueMiB=draw(st.integers(0, 3000)),
         )
-    fields: dict[str, Any] = {"models": models}
-    if draw(st.booleans()):
-        fields["hostMemoryBudgetMiB"] = draw(st.integers(1, 120000))
-    if draw(st.booleans()):
-        fields["pinnedMemoryCeilingMiB"] = draw(st.integers(0, 40000))
-    s = DeploymentSpec.model_validate(fields)
+    s = DeploymentSpec.model_validate({"models": models, **host_fields(draw, 120000)})
     sleepers = draw(st.lists(st.sampled_from(["b", "c"]), unique=True))
     went = {m: draw(st.sampled_from(["sleep", "checkpoint"])) for m in sleepers if s.models[m].auto_checkpoint}
     awake = [m for m in draw(st.lists(st.sampled_from(["b", "c"]), max_size=1)) if m not in sleepers]
-    kw = {
-        "total_mib": draw(st.none() | st.integers(8000, 141000)),
-        "margin_mib": draw(st.integers(0, 1024)),
-        "host_budget_mib": draw(st.none() | st.integers(0, 200000)),
-        "pinned_ceiling_mib": draw(st.none() | st.integers(0, 2048)),
-        "cycles_left": draw(st.booleans()),
-    }
-    costs = CostBook()
-    for path in ("start", "stop", "sleep-l1", "wake-l1", "checkpoint", "restore"):
-        if draw(st.booleans()):
-            costs.record("a", path, draw(st.floats(0, 200)))  # type: ignore[arg-type]
+    kw = limits(draw)
+    costs = cost_book(draw, ("start", "stop", "sleep-l1", "wake-l1", "checkpoint", "restore"))
     return s, sleepers, went, awake, kw, costs
 
 

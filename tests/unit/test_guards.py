@@ -24,14 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.fakes import FakeGpu, FakeRuntime
-from tests.support.http_face import Served, serve_face
-from tests.support.workers import spec
-from vramctl.observed import WorkloadState
+from tests.support.http_face import Served, running, serve_face
 from vramctl.web.gateway import GATEWAY_MAX_BODY
 from vramctl.web.guards import API_MAX_BODY
-from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
-from vramctl.worker.supervisor import Supervisor
+from vramctl.worker.actor import GpuWorker
 
 
 @dataclass(frozen=True)
@@ -64,12 +60,8 @@ class Stack:
 
 
 def make_stack(**kw: Any) -> Stack:
-    rt = FakeRuntime(states={"llm": WorkloadState.RUNNING})
-    d = spec()
-    metrics = Metrics()
-    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.001, baseline_mib=0), metrics=metrics)
-    w.reconcile_once()
-    return Stack(serve_face(Supervisor([w], rt, metrics), gateway=True, **kw), w)
+    sup, w, _ = running()
+    return Stack(serve_face(sup, gateway=True, **kw), w)
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,11 @@ import pytest
 from aiohttp.web_urldispatcher import UrlDispatcher
 from prometheus_client import CollectorRegistry
 
-from tests.support.fakes import FakeGpu, FakeRuntime
-from tests.support.http_face import Served
-from tests.support.workers import spec
-from vramctl.observed import WorkloadState
+from tests.support.http_face import Served, running
 from vramctl.telemetry import SharedRendering
 from vramctl.web import api as api_module
 from vramctl.web.server import FaceOptions, serve
-from vramctl.worker.actor import GpuWorker, Metrics, WorkerSettings
-from vramctl.worker.supervisor import Supervisor
+from vramctl.worker.actor import GpuWorker
 
 
 class _Rendering:
@@ -42,13 +38,9 @@ class _Rendering:
 
 @pytest.fixture
 def face() -> Iterator[tuple[Served, GpuWorker, _Rendering]]:
-    rt = FakeRuntime(states={"llm": WorkloadState.RUNNING})
-    d = spec()
-    metrics = Metrics()
-    w = GpuWorker(d, rt, FakeGpu(rt, d), WorkerSettings(poll_interval_s=0.001, baseline_mib=0), metrics=metrics)
-    w.reconcile_once()
+    sup, w, _ = running()
     rendering = _Rendering()
-    f = serve(Supervisor([w], rt, metrics), FaceOptions(api=("127.0.0.1", 0), metrics_body=rendering))
+    f = serve(sup, FaceOptions(api=("127.0.0.1", 0), metrics_body=rendering))
     f.start()
     served = Served(f)
     yield served, w, rendering

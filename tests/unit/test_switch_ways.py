@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from tests.support.builders import desired, obs, simulate, wl
 from tests.support.clock import ManualClock
+from tests.support.draws import cost_book, host_fields, limits
 from tests.support.fakes import FakeGpu, FakeRuntime, FakeSleeper
 from vramctl.costs import Budgets, CostBook, budgets_for, choose_way, ways_of
 from vramctl.host.memory import VIRTUALIZED_PINNED_CEILING_MIB, probe_pinned_ceiling
@@ -218,25 +219,11 @@ def situations(draw: st.DrawFn) -> tuple[DeploymentSpec, list[str], list[str], d
             level=draw(st.sampled_from([1, 2])),
         )
         models[name]["health"] = {"path": "/health", "port": 18000 + len(models)}
-    fields: dict[str, Any] = {"models": models}
-    if draw(st.booleans()):
-        fields["hostMemoryBudgetMiB"] = draw(st.integers(1, 80000))
-    if draw(st.booleans()):
-        fields["pinnedMemoryCeilingMiB"] = draw(st.integers(0, 40000))
-    s = DeploymentSpec.model_validate(fields)
+    s = DeploymentSpec.model_validate({"models": models, **host_fields(draw, 80000)})
     sleepers = draw(st.lists(st.sampled_from(["b", "c"]), unique=True))
     awake = draw(st.lists(st.sampled_from(["b", "c"]), max_size=1))
-    kw = {
-        "total_mib": draw(st.none() | st.integers(8000, 141000)),
-        "margin_mib": draw(st.integers(0, 1024)),
-        "host_budget_mib": draw(st.none() | st.integers(0, 200000)),
-        "pinned_ceiling_mib": draw(st.none() | st.integers(0, 2048)),
-        "cycles_left": draw(st.booleans()),
-    }
-    costs = CostBook()
-    for path in ("start", "stop", "sleep-l1", "wake-l1", "sleep-l2", "wake-l2"):
-        if draw(st.booleans()):
-            costs.record("a", path, draw(st.floats(0, 200)))  # type: ignore[arg-type]
+    kw = limits(draw)
+    costs = cost_book(draw, ("start", "stop", "sleep-l1", "wake-l1", "sleep-l2", "wake-l2"))
     return s, sleepers, [m for m in awake if m not in sleepers], kw, costs
 
 

@@ -112,7 +112,7 @@ class Reconciler:
         self.ways = WayChoices(ctx, self.sleep, costs if costs is not None else CostBook(), lambda: actuator.sleeper)
         self.prewarm = Prewarm(ctx, self.sleep)
         self.outage = RuntimeOutage(ctx, runtime)
-        self.release = ReleaseWait(ctx, probe, self.track, self.sleep, self.warm)
+        self.release = ReleaseWait(ctx, probe, self.track, self.sleep)
         self.checks = StartChecks(ctx, runtime, self.watch)
         self.hands = HandStarts(ctx, runtime, self.track, self.watch, self.outage, self.view, self._submit)
         self.finished = FinishedOps(
@@ -184,6 +184,11 @@ class Reconciler:
         if self.ctx.has_commands():
             return 0.0, False  # a newer command (maybe from this look) is applied before anything is done
         s = self.ctx.settings
+        # The sleeps that returned are checked on the GPU at every look until
+        # each is verified (the `asleep` step) or falls back (then plan again),
+        # whether a start waits behind them or not.
+        if self.sleep.slept_at and self.warm.verify(self.spec, self.probe, self.baseline.mib or 0, now, s.memory_timeout_s):
+            return 0.0, False
         total = self.ctx.total_mib()
         host_budget = s.host_memory.budget_mib if s.host_memory is not None else None
         limits = Limits(total, s.margin_mib, host_budget, s.pinned_ceiling_mib)
@@ -213,14 +218,8 @@ class Reconciler:
             if warm is not None:  # the next plan wakes it; the loop settles after
                 self._submit(Sleep(warm, "prewarm"))
                 return s.poll_interval_s, False
-            if self.sleep.slept_at:
-                # A sleep with no start after it (idle action sleep, a sleep
-                # request): its residue is checked here, as the memory wait
-                # before a start checks it otherwise; a fall-back re-plans.
-                if self.warm.verify(self.spec, self.probe, self.baseline.mib or 0, now, s.memory_timeout_s):
-                    return 0.0, False
-                if self.sleep.slept_at:  # still settling: look again soon
-                    return min(self._settle(p, now), s.poll_interval_s), False
+            if self.sleep.slept_at:  # a residue still settling: look again soon
+                return min(self._settle(p, now), s.poll_interval_s), False
             return self._settle(p, now), True
         return self._step(p, now)
 
@@ -244,7 +243,7 @@ class Reconciler:
                     self.warm.fallback(self.spec, m, "MaxCycles", f"{m!r} slept {limit} times (sleep.maxCycles)", now)
                     return 0.0, False
                 case WaitForMemory():
-                    verdict = self.release.wait(self.spec, self.desired, action, self.view.kept, self.baseline.mib, now)
+                    verdict = self.release.wait(self.desired, action, self.view.kept, self.baseline.mib, now)
                     if verdict is not None:
                         return verdict
                 case WaitHealthy(model=m, timeout_seconds=timeout):

@@ -3,8 +3,9 @@ what the plan stopped, before the next start or wake.
 
 ``memory_gate`` decides from one GPU snapshot; ``ReleaseWait`` is the wait
 around it, owned by one worker's loop: it begins (and says so) once per
-desired generation and need, checks the residues of sleeps that returned,
-turns memory held by processes that are not vramctl's into the Blocked
+desired generation and need (the residues of sleeps that returned are
+checked by the reconciler at every look), turns memory held by processes
+that are not vramctl's into the Blocked
 phase, and, when the memory is back, records how long the release took
 after the stopped models exited (``last_release_seconds``, a metric).
 """
@@ -19,8 +20,7 @@ from vramctl.planner import WaitForMemory
 from vramctl.reconcile import memory_gate
 from vramctl.reconcile.context import LoopContext
 from vramctl.reconcile.model_watch import Tracking
-from vramctl.reconcile.warm import SleepBook, WarmSwitches
-from vramctl.spec.models import DeploymentSpec
+from vramctl.reconcile.warm import SleepBook
 
 
 def memory_verdict(
@@ -47,8 +47,8 @@ def waiting_message(w: WaitForMemory) -> str:
 class ReleaseWait:
     """One GPU's memory wait (see the module's docstring)."""
 
-    def __init__(self, ctx: LoopContext, probe: GpuProbe, track: Tracking, sleep: SleepBook, warm: WarmSwitches) -> None:
-        self.ctx, self.probe, self.track, self.sleep, self.warm = ctx, probe, track, sleep, warm
+    def __init__(self, ctx: LoopContext, probe: GpuProbe, track: Tracking, sleep: SleepBook) -> None:
+        self.ctx, self.probe, self.track, self.sleep = ctx, probe, track, sleep
         self.mem_wait: tuple[tuple[int, int], memory_gate.MemoryWait] | None = None  # (generation, need) -> the wait
         self.blocked: str | None = None  # why the phase is Blocked
         self.last_release_seconds: float | None = None
@@ -62,7 +62,7 @@ class ReleaseWait:
         self.mem_wait, self.blocked = None, None
 
     def wait(
-        self, spec: DeploymentSpec, desired: Desired, w: WaitForMemory, kept: frozenset[str], baseline_mib: int | None, now: float
+        self, desired: Desired, w: WaitForMemory, kept: frozenset[str], baseline_mib: int | None, now: float
     ) -> tuple[float, bool] | None:
         """One look at the GPU for ``w``. None: the memory is free, go on with
         the plan; else the tick's (seconds until the next look, settled)."""
@@ -75,8 +75,6 @@ class ReleaseWait:
         if self.mem_wait is None or self.mem_wait[0] != key:
             self.mem_wait = (key, memory_gate.MemoryWait(now))
             self.ctx.note("waiting-memory", None, waiting_message(w))
-        if self.sleep.slept_at and self.warm.verify(spec, self.probe, baseline_mib or 0, now, s.memory_timeout_s):
-            return 0.0, False
         v = memory_verdict(self.probe, w, kept, self.mem_wait[1], now, s.memory_timeout_s, s.foreign_grace_s)
         self.mem_wait = (key, v.wait)
         if v.free:

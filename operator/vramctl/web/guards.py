@@ -86,17 +86,8 @@ def public(handler: Handler) -> Handler:
 
     # Marked in place (a bound method's mark is its function's), not
     # wrapped: a wrapper is one more coroutine on every read.
-    try:
-        setattr(getattr(handler, "__func__", handler), _PUBLIC, True)
-        return handler
-    except (AttributeError, TypeError):  # a callable that takes no attributes
-        pass
-
-    async def read(request: web.Request) -> web.StreamResponse:
-        return await handler(request)
-
-    setattr(read, _PUBLIC, True)
-    return read
+    setattr(getattr(handler, "__func__", handler), _PUBLIC, True)
+    return handler
 
 
 def is_public(handler: Any) -> bool:
@@ -194,9 +185,9 @@ class Policy:
             )
 
     async def read_body(self, request: web.BaseRequest) -> None:
-        """Read and check the body (see the module docstring); store it in the request."""
-        if not request.body_exists and request.method not in BODY_METHODS:  # a read: nothing to check
-            return
+        """Read and check the body (see the module docstring); store it in the
+        request. Only for a request with a body or a body method (``check``
+        skips the rest)."""
         if "Transfer-Encoding" in request.headers:
             raise HttpError(411, "chunked bodies are not taken: send the JSON with a Content-Length", "Transfer-Encoding", close=True)
         length = request.content_length
