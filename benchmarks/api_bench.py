@@ -7,7 +7,8 @@ asyncio (so the client costs little CPU beside the server):
 
 - ``/metrics`` and ``/status`` latency p50/p99/max at 1, 50 and 500
   concurrent clients (each client sends its requests one after another on
-  one connection);
+  one connection), and the CPU of the server's busiest thread (its event
+  loop) per request, from /proc;
 - ``/status`` answer time (fresh connection per request) while 2,000 idle
   connections are held open.
 
@@ -104,6 +105,26 @@ def _summary(samples: list[float], errors: list[str]) -> dict[str, Any]:
     }
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of ``pid`` (Linux /proc)."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def busiest_thread_us(before: dict[str, float], after: dict[str, float], requests: int) -> float:
+    """The CPU of the busiest thread between two ``thread_cpu`` readings, per
+    request, in µs: under a load of HTTP requests, the server's event-loop
+    thread (the other threads' CPU is not the answer's cost)."""
+    spent = max((after[t] - before.get(t, 0.0) for t in after), default=0.0)
+    return round(spent / max(requests, 1) * 1e6, 1)
+
+
 async def concurrent(port: int, path: str, clients: int, per_client: int) -> dict[str, Any]:
     samples: list[float] = []
     errors: list[str] = []
@@ -173,7 +194,9 @@ def main() -> int:
                 for clients in (1, 50, 500):
                     per = max(2, args.requests // clients)
                     asyncio.run(concurrent(port, path, clients, 5))  # warm up the connections' code paths
+                    cpu0 = thread_cpu(server.pid)
                     cell = asyncio.run(concurrent(port, path, clients, per))
+                    cell["http_thread_cpu_us_per_request"] = busiest_thread_us(cpu0, thread_cpu(server.pid), cell["n"])
                     results[f"{path} x{clients}"] = cell
                     print(f"{path:9} {clients:4} concurrent: {json.dumps(cell)}", flush=True)
             cell = asyncio.run(while_idle(port, args.idle, 50))
